@@ -1,0 +1,527 @@
+"""Aggregation maths for DISTREAL and the baselines (pure NumPy, no Flower, no Hydra).
+
+Model parameters travel as a list of NumPy arrays: the values of the model's
+``state_dict()`` in ``state_dict`` order (weights, biases, BatchNorm running
+statistics and the integer ``num_batches_tracked`` counters). Every function here
+takes and returns arrays in that order.
+
+Functions
+---------
+mac_weighted_update
+    Algorithm 2 of the paper: the server averages the clients' weight updates
+    weighted by the multiply-accumulate operations (MACs) each client reports.
+masked_average
+    Per-entry averaging over the clients that trained an entry, for the
+    submodel baselines (Federated Dropout, HeteroFL).
+validate_arrays, validate_reply
+    The one validation gate a reply passes before it is aggregated. A refused
+    reply gets a typed :class:`RefusalReason` and a message naming the problem.
+
+Integer arrays (BatchNorm's ``num_batches_tracked``) are averaged like every other
+array, in float64, then rounded to the nearest integer (``numpy.rint``, half to
+even) and cast back to their original dtype, so the aggregate always loads into
+the model's ``state_dict``. Floating arrays are accumulated in float64 and cast
+back to the dtype of the global array.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "OnExcess",
+    "RefusalReason",
+    "ValidationResult",
+    "mac_weighted_update",
+    "masked_average",
+    "validate_arrays",
+    "validate_reply",
+    "weighted_average",
+]
+
+#: Allowed values of ``on_excess``: refuse a reply whose MACs exceed the maximum a
+#: client could have spent, or clip them to that maximum.
+OnExcess = Literal["refuse", "clip"]
+_ON_EXCESS_CHOICES = ("refuse", "clip")
+
+#: dtype kinds that can be averaged: floating, signed and unsigned integers.
+_NUMERIC_KINDS = frozenset("fiu")
+
+
+class RefusalReason(str, Enum):
+    """Why a client reply was refused by :func:`validate_reply`.
+
+    The value is a short kebab-case code suitable for logs and metrics.
+    """
+
+    MISSING_MACS = "missing-macs"
+    NON_NUMERIC_MACS = "non-numeric-macs"
+    NON_FINITE_MACS = "non-finite-macs"
+    NEGATIVE_MACS = "negative-macs"
+    EXCESS_MACS = "excess-macs"
+    MISSING_NUM_BATCHES = "missing-num-batches"
+    INVALID_NUM_BATCHES = "invalid-num-batches"
+    WRONG_ARRAY_COUNT = "wrong-array-count"
+    WRONG_SHAPE = "wrong-shape"
+    WRONG_DTYPE = "wrong-dtype"
+    NON_FINITE_ARRAYS = "non-finite-arrays"
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """Outcome of validating one client reply.
+
+    Attributes
+    ----------
+    ok : bool
+        True when the reply may be aggregated.
+    reason : RefusalReason | None
+        Why the reply was refused; None when ``ok``.
+    message : str
+        Human-readable explanation (empty when accepted without remark).
+    macs : float | None
+        The MACs to weight the reply with: the reported value, or the clipped
+        value when ``on_excess="clip"`` lowered it. None when refused or when
+        MACs were not validated.
+    clipped : bool
+        True when the reported MACs were clipped to the maximum possible.
+    """
+
+    ok: bool
+    reason: RefusalReason | None = None
+    message: str = ""
+    macs: float | None = None
+    clipped: bool = False
+
+    @classmethod
+    def refuse(cls, reason: RefusalReason, message: str) -> ValidationResult:
+        """Build a refusal with a reason and a message."""
+        return cls(ok=False, reason=reason, message=message)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_same_structure(
+    global_arrays: Sequence[NDArray], client_arrays: Sequence[NDArray], index: int
+) -> None:
+    """Raise ValueError if a client's arrays do not match the global arrays."""
+    if len(client_arrays) != len(global_arrays):
+        raise ValueError(
+            f"client {index} sent {len(client_arrays)} arrays, expected "
+            f"{len(global_arrays)} (one per state_dict entry)"
+        )
+    for j, (g, c) in enumerate(zip(global_arrays, client_arrays)):
+        if np.shape(c) != np.shape(g):
+            raise ValueError(
+                f"client {index} array {j} has shape {np.shape(c)}, expected {np.shape(g)}"
+            )
+
+
+def _check_numeric(arrays: Sequence[NDArray]) -> None:
+    for j, g in enumerate(arrays):
+        if np.asarray(g).dtype.kind not in _NUMERIC_KINDS:
+            raise ValueError(
+                f"global array {j} has dtype {np.asarray(g).dtype}; only floating and "
+                "integer arrays can be averaged"
+            )
+
+
+def _check_weights(weights: Sequence[float], n_clients: int, name: str) -> NDArray[np.float64]:
+    """Validate per-client weights: finite, non-negative, one per client."""
+    if len(weights) != n_clients:
+        raise ValueError(f"got {len(weights)} {name} for {n_clients} clients")
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be numbers, got {list(weights)!r}") from err
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{name} must be finite, got {w.tolist()}")
+    if np.any(w < 0):
+        raise ValueError(f"{name} must be non-negative, got {w.tolist()}")
+    return w
+
+
+def _cast_like(value: NDArray[np.float64], like: NDArray) -> NDArray:
+    """Cast a float64 result back to the dtype of ``like`` (rounding integers)."""
+    dtype = np.asarray(like).dtype
+    if dtype.kind in "iu":
+        return np.rint(value).astype(dtype)
+    return value.astype(dtype, copy=False)
+
+
+# ----------------------------------------------------------------------- aggregation
+
+
+def mac_weighted_update(
+    global_arrays: Sequence[NDArray],
+    client_arrays_list: Sequence[Sequence[NDArray]],
+    macs_list: Sequence[float],
+) -> list[NDArray]:
+    """Aggregate client models weighted by the MACs each spent (Algorithm 2).
+
+    Computes ``theta_t = theta_{t-1} + sum_i c_i (theta_i - theta_{t-1}) / sum_i c_i``
+    entry by entry, where ``theta_{t-1}`` are the global arrays broadcast this
+    round, ``theta_i`` the arrays client ``i`` returned and ``c_i`` the MACs it
+    reported (Algorithm 2 of Rapp et al., AAAI 2022). With equal ``c_i`` this
+    is the unweighted mean of the client models; with ``c_i`` proportional to the
+    number of examples it is FedAvg.
+
+    Parameters
+    ----------
+    global_arrays : Sequence[NDArray]
+        The global model ``theta_{t-1}`` broadcast this round, as the model's
+        ``state_dict`` values in order.
+    client_arrays_list : Sequence[Sequence[NDArray]]
+        For each client, its trained model ``theta_i`` in the same order and
+        shapes as ``global_arrays``.
+    macs_list : Sequence[float]
+        For each client, the MACs ``c_i`` it spent in training (validated
+        beforehand; must be finite and non-negative).
+
+    Returns
+    -------
+    list[NDArray]
+        The new global model ``theta_t``, same order, shapes and dtypes as
+        ``global_arrays``. Integer arrays are rounded to the nearest integer.
+
+    Raises
+    ------
+    ValueError
+        If there are no clients, the number of MACs does not match the number of
+        clients, a MACs value is negative or non-finite, all MACs are zero, or a
+        client's arrays do not match the global arrays in count or shape.
+    """
+    if len(client_arrays_list) == 0:
+        raise ValueError("mac_weighted_update needs at least one client")
+    c = _check_weights(macs_list, len(client_arrays_list), "MACs values")
+    total = float(c.sum())
+    if total <= 0.0:
+        raise ValueError("all clients reported zero MACs: nothing to weight the updates by")
+    _check_numeric(global_arrays)
+    for i, arrays in enumerate(client_arrays_list):
+        _check_same_structure(global_arrays, arrays, i)
+
+    new_arrays: list[NDArray] = []
+    for j, g in enumerate(global_arrays):
+        g64 = np.asarray(g, dtype=np.float64)
+        delta = np.zeros_like(g64)
+        for c_i, arrays in zip(c, client_arrays_list):
+            if c_i == 0.0:
+                continue
+            delta += c_i * (np.asarray(arrays[j], dtype=np.float64) - g64)
+        new_arrays.append(_cast_like(g64 + delta / total, g))
+    return new_arrays
+
+
+def weighted_average(
+    global_arrays: Sequence[NDArray],
+    client_arrays_list: Sequence[Sequence[NDArray]],
+    weights: Sequence[float],
+) -> list[NDArray]:
+    """FedAvg: the mean of the client models weighted by ``weights``.
+
+    The same computation as :func:`mac_weighted_update` with ``weights`` in place
+    of the MACs (an update form of ``sum_i w_i theta_i / sum_i w_i``), used by the
+    full-resources and small-network baselines with the clients' numbers of
+    examples as weights.
+
+    Parameters
+    ----------
+    global_arrays : Sequence[NDArray]
+        The global model broadcast this round (defines order, shapes, dtypes).
+    client_arrays_list : Sequence[Sequence[NDArray]]
+        For each client, its trained model in the same order and shapes.
+    weights : Sequence[float]
+        For each client, a finite non-negative weight (e.g. its number of
+        training examples); at least one must be positive.
+
+    Returns
+    -------
+    list[NDArray]
+        The weighted mean, same order, shapes and dtypes as ``global_arrays``.
+
+    Raises
+    ------
+    ValueError
+        Under the same conditions as :func:`mac_weighted_update`.
+    """
+    return mac_weighted_update(global_arrays, client_arrays_list, weights)
+
+
+def masked_average(
+    global_arrays: Sequence[NDArray],
+    client_arrays_list: Sequence[Sequence[NDArray]],
+    masks_list: Sequence[Sequence[NDArray | None]],
+    weights: Sequence[float] | None = None,
+) -> list[NDArray]:
+    """Average every entry over the clients that trained it (submodel baselines).
+
+    For each entry ``e``:
+    ``theta_t[e] = sum_i w_i m_i[e] theta_i[e] / sum_i w_i m_i[e]`` where
+    ``m_i[e]`` is 1 if client ``i``'s submodel trained entry ``e`` and 0 otherwise.
+    An entry that no client trained (every ``w_i m_i[e]`` is zero) keeps its
+    global value. This is the per-weight averaging of Federated Dropout
+    (Caldas et al. 2018) and HeteroFL (Diao et al. 2021), as used for the
+    baselines of the paper's evaluation.
+
+    Parameters
+    ----------
+    global_arrays : Sequence[NDArray]
+        The global model broadcast this round, as ``state_dict`` values in order.
+    client_arrays_list : Sequence[Sequence[NDArray]]
+        For each client, its returned model in full shape (entries outside its
+        submodel are ignored whatever their value).
+    masks_list : Sequence[Sequence[NDArray | None]]
+        For each client, one boolean mask per array, of the array's shape, True
+        where the client's submodel trained the entry. ``None`` for an array
+        means the whole array was trained.
+    weights : Sequence[float] | None, optional
+        Per-client non-negative weights (e.g. numbers of examples). Defaults to
+        None, meaning equal weights.
+
+    Returns
+    -------
+    list[NDArray]
+        The aggregated model, same order, shapes and dtypes as ``global_arrays``.
+
+    Raises
+    ------
+    ValueError
+        If there are no clients, the numbers of clients, masks and weights
+        disagree, a weight is negative or non-finite, or an array or mask has the
+        wrong count or shape, or a mask is not boolean.
+    """
+    n = len(client_arrays_list)
+    if n == 0:
+        raise ValueError("masked_average needs at least one client")
+    if len(masks_list) != n:
+        raise ValueError(f"got {len(masks_list)} mask lists for {n} clients")
+    w = np.ones(n) if weights is None else _check_weights(weights, n, "weights")
+    _check_numeric(global_arrays)
+    for i, (arrays, masks) in enumerate(zip(client_arrays_list, masks_list)):
+        _check_same_structure(global_arrays, arrays, i)
+        if len(masks) != len(global_arrays):
+            raise ValueError(
+                f"client {i} has {len(masks)} masks, expected {len(global_arrays)}"
+            )
+        for j, (g, m) in enumerate(zip(global_arrays, masks)):
+            if m is None:
+                continue
+            m_arr = np.asarray(m)
+            if m_arr.dtype != np.bool_:
+                raise ValueError(f"client {i} mask {j} has dtype {m_arr.dtype}, expected bool")
+            if m_arr.shape != np.shape(g):
+                raise ValueError(
+                    f"client {i} mask {j} has shape {m_arr.shape}, expected {np.shape(g)}"
+                )
+
+    new_arrays: list[NDArray] = []
+    for j, g in enumerate(global_arrays):
+        g64 = np.asarray(g, dtype=np.float64)
+        num = np.zeros_like(g64)
+        den = np.zeros_like(g64)
+        for w_i, arrays, masks in zip(w, client_arrays_list, masks_list):
+            if w_i == 0.0:
+                continue
+            m = masks[j]
+            coeff = np.full(g64.shape, w_i) if m is None else w_i * np.asarray(m, np.float64)
+            num += coeff * (np.asarray(arrays[j], dtype=np.float64) - g64)
+            den += coeff
+        delta = np.divide(num, den, out=np.zeros_like(g64), where=den > 0)
+        new_arrays.append(_cast_like(g64 + delta, g))
+    return new_arrays
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def validate_arrays(
+    arrays: Sequence[NDArray],
+    expected_shapes: Sequence[tuple[int, ...]],
+    expected_kinds: Sequence[str] | None = None,
+) -> ValidationResult:
+    """Check a reply's arrays: count, shapes, dtype kinds and finiteness.
+
+    Parameters
+    ----------
+    arrays : Sequence[NDArray]
+        The arrays a client returned.
+    expected_shapes : Sequence[tuple[int, ...]]
+        The shape of every global array, in order.
+    expected_kinds : Sequence[str] | None, optional
+        The NumPy dtype kind (``"f"``, ``"i"``, ``"u"``) of every global array.
+        A float32 reply for a float64 global array is accepted (same kind); an
+        integer or boolean reply for a floating array is not. Defaults to None:
+        any numeric kind is accepted.
+
+    Returns
+    -------
+    ValidationResult
+        ``ok=True`` or a refusal with :attr:`RefusalReason.WRONG_ARRAY_COUNT`,
+        :attr:`~RefusalReason.WRONG_SHAPE`, :attr:`~RefusalReason.WRONG_DTYPE`
+        or :attr:`~RefusalReason.NON_FINITE_ARRAYS`.
+
+    Raises
+    ------
+    ValueError
+        If ``expected_kinds`` does not have one entry per expected shape.
+    """
+    if expected_kinds is not None and len(expected_kinds) != len(expected_shapes):
+        raise ValueError(
+            f"expected_kinds has {len(expected_kinds)} entries for "
+            f"{len(expected_shapes)} arrays"
+        )
+    if len(arrays) != len(expected_shapes):
+        return ValidationResult.refuse(
+            RefusalReason.WRONG_ARRAY_COUNT,
+            f"reply has {len(arrays)} arrays, expected {len(expected_shapes)}",
+        )
+    for j, (arr, shape) in enumerate(zip(arrays, expected_shapes)):
+        a = np.asarray(arr)
+        if a.shape != tuple(shape):
+            return ValidationResult.refuse(
+                RefusalReason.WRONG_SHAPE,
+                f"array {j} has shape {a.shape}, expected {tuple(shape)}",
+            )
+        kind = a.dtype.kind
+        if kind not in _NUMERIC_KINDS or (
+            expected_kinds is not None
+            and kind != expected_kinds[j]
+            and not (kind in "iu" and expected_kinds[j] in "iu")
+        ):
+            expected = "numeric" if expected_kinds is None else f"kind '{expected_kinds[j]}'"
+            return ValidationResult.refuse(
+                RefusalReason.WRONG_DTYPE,
+                f"array {j} has dtype {a.dtype}, expected {expected}",
+            )
+        if kind == "f" and not np.all(np.isfinite(a)):
+            return ValidationResult.refuse(
+                RefusalReason.NON_FINITE_ARRAYS,
+                f"array {j} contains {int(np.count_nonzero(~np.isfinite(a)))} NaN/inf values",
+            )
+    return ValidationResult(ok=True)
+
+
+def _is_real_number(value: object) -> bool:
+    """True for int/float (also NumPy scalars), False for bool, str, bytes, None."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def validate_reply(
+    arrays: Sequence[NDArray],
+    expected_shapes: Sequence[tuple[int, ...]],
+    macs: object,
+    num_batches: object,
+    full_step_macs: float,
+    *,
+    expected_kinds: Sequence[str] | None = None,
+    on_excess: OnExcess = "refuse",
+) -> ValidationResult:
+    """Validate a DISTREAL reply: its arrays and the MACs it claims to have spent.
+
+    The MACs ``c_i`` a client reports weight its update (Algorithm 2), so a
+    client could dominate the aggregate by over-reporting. A reply is refused
+    when its MACs are missing, not a number (``bool``, ``str`` ...), NaN or
+    infinite, negative, or above the most the client could have spent,
+    ``num_batches * full_step_macs`` (every mini-batch trained with the full
+    model). With ``on_excess="clip"`` an excess value is clipped to that maximum
+    (and logged) instead.
+
+    Parameters
+    ----------
+    arrays : Sequence[NDArray]
+        The arrays the client returned.
+    expected_shapes : Sequence[tuple[int, ...]]
+        The shape of every global array, in order.
+    macs : object
+        The reported MACs (the client's ``macs`` metric), or None if absent.
+    num_batches : object
+        The reported number of mini-batches trained (``num_batches`` metric), or
+        None if absent. Must be a non-negative integer (``3.0`` is accepted).
+    full_step_macs : float
+        The most MACs one mini-batch can cost, in the unit the client reports:
+        the full model's MACs for one mini-batch step.
+    expected_kinds : Sequence[str] | None, optional
+        Dtype kind of every global array; see :func:`validate_arrays`.
+        Defaults to None.
+    on_excess : {"refuse", "clip"}, optional
+        What to do with MACs above the maximum possible. Defaults to "refuse".
+
+    Returns
+    -------
+    ValidationResult
+        On acceptance, ``macs`` holds the value to weight the update by
+        (clipped if it was clipped).
+
+    Raises
+    ------
+    ValueError
+        If ``full_step_macs`` is not a positive finite number or ``on_excess`` is
+        not "refuse" or "clip" (caller errors, not client errors).
+    """
+    if not _is_real_number(full_step_macs) or not (
+        math.isfinite(float(full_step_macs)) and float(full_step_macs) > 0
+    ):
+        raise ValueError(f"full_step_macs must be a positive finite number, got {full_step_macs!r}")
+    if on_excess not in _ON_EXCESS_CHOICES:
+        raise ValueError(f"on_excess must be one of {_ON_EXCESS_CHOICES}, got {on_excess!r}")
+
+    if macs is None:
+        return ValidationResult.refuse(RefusalReason.MISSING_MACS, "reply reports no MACs")
+    if not _is_real_number(macs):
+        return ValidationResult.refuse(
+            RefusalReason.NON_NUMERIC_MACS,
+            f"reported MACs {macs!r} ({type(macs).__name__}) is not a number",
+        )
+    c = float(macs)  # type: ignore[arg-type]
+    if not math.isfinite(c):
+        return ValidationResult.refuse(
+            RefusalReason.NON_FINITE_MACS, f"reported MACs is {c}"
+        )
+    if c < 0:
+        return ValidationResult.refuse(
+            RefusalReason.NEGATIVE_MACS, f"reported MACs {c:g} is negative"
+        )
+    if num_batches is None:
+        return ValidationResult.refuse(
+            RefusalReason.MISSING_NUM_BATCHES,
+            "reply reports no number of mini-batches, so its MACs cannot be bounded",
+        )
+    if (
+        not _is_real_number(num_batches)
+        or not math.isfinite(float(num_batches))  # type: ignore[arg-type]
+        or float(num_batches) < 0  # type: ignore[arg-type]
+        or float(num_batches) != int(float(num_batches))  # type: ignore[arg-type]
+    ):
+        return ValidationResult.refuse(
+            RefusalReason.INVALID_NUM_BATCHES,
+            f"reported number of mini-batches {num_batches!r} is not a non-negative integer",
+        )
+
+    arrays_result = validate_arrays(arrays, expected_shapes, expected_kinds)
+    if not arrays_result.ok:
+        return arrays_result
+
+    max_macs = int(float(num_batches)) * float(full_step_macs)  # type: ignore[arg-type]
+    if c > max_macs:
+        message = (
+            f"reported MACs {c:g} exceed the most possible, {num_batches} mini-batches x "
+            f"{float(full_step_macs):g} MACs of the full model = {max_macs:g}"
+        )
+        if on_excess == "refuse":
+            return ValidationResult.refuse(RefusalReason.EXCESS_MACS, message)
+        log.warning("clipping: %s", message)
+        return ValidationResult(ok=True, message=message, macs=max_macs, clipped=True)
+    return ValidationResult(ok=True, macs=c)
