@@ -1,0 +1,72 @@
+"""Model registry by name (in the style of timm's ``_registry``/``create_model``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, TypeVar
+
+from ..dropout import DropoutModel
+
+__all__ = ["build_model", "is_model", "list_models", "register_model"]
+
+log = logging.getLogger(__name__)
+
+_MODEL_BUILDERS: dict[str, Callable[..., DropoutModel]] = {}
+
+F = TypeVar("F", bound=Callable[..., DropoutModel])
+
+
+def register_model(fn: F) -> F:
+    """Register a model builder under its function name."""
+    name = fn.__name__
+    if name in _MODEL_BUILDERS:
+        log.warning("model %s registered twice; the later builder wins", name)
+    _MODEL_BUILDERS[name] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_MODEL_BUILDERS)
+
+
+def is_model(name: str) -> bool:
+    """Whether ``name`` is a registered model."""
+    return name in _MODEL_BUILDERS
+
+
+def build_model(name: str, num_classes: int | None = None, **kwargs: Any) -> DropoutModel:
+    """Build a registered model.
+
+    Parameters
+    ----------
+    name : str
+        Registry name, e.g. ``"femnist_cnn"`` or ``"densenet_bc_40"`` (see :func:`list_models`).
+    num_classes : int, optional
+        Classifier outputs; ``None`` keeps the model's default (62 for FEMNIST, 10 for
+        DenseNet-BC-40/19, 100 for DenseNet-BC-100).
+    **kwargs
+        Builder options, e.g. ``widths`` (filters per dropout layer, for natively narrow
+        reference networks and HeteroFL submodels). ``None`` values are dropped so that unset
+        config keys keep the model's defaults.
+
+    Returns
+    -------
+    DropoutModel
+        The model, in training mode, with ``model_name`` set.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered (the message lists the valid names).
+    """
+    if name not in _MODEL_BUILDERS:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if num_classes is not None:
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        kwargs["num_classes"] = int(num_classes)
+    model = _MODEL_BUILDERS[name](**kwargs)
+    model.model_name = name
+    return model
