@@ -1,0 +1,408 @@
+"""Tests of the resource model and simulated clock (flwr_distreal.resources)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from flwr_distreal.resources import (
+    DEADLINE_RTOL,
+    ConstantResources,
+    ResourceError,
+    ResourceModel,
+    RoundClock,
+    TimeVaryingResources,
+    TraceFileError,
+    TraceResources,
+    forward_macs_budget,
+    load_trace_csv,
+    r_max_for,
+    round_step_macs,
+    simulate_round,
+    step_macs,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- step costs
+
+
+def test_step_macs_and_inverse() -> None:
+    assert step_macs(4_000_000, 64) == 3.0 * 64 * 4_000_000
+    assert step_macs(10, 2, step_macs_factor=2.0) == 40.0
+    budget = step_macs(1234.5, 32)
+    assert forward_macs_budget(budget, 32) == pytest.approx(1234.5, rel=1e-15)
+    assert forward_macs_budget(math.inf, 32) == math.inf
+    with pytest.raises(ResourceError, match="batch_size"):
+        step_macs(1.0, 0)
+    with pytest.raises(ResourceError, match="step_macs_factor"):
+        step_macs(1.0, 4, step_macs_factor=0.0)
+    with pytest.raises(ResourceError, match="step_budget"):
+        forward_macs_budget(float("nan"), 4)
+
+
+def test_round_step_macs_batches_epochs_and_drop_last() -> None:
+    steps = round_step_macs(100.0, num_samples=10, batch_size=4, local_epochs=2)
+    assert steps == [1200.0, 1200.0, 600.0] * 2
+    assert round_step_macs(100.0, 10, 4, drop_last=True) == [1200.0, 1200.0]
+    assert round_step_macs(100.0, 0, 4) == []
+    with pytest.raises(ResourceError, match="local_epochs"):
+        round_step_macs(100.0, 10, 4, local_epochs=0)
+
+
+def test_r_max_lets_full_model_finish_exactly_at_deadline() -> None:
+    steps = round_step_macs(4_020_000.0, num_samples=181, batch_size=10)
+    deadline = 60.0
+    r_max = r_max_for(sum(steps), deadline)
+    model = ResourceModel("full", deadline=deadline, r_max=r_max)
+    result = simulate_round(model.trace(7), *model.round_window(5), steps)
+    assert result.finish_time == pytest.approx(5 * deadline, rel=1e-12)
+    assert result.finished and not result.straggler
+    assert result.utilisation == pytest.approx(1.0, rel=1e-12)
+    with pytest.raises(ResourceError, match="deadline"):
+        r_max_for(1.0, 0.0)
+    with pytest.raises(ResourceError, match="full_step_macs_total"):
+        r_max_for(-1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- clock integration
+
+
+def test_piecewise_integration_hand_computed() -> None:
+    # 10 MACs/s on [0, 2), nothing on [2, 5), 4 MACs/s from 5 on.
+    trace = TraceResources(times=[0.0, 2.0, 5.0], levels=[10.0, 0.0, 4.0])
+    assert trace.rate_at(0.0) == 10.0
+    assert trace.rate_at(1.999) == 10.0
+    assert trace.rate_at(2.0) == 0.0  # right-continuous
+    assert trace.rate_at(5.0) == 4.0
+    assert trace.rate_at(1e9) == 4.0
+    # From t=1: 10 MACs until 2, idle until 5, then 20 MACs at 4/s take 5 s.
+    assert trace.advance(1.0, 30.0) == 10.0
+    assert trace.advance(0.0, 20.0) == 2.0  # ends exactly on a boundary
+    assert trace.advance(2.5, 0.0) == 2.5
+    assert trace.advance(3.0, 8.0) == 7.0
+    assert trace.macs_between(1.0, 10.0) == 30.0
+    assert trace.macs_between(2.0, 5.0) == 0.0
+    assert trace.macs_between(4.0, 4.0) == 0.0
+    assert trace.change_points(0.0, 10.0) == [2.0, 5.0]
+    assert trace.change_points(2.0, 5.0) == []  # open interval
+    assert trace.change_points(1.0, 2.5) == [2.0]
+    # advance and macs_between are inverse of each other
+    for t0, m in [(0.3, 7.0), (1.5, 5.0), (4.0, 3.0), (0.0, 123.0)]:
+        t1 = trace.advance(t0, m)
+        assert trace.macs_between(t0, t1) == pytest.approx(m, rel=1e-12)
+
+
+def test_advance_into_permanent_outage_is_infinite() -> None:
+    trace = TraceResources(times=[0.0, 1.0], levels=[3.0, 0.0])
+    assert trace.advance(0.0, 3.0) == 1.0
+    assert trace.advance(0.0, 3.5) == math.inf
+    result = simulate_round(trace, 0.0, 10.0, [2.0, 2.0])
+    assert result.straggler and result.finish_time == math.inf
+
+
+def test_trace_before_first_time_uses_first_level() -> None:
+    trace = TraceResources(times=[2.0, 4.0], levels=[5.0, 1.0])
+    assert trace.rate_at(0.0) == 5.0
+    assert trace.advance(0.0, 10.0) == 2.0
+    assert trace.change_points(0.0, 5.0) == [2.0, 4.0]
+
+
+def test_time_queries_refused() -> None:
+    trace = ConstantResources(2.0)
+    with pytest.raises(ResourceError, match="t"):
+        trace.rate_at(-1.0)
+    with pytest.raises(ResourceError, match="t1 must be >= t0"):
+        trace.macs_between(3.0, 2.0)
+    with pytest.raises(ResourceError, match="macs"):
+        trace.advance(0.0, -5.0)
+    with pytest.raises(ResourceError, match="macs"):
+        trace.advance(0.0, float("nan"))
+    with pytest.raises(ResourceError, match="level"):
+        ConstantResources(0.0)
+    with pytest.raises(ResourceError, match="strictly increasing"):
+        TraceResources([0.0, 0.0], [1.0, 2.0])
+
+
+# --------------------------------------------------------------------------- constant & time-varying
+
+
+def test_constant_levels_within_range_and_deterministic() -> None:
+    r_max, v = 1000.0, 3.0
+    levels = np.array([ConstantResources.draw(r_max, v, seed=11, device_id=d).level for d in range(2000)])
+    assert levels.min() >= r_max / v and levels.max() <= r_max
+    # uniform over the range: mean in the middle, spread close to uniform's
+    assert levels.mean() == pytest.approx((r_max / v + r_max) / 2, rel=0.02)
+    assert stats.kstest(levels, stats.uniform(loc=r_max / v, scale=r_max - r_max / v).cdf).pvalue > 1e-3
+    again = ConstantResources.draw(r_max, v, seed=11, device_id=5).level
+    assert again == levels[5]
+    assert ConstantResources.draw(r_max, v, seed=12, device_id=5).level != levels[5]
+    model = ResourceModel("constant", deadline=10.0, r_max=r_max, variability=v, seed=11)
+    assert model.trace(5).rate_at(123.0) == levels[5]
+    assert model.trace(5).change_points(0.0, 1e6) == []
+
+
+def test_full_kind_gives_r_max_everywhere() -> None:
+    model = ResourceModel("full", deadline=10.0, r_max=77.0)
+    assert [model.trace(d).rate_at(3.0) for d in range(5)] == [77.0] * 5
+
+
+def test_exponential_change_statistics() -> None:
+    deadline, lam, rounds = 10.0, 2.0, 50
+    horizon = rounds * deadline
+    waits: list[float] = []
+    changes_per_device: list[int] = []
+    rounds_with_change = 0
+    levels: list[float] = []
+    for dev in range(400):
+        trace = TimeVaryingResources(r_max=100.0, variability=4.0, lam=lam, round_duration=deadline, seed=3, device_id=dev)
+        points = trace.change_points(0.0, horizon)
+        changes_per_device.append(len(points))
+        waits.extend(np.diff([0.0, *points]).tolist())
+        levels.extend(trace.rate_at(t) for t in [0.0, *points])
+        rounds_with_change += sum(1 for r in range(rounds) if trace.change_points(r * deadline, (r + 1) * deadline))
+    waits_arr = np.asarray(waits)
+    assert waits_arr.mean() == pytest.approx(deadline / lam, rel=0.03)
+    assert stats.kstest(waits_arr, stats.expon(scale=deadline / lam).cdf).pvalue > 1e-3
+    # changes per round duration ~ lam
+    assert np.mean(changes_per_device) / rounds == pytest.approx(lam, rel=0.03)
+    # changes happen inside rounds: P(at least one change in a round) = 1 - exp(-lam)
+    assert rounds_with_change / (400 * rounds) == pytest.approx(1 - math.exp(-lam), abs=0.02)
+    lv = np.asarray(levels)
+    assert lv.min() >= 25.0 and lv.max() <= 100.0
+    assert lv.mean() == pytest.approx(62.5, rel=0.02)
+
+
+def test_time_varying_mean_wait_and_lam_zero() -> None:
+    trace = TimeVaryingResources(100.0, 4.0, lam=4.0, round_duration=8.0, seed=0, device_id=0)
+    assert trace.mean_wait == 2.0
+    flat = TimeVaryingResources(100.0, 4.0, lam=0.0, round_duration=8.0, seed=0, device_id=0)
+    assert flat.change_points(0.0, 1e9) == []
+    # initial level equals the constant draw of the same device
+    assert flat.rate_at(0.0) == ConstantResources.draw(100.0, 4.0, seed=0, device_id=0).level
+    assert trace.rate_at(0.0) == flat.rate_at(0.0)
+
+
+def test_time_varying_is_independent_of_query_order() -> None:
+    def make() -> TimeVaryingResources:
+        return TimeVaryingResources(50.0, 3.0, lam=1.0, round_duration=5.0, seed=9, device_id=4)
+
+    forward, backward = make(), make()
+    times = np.linspace(0.0, 200.0, 401)
+    late_first = [backward.rate_at(t) for t in times[::-1]][::-1]
+    assert [forward.rate_at(t) for t in times] == late_first
+    assert forward.change_points(0.0, 200.0) == backward.change_points(0.0, 200.0)
+    other = TimeVaryingResources(50.0, 3.0, lam=1.0, round_duration=5.0, seed=9, device_id=5)
+    assert other.change_points(0.0, 200.0) != forward.change_points(0.0, 200.0)
+
+
+_SUBPROCESS_CODE = """
+import json, sys
+from flwr_distreal.resources import ResourceModel
+m = ResourceModel("timevarying", deadline=10.0, r_max=100.0, variability=4.0, lam=2.0, seed=21)
+out = {}
+for dev in (0, 3, 17):
+    tr = m.trace(dev)
+    pts = tr.change_points(0.0, 300.0)
+    out[dev] = [pts, [tr.rate_at(t) for t in [0.0, *pts]], tr.advance(55.5, 12345.0)]
+print(json.dumps(out))
+"""
+
+
+def test_trace_is_deterministic_across_processes() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _SUBPROCESS_CODE], capture_output=True, text=True, check=True, cwd=REPO_ROOT, timeout=120
+    )
+    other = json.loads(proc.stdout.strip().splitlines()[-1])
+    model = ResourceModel("timevarying", deadline=10.0, r_max=100.0, variability=4.0, lam=2.0, seed=21)
+    for dev in (17, 0, 3):  # a different order than the child's
+        tr = model.trace(dev)
+        pts = tr.change_points(0.0, 300.0)
+        mine = [pts, [tr.rate_at(t) for t in [0.0, *pts]], tr.advance(55.5, 12345.0)]
+        assert other[str(dev)] == mine  # floats survive json exactly (repr round-trip)
+        assert len(pts) > 20
+
+
+# --------------------------------------------------------------------------- round timing & stragglers
+
+
+def test_round_window_and_continuity() -> None:
+    model = ResourceModel("timevarying", deadline=10.0, r_max=100.0, lam=4.0, seed=1)
+    assert model.round_window(1) == (0.0, 10.0)
+    assert model.round_window(3) == (20.0, 30.0)
+    clock = model.clock(2, 3)
+    assert clock.now == 20.0 and clock.deadline == 30.0
+    # the round-3 clock sees the same trace as the device's global trace at t=20
+    assert clock.rate() == model.trace(2).rate_at(20.0)
+    with pytest.raises(ResourceError, match="server_round"):
+        model.round_start(0)
+
+
+def test_straggler_decision_at_the_boundary() -> None:
+    trace = ConstantResources(3.0)
+    steps = [0.1] * 30  # 3 MACs at 3 MACs/s: exactly 1 s, with float rounding in the sum
+    on_time = simulate_round(trace, 4.0, 5.0, steps)
+    assert on_time.finish_time == pytest.approx(5.0, abs=1e-12)
+    assert not on_time.straggler and on_time.steps_done == 30
+    # an extra MAC-fraction well beyond the tolerance makes it late
+    late = simulate_round(trace, 4.0, 5.0, [*steps, 3.0 * 5.0 * 10 * DEADLINE_RTOL])
+    assert late.straggler and late.steps_done == 31
+    # exact powers of two: finishing exactly at the deadline is on time, one ulp of work more is not
+    exact = simulate_round(ConstantResources(4.0), 0.0, 2.0, [4.0, 4.0])
+    assert exact.finish_time == 2.0 and exact.finished
+    over = simulate_round(ConstantResources(4.0), 0.0, 2.0, [4.0, 4.0 + 4.0 * 2.0 * 2 * DEADLINE_RTOL])
+    assert over.straggler
+
+
+def test_fixed_submodel_straggles_when_resources_drop_but_adaptive_policy_does_not() -> None:
+    # One step of M MACs takes 1 s at the full level; the level drops to M/4 mid-round.
+    m = 1000.0
+    trace = TraceResources(times=[0.0, 5.0], levels=[m, m / 4])
+    fixed = simulate_round(trace, 0.0, 10.0, [m] * 10)
+    assert fixed.straggler
+    assert fixed.finish_time == pytest.approx(5.0 + 5 * 4.0)
+    aborted = simulate_round(trace, 0.0, 10.0, [m] * 10, abort_at_deadline=True)
+    assert aborted.straggler and aborted.steps_done == 6 and aborted.finish_time == 9.0
+    assert aborted.spent_macs == 6 * m
+
+    seen: list[tuple[float, float, int]] = []
+
+    def deadline_policy(t: float, r: float, steps_left: int) -> float:
+        seen.append((t, r, steps_left))
+        return min(m, (10.0 - t) * r / steps_left)
+
+    adaptive = simulate_round(trace, 0.0, 10.0, deadline_policy, num_steps=10)
+    assert not adaptive.straggler
+    assert adaptive.finish_time == pytest.approx(10.0)
+    assert adaptive.spent_macs == pytest.approx(5 * m + 5 * m / 4)
+    assert adaptive.available_macs == pytest.approx(5 * m + 5 * m / 4)
+    assert adaptive.utilisation == pytest.approx(1.0)
+    assert [s[2] for s in seen] == list(range(10, 0, -1))
+    assert seen[5][1] == m / 4  # the policy saw the drop before step 6
+    assert adaptive.step_macs[:5] == (m,) * 5
+
+
+def test_round_clock_step_by_step() -> None:
+    clock = RoundClock(TraceResources([0.0, 3.0], [2.0, 1.0]), start=0.0, deadline=6.0)
+    assert clock.rate() == 2.0 and clock.remaining_time() == 6.0
+    assert clock.remaining_macs() == 9.0
+    assert clock.fits(9.0) and not clock.fits(9.5)
+    assert clock.step(4.0) and clock.now == 2.0
+    assert clock.step(3.0) and clock.now == 4.0  # 2 MACs at 2/s then 1 MAC at 1/s
+    assert clock.rate() == 1.0
+    assert not clock.step(3.0) and clock.now == 7.0
+    res = clock.result(steps_total=3)
+    assert res.straggler and res.spent_macs == 10.0 and res.available_macs == 9.0
+    with pytest.raises(ResourceError, match="steps_total"):
+        clock.result(steps_total=2)
+    with pytest.raises(ResourceError, match="deadline must be after start"):
+        RoundClock(ConstantResources(1.0), start=5.0, deadline=5.0)
+
+
+def test_simulate_round_refusals() -> None:
+    trace = ConstantResources(1.0)
+    with pytest.raises(ResourceError, match="num_steps is required"):
+        simulate_round(trace, 0.0, 1.0, lambda t, r, n: 1.0)
+    with pytest.raises(ResourceError, match="does not match"):
+        simulate_round(trace, 0.0, 1.0, [1.0], num_steps=2)
+    with pytest.raises(ResourceError, match="MACs of step 1"):
+        simulate_round(trace, 0.0, 10.0, [1.0, -1.0])
+    with pytest.raises(ResourceError, match="MACs of step 0"):
+        simulate_round(trace, 0.0, 10.0, lambda t, r, n: float("nan"), num_steps=1)
+
+
+# --------------------------------------------------------------------------- resource model config
+
+
+def test_resource_model_refusals(tmp_path: Path) -> None:
+    with pytest.raises(ResourceError, match="unknown resource kind 'bogus'.*timevarying"):
+        ResourceModel("bogus", deadline=1.0, r_max=1.0)
+    with pytest.raises(ResourceError, match="needs r_max"):
+        ResourceModel("constant", deadline=1.0)
+    with pytest.raises(ResourceError, match="variability"):
+        ResourceModel("constant", deadline=1.0, r_max=1.0, variability=0.5)
+    with pytest.raises(ResourceError, match="lam"):
+        ResourceModel("timevarying", deadline=1.0, r_max=1.0, lam=-1.0)
+    with pytest.raises(ResourceError, match="deadline"):
+        ResourceModel("timevarying", deadline=0.0, r_max=1.0)
+    with pytest.raises(ResourceError, match="seed"):
+        ResourceModel("constant", deadline=1.0, r_max=1.0, seed=-3)
+    with pytest.raises(ResourceError, match="needs trace_path"):
+        ResourceModel("trace", deadline=1.0)
+    with pytest.raises(ResourceError, match="device_id"):
+        ResourceModel("constant", deadline=1.0, r_max=1.0).trace(-1)
+
+
+def test_per_device_r_max_override_scales_levels() -> None:
+    model = ResourceModel("timevarying", deadline=10.0, r_max=100.0, lam=1.0, seed=2)
+    base, scaled = model.trace(3), model.trace(3, r_max=300.0)
+    assert base.change_points(0.0, 100.0) == scaled.change_points(0.0, 100.0)
+    for t in (0.0, 17.0, 55.0):
+        assert scaled.rate_at(t) == pytest.approx(3 * base.rate_at(t), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- CSV replay
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_csv_replay(tmp_path: Path) -> None:
+    csv_path = _write(
+        tmp_path / "trace.csv",
+        "device,time,macs_per_s,comment\n0,0,10,a\n1,0,5,b\n0,2,0,c\n0,5,4,d\n1,1.5,7.5,e\n",
+    )
+    traces = load_trace_csv(csv_path)
+    assert sorted(traces) == [0, 1]
+    assert traces[0].times == [0.0, 2.0, 5.0] and traces[0].levels == [10.0, 0.0, 4.0]
+    assert traces[0].advance(1.0, 30.0) == 10.0
+    assert traces[1].macs_between(0.0, 2.5) == 5.0 * 1.5 + 7.5 * 1.0
+    model = ResourceModel("trace", deadline=5.0, trace_path=csv_path)
+    assert model.devices_in_file == [0, 1]
+    res = simulate_round(model.trace(0), *model.round_window(2), [8.0])  # round 2 = [5, 10]: 4 MACs/s
+    assert res.finish_time == 7.0 and res.finished and res.available_macs == 20.0
+    with pytest.raises(TraceFileError, match="no rows for device 2"):
+        model.trace(2)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("device,time\n0,0\n", r"missing column\(s\) \['macs_per_s'\]"),
+        ("", "missing column"),
+        ("device,time,macs_per_s\n", "no rows"),
+        ("device,time,macs_per_s\n0,0,abc\n", "line 2: not a number"),
+        ("device,time,macs_per_s\n0,0,1\n0,1,nan\n", "line 3: macs_per_s must be finite"),
+        ("device,time,macs_per_s\n0,0,-1\n", "macs_per_s must be finite and >= 0"),
+        ("device,time,macs_per_s\n0,0,inf\n", "macs_per_s must be finite"),
+        ("device,time,macs_per_s\n0,-1,1\n", "time must be finite and >= 0"),
+        ("device,time,macs_per_s\n0,nan,1\n", "time must be finite"),
+        ("device,time,macs_per_s\n0,2,1\n0,1,1\n", "line 3: times of device 0 must be strictly increasing"),
+        ("device,time,macs_per_s\n0,1,1\n0,1,2\n", "strictly increasing"),
+        ("device,time,macs_per_s\n1.5,0,1\n", "device must be an integer"),
+        ("device,time,macs_per_s\n-1,0,1\n", "device must be an integer >= 0"),
+        ("device,time,macs_per_s\n0,,1\n", "not a number"),
+    ],
+)
+def test_csv_refusals(tmp_path: Path, text: str, match: str) -> None:
+    path = _write(tmp_path / "bad.csv", text)
+    with pytest.raises(TraceFileError, match=match) as info:
+        load_trace_csv(path)
+    assert str(path) in str(info.value)
+
+
+def test_csv_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(TraceFileError, match="does not exist"):
+        load_trace_csv(tmp_path / "nope.csv")
+    with pytest.raises(TraceFileError, match="does not exist"):
+        ResourceModel("trace", deadline=1.0, trace_path=tmp_path / "nope.csv")
