@@ -62,7 +62,9 @@ _NUMERIC_KINDS = frozenset("fiu")
 class RefusalReason(str, Enum):
     """Why a client reply was refused by :func:`validate_reply`.
 
-    The value is a short kebab-case code suitable for logs and metrics.
+    The value is a short kebab-case code suitable for logs and metrics. The last
+    two are used by the submodel strategies: a reply from a client that was given no
+    submodel this round, or one whose reported device is not the one assigned.
     """
 
     MISSING_MACS = "missing-macs"
@@ -76,6 +78,8 @@ class RefusalReason(str, Enum):
     WRONG_SHAPE = "wrong-shape"
     WRONG_DTYPE = "wrong-dtype"
     NON_FINITE_ARRAYS = "non-finite-arrays"
+    UNASSIGNED_CLIENT = "unassigned-client"
+    DEVICE_MISMATCH = "device-mismatch"
 
 
 @dataclass(frozen=True)
