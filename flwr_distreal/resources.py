@@ -221,7 +221,8 @@ def round_step_macs(
         ``r_max_for(sum(...), deadline)`` gives the availability at which this device
         finishes exactly at the deadline.
     """
-    for name, val, low in (("num_samples", num_samples, 0), ("batch_size", batch_size, 1), ("local_epochs", local_epochs, 1)):
+    checks = (("num_samples", num_samples, 0), ("batch_size", batch_size, 1), ("local_epochs", local_epochs, 1))
+    for name, val, low in checks:
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < low:
             raise ResourceError(f"{name} must be an int >= {low}, got {val!r}")
     full, rest = divmod(int(num_samples), int(batch_size))

@@ -163,7 +163,9 @@ def test_exponential_change_statistics() -> None:
     rounds_with_change = 0
     levels: list[float] = []
     for dev in range(400):
-        trace = TimeVaryingResources(r_max=100.0, variability=4.0, lam=lam, round_duration=deadline, seed=3, device_id=dev)
+        trace = TimeVaryingResources(
+            r_max=100.0, variability=4.0, lam=lam, round_duration=deadline, seed=3, device_id=dev
+        )
         points = trace.change_points(0.0, horizon)
         changes_per_device.append(len(points))
         waits.extend(np.diff([0.0, *points]).tolist())
@@ -406,3 +408,19 @@ def test_csv_missing_file(tmp_path: Path) -> None:
         load_trace_csv(tmp_path / "nope.csv")
     with pytest.raises(TraceFileError, match="does not exist"):
         ResourceModel("trace", deadline=1.0, trace_path=tmp_path / "nope.csv")
+
+
+def test_model_and_traces_survive_pickling(tmp_path: Path) -> None:
+    # Ray ships the resource model to worker processes by pickling it.
+    import pickle
+
+    model = ResourceModel("timevarying", deadline=10.0, r_max=100.0, lam=2.0, seed=5)
+    clone = pickle.loads(pickle.dumps(model))
+    assert clone.trace(8).change_points(0.0, 500.0) == model.trace(8).change_points(0.0, 500.0)
+    trace = model.trace(8)
+    trace.rate_at(50.0)  # partly generated
+    resumed = pickle.loads(pickle.dumps(trace))
+    assert resumed.change_points(0.0, 900.0) == model.trace(8).change_points(0.0, 900.0)
+    csv_path = _write(tmp_path / "t.csv", "device,time,macs_per_s\n0,0,1\n0,3,2\n")
+    replay = pickle.loads(pickle.dumps(ResourceModel("trace", deadline=5.0, trace_path=csv_path)))
+    assert replay.trace(0).advance(0.0, 5.0) == 4.0
