@@ -1,0 +1,225 @@
+"""Hydra command of the design-time DSE.
+
+Usage (from the repository root)::
+
+    python -m flwr_distreal.dse model=femnist_cnn dataset=femnist_leaf
+    python -m flwr_distreal.dse dse=quick dataset=synthetic            # about a minute
+    python -m flwr_distreal.dse task=snapshot                          # only make the snapshot
+    python -m flwr_distreal.dse dse.generations=80 resume=true         # continue a run
+
+Settings live in ``conf/dse_config.yaml`` (model, dataset, task, resume) and the ``dse``
+group ``conf/dse/{default,quick}.yaml`` (population, generations, batches, batch_size, seeds,
+workers, output, snapshot, ...), typed by :class:`DSEConfig`; they are validated before any
+work starts. Relative paths are resolved against the directory the command was started in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.utils import to_absolute_path
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ..models import build_model, list_models
+from .datasets import load_dse_data
+from .driver import CHECKPOINT_NAME, DSESettings, run_dse
+from .evaluator import CachedEvaluator
+from .fitness import ShortTrainingFitness, ShortTrainingSettings, Snapshot, SnapshotError, make_snapshot
+from .problem import DSEError
+
+log = logging.getLogger("flwr_distreal.dse")
+
+#: Dataset roots used when ``data_root`` is null (relative to the directory of the command).
+DEFAULT_ROOTS: dict[str, str | None] = {
+    "femnist_leaf": "../shared/data/femnist_leaf",
+    "femnist": "../shared/data/femnist_leaf",
+    "mnist": "../shared/data",
+    "synthetic": None,
+    "digits": None,
+}
+
+
+@dataclass
+class NSGA2Config:
+    """pygmo ``nsga2`` operator settings (pygmo's defaults)."""
+
+    cr: float = 0.95
+    eta_c: float = 10.0
+    m: float = 0.01
+    eta_m: float = 50.0
+
+
+@dataclass
+class SnapshotConfig:
+    """The snapshot every short training starts from."""
+
+    path: str | None = None  # default: <output>/snapshot.pt
+    required: bool = False  # true: refuse to run if the snapshot file does not exist
+    steps: int = 800
+    batch_size: int = 64
+    lr: float = 0.1
+    seed: int = 0
+    distorted: bool = True
+
+
+@dataclass
+class DSEConfig:
+    """Schema of the ``dse`` config group."""
+
+    population: int = 64
+    generations: int = 50
+    seed: int = 0
+    lut_size: int = 64
+    batches: int = 64
+    batch_size: int = 64
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    lr: float = 0.1
+    workers: int = 2
+    threads: int = 1
+    output: str = MISSING
+    progress: bool = True
+    val_fraction: float = 0.2
+    max_samples: int | None = None
+    distort_factor: float = 0.5
+    reference: list[float] = field(default_factory=lambda: [1.1, 1.1])
+    uniform_rates: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(11)])
+    plot_generations: int = 5
+    nsga2: NSGA2Config = field(default_factory=NSGA2Config)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+
+
+ConfigStore.instance().store(group="dse", name="base_dse", node=DSEConfig)
+
+
+def _abs(path: str) -> Path:
+    return Path(to_absolute_path(path))
+
+
+_TOP_KEYS = {"dse", "model", "num_classes", "dataset", "data_root", "task", "resume"}
+
+
+def _unknown_keys(node: DictConfig, schema: type, prefix: str) -> list[str]:
+    """Keys of ``node`` that the dataclass ``schema`` (recursively) does not define.
+
+    Hydra lets ``+key=value`` add keys even to a typed node; they would be ignored silently.
+    """
+    hints = typing.get_type_hints(schema)
+    out: list[str] = []
+    for key in node.keys():
+        if key not in hints:
+            out.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(node.get(key), DictConfig):
+            out += _unknown_keys(node[key], hints[key], f"{prefix}{key}.")
+    return out
+
+
+def _validate_top(cfg: DictConfig) -> None:
+    unknown = sorted(set(cfg.keys()) - _TOP_KEYS) + _unknown_keys(cfg.dse, DSEConfig, "dse.")
+    if unknown:
+        raise DSEError(f"unknown DSE setting(s) {unknown}; see conf/dse_config.yaml and conf/dse/default.yaml")
+    if cfg.model not in list_models():
+        raise DSEError(f"unknown model {cfg.model!r}; registered models: {', '.join(list_models())}")
+    if cfg.task not in ("run", "snapshot"):
+        raise DSEError(f"task must be 'run' or 'snapshot', got {cfg.task!r}")
+
+
+def _settings(d: DSEConfig) -> tuple[DSESettings, ShortTrainingSettings]:
+    """Build (and thereby validate) the library settings from the config."""
+    search = DSESettings(
+        population=d.population,
+        generations=d.generations,
+        seed=d.seed,
+        lut_size=d.lut_size,
+        cr=d.nsga2.cr,
+        eta_c=d.nsga2.eta_c,
+        m=d.nsga2.m,
+        eta_m=d.nsga2.eta_m,
+        reference=tuple(d.reference),
+        uniform_rates=tuple(d.uniform_rates),
+        plot_generations=d.plot_generations,
+    )
+    short = ShortTrainingSettings(batches=d.batches, batch_size=d.batch_size, seeds=tuple(d.seeds), lr=d.lr)
+    for name in ("workers", "threads"):
+        value = getattr(d, name)
+        if value < 1:
+            raise DSEError(f"dse.{name} must be >= 1, got {value}")
+    return search, short
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Execute the command for a composed config; returns a small summary (for tests)."""
+    _validate_top(cfg)
+    d: DSEConfig = OmegaConf.to_object(cfg.dse)  # type: ignore[assignment]
+    search, short = _settings(d)
+    output = _abs(d.output)
+    snapshot_path = _abs(d.snapshot.path) if d.snapshot.path else output / "snapshot.pt"
+    if cfg.task == "run" and d.snapshot.required and not snapshot_path.is_file():
+        raise SnapshotError(
+            f"dse.snapshot.required is true but {snapshot_path} does not exist; make it with task=snapshot"
+        )
+    if (output / CHECKPOINT_NAME).exists() and not cfg.resume and cfg.task == "run":
+        raise DSEError(f"{output / CHECKPOINT_NAME} exists; pass resume=true or choose another dse.output")
+    root_cfg = cfg.data_root if cfg.data_root is not None else DEFAULT_ROOTS.get(cfg.dataset)
+    root = _abs(root_cfg) if root_cfg else None
+
+    torch.set_num_threads(max(d.threads, d.workers))  # data loading and the snapshot
+    data = load_dse_data(
+        cfg.dataset, root=root, val_fraction=d.val_fraction, max_samples=d.max_samples,
+        seed=d.seed, distort_factor=d.distort_factor,
+    )
+    num_classes = cfg.num_classes if cfg.num_classes is not None else data.num_classes
+    if num_classes != data.num_classes:
+        raise DSEError(f"num_classes={num_classes} but dataset {cfg.dataset} has {data.num_classes} classes")
+
+    if snapshot_path.is_file():
+        snapshot = Snapshot.load(snapshot_path, model_name=cfg.model, dataset=data.name, num_classes=num_classes)
+        log.info("using snapshot %s (val accuracy %.4f)", snapshot_path, snapshot.meta["val_accuracy"])
+    else:
+        s = d.snapshot
+        snapshot = make_snapshot(cfg.model, data, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+                                 seed=s.seed, distorted=s.distorted)
+        snapshot.save(snapshot_path)
+        log.info("saved snapshot to %s", snapshot_path)
+    if cfg.task == "snapshot":
+        return {"snapshot": str(snapshot_path), "val_accuracy": snapshot.meta["val_accuracy"]}
+
+    fitness = ShortTrainingFitness(cfg.model, snapshot, data, short)
+    model = build_model(cfg.model, num_classes=num_classes)
+    start = time.perf_counter()
+    with CachedEvaluator(fitness, workers=d.workers, threads=d.threads) as evaluator:
+        result = run_dse(
+            evaluator, model, search, output, resume=bool(cfg.resume), progress=d.progress,
+            extra_meta={"dataset": data.name, "snapshot": str(snapshot_path)},
+        )
+    if result is None:  # run_dse returns None only with stop_after, which is not used here
+        raise RuntimeError("the DSE stopped without a result")
+    log.info(
+        "LUT %s (%d vectors); hypervolume DSE %.4f vs uniform %.4f; %.1f s",
+        result.paths["lut"], len(result.lut), result.hypervolume_dse, result.hypervolume_uniform,
+        time.perf_counter() - start,
+    )
+    return {
+        "lut": str(result.paths["lut"]),
+        "hypervolume_dse": result.hypervolume_dse,
+        "hypervolume_uniform": result.hypervolume_uniform,
+        "generations": result.generations_done,
+    }
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="dse_config")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
