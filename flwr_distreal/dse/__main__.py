@@ -85,6 +85,7 @@ class DSEConfig:
     lr: float = 0.1
     workers: int = 2
     threads: int = 1
+    device: str = "cpu"
     output: str = MISSING
     progress: bool = True
     val_fraction: float = 0.2
@@ -186,13 +187,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         s = d.snapshot
         snapshot = make_snapshot(cfg.model, data, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
-                                 seed=s.seed, distorted=s.distorted)
+                                 seed=s.seed, distorted=s.distorted, device=d.device)
         snapshot.save(snapshot_path)
         log.info("saved snapshot to %s", snapshot_path)
     if cfg.task == "snapshot":
         return {"snapshot": str(snapshot_path), "val_accuracy": snapshot.meta["val_accuracy"]}
 
-    fitness = ShortTrainingFitness(cfg.model, snapshot, data, short)
+    fitness = ShortTrainingFitness(cfg.model, snapshot, data, short, device=d.device)
     model = build_model(cfg.model, num_classes=num_classes)
     start = time.perf_counter()
     with CachedEvaluator(fitness, workers=d.workers, threads=d.threads) as evaluator:

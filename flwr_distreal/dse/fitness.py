@@ -271,6 +271,7 @@ def make_snapshot(
     lr: float = 0.05,
     seed: int = 0,
     distorted: bool = True,
+    device: str = "cpu",
 ) -> Snapshot:
     """Train the DSE's snapshot: the full model, ``steps`` SGD mini-batches on distorted data.
 
@@ -290,6 +291,8 @@ def make_snapshot(
         Seed of the initialisation and the batch order.
     distorted : bool
         Train on the distorted copy (paper) or on the plain data.
+    device : str
+        Torch device of the pre-training; the snapshot is stored on the CPU.
 
     Returns
     -------
@@ -311,19 +314,22 @@ def make_snapshot(
         raise DSEError(
             f"model {model_name} expects inputs {tuple(model.input_shape)}, data {data.name} has {tuple(data.train_x.shape[1:])}"
         )
+    dev = torch.device(device)
     x = data.distort(data.train_x) if distorted and data.distort is not None else data.train_x
+    x, y = x.to(dev), data.train_y.to(dev)
+    model = model.to(dev)
     model.set_dropout(None)
     model.train()
     gen = torch.Generator().manual_seed(derive_seed(seed, 0xBA7C))
-    idx = _batch_indices(x.shape[0], steps * batch_size, gen)
+    idx = _batch_indices(x.shape[0], steps * batch_size, gen).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     for b in range(steps):
         sel = idx[b * batch_size : (b + 1) * batch_size]
-        loss = F.cross_entropy(model(x[sel]), data.train_y[sel])
+        loss = F.cross_entropy(model(x[sel]), y[sel])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    val_acc = accuracy(model, data.val_x, data.val_y)
+    val_acc = accuracy(model, data.val_x.to(dev), data.val_y.to(dev))
     meta = {
         "format": SNAPSHOT_FORMAT,
         "model": model_name,
@@ -343,7 +349,7 @@ def make_snapshot(
         "snapshot of %s on %s: %d steps, val accuracy %.4f (%.1f s)",
         model_name, data.name, steps, val_acc, meta["seconds"],
     )
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return Snapshot(state_dict=state, meta=meta)
 
 
@@ -360,6 +366,9 @@ class ShortTrainingFitness:
         Training and validation data (undistorted).
     settings : ShortTrainingSettings
         Batches, batch size, seeds, learning rate.
+    device : str
+        Torch device of the short trainings (``"cpu"``, ``"cuda"``, ``"cuda:1"``); the data is
+        copied there once per process. Results differ between devices (other kernels).
 
     Notes
     -----
@@ -371,10 +380,21 @@ class ShortTrainingFitness:
     """
 
     def __init__(
-        self, model_name: str, snapshot: Snapshot, data: DSEData, settings: ShortTrainingSettings
+        self,
+        model_name: str,
+        snapshot: Snapshot,
+        data: DSEData,
+        settings: ShortTrainingSettings,
+        device: str = "cpu",
     ) -> None:
         if not isinstance(settings, ShortTrainingSettings):
             raise TypeError("settings must be a ShortTrainingSettings")
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise DSEError(f"invalid torch device {device!r}: {err}") from err
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise DSEError(f"device {device!r} requested but CUDA is not available")
         if snapshot.meta.get("model") != model_name:
             raise SnapshotError(
                 f"snapshot was made for model {snapshot.meta.get('model')!r}, not {model_name!r}"
@@ -388,6 +408,7 @@ class ShortTrainingFitness:
         self.data = data
         self.settings = settings
         self._model: DropoutModel | None = None
+        self._tensors: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self._baseline: float | None = None
         model = self.model  # validates the snapshot against the architecture
         if tuple(model.input_shape) != tuple(data.train_x.shape[1:]):
@@ -401,6 +422,7 @@ class ShortTrainingFitness:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_model"] = None
+        state["_tensors"] = None
         return state
 
     @property
@@ -412,8 +434,15 @@ class ShortTrainingFitness:
                 model.load_state_dict(self.snapshot.state_dict)
             except RuntimeError as err:
                 raise SnapshotError(f"snapshot does not fit model {self.model_name}: {err}") from err
-            self._model = model
+            self._model = model.to(self.device)
         return self._model
+
+    def _data(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(train_x, train_y, val_x, val_y) on this fitness's device (copied once per process)."""
+        if self._tensors is None:
+            d = self.data
+            self._tensors = tuple(t.to(self.device) for t in (d.train_x, d.train_y, d.val_x, d.val_y))  # type: ignore[assignment]
+        return self._tensors  # type: ignore[return-value]
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that determine every measurement (compared on resume)."""
@@ -428,6 +457,7 @@ class ShortTrainingFitness:
             "batch_size": s.batch_size,
             "seeds": list(s.seeds),
             "lr": s.lr,
+            "device": self.device.type,
             "snapshot": {k: meta.get(k) for k in ("model", "dataset", "steps", "batch_size", "lr", "seed", "distorted", "val_accuracy")},
         }
 
@@ -444,7 +474,8 @@ class ShortTrainingFitness:
         if self._baseline is None:
             model = self.model
             model.load_state_dict(self.snapshot.state_dict)
-            self._baseline = accuracy(model, self.data.val_x, self.data.val_y, self.settings.eval_batch_size)
+            _, _, val_x, val_y = self._data()
+            self._baseline = accuracy(model, val_x, val_y, self.settings.eval_batch_size)
         return self._baseline
 
     def measure(self, vector: np.ndarray, seed_index: int) -> float:
@@ -474,18 +505,18 @@ class ShortTrainingFitness:
         model.set_dropout(vec)
         model.seed_dropout(derive_seed(seed, 2))
         model.train()
-        data = self.data
+        train_x, train_y, val_x, val_y = self._data()
         gen = torch.Generator().manual_seed(derive_seed(seed, 1))
-        idx = _batch_indices(data.train_x.shape[0], s.batches * s.batch_size, gen)
+        idx = _batch_indices(train_x.shape[0], s.batches * s.batch_size, gen).to(self.device)
         opt = torch.optim.SGD(model.parameters(), lr=s.lr)
         try:
             for b in range(s.batches):
                 sel = idx[b * s.batch_size : (b + 1) * s.batch_size]
-                loss = F.cross_entropy(model(data.train_x[sel]), data.train_y[sel])
+                loss = F.cross_entropy(model(train_x[sel]), train_y[sel])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            after = accuracy(model, data.val_x, data.val_y, s.eval_batch_size)
+            after = accuracy(model, val_x, val_y, s.eval_batch_size)
         finally:
             model.set_dropout(None)
             model.seed_dropout(None)
