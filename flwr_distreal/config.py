@@ -1,0 +1,192 @@
+"""Typed schemas of the Hydra configuration (``conf/``).
+
+Each group (dataset, model, strategy, resources) has a dataclass schema stored in Hydra's
+ConfigStore; every YAML of the group extends it, so a wrong type or an unknown key fails when
+the config is composed, and the range checks in ``__post_init__`` run when
+:func:`to_run_config` converts the composed config (before round 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+__all__ = [
+    "DatasetConfig",
+    "ModelConfig",
+    "ResourcesConfig",
+    "RunConfig",
+    "StrategyConfig",
+    "register_configs",
+    "to_run_config",
+]
+
+STRATEGIES = ("distreal", "full", "small", "feddropout", "heterofl")
+RESOURCE_KINDS = ("full", "constant", "timevarying", "trace")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+@dataclass
+class DatasetConfig:
+    """Which data and how it is split into devices (see :mod:`flwr_distreal.data`).
+
+    ``name`` picks the loader; the other keys are passed to it when set (``None`` keeps the
+    loader's default): ``root`` (a LEAF FEMNIST folder, a CIFAR/MNIST root), ``path`` (npz),
+    ``num_devices``, ``samples_per_device``, ``max_devices`` (FEMNIST writers), ``partition``
+    ("iid", "dirichlet", "shards"), ``alpha``, ``download``.
+    """
+
+    name: str = MISSING
+    root: Optional[str] = None
+    path: Optional[str] = None
+    num_devices: Optional[int] = None
+    samples_per_device: Optional[int] = None
+    max_devices: Optional[int] = None
+    partition: Optional[str] = None
+    alpha: Optional[float] = None
+    download: Optional[bool] = None
+    variability: float = 3.0
+
+    def loader_kwargs(self, seed: int) -> dict[str, Any]:
+        keys = ("root", "path", "num_devices", "samples_per_device", "max_devices", "partition", "alpha", "download")
+        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        out["seed"] = seed
+        return out
+
+
+@dataclass
+class ModelConfig:
+    """The model (registry name), its small-network variant and classifier size."""
+
+    name: str = MISSING
+    small: str = MISSING
+    num_classes: Optional[int] = None
+
+
+@dataclass
+class StrategyConfig:
+    """Which method runs: ``distreal`` or a baseline (``full``, ``small``, ``feddropout``,
+    ``heterofl``), and its options."""
+
+    name: str = MISSING
+    policy: str = "paper"
+    stop_at_deadline: bool = True
+    on_excess: str = "refuse"
+    shrink: float = 0.7
+    levels: int = 5
+
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGIES:
+            raise ConfigError(f"strategy.name must be one of {list(STRATEGIES)}, got {self.name!r}")
+        if self.policy not in ("paper", "deadline"):
+            raise ConfigError(f"strategy.policy must be 'paper' or 'deadline', got {self.policy!r}")
+        if self.on_excess not in ("refuse", "clip"):
+            raise ConfigError(f"strategy.on_excess must be 'refuse' or 'clip', got {self.on_excess!r}")
+        if not 0 < self.shrink < 1 or self.levels < 1:
+            raise ConfigError(f"need 0 < strategy.shrink < 1 and strategy.levels >= 1, got {self.shrink}, {self.levels}")
+
+
+@dataclass
+class ResourcesConfig:
+    """Resource availability (see :mod:`flwr_distreal.resources`).
+
+    ``variability`` ``None`` takes the dataset's (3 for FEMNIST, 4 for CIFAR); ``lam`` is the
+    number of availability changes per round (time-varying); ``trace_path`` a CSV to replay.
+    """
+
+    kind: str = MISSING
+    variability: Optional[float] = None
+    lam: float = 1.0
+    trace_path: Optional[str] = None
+    step_macs_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in RESOURCE_KINDS:
+            raise ConfigError(f"resources.kind must be one of {list(RESOURCE_KINDS)}, got {self.kind!r}")
+        if self.variability is not None and self.variability < 1:
+            raise ConfigError(f"resources.variability must be >= 1, got {self.variability}")
+        if self.lam < 0:
+            raise ConfigError(f"resources.lam must be >= 0, got {self.lam}")
+        if self.kind == "trace" and not self.trace_path:
+            raise ConfigError("resources.kind=trace needs resources.trace_path")
+        if self.step_macs_factor <= 0:
+            raise ConfigError(f"resources.step_macs_factor must be > 0, got {self.step_macs_factor}")
+
+
+@dataclass
+class RunConfig:
+    """A federated run (top-level keys of ``conf/config.yaml``)."""
+
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    resources: ResourcesConfig = MISSING
+    rounds: int = 10
+    clients_per_round: int = 10
+    seed: int = 0
+    deadline: float = 1.0
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    local_epochs: int = 1
+    lut: Optional[str] = None
+    skip_straggler_training: bool = True
+    eval_batch_size: int = 512
+    num_cpus_per_client: float = 1.0
+    num_gpus_per_client: float = 0.0
+    torch_threads: int = 1
+    output_dir: Optional[str] = None
+    plot: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        positive = {
+            "rounds": self.rounds,
+            "clients_per_round": self.clients_per_round,
+            "batch_size": self.batch_size,
+            "local_epochs": self.local_epochs,
+            "eval_batch_size": self.eval_batch_size,
+            "torch_threads": self.torch_threads,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if not self.deadline > 0:
+            raise ConfigError(f"deadline must be > 0, got {self.deadline}")
+        if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise ConfigError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {self.lr}, {self.momentum}, {self.weight_decay}")
+        if self.num_cpus_per_client <= 0 or self.num_gpus_per_client < 0:
+            raise ConfigError("num_cpus_per_client must be > 0 and num_gpus_per_client >= 0")
+
+
+def register_configs() -> None:
+    """Store the schemas so that the YAMLs of each group can extend them."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_run", node=RunConfig)
+    cs.store(group="dataset", name="base_dataset", node=DatasetConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="strategy", name="base_strategy", node=StrategyConfig)
+    cs.store(group="resources", name="base_resources", node=ResourcesConfig)
+
+
+def to_run_config(cfg: DictConfig | dict) -> RunConfig:
+    """Convert a composed config into a validated :class:`RunConfig`.
+
+    Raises
+    ------
+    ConfigError
+        If a value is out of range (the message names the key).
+    """
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.create(cfg)
+    schema = OmegaConf.structured(RunConfig)
+    merged = OmegaConf.merge(schema, cfg)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
