@@ -1,0 +1,601 @@
+"""Training-step time under structured filter dropout (reproduces the paper's Fig. 2 here).
+
+DISTREAL saves compute only if a training step under a dropout vector really runs faster
+(Rapp et al., AAAI 2022, section "Dropout to Reduce Computations In Training", Fig. 2). For one
+model and a set of dropout vectors (uniform rates 0, 0.1, ..., 0.5 and random per-layer
+vectors in [0, 0.5]) this measures the median time of a training step (forward,
+cross-entropy, backward, plain SGD step on fixed random data, ``model.train()``) of four
+variants and reports ratios:
+
+* ``full``: the model without dropout (one variant, the denominator);
+* ``compact``: the model under the vector in compact execution (only kept filters are
+  computed: :mod:`flwr_distreal.dropout`), a fresh random filter subset every step;
+* ``narrow``: a natively narrow network, ``build_model(name, widths=kept_counts(vector))``,
+  trained without dropout through the same code path (the practical limit of these kernels);
+* ``mask``: the same vector in mask execution (computes every filter and multiplies the
+  dropped ones by zero; the reference that compact execution beats).
+
+All variants are separate model instances measured side by side, interleaved round-robin
+within every repetition (with a rotating start), so that drift of a shared, noisy machine hits
+all of them equally; medians and ratios of medians are reported (``--stat min`` uses the
+fastest step instead, the usual choice when other processes load the machine: contention only
+ever adds time). The spread of the full model's step times is printed as a noise indicator.
+
+Switching overhead: a pool of random vectors; variant A sets a new vector (cycling through the
+pool) before every step; variant B sets each pool vector once and keeps it for a block of
+steps. Both run the same number of steps per vector and both draw a fresh random filter
+subset every step (that is the mechanism). Overhead = sum over the pool of the per-step median
+of A / the same for B - 1. The time of ``set_dropout`` alone (median of 1000 calls) is also
+reported.
+
+Examples::
+
+    python scripts/bench_dropout.py --quick
+    python scripts/bench_dropout.py --json bench.json --plot bench.png
+    python scripts/bench_dropout.py --model femnist_cnn --batch 64 --random 8
+
+The issue's targets (DenseNet-BC-40, batch 64, CPU): at uniform rate 0.5 the compact step is
+within 1.15x of the natively narrow network and at most 0.55x of the full model; switching
+the vector every mini-batch costs at most 3 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from flwr_distreal.dropout import DropoutModel
+from flwr_distreal.macs import count_macs, kept_counts
+from flwr_distreal.models import build_model, list_models
+
+TARGET_COMPACT_VS_NARROW = 1.15
+TARGET_COMPACT_VS_FULL = 0.55
+TARGET_SWITCH_OVERHEAD_PCT = 3.0
+
+QUICK = {
+    "reps": 3,
+    "warmup": 1,
+    "random": 1,
+    "rates": [0.0, 0.25, 0.5],
+    "switch_pool": 2,
+    "switch_steps": 2,
+    "switch_reps": 2,
+}
+DEFAULTS = {
+    "reps": 7,
+    "warmup": 2,
+    "random": 4,
+    "rates": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+    "switch_pool": 8,
+    "switch_steps": 2,
+    "switch_reps": None,  # = reps
+}
+
+
+@dataclass
+class Variant:
+    """One timed configuration: a model instance with its fixed dropout setting."""
+
+    key: str
+    model: DropoutModel
+    optimizer: torch.optim.Optimizer
+    times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class VectorSpec:
+    """A dropout vector of the benchmark and its label."""
+
+    label: str
+    kind: str  # "uniform" or "random"
+    vector: np.ndarray
+
+
+def _parse_rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--rates must be comma-separated numbers: {err}") from err
+    if not rates or any(not 0.0 <= r <= 0.5 for r in rates):
+        raise argparse.ArgumentTypeError(f"--rates must be non-empty and within [0, 0.5], got {text!r}")
+    return rates
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; unset values take the normal or the ``--quick`` defaults."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="densenet_bc_40", choices=list_models())
+    p.add_argument("--batch", type=_positive, default=64, help="mini-batch size (default 64)")
+    p.add_argument("--reps", type=_positive, default=None, help="timed steps per variant; median (default 7)")
+    p.add_argument("--warmup", type=_non_negative, default=None, help="untimed steps per variant (default 2)")
+    p.add_argument("--threads", type=_positive, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--random", type=_non_negative, default=None, help="random per-layer vectors (default 4)")
+    p.add_argument("--rates", type=_parse_rates, default=None, help="uniform rates (default 0,0.1,...,0.5)")
+    p.add_argument("--switch-pool", type=_positive, default=None, help="vectors in the switching pool (8)")
+    p.add_argument("--switch-steps", type=_positive, default=None, help="steps per pool vector per run (2)")
+    p.add_argument("--switch-reps", type=_positive, default=None, help="A/B run pairs (default: --reps)")
+    p.add_argument(
+        "--stat", choices=("median", "min"), default="median",
+        help="statistic of the timed steps per variant (default median; min is robust to load)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (plain SGD, no momentum)")
+    p.add_argument("--json", type=Path, default=None, help="write all raw timings and ratios here")
+    p.add_argument("--plot", type=Path, default=None, help="write a Fig. 2 style plot here (png/pdf)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    p.add_argument("--quick", action="store_true", help="finish in under a minute on 2 cores")
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else DEFAULTS
+    args.quick_changes = []
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+            if args.quick and DEFAULTS[key] != value:
+                args.quick_changes.append(f"{key.replace('_', '-')}={value}")
+    if args.switch_reps is None:
+        args.switch_reps = args.reps
+    if not args.lr > 0:
+        p.error(f"--lr must be positive, got {args.lr}")
+    return args
+
+
+def _device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda, got {name!r}")
+    return dev
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _train_step(model: DropoutModel, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One training step: forward, cross-entropy, backward, plain SGD update."""
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+
+
+def _timed_step(variant: Variant, x, y, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    _train_step(variant.model, variant.optimizer, x, y)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _make(model_name: str, num_classes: int | None, device, lr: float, seed: int, **kw) -> tuple[DropoutModel, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = build_model(model_name, num_classes=num_classes, **kw).to(device)
+    model.train()
+    model.seed_dropout(seed)
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
+
+
+def _vectors(model: DropoutModel, rates: list[float], n_random: int, rng: np.random.Generator) -> list[VectorSpec]:
+    k = model.num_dropout_layers
+    specs = [VectorSpec(f"uniform {r:g}", "uniform", np.full(k, float(r))) for r in rates]
+    for i in range(n_random):
+        v = rng.uniform(0.0, 0.5, size=k)
+        specs.append(VectorSpec(f"random {i + 1} ({v.mean():.2f})", "random", v))
+    return specs
+
+
+def _dropped_ratio(model: DropoutModel, vector: np.ndarray) -> float:
+    """Fraction of all filters dropped (the x axis of the paper's Fig. 2)."""
+    widths = model.layer_widths
+    return 1.0 - sum(kept_counts(model, vector)) / sum(widths)
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+STATS = {"median": _median, "min": lambda xs: float(min(xs))}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def measure_steps(variants: list[Variant], x, y, device, reps: int, warmup: int) -> None:
+    """Round-robin over the variants within every repetition (rotating the start)."""
+    n = len(variants)
+    for rep in range(warmup + reps):
+        start = rep % n
+        for v in variants[start:] + variants[:start]:
+            t = _timed_step(v, x, y, device)
+            if rep >= warmup:
+                v.times.append(t)
+
+
+def check_compact(model: DropoutModel, vector: np.ndarray) -> None:
+    """Make sure the last (timed) step of a compact variant computed exactly the kept counts
+    (a benchmark of the wrong thing is worse than none)."""
+    kept = model.last_kept_indices()
+    want = kept_counts(model, vector)
+    got = [w if k is None else int(k.numel()) for k, w in zip(kept, model.layer_widths)]
+    if got != want:
+        raise RuntimeError(f"compact model kept {got} filters, expected {want}")
+
+
+def measure_switching(
+    model: DropoutModel,
+    opt: torch.optim.Optimizer,
+    pool: list[np.ndarray],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    steps: int,
+    pairs: int,
+    warmup: int,
+    stat: str = "median",
+) -> dict:
+    """Switching overhead: A sets a new pool vector before every step, B keeps each for a block.
+
+    Both run ``steps`` steps per pool vector per run, so their MACs are equal; ``pairs`` A/B
+    run pairs alternate their order. A's set_dropout calls are inside its timed steps; B's one
+    call per block is timed separately and added to B's total.
+    """
+    variant = Variant("switch", model, opt)
+    for _ in range(warmup):
+        for v in pool:
+            model.set_dropout(v)
+            _timed_step(variant, x, y, device)
+    P = len(pool)
+    a_times: list[list[float]] = [[] for _ in range(P)]
+    b_times: list[list[float]] = [[] for _ in range(P)]
+    b_sets: list[float] = []
+
+    def run_a() -> None:
+        for _ in range(steps):
+            for j, v in enumerate(pool):
+                _sync(device)
+                t0 = time.perf_counter()
+                model.set_dropout(v)
+                _train_step(model, opt, x, y)
+                _sync(device)
+                a_times[j].append(time.perf_counter() - t0)
+
+    def run_b() -> None:
+        for j, v in enumerate(pool):
+            t0 = time.perf_counter()
+            model.set_dropout(v)
+            b_sets.append(time.perf_counter() - t0)
+            for _ in range(steps):
+                b_times[j].append(_timed_step(variant, x, y, device))
+
+    for pair in range(pairs):
+        if pair % 2 == 0:
+            run_a()
+            run_b()
+        else:
+            run_b()
+            run_a()
+    med_a = [STATS[stat](t) for t in a_times]
+    med_b = [STATS[stat](t) for t in b_times]
+    sum_a = float(sum(map(sum, a_times)))
+    sum_b = float(sum(map(sum, b_times)) + sum(b_sets))
+    return {
+        "pool_size": P,
+        "steps_per_vector_per_run": steps,
+        "run_pairs": pairs,
+        "pool_vectors": [v.tolist() for v in pool],
+        "a_times": a_times,
+        "b_times": b_times,
+        "b_set_times": b_sets,
+        "statistic": stat,
+        "stat_a": med_a,
+        "stat_b": med_b,
+        "overhead_pct": 100.0 * (sum(med_a) / sum(med_b) - 1.0),
+        "overhead_pct_raw_sums": 100.0 * (sum_a / sum_b - 1.0),
+    }
+
+
+def time_set_dropout(model: DropoutModel, pool: list[np.ndarray], calls: int = 1000) -> list[float]:
+    """Seconds of each of ``calls`` ``set_dropout`` calls (cycling through the pool)."""
+    out = []
+    for i in range(calls):
+        v = pool[i % len(pool)]
+        t0 = time.perf_counter()
+        model.set_dropout(v)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _machine() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Fig. 2 style: ratio of dropped filters vs. MAC ratio and step-time ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    series = [
+        ("mac_ratio", "MACs (forward)", "k", "o"),
+        ("compact_vs_full", "step time, compact", "tab:blue", "s"),
+        ("narrow_vs_full", "step time, natively narrow", "tab:green", "^"),
+        ("mask_vs_full", "step time, mask (reference)", "tab:red", "x"),
+    ]
+    uni = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["dropped_ratio"])
+    rnd = [r for r in rows if r["kind"] == "random"]
+    for key, label, color, marker in series:
+        ax.plot([r["dropped_ratio"] for r in uni], [r[key] for r in uni], color=color, marker=marker, label=label)
+        if rnd:
+            ax.scatter(
+                [r["dropped_ratio"] for r in rnd], [r[key] for r in rnd], color=color, marker=marker,
+                facecolors="none" if marker not in ("x",) else None, s=50,
+            )
+    ax.set_xlabel("ratio of dropped filters")
+    ax.set_ylabel("relative to the full model")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, title="lines: uniform rates; open markers: random vectors", title_fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 110)
+    device = _device(args.device)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    load_start = _loadavg()
+    t_start = time.perf_counter()
+    if args.quick:
+        console.print(
+            f"[bold]quick mode[/]: {', '.join(args.quick_changes)} (model {args.model}, batch {args.batch} unchanged)"
+        )
+    console.print(
+        f"model {args.model}, batch {args.batch}, device {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, reps {args.reps} (+{args.warmup} warm-up), seed {args.seed}"
+    )
+    console.print(f"load average at start (1, 5, 15 min): {load_start} on {os.cpu_count()} cores")
+    if load_start and torch.get_num_threads() > 1 and load_start[0] >= (os.cpu_count() or 1) * 0.75:
+        console.print(
+            "[yellow]other processes load the cores: with several torch threads, OpenMP barriers then "
+            "stall whole steps (10x outliers seen); consider --threads 1 and/or --stat min[/]"
+        )
+
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    full, full_opt = _make(args.model, None, device, args.lr, args.seed)
+    x = torch.randn((args.batch, *full.input_shape), generator=gen).to(device)
+    y = torch.randint(0, full.num_classes, (args.batch,), generator=gen).to(device)
+    full_macs = count_macs(full)
+    specs = _vectors(full, args.rates, args.random, rng)
+
+    variants: list[Variant] = [Variant("full", full, full_opt)]
+    per_vec: list[dict] = []
+    for i, spec in enumerate(specs):
+        counts = kept_counts(full, spec.vector)
+        if counts == full.layer_widths:
+            # Nothing dropped: compact, narrow and mask are all the full network itself.
+            per_vec.append(
+                {"spec": spec, "counts": counts, "macs": full_macs, "narrow_macs": full_macs,
+                 "variants": {k: variants[0] for k in ("compact", "narrow", "mask")}, "alias": True}
+            )
+            continue
+        compact, c_opt = _make(args.model, None, device, args.lr, args.seed + 1 + i)
+        compact.set_dropout(spec.vector)
+        narrow, n_opt = _make(args.model, None, device, args.lr, args.seed, widths=counts)
+        mask, m_opt = _make(args.model, None, device, args.lr, args.seed + 1 + i)
+        mask.set_execution("mask")
+        mask.set_dropout(spec.vector)
+        macs = count_macs(full, spec.vector)
+        narrow_macs = count_macs(narrow)
+        if narrow_macs != macs:
+            console.print(f"[red]warning[/]: narrow network has {narrow_macs} MACs, compact vector {macs}")
+        vs = {
+            "compact": Variant(f"compact/{i}", compact, c_opt),
+            "narrow": Variant(f"narrow/{i}", narrow, n_opt),
+            "mask": Variant(f"mask/{i}", mask, m_opt),
+        }
+        variants += list(vs.values())
+        per_vec.append(
+            {"spec": spec, "counts": counts, "macs": macs, "narrow_macs": narrow_macs, "variants": vs, "alias": False}
+        )
+
+    console.print(f"timing {len(variants)} variants x {args.reps} steps, interleaved round-robin ...")
+    measure_steps(variants, x, y, device, args.reps, args.warmup)
+    for pv in per_vec:
+        if not pv["alias"]:
+            check_compact(pv["variants"]["compact"].model, pv["spec"].vector)
+    stat = STATS[args.stat]
+    t_full = stat(variants[0].times)
+
+    rows = []
+    for i, pv in enumerate(per_vec):
+        spec, vs = pv["spec"], pv["variants"]
+        tc, tn, tm = (stat(vs[k].times) for k in ("compact", "narrow", "mask"))
+        paired = [c / f for c, f in zip(vs["compact"].times, variants[0].times)]
+        rows.append(
+            {
+                "label": spec.label,
+                "kind": spec.kind,
+                "vector": spec.vector.tolist(),
+                "kept_counts": pv["counts"],
+                "dropped_ratio": _dropped_ratio(full, spec.vector),
+                "macs": pv["macs"],
+                "narrow_macs": pv["narrow_macs"],
+                "mac_ratio": pv["macs"] / full_macs,
+                "stat_s": {"compact": tc, "narrow": tn, "mask": tm, "full": t_full},
+                "median_s": {k: _median(vs[k].times) for k in ("compact", "narrow", "mask")},
+                "min_s": {k: min(vs[k].times) for k in ("compact", "narrow", "mask")},
+                "compact_vs_full": tc / t_full,
+                "compact_vs_narrow": tc / tn,
+                "narrow_vs_full": tn / t_full,
+                "mask_vs_full": tm / t_full,
+                "compact_vs_full_paired_median": _median(paired),
+                "is_full_model": pv["alias"],
+                "times_s": {k: v.times for k, v in vs.items()},
+            }
+        )
+
+    # Switching overhead.
+    pool = [rng.uniform(0.0, 0.5, size=full.num_dropout_layers) for _ in range(args.switch_pool)]
+    sw_model, sw_opt = _make(args.model, None, device, args.lr, args.seed + 1000)
+    console.print(
+        f"switching: pool of {len(pool)} random vectors, {args.switch_steps} step(s) per vector per run, "
+        f"{args.switch_reps} A/B run pairs ..."
+    )
+    switching = measure_switching(
+        sw_model, sw_opt, pool, x, y, device, args.switch_steps, args.switch_reps, max(1, args.warmup), args.stat
+    )
+    set_times = time_set_dropout(sw_model, pool)
+    set_us = 1e6 * _median(set_times)
+    load_end = _loadavg()
+    elapsed = time.perf_counter() - t_start
+
+    # Output.
+    table = Table(title=f"{args.model}, batch {args.batch}, {device}, {torch.get_num_threads()} threads: "
+                  f"training-step time relative ({args.stat} of {args.reps})")
+    for col in ("vector (mean rate)", "dropped", "MACs/full", "compact/full", "compact/narrow", "narrow/full", "mask/full"):
+        table.add_column(col, justify="left" if col == "vector" else "right")
+    for r in rows:
+        table.add_row(
+            r["label"], f"{r['dropped_ratio']:.3f}", f"{r['mac_ratio']:.3f}", f"{r['compact_vs_full']:.3f}",
+            f"{r['compact_vs_narrow']:.3f}", f"{r['narrow_vs_full']:.3f}", f"{r['mask_vs_full']:.3f}",
+        )
+    console.print(table)
+    if any(pv["alias"] for pv in per_vec):
+        console.print("rows that drop nothing are the full network itself (1 by definition)")
+    console.print(
+        f"full model: {full_macs / 1e6:.2f} M MACs/sample, {args.stat} step {1e3 * t_full:.1f} ms; "
+        f"set_dropout alone: {set_us:.1f} us (median of {len(set_times)} calls, "
+        f"{100 * set_us * 1e-6 / t_full:.3f} % of a full step)"
+    )
+    ft = variants[0].times
+    spread = max(ft) / min(ft)
+    console.print(
+        f"noise: full-model steps min {1e3 * min(ft):.0f} / median {1e3 * _median(ft):.0f} / "
+        f"max {1e3 * max(ft):.0f} ms (max/min {spread:.2f})"
+        + ("" if spread < 1.5 else " [yellow]- the machine is loaded; ratios are unreliable, rerun idle, "
+           "with more --reps, or --stat min[/]")
+    )
+    console.print(
+        f"switching overhead: {switching['overhead_pct']:+.2f} % (sum of per-vector {args.stat}s), "
+        f"{switching['overhead_pct_raw_sums']:+.2f} % (raw sums)"
+    )
+
+    half = next((r for r in rows if r["kind"] == "uniform" and r["vector"][0] == 0.5), None)
+    targets = {}
+    checks = []
+    if half is not None:
+        targets["compact_vs_narrow_at_0.5"] = {
+            "value": half["compact_vs_narrow"], "target": TARGET_COMPACT_VS_NARROW,
+            "pass": half["compact_vs_narrow"] <= TARGET_COMPACT_VS_NARROW,
+        }
+        targets["compact_vs_full_at_0.5"] = {
+            "value": half["compact_vs_full"], "target": TARGET_COMPACT_VS_FULL,
+            "pass": half["compact_vs_full"] <= TARGET_COMPACT_VS_FULL,
+        }
+    targets["switching_overhead_pct"] = {
+        "value": switching["overhead_pct"], "target": TARGET_SWITCH_OVERHEAD_PCT,
+        "pass": switching["overhead_pct"] <= TARGET_SWITCH_OVERHEAD_PCT,
+    }
+    names = {
+        "compact_vs_narrow_at_0.5": ("uniform 0.5 compact/narrow", "x", "<="),
+        "compact_vs_full_at_0.5": ("uniform 0.5 compact/full", "x", "<="),
+        "switching_overhead_pct": ("switching overhead", " %", "<="),
+    }
+    for key, t in targets.items():
+        label, unit, op = names[key]
+        verdict = "[green]PASS[/]" if t["pass"] else "[red]FAIL[/]"
+        checks.append(f"{label} {t['value']:.3f}{unit} (target {op} {t['target']}{unit}) {verdict}")
+    if half is None:
+        checks.append("uniform 0.5 not measured (add 0.5 to --rates for the step-time targets)")
+    console.print("targets: " + "; ".join(checks))
+    console.print(
+        f"load average at end (1, 5, 15 min): {load_end} on {os.cpu_count()} cores; "
+        f"ratios are measured side by side, but a loaded machine adds noise. Took {elapsed:.0f} s."
+    )
+
+    result = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": _machine(),
+        "device": str(device),
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
+        "elapsed_s": elapsed,
+        "statistic": args.stat,
+        "full": {"macs": full_macs, "stat_s": t_full, "median_s": _median(ft), "min_s": min(ft), "times_s": ft},
+        "rows": rows,
+        "switching": switching,
+        "set_dropout_us": {"median": set_us, "times_s": set_times},
+        "targets": targets,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot, f"{args.model}, batch {args.batch}, {device} ({torch.get_num_threads()} threads)")
+        console.print(f"wrote {args.plot}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
