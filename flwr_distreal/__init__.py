@@ -1,4 +1,14 @@
-"""flwr-distreal: DISTREAL (Rapp et al., AAAI 2022) for Flower."""
+"""flwr-distreal: DISTREAL (Rapp et al., AAAI 2022) for Flower.
+
+The core (dropout, models, MACs, LUT) is imported eagerly and has no Flower or Hydra imports.
+The Flower pieces (strategies, clients) are exported lazily, so ``import flwr_distreal`` and
+the core modules never import Flower.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .dropout import DroppedWeightGuard, kept_count, parameter_masks, validate_vector
 from .lut import LUT, BudgetError, LUTError
@@ -6,6 +16,21 @@ from .macs import count_macs, kept_counts
 from .models import build_model, list_models
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Distreal": "strategy",
+    "FullResources": "strategy",
+    "SmallNetwork": "strategy",
+    "FederatedDropout": "strategy",
+    "HeteroFL": "strategy",
+    "make_evaluate_fn": "strategy",
+    "fit_metrics_aggregation": "strategy",
+    "DistrealClient": "client",
+    "BaselineClient": "client",
+    "ResourceModel": "resources",
+    "load_federated": "data",
+    "FederatedData": "data",
+}
 
 __all__ = [
     "LUT",
@@ -19,4 +44,14 @@ __all__ = [
     "list_models",
     "parameter_masks",
     "validate_vector",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flwr_distreal' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

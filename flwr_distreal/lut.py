@@ -5,7 +5,11 @@ equal-rate vectors (:meth:`LUT.uniform`), each with its exact forward MACs per s
 MACs. A device selects, before every mini-batch, the vector with the most MACs that fits its
 current budget (:meth:`LUT.select`).
 
-File format (JSON, human-readable; 64 vectors x 99 rates is ~60 kB)::
+Rates are kept at float32 precision (the paper stores the LUT in 32-bit values), so the
+vectors in memory and in the file are identical and MACs stay exact after a round trip.
+
+Two file formats, chosen by the extension: ``.npz`` (binary, float32; 64 vectors x 99 rates is
+~25 kB, as in the paper) and JSON otherwise (compact, human-readable)::
 
     {"format": "flwr-distreal-lut", "version": 1,
      "model": "densenet_bc_40", "num_classes": 10, "input_shape": [3, 32, 32],
@@ -82,6 +86,8 @@ class LUT:
     ) -> None:
         self.model_name = str(model_name)
         self.layer_names = [str(n) for n in layer_names]
+        if isinstance(layer_names, (str, bytes)) or not all(isinstance(n, str) for n in layer_names):
+            raise LUTError("LUT layer names must be a list of strings")
         try:
             vec = np.asarray(vectors, dtype=np.float64)
             mac = np.asarray(macs, dtype=np.float64)
@@ -102,16 +108,26 @@ class LUT:
             raise LUTError(
                 f"LUT entry {i} has rate {vec[i, j]} for layer {self.layer_names[j]!r}, outside [0, {MAX_RATE}]"
             )
-        if not np.isfinite(mac).all() or (mac < 0).any() or (mac != np.round(mac)).any():
-            raise LUTError("LUT MAC counts must be non-negative integers")
+        if not np.isfinite(mac).all() or (mac < 0).any() or (mac != np.round(mac)).any() or (mac >= 2.0**62).any():
+            raise LUTError("LUT MAC counts must be non-negative integers below 2**62")
+        vec = vec.astype(np.float32).astype(np.float64)  # the LUT's storage precision (32-bit)
         order = np.argsort(mac, kind="stable")
         self.vectors = vec[order]
         self.macs = mac[order].astype(np.int64)
         self.vectors.setflags(write=False)
         self.macs.setflags(write=False)
         self._macs_list = self.macs.tolist()
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1):
+            raise LUTError(f"LUT num_classes must be a positive integer, got {num_classes!r}")
         self.num_classes = None if num_classes is None else int(num_classes)
+        if input_shape is not None and (
+            isinstance(input_shape, (str, bytes))
+            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in input_shape)
+        ):
+            raise LUTError(f"LUT input_shape must be a list of positive integers, got {input_shape!r}")
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        if meta is not None and not isinstance(meta, dict):
+            raise LUTError(f"LUT meta must be a mapping, got {type(meta).__name__}")
         self.meta = dict(meta or {})
 
     # -- construction ----------------------------------------------------------------------
@@ -201,7 +217,7 @@ class LUT:
         if i < 0:
             if not fallback_to_cheapest:
                 raise BudgetError(
-                    f"budget {b:.0f} MACs is below the cheapest LUT vector ({self.min_macs} MACs)"
+                    f"budget {b:.12g} MACs is below the cheapest LUT vector ({self.min_macs} MACs)"
                 )
             i = 0
         return self.vectors[i], self._macs_list[i]
@@ -245,17 +261,32 @@ class LUT:
             "input_shape": list(self.input_shape) if self.input_shape is not None else None,
             "layers": self.layer_names,
             "entries": [
-                {"macs": int(m), "vector": [float(x) for x in v]} for v, m in zip(self.vectors, self.macs)
+                {"macs": int(m), "vector": [float(str(x)) for x in v.astype(np.float32)]}
+                for v, m in zip(self.vectors, self.macs)
             ],
             "meta": self.meta,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the LUT as JSON (atomically: a temporary file, then a rename)."""
+        """Write the LUT (``.npz``: binary; otherwise JSON), atomically: a temporary file,
+        then a rename, so an interrupted save never leaves a truncated LUT behind."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        data = self.to_dict()
+        if path.suffix == ".npz":
+            header = {k: v for k, v in data.items() if k != "entries"}
+            with tmp.open("wb") as f:
+                np.savez_compressed(
+                    f,
+                    header=np.array(json.dumps(header)),
+                    vectors=self.vectors.astype(np.float32),
+                    macs=self.macs.astype(np.int64),
+                )
+        else:
+            entries = ",\n  ".join(json.dumps(e, separators=(",", ":")) for e in data.pop("entries"))
+            head = json.dumps(data, separators=(",", ":"))[:-1]
+            tmp.write_text(f'{head},"entries":[\n  {entries}\n]}}\n')
         os.replace(tmp, path)
         return path
 
@@ -269,6 +300,10 @@ class LUT:
         for key in ("model", "layers", "entries"):
             if key not in data:
                 raise LUTError(f"{source} lacks the key {key!r}")
+        if not isinstance(data["layers"], list) or not all(isinstance(n, str) for n in data["layers"]):
+            raise LUTError(f"{source}: 'layers' must be a list of layer names")
+        if not isinstance(data["model"], str):
+            raise LUTError(f"{source}: 'model' must be a model name")
         entries = data["entries"]
         if not isinstance(entries, list) or not entries:
             raise LUTError(f"{source} has no entries")
@@ -308,13 +343,16 @@ class LUT:
         """
         path = Path(path)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as err:
             raise LUTError(f"cannot read LUT file {path}: {err}") from err
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise LUTError(f"LUT file {path} is truncated or not JSON ({err})") from err
+        if raw[:2] == b"PK":  # a zip archive: the .npz format
+            data = cls._npz_dict(path)
+        else:
+            try:
+                data = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise LUTError(f"LUT file {path} is truncated or not JSON ({err})") from err
         lut = cls.from_dict(data, source=f"LUT file {path}")
         if model is not None:
             try:
@@ -322,6 +360,25 @@ class LUT:
             except LUTError as err:
                 raise LUTError(f"LUT file {path}: {err}") from err
         return lut
+
+    @staticmethod
+    def _npz_dict(path: Path) -> dict:
+        """Read the ``.npz`` format into the JSON layout."""
+        import zipfile
+
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                header = json.loads(str(npz["header"]))
+                vectors = np.asarray(npz["vectors"], dtype=np.float64)
+                macs = np.asarray(npz["macs"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as err:
+            raise LUTError(f"LUT file {path} is not a valid .npz LUT ({err})") from err
+        if not isinstance(header, dict):
+            raise LUTError(f"LUT file {path} has no header mapping")
+        if vectors.ndim != 2 or macs.shape != (vectors.shape[0],):
+            raise LUTError(f"LUT file {path} has vectors of shape {vectors.shape} and {macs.size} MAC counts")
+        header["entries"] = [{"macs": int(m), "vector": v.tolist()} for v, m in zip(vectors, macs)]
+        return header
 
     def __repr__(self) -> str:
         return (
