@@ -1,0 +1,150 @@
+"""End-to-end runs through Flower's simulation engine (Ray backend) on the embedded digits data.
+
+Each run gets its own Ray temp directory (``RAY_TMPDIR``), so the Ray processes it starts can
+be told apart from any other Ray session on the machine and checked to be gone afterwards.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from flwr_distreal.config import RunConfig, register_configs, to_run_config
+from flwr_distreal.experiment import MetricsRecorder, run_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+SMALL = ["rounds=2", "clients_per_round=3", "dataset=digits", "dataset.num_devices=6", "resources=timevarying"]
+
+register_configs()
+
+
+def _run_config(overrides: list[str]) -> RunConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_run_config(compose(config_name="config", overrides=overrides))
+
+
+def _processes_with(marker: str) -> list[tuple[int, str]]:
+    """Live processes whose command line mentions ``marker`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next(
+                (line.split()[1] for line in (entry / "status").read_text().splitlines() if line.startswith("State:")),
+                "",
+            )
+        except OSError:
+            continue
+        if marker in cmd and state != "Z":
+            found.append((int(entry.name), cmd[:160]))
+    return found
+
+
+def _wait_until_gone(marker: str, timeout: float = 20.0) -> list[tuple[int, str]]:
+    deadline = time.monotonic() + timeout
+    left = _processes_with(marker)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = _processes_with(marker)
+    return left
+
+
+@pytest.fixture()
+def ray_tmp(monkeypatch) -> Iterator[str]:
+    """A short, private Ray temp dir (Unix socket paths must stay under ~100 characters)."""
+    if not Path("/proc/self/cmdline").exists():
+        pytest.skip("needs /proc to find leftover Ray processes")
+    path = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == MetricsRecorder.FIELDS
+        return list(reader)
+
+
+@pytest.mark.parametrize("strategy", ["distreal", "heterofl"])
+def test_run_experiment_end_to_end(strategy, tmp_path, ray_tmp) -> None:
+    import ray
+
+    cfg = _run_config([*SMALL, f"strategy={strategy}"])
+    out = tmp_path / strategy
+    rows = run_experiment(cfg, out)
+
+    assert not ray.is_initialized()
+    assert any((Path(ray_tmp) / "ray").glob("session_2*")), "Ray did not use RAY_TMPDIR: the check below would see nothing"
+    leftovers = _wait_until_gone(ray_tmp)
+    assert not leftovers, f"Ray processes left after run_experiment: {leftovers}"
+
+    written = _read_rows(out / "metrics.csv")
+    assert [int(r["round"]) for r in written] == [1, 2]
+    assert len(rows) == 2
+    for row, rec in zip(written, rows):
+        acc, loss = float(row["accuracy"]), float(row["loss"])
+        assert 0.0 <= acc <= 1.0 and math.isfinite(loss)
+        assert acc == pytest.approx(rec["accuracy"])
+        assert int(row["received"]) == 3
+        stragglers, refused, accepted = int(row["stragglers"]), int(row["refused"]), int(row["accepted"])
+        assert stragglers + refused + accepted == 3
+        assert float(row["sim_time"]) == pytest.approx(int(row["round"]) * cfg.deadline)
+        if strategy == "distreal":
+            # DISTREAL adapts every mini-batch (and stops at the deadline): never a straggler
+            assert stragglers == 0 and refused == 0 and accepted == 3
+            assert float(row["mean_macs"]) > 0
+            assert 0.0 < float(row["mean_utilisation"]) <= 1.0 + 1e-9
+    # the resolved config and the plot
+    saved = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
+    assert saved == dataclasses.asdict(cfg)
+    assert saved["strategy"]["name"] == strategy and saved["resources"]["kind"] == "timevarying"
+    png = out / "accuracy.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hydra_main_subprocess(tmp_path, ray_tmp) -> None:
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flwr_distreal.main",
+            "rounds=1",
+            "clients_per_round=2",
+            "dataset.num_devices=4",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Done: final accuracy" in proc.stdout
+    rows = _read_rows(run_dir / "metrics.csv")
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["accuracy"]) <= 1.0
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "accuracy.png").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert any((Path(ray_tmp) / "ray").glob("session_2*")), "Ray did not use RAY_TMPDIR: the check below would see nothing"
+    leftovers = _wait_until_gone(ray_tmp)
+    assert not leftovers, f"Ray processes left after the Hydra run: {leftovers}"
