@@ -8,6 +8,7 @@ the config is composed, and the range checks in ``__post_init__`` run when
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -51,6 +52,12 @@ class DatasetConfig:
     alpha: Optional[float] = None
     download: Optional[bool] = None
     variability: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.name == "npz" and not self.path:
+            raise ConfigError("dataset=npz needs dataset.path (an .npz file with x_train, y_train, x_test, y_test)")
+        if self.variability < 1:
+            raise ConfigError(f"dataset.variability must be >= 1, got {self.variability}")
 
     def loader_kwargs(self, seed: int) -> dict[str, Any]:
         keys = ("root", "path", "num_devices", "samples_per_device", "max_devices", "partition", "alpha", "download")
@@ -177,6 +184,21 @@ def register_configs() -> None:
     cs.store(group="resources", name="base_resources", node=ResourcesConfig)
 
 
+def _refuse_unknown_keys(cfg: DictConfig) -> None:
+    """Hydra's ``+key=value`` adds keys even to schema-typed nodes: refuse keys that no schema
+    has (a typo such as ``+strategy.polcy=paper`` would otherwise be ignored silently)."""
+    groups = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    nested = {"dataset": DatasetConfig, "model": ModelConfig, "strategy": StrategyConfig, "resources": ResourcesConfig}
+    for key in cfg.keys():
+        if key not in groups:
+            raise ConfigError(f"unknown key {key!r}; valid top-level keys: {sorted(groups)}")
+        if key in nested and OmegaConf.is_dict(cfg[key]):
+            valid = {f.name for f in dataclasses.fields(nested[key])}
+            for sub in cfg[key].keys():
+                if sub not in valid:
+                    raise ConfigError(f"unknown key {key}.{sub}; valid keys of {key}: {sorted(valid)}")
+
+
 def to_run_config(cfg: DictConfig | dict) -> RunConfig:
     """Convert a composed config into a validated :class:`RunConfig`.
 
@@ -187,6 +209,7 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
     """
     if isinstance(cfg, dict):
         cfg = OmegaConf.create(cfg)
+    _refuse_unknown_keys(cfg)
     schema = OmegaConf.structured(RunConfig)
     merged = OmegaConf.merge(schema, cfg)
     return OmegaConf.to_object(merged)  # type: ignore[return-value]

@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 
 from .lut import LUT
-from .resources import RoundClock, RoundResult, forward_macs_budget, step_macs
+from .resources import DEADLINE_RTOL, RoundClock, RoundResult, forward_macs_budget, step_macs
 
 __all__ = ["POLICIES", "RoundPlan", "batch_sizes", "plan_distreal_round", "plan_fixed_round"]
 
@@ -154,7 +154,10 @@ def plan_distreal_round(
         else:
             step_budget = clock.remaining_time() * r * bs / left
         left -= bs
-        vector, fwd = lut.select(forward_macs_budget(step_budget, bs, step_macs_factor), fallback_to_cheapest=True)
+        # The same relative tolerance as the clock's deadline check: a budget that equals a
+        # vector's MACs up to float rounding selects that vector.
+        budget = forward_macs_budget(step_budget, bs, step_macs_factor) * (1.0 + DEADLINE_RTOL)
+        vector, fwd = lut.select(budget, fallback_to_cheapest=True)
         cost = step_macs(fwd, bs, step_macs_factor)
         if stop_at_deadline and not clock.fits(cost):
             done = len(vectors)

@@ -34,7 +34,7 @@ GROUPS = {
     "resources": ResourcesConfig,
 }
 #: Overrides an option needs to be complete (its YAML leaves a required value open).
-NEEDS = {("resources", "trace"): ["resources.trace_path=traces.csv"]}
+NEEDS = {("resources", "trace"): ["resources.trace_path=traces.csv"], ("dataset", "npz"): ["dataset.path=data.npz"]}
 
 register_configs()
 
@@ -165,12 +165,6 @@ def test_unknown_key_with_plus_is_accepted_by_hydra() -> None:
     assert OmegaConf.get_type(cfg) is RunConfig and OmegaConf.get_type(cfg.strategy) is StrategyConfig
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="weakness: config.py to_run_config accepts keys that are not schema fields when they "
-    "come with '+' (e.g. the typo +strategy.polcy=paper runs silently with the default policy); "
-    "the module docstring says an unknown key fails",
-)
 def test_to_run_config_refuses_keys_outside_the_schema() -> None:
     cfg = _compose(["+strategy.polcy=paper"])
     with pytest.raises(ConfigError, match="polcy"):
@@ -208,12 +202,8 @@ def test_out_of_range_values_are_refused_naming_the_key(overrides, match) -> Non
     assert isinstance(info.value, ValueError)
 
 
-def test_npz_path_left_open_is_refused_by_the_loader() -> None:
-    """Real behaviour: ``path: ???`` in npz.yaml merges onto the schema default (None), so
-    the config converts and the dataset loader is the one that refuses the missing path."""
-    from flwr_distreal.data import load_federated
-
-    run = to_run_config(_compose(["dataset=npz"]))
-    assert run.dataset.path is None
-    with pytest.raises(ValueError, match="path"):
-        load_federated(run.dataset.name, **run.dataset.loader_kwargs(run.seed))
+def test_npz_path_left_open_is_refused_before_the_run() -> None:
+    """``path: ???`` in npz.yaml merges onto the schema default (None); the conversion refuses
+    it, naming the key, before any data is loaded."""
+    with pytest.raises(ConfigError, match="dataset.path"):
+        to_run_config(_compose(["dataset=npz"]))

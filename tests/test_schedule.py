@@ -187,13 +187,6 @@ def test_selection_on_time_varying_traces_matches_hand_budget(lut, policy, seed)
 # ------------------------------------------------------------------- corner resources
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: schedule.py plan_distreal_round: at exactly r_max the budget r*T*b/N (or "
-    "remaining*r*b/left, or T = deadline - start of a later round) rounds a few ulps below the "
-    "full model's MACs and LUT.select then takes the next cheaper vector (rate 0.05); the "
-    "selection has no tolerance like the clock's DEADLINE_RTOL",
-)
 def test_r_max_gives_full_model_in_every_batch(lut) -> None:
     wrong = []
     for policy in POLICIES:
