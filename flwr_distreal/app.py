@@ -1,29 +1,71 @@
 """ServerApp and ClientApp for ``flwr run .`` (the ``[tool.flwr.app]`` section of pyproject.toml).
 
-The run config (``[tool.flwr.app.config]``, overridable with ``flwr run . --run-config
+The run config (``[tool.flwr.app.config]``, overridable with ``flwr run . local --run-config
 "strategy='heterofl' lam=2.0"``) maps onto the same Hydra composition as
 ``python -m flwr_distreal.main``: each key is a Hydra override, so both entry points run the
 same experiment for the same settings. Keys: ``dataset``, ``model``, ``strategy``,
 ``resources`` (group choices), ``lam``, ``rounds``, ``clients-per-round``, ``seed``,
-``deadline``, ``lr``, ``batch-size``, ``local-epochs``, ``lut``, ``output-dir``.
+``deadline``, ``lr``, ``batch-size``, ``local-epochs``, ``lut``, ``output-dir``. An empty
+string (the default of every value key in pyproject.toml) keeps ``conf/config.yaml``'s value.
+
+One SuperNode simulates one device of the dataset, so the federation must have exactly as
+many SuperNodes as the dataset has devices (20 for the default ``digits``)::
+
+    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \\
+        flwr run . local --federation-config "num-supernodes=20" --stream
+
+The ServerApp checks the number of SuperNodes before round 1 and stops the run with a
+:class:`SuperNodeCountError` naming both numbers when they differ; the ClientApp checks its
+``partition-id`` (and ``num-partitions`` in simulation) against the dataset.
+
+Relative paths (``output-dir``, ``lut``, dataset roots) resolve against the working directory
+of the process that runs the app, i.e. of the local SuperLink (the directory the first
+``flwr run`` that started it ran in). Without ``output-dir`` a run writes to
+``outputs/flwr_run/<run id>/``: ``config.yaml``, ``metrics.csv`` (one row per round) and
+``accuracy.png``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
+from collections.abc import Callable
+from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.client import ClientApp
+from flwr.client import Client, ClientApp
 from flwr.common import Context
-from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+from flwr.common.logger import log
+from flwr.server import Grid, ServerApp, ServerConfig
+from omegaconf import OmegaConf
 
 from .config import RunConfig, register_configs, to_run_config
 
-__all__ = ["client_app", "overrides_from_run_config", "run_config_from_flower", "server_app"]
+if TYPE_CHECKING:
+    from .experiment import Experiment
 
+__all__ = [
+    "CONF_DIR",
+    "SuperNodeCountError",
+    "check_partition",
+    "client_app",
+    "output_dir_for",
+    "overrides_from_run_config",
+    "run_config_from_flower",
+    "server_app",
+    "wait_for_supernodes",
+]
+
+#: Hydra config directory; ``flwr run`` ships it inside the FAB next to the package.
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+#: Seconds the SuperNode count must stay unchanged before a count that differs from the
+#: dataset's device count is final (simulation registers all SuperNodes at once).
+SUPERNODE_SETTLE_S = 5.0
+#: Seconds to wait for the first SuperNode before giving up.
+SUPERNODE_TIMEOUT_S = 120.0
 
 _GROUPS = {"dataset": "dataset", "model": "model", "strategy": "strategy", "resources": "resources"}
 _VALUES = {
@@ -40,17 +82,37 @@ _VALUES = {
 }
 
 
+class SuperNodeCountError(ValueError):
+    """The federation's SuperNodes do not match the dataset's devices one to one."""
+
+
 def overrides_from_run_config(run_config: dict[str, Any]) -> list[str]:
     """Hydra overrides for a Flower run config.
+
+    Parameters
+    ----------
+    run_config : dict
+        Flower's run config (``context.run_config``): the keys of
+        ``[tool.flwr.app.config]`` with their ``--run-config`` overrides. A group key
+        (``dataset``, ``model``, ``strategy``, ``resources``) names a YAML of that group in
+        ``conf/``; a value key with ``""`` keeps ``conf/config.yaml``'s value.
+
+    Returns
+    -------
+    list of str
+        Hydra overrides such as ``["strategy=heterofl", "resources.lam=2.0"]``.
 
     Raises
     ------
     ValueError
-        For a key that is not a known setting (the message lists the known ones).
+        For a key that is not a known setting (the message lists the known ones), or an
+        empty group choice.
     """
     overrides = []
     for key, value in run_config.items():
         if key in _GROUPS:
+            if value in ("", None):
+                raise ValueError(f"run-config key {key!r} needs a {_GROUPS[key]} name from conf/{_GROUPS[key]}/")
             overrides.append(f"{_GROUPS[key]}={value}")
         elif key in _VALUES:
             if value in ("", None):
@@ -62,35 +124,204 @@ def overrides_from_run_config(run_config: dict[str, Any]) -> list[str]:
 
 
 def run_config_from_flower(run_config: dict[str, Any]) -> RunConfig:
-    """Compose ``conf/config.yaml`` with the run config's overrides and validate it."""
+    """Compose ``conf/config.yaml`` with the run config's overrides and validate it.
+
+    Parameters
+    ----------
+    run_config : dict
+        Flower's run config (see :func:`overrides_from_run_config`).
+
+    Returns
+    -------
+    RunConfig
+        The validated run configuration.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``conf/`` is not next to the package (a FAB built without it).
+    ValueError
+        For an unknown key; Hydra's errors for an unknown group option or a wrongly typed
+        value; :class:`~flwr_distreal.config.ConfigError` for a value out of range.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"Hydra config {CONF_DIR / 'config.yaml'} not found: the app needs the conf/ folder next to "
+            "the flwr_distreal package (flwr build/run includes it through fab-include in pyproject.toml)"
+        )
+    overrides = overrides_from_run_config(dict(run_config))
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides_from_run_config(dict(run_config)))
+        cfg = compose(config_name="config", overrides=overrides)
     return to_run_config(cfg)
 
 
-def _server_fn(context: Context) -> ServerAppComponents:
-    from .experiment import MetricsRecorder, RecordingStrategy, _experiment_for
+def output_dir_for(cfg: RunConfig, run_id: int) -> Path:
+    """Where a ``flwr run`` writes its results: ``output-dir``, else ``outputs/flwr_run/<run_id>``.
 
-    cfg = run_config_from_flower(context.run_config)
-    exp = _experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
-    out = Path(cfg.output_dir or "outputs/flwr_run")
-    recorder = MetricsRecorder(out / "metrics.csv", cfg.deadline)
-    strategy = RecordingStrategy(exp.make_strategy(), recorder)
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds))
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run configuration (its ``output_dir``, ``None`` when not set).
+    run_id : int
+        Flower's run ID (``context.run_id``), so that runs do not overwrite each other.
+
+    Returns
+    -------
+    Path
+        The absolute output directory (relative paths resolve against the working directory).
+    """
+    out = Path(cfg.output_dir) if cfg.output_dir else Path("outputs") / "flwr_run" / str(run_id)
+    return out.expanduser().resolve()
 
 
-def _client_fn(context: Context):
+def wait_for_supernodes(
+    node_ids: Callable[[], Any],
+    expected: int,
+    what: str,
+    *,
+    settle_s: float = SUPERNODE_SETTLE_S,
+    timeout_s: float = SUPERNODE_TIMEOUT_S,
+    poll_s: float = 0.5,
+) -> int:
+    """Wait until the federation has ``expected`` SuperNodes, or fail with a clear error.
+
+    Simulation registers all its SuperNodes at once, shortly after the ServerApp starts;
+    so a count that is non-zero but differs from ``expected`` and stays unchanged for
+    ``settle_s`` seconds is final.
+
+    Parameters
+    ----------
+    node_ids : callable
+        Returns the IDs of the connected SuperNodes (``grid.get_node_ids``).
+    expected : int
+        The number of SuperNodes the run needs (the dataset's devices).
+    what : str
+        What the SuperNodes stand for, for the error message (e.g. "devices of digits").
+    settle_s : float
+        How long a wrong, non-zero count must stay unchanged before it is final.
+    timeout_s : float
+        How long to wait in total.
+    poll_s : float
+        Seconds between two polls.
+
+    Returns
+    -------
+    int
+        The number of SuperNodes (== ``expected``).
+
+    Raises
+    ------
+    SuperNodeCountError
+        With more SuperNodes than ``expected`` (at once), or fewer once the count settled or
+        the timeout passed.
+    """
+    if expected < 1:
+        raise ValueError(f"expected must be >= 1, got {expected}")
+    start = time.monotonic()
+    count, since = -1, start
+    while True:
+        now_count = len(list(node_ids()))
+        now = time.monotonic()
+        if now_count != count:
+            count, since = now_count, now
+        if count == expected:
+            return count
+        settled = count > 0 and now - since >= settle_s
+        if count > expected or settled or now - start >= timeout_s:
+            raise SuperNodeCountError(
+                f"the federation has {count} SuperNode(s) but this run needs exactly {expected}, one per "
+                f"{what}; run with --federation-config \"num-supernodes={expected}\" (or pick a dataset "
+                f"with {count} devices)"
+            )
+        time.sleep(poll_s)
+
+
+def check_partition(node_config: dict[str, Any], num_devices: int, dataset: str) -> int:
+    """The device a ClientApp simulates, checked against the dataset.
+
+    Parameters
+    ----------
+    node_config : dict
+        The SuperNode's node config: ``partition-id`` (the device) and, in simulation,
+        ``num-partitions`` (the number of SuperNodes).
+    num_devices : int
+        The dataset's number of devices.
+    dataset : str
+        The dataset's name, for the error message.
+
+    Returns
+    -------
+    int
+        The device index (``partition-id``).
+
+    Raises
+    ------
+    SuperNodeCountError
+        If ``num-partitions`` differs from ``num_devices``, ``partition-id`` is missing or out
+        of range.
+    """
+    if "partition-id" not in node_config:
+        raise SuperNodeCountError(
+            f"node config has no 'partition-id' (keys: {sorted(node_config)}); each SuperNode must name "
+            f"its device of {dataset}, e.g. --node-config \"partition-id=0 num-partitions={num_devices}\""
+        )
+    num_partitions = node_config.get("num-partitions")
+    if num_partitions is not None and int(num_partitions) != num_devices:
+        raise SuperNodeCountError(
+            f"{num_partitions} SuperNodes (num-partitions) but {dataset} has {num_devices} devices; "
+            f"run with --federation-config \"num-supernodes={num_devices}\""
+        )
+    device = int(node_config["partition-id"])
+    if not 0 <= device < num_devices:
+        raise SuperNodeCountError(f"partition-id {device} is not a device of {dataset} (0..{num_devices - 1})")
+    return device
+
+
+def _experiment(context: Context) -> tuple[RunConfig, Experiment]:
+    """The run's validated config and its (per-process cached) experiment."""
     from .experiment import _experiment_for
 
     cfg = run_config_from_flower(context.run_config)
-    exp = _experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
-    return exp.make_client(int(context.node_config["partition-id"])).to_client()
+    return cfg, _experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
 
 
-server_app = ServerApp(server_fn=_server_fn)
+def _client_fn(context: Context) -> Client:
+    cfg, exp = _experiment(context)
+    device = check_partition(dict(context.node_config), exp.num_devices, cfg.dataset.name)
+    return exp.make_client(device).to_client()
+
+
+server_app = ServerApp()
 client_app = ClientApp(client_fn=_client_fn)
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    """Run the configured experiment: check the federation, train, record, plot."""
+    from flwr.server.compat import start_grid
+
+    from .experiment import MetricsRecorder, RecordingStrategy
+
+    cfg, exp = _experiment(context)
+    wait_for_supernodes(grid.get_node_ids, exp.num_devices, f"device of {cfg.dataset.name}")
+    out = output_dir_for(cfg, context.run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
+    log(
+        INFO,
+        "%s on %s: %s devices, %s per round, %s rounds; results in %s",
+        cfg.strategy.name, cfg.dataset.name, exp.num_devices, cfg.clients_per_round, cfg.rounds, out,
+    )
+    recorder = MetricsRecorder(out / "metrics.csv", cfg.deadline)
+    strategy = RecordingStrategy(exp.make_strategy(), recorder)
+    start_grid(grid=grid, strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds))
+    if cfg.plot and recorder.rows:
+        from .plotting import plot_runs
+
+        plot_runs({cfg.strategy.name: recorder.rows}, out / "accuracy.png", title=f"{cfg.dataset.name}: {cfg.strategy.name}")
+
