@@ -48,6 +48,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +82,7 @@ DEFAULTS = {
     "rates": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
     "switch_pool": 8,
     "switch_steps": 2,
-    "switch_reps": None,  # = reps
+    "switch_reps": 4,
 }
 
 
@@ -140,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rates", type=_parse_rates, default=None, help="uniform rates (default 0,0.1,...,0.5)")
     p.add_argument("--switch-pool", type=_positive, default=None, help="vectors in the switching pool (8)")
     p.add_argument("--switch-steps", type=_positive, default=None, help="steps per pool vector per run (2)")
-    p.add_argument("--switch-reps", type=_positive, default=None, help="A/B run pairs (default: --reps)")
+    p.add_argument("--switch-reps", type=_positive, default=None, help="A/B run pairs (default 4)")
     p.add_argument(
         "--stat", choices=("median", "min"), default="median",
         help="statistic of the timed steps per variant (default median; min is robust to load)",
@@ -159,8 +160,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
             if args.quick and DEFAULTS[key] != value:
                 args.quick_changes.append(f"{key.replace('_', '-')}={value}")
-    if args.switch_reps is None:
-        args.switch_reps = args.reps
     if not args.lr > 0:
         p.error(f"--lr must be positive, got {args.lr}")
     return args
@@ -233,15 +232,27 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def measure_steps(variants: list[Variant], x, y, device, reps: int, warmup: int) -> None:
+def measure_steps(
+    variants: list[Variant],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    reps: int,
+    warmup: int,
+    progress: Callable[[str], None] | None = None,
+) -> None:
     """Round-robin over the variants within every repetition (rotating the start)."""
     n = len(variants)
+    t0 = time.perf_counter()
     for rep in range(warmup + reps):
         start = rep % n
         for v in variants[start:] + variants[:start]:
             t = _timed_step(v, x, y, device)
             if rep >= warmup:
                 v.times.append(t)
+        if progress is not None:
+            kind = "warm-up" if rep < warmup else "timed"
+            progress(f"  repetition {rep + 1}/{warmup + reps} ({kind}) done, {time.perf_counter() - t0:.0f} s")
 
 
 def check_compact(model: DropoutModel, vector: np.ndarray) -> None:
@@ -265,6 +276,7 @@ def measure_switching(
     pairs: int,
     warmup: int,
     stat: str = "median",
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Switching overhead: A sets a new pool vector before every step, B keeps each for a block.
 
@@ -307,6 +319,8 @@ def measure_switching(
         else:
             run_b()
             run_a()
+        if progress is not None:
+            progress(f"  A/B pair {pair + 1}/{pairs} done")
     med_a = [STATS[stat](t) for t in a_times]
     med_b = [STATS[stat](t) for t in b_times]
     sum_a = float(sum(map(sum, a_times)))
@@ -459,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     console.print(f"timing {len(variants)} variants x {args.reps} steps, interleaved round-robin ...")
-    measure_steps(variants, x, y, device, args.reps, args.warmup)
+    measure_steps(variants, x, y, device, args.reps, args.warmup, progress=console.print)
     for pv in per_vec:
         if not pv["alias"]:
             check_compact(pv["variants"]["compact"].model, pv["spec"].vector)
@@ -502,7 +516,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.switch_reps} A/B run pairs ..."
     )
     switching = measure_switching(
-        sw_model, sw_opt, pool, x, y, device, args.switch_steps, args.switch_reps, max(1, args.warmup), args.stat
+        sw_model, sw_opt, pool, x, y, device, args.switch_steps, args.switch_reps, max(1, args.warmup), args.stat,
+        progress=console.print,
     )
     set_times = time_set_dropout(sw_model, pool)
     set_us = 1e6 * _median(set_times)
