@@ -21,11 +21,17 @@ all of them equally; medians and ratios of medians are reported (``--stat min`` 
 fastest step instead, the usual choice when other processes load the machine: contention only
 ever adds time). The spread of the full model's step times is printed as a noise indicator.
 
-Switching overhead: a pool of random vectors; variant A sets a new vector (cycling through the
-pool) before every step; variant B sets each pool vector once and keeps it for a block of
-steps. Both run the same number of steps per vector and both draw a fresh random filter
-subset every step (that is the mechanism). Overhead = sum over the pool of the per-step median
-of A / the same for B - 1. The time of ``set_dropout`` alone (median of 1000 calls) is also
+Switching overhead: one model trains on a stream of steps over a pool of random vectors
+(uniform in [0, 0.5] per layer). Before each step a seeded coin decides: *switch* (A: set a
+new vector from the pool, a different one, and take the step; the ``set_dropout`` call is
+inside the timed step) or *stay* (B: keep the vector of the previous step, no call). Both
+kinds draw a fresh random filter subset every step (that is the mechanism). Because switch and
+stay steps are randomly interleaved in one stream, drift of a shared machine hits both alike,
+while everything a switch could cost (the call, process-wide caches keyed by tensor shapes
+such as oneDNN's primitive cache, allocator churn) lands on the switch steps, since a stay step
+repeats the shapes of the step just before. Overhead = sum over the pool of the per-vector
+median switch-step time / the same for stay steps - 1 (equal weight per vector, so the MACs
+of both sides are the same). The time of ``set_dropout`` alone (median of 1000 calls) is also
 reported.
 
 Examples::
@@ -72,8 +78,7 @@ QUICK = {
     "random": 1,
     "rates": [0.0, 0.25, 0.5],
     "switch_pool": 2,
-    "switch_steps": 2,
-    "switch_reps": 2,
+    "switch_steps": 16,
 }
 DEFAULTS = {
     "reps": 7,
@@ -81,8 +86,7 @@ DEFAULTS = {
     "random": 4,
     "rates": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
     "switch_pool": 8,
-    "switch_steps": 2,
-    "switch_reps": 4,
+    "switch_steps": 128,
 }
 
 
@@ -140,8 +144,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random", type=_non_negative, default=None, help="random per-layer vectors (default 4)")
     p.add_argument("--rates", type=_parse_rates, default=None, help="uniform rates (default 0,0.1,...,0.5)")
     p.add_argument("--switch-pool", type=_positive, default=None, help="vectors in the switching pool (8)")
-    p.add_argument("--switch-steps", type=_positive, default=None, help="steps per pool vector per run (2)")
-    p.add_argument("--switch-reps", type=_positive, default=None, help="A/B run pairs (default 4)")
+    p.add_argument(
+        "--switch-steps", type=_positive, default=None,
+        help="timed steps of the switch/stay stream (default 128)",
+    )
     p.add_argument(
         "--stat", choices=("median", "min"), default="median",
         help="statistic of the timed steps per variant (default median; min is robust to load)",
@@ -160,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
             if args.quick and DEFAULTS[key] != value:
                 args.quick_changes.append(f"{key.replace('_', '-')}={value}")
+    if args.switch_pool < 2:
+        p.error(f"--switch-pool needs at least 2 vectors to switch between, got {args.switch_pool}")
     if not args.lr > 0:
         p.error(f"--lr must be positive, got {args.lr}")
     return args
@@ -265,6 +273,22 @@ def check_compact(model: DropoutModel, vector: np.ndarray) -> None:
         raise RuntimeError(f"compact model kept {got} filters, expected {want}")
 
 
+def switching_schedule(pool_size: int, steps: int, rng: np.random.Generator) -> list[tuple[int, bool]]:
+    """A stream of (pool index, switched) pairs: a fair coin per step decides between switching
+    to another pool vector and staying on the current one (the first step switches)."""
+    if pool_size < 2:
+        raise ValueError(f"switching needs a pool of at least 2 vectors, got {pool_size}")
+    out: list[tuple[int, bool]] = []
+    cur = int(rng.integers(pool_size))
+    for t in range(steps):
+        if t == 0 or rng.random() < 0.5:
+            cur = (cur + 1 + int(rng.integers(pool_size - 1))) % pool_size  # another vector
+            out.append((cur, True))
+        else:
+            out.append((cur, False))
+    return out
+
+
 def measure_switching(
     model: DropoutModel,
     opt: torch.optim.Optimizer,
@@ -273,71 +297,83 @@ def measure_switching(
     y: torch.Tensor,
     device: torch.device,
     steps: int,
-    pairs: int,
-    warmup: int,
+    rng: np.random.Generator,
+    warmup: int = 1,
     stat: str = "median",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Switching overhead: A sets a new pool vector before every step, B keeps each for a block.
+    """Switching overhead from one stream of randomly interleaved switch and stay steps.
 
-    Both run ``steps`` steps per pool vector per run, so their MACs are equal; ``pairs`` A/B
-    run pairs alternate their order. A's set_dropout calls are inside its timed steps; B's one
-    call per block is timed separately and added to B's total.
+    Parameters
+    ----------
+    model, opt
+        The model (compact execution) and its plain SGD optimiser.
+    pool : list of np.ndarray
+        The dropout vectors to switch between.
+    x, y
+        The fixed mini-batch.
+    device : torch.device
+        Where the model runs (for synchronisation).
+    steps : int
+        Timed steps of the stream.
+    rng : np.random.Generator
+        Draws the switch/stay schedule.
+    warmup : int
+        Untimed steps per pool vector first (so first-use costs do not count).
+    stat : str
+        ``"median"`` or ``"min"`` of the step times per (vector, kind) cell.
+    progress : callable, optional
+        Receives progress lines.
+
+    Returns
+    -------
+    dict
+        The schedule, raw times per step, per-vector statistics and the overhead in percent.
     """
-    variant = Variant("switch", model, opt)
     for _ in range(warmup):
         for v in pool:
             model.set_dropout(v)
-            _timed_step(variant, x, y, device)
+            _train_step(model, opt, x, y)
+    schedule = switching_schedule(len(pool), steps, rng)
+    times: list[float] = []
+    model.set_dropout(pool[schedule[0][0]])  # so that a 'stay' never follows another vector
+    t_begin = time.perf_counter()
+    for t, (j, switched) in enumerate(schedule):
+        _sync(device)
+        t0 = time.perf_counter()
+        if switched:
+            model.set_dropout(pool[j])
+        _train_step(model, opt, x, y)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if progress is not None and (t + 1) % max(1, steps // 4) == 0:
+            progress(f"  switching stream: {t + 1}/{steps} steps, {time.perf_counter() - t_begin:.0f} s")
     P = len(pool)
-    a_times: list[list[float]] = [[] for _ in range(P)]
-    b_times: list[list[float]] = [[] for _ in range(P)]
-    b_sets: list[float] = []
-
-    def run_a() -> None:
-        for _ in range(steps):
-            for j, v in enumerate(pool):
-                _sync(device)
-                t0 = time.perf_counter()
-                model.set_dropout(v)
-                _train_step(model, opt, x, y)
-                _sync(device)
-                a_times[j].append(time.perf_counter() - t0)
-
-    def run_b() -> None:
-        for j, v in enumerate(pool):
-            t0 = time.perf_counter()
-            model.set_dropout(v)
-            b_sets.append(time.perf_counter() - t0)
-            for _ in range(steps):
-                b_times[j].append(_timed_step(variant, x, y, device))
-
-    for pair in range(pairs):
-        if pair % 2 == 0:
-            run_a()
-            run_b()
-        else:
-            run_b()
-            run_a()
-        if progress is not None:
-            progress(f"  A/B pair {pair + 1}/{pairs} done")
-    med_a = [STATS[stat](t) for t in a_times]
-    med_b = [STATS[stat](t) for t in b_times]
-    sum_a = float(sum(map(sum, a_times)))
-    sum_b = float(sum(map(sum, b_times)) + sum(b_sets))
+    cells = {
+        kind: [[tm for tm, (jj, sw) in zip(times, schedule) if jj == j and sw == (kind == "switch")] for j in range(P)]
+        for kind in ("switch", "stay")
+    }
+    usable = [j for j in range(P) if cells["switch"][j] and cells["stay"][j]]
+    if not usable:
+        raise RuntimeError("no pool vector has both switch and stay steps; raise --switch-steps")
+    f = STATS[stat]
+    s_sw = sum(f(cells["switch"][j]) for j in usable)
+    s_st = sum(f(cells["stay"][j]) for j in usable)
+    mean = statistics.fmean
     return {
         "pool_size": P,
-        "steps_per_vector_per_run": steps,
-        "run_pairs": pairs,
-        "pool_vectors": [v.tolist() for v in pool],
-        "a_times": a_times,
-        "b_times": b_times,
-        "b_set_times": b_sets,
+        "steps": steps,
         "statistic": stat,
-        "stat_a": med_a,
-        "stat_b": med_b,
-        "overhead_pct": 100.0 * (sum(med_a) / sum(med_b) - 1.0),
-        "overhead_pct_raw_sums": 100.0 * (sum_a / sum_b - 1.0),
+        "pool_vectors": [v.tolist() for v in pool],
+        "schedule": [[j, sw] for j, sw in schedule],
+        "times_s": times,
+        "vectors_used": usable,
+        "cell_counts": {k: [len(c) for c in v] for k, v in cells.items()},
+        "stat_switch": [f(cells["switch"][j]) for j in usable],
+        "stat_stay": [f(cells["stay"][j]) for j in usable],
+        "overhead_pct": 100.0 * (s_sw / s_st - 1.0),
+        "overhead_pct_means": 100.0
+        * (sum(mean(cells["switch"][j]) for j in usable) / sum(mean(cells["stay"][j]) for j in usable) - 1.0),
     }
 
 
@@ -512,11 +548,11 @@ def main(argv: list[str] | None = None) -> dict:
     pool = [rng.uniform(0.0, 0.5, size=full.num_dropout_layers) for _ in range(args.switch_pool)]
     sw_model, sw_opt = _make(args.model, None, device, args.lr, args.seed + 1000)
     console.print(
-        f"switching: pool of {len(pool)} random vectors, {args.switch_steps} step(s) per vector per run, "
-        f"{args.switch_reps} A/B run pairs ..."
+        f"switching: pool of {len(pool)} random vectors, a stream of {args.switch_steps} steps that "
+        "switch or stay at random ..."
     )
     switching = measure_switching(
-        sw_model, sw_opt, pool, x, y, device, args.switch_steps, args.switch_reps, max(1, args.warmup), args.stat,
+        sw_model, sw_opt, pool, x, y, device, args.switch_steps, rng, max(1, args.warmup), args.stat,
         progress=console.print,
     )
     set_times = time_set_dropout(sw_model, pool)
@@ -551,8 +587,10 @@ def main(argv: list[str] | None = None) -> dict:
            "with more --reps, or --stat min[/]")
     )
     console.print(
-        f"switching overhead: {switching['overhead_pct']:+.2f} % (sum of per-vector {args.stat}s), "
-        f"{switching['overhead_pct_raw_sums']:+.2f} % (raw sums)"
+        f"switching overhead: {switching['overhead_pct']:+.2f} % (switch vs stay steps, sum of per-vector "
+        f"{args.stat}s over {len(switching['vectors_used'])} vectors; {switching['overhead_pct_means']:+.2f} % "
+        f"with means; {sum(switching['cell_counts']['switch'])} switch / "
+        f"{sum(switching['cell_counts']['stay'])} stay steps)"
     )
 
     half = next((r for r in rows if r["kind"] == "uniform" and r["vector"][0] == 0.5), None)
