@@ -366,9 +366,9 @@ def test_command_quick_preset_end_to_end(tmp_path: Path) -> None:
 
     out = tmp_path / "dse"
     base = [
-        "dse=quick", "dataset=synthetic", f"dse.output={out}", "dse.population=6", "dse.generations=2",
-        "dse.batches=6", "dse.batch_size=32", "dse.lr=0.2", "dse.snapshot.steps=60", "dse.snapshot.lr=0.2",
-        "dse.snapshot.batch_size=32", "dse.uniform_rates=[0.0,0.25,0.5]", "dse.max_samples=600",
+        "dse=quick", "dataset=digits", f"dse.output={out}", "dse.population=6", "dse.generations=2",
+        "dse.batches=6", "dse.batch_size=32", "dse.lr=0.2", "dse.snapshot.steps=100", "dse.snapshot.lr=0.2",
+        "dse.snapshot.batch_size=32", "dse.uniform_rates=[0.0,0.25,0.5]", "dse.max_samples=null",
         "dse.progress=false", "dse.threads=1",
     ]
     # Snapshot required but absent: refused before any work.
@@ -392,7 +392,7 @@ def test_command_quick_preset_end_to_end(tmp_path: Path) -> None:
     "override, error, match",
     [
         ("dse.population=4", DSEError, "at least 5"),
-        ("model=resnet_9000", DSEError, "unknown model"),
+        ("model.name=resnet_9000", DSEError, "unknown model"),
         ("dse.workers=0", DSEError, "workers"),
         ("dse.uniform_rates=[0.0,0.9]", DSEError, "uniform_rates"),
     ],
@@ -400,7 +400,7 @@ def test_command_quick_preset_end_to_end(tmp_path: Path) -> None:
 def test_command_refuses_bad_settings(override: str, error: type, match: str, tmp_path: Path) -> None:
     from flwr_distreal.dse.__main__ import run
 
-    cfg = _compose(["dse=quick", "dataset=synthetic", f"dse.output={tmp_path}", override])
+    cfg = _compose(["dse=quick", "dataset=digits", f"dse.output={tmp_path}", override])
     with pytest.raises(error, match=match):
         run(cfg)
 
@@ -414,8 +414,13 @@ def test_command_schema_rejects_unknown_and_mistyped_keys(tmp_path: Path) -> Non
         _compose(["dse=quick", "dse.populaton=8"])
     with pytest.raises(ConfigCompositionException, match="population"):
         _compose(["dse=quick", "dse.population=many"])
+    # The documented command composes the shared model/dataset groups.
+    cfg = _compose(["model=femnist_cnn", "dataset=femnist_leaf"])
+    assert cfg.model.name == "femnist_cnn" and cfg.dataset.name == "femnist"
+    assert cfg.dataset.root == "../shared/data/femnist_leaf" and cfg.dse.population == 64
+    assert cfg.dse.output == "results/dse/femnist_cnn_femnist"
     # Forced additions ("+key=value") pass composition but not the typed schema.
-    cfg = _compose(["dse=quick", "dataset=synthetic", f"dse.output={tmp_path}", "+dse.populaton=8"])
+    cfg = _compose(["dse=quick", "dataset=digits", f"dse.output={tmp_path}", "+dse.populaton=8"])
     with pytest.raises(Exception, match="populaton"):
         run(cfg)
 

@@ -3,14 +3,15 @@
 Usage (from the repository root)::
 
     python -m flwr_distreal.dse model=femnist_cnn dataset=femnist_leaf
-    python -m flwr_distreal.dse dse=quick dataset=synthetic            # about a minute
+    python -m flwr_distreal.dse dse=quick                              # about a minute
     python -m flwr_distreal.dse task=snapshot                          # only make the snapshot
     python -m flwr_distreal.dse dse.generations=80 resume=true         # continue a run
 
-Settings live in ``conf/dse_config.yaml`` (model, dataset, task, resume) and the ``dse``
-group ``conf/dse/{default,quick}.yaml`` (population, generations, batches, batch_size, seeds,
-workers, output, snapshot, ...), typed by :class:`DSEConfig`; they are validated before any
-work starts. Relative paths are resolved against the directory the command was started in.
+``conf/dse_config.yaml`` composes the shared ``model`` and ``dataset`` groups (the same as the
+federated runs, :mod:`flwr_distreal.config`) with the DSE's own ``dse`` group
+``conf/dse/{default,quick}.yaml`` (population, generations, batches, batch_size, seeds,
+workers, output, snapshot, ...), typed by :class:`DSEConfig`; everything is validated before
+any work starts. Relative paths are resolved against the directory the command was started in.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import to_absolute_path
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ..config import DatasetConfig, ModelConfig, register_configs
 from ..models import build_model, list_models
 from .datasets import load_dse_data
 from .driver import CHECKPOINT_NAME, DSESettings, run_dse
@@ -37,16 +39,6 @@ from .fitness import ShortTrainingFitness, ShortTrainingSettings, Snapshot, Snap
 from .problem import DSEError
 
 log = logging.getLogger("flwr_distreal.dse")
-
-#: Dataset roots used when ``data_root`` is null (relative to the directory of the command).
-DEFAULT_ROOTS: dict[str, str | None] = {
-    "femnist_leaf": "../shared/data/femnist_leaf",
-    "femnist": "../shared/data/femnist_leaf",
-    "mnist": "../shared/data",
-    "synthetic": None,
-    "digits": None,
-}
-
 
 @dataclass
 class NSGA2Config:
@@ -98,6 +90,7 @@ class DSEConfig:
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 
 
+register_configs()  # the shared model/dataset schemas of conf/model and conf/dataset
 ConfigStore.instance().store(group="dse", name="base_dse", node=DSEConfig)
 
 
@@ -105,7 +98,7 @@ def _abs(path: str) -> Path:
     return Path(to_absolute_path(path))
 
 
-_TOP_KEYS = {"dse", "model", "num_classes", "dataset", "data_root", "task", "resume"}
+_TOP_KEYS = {"dse", "model", "dataset", "task", "resume"}
 
 
 def _unknown_keys(node: DictConfig, schema: type, prefix: str) -> list[str]:
@@ -127,8 +120,8 @@ def _validate_top(cfg: DictConfig) -> None:
     unknown = sorted(set(cfg.keys()) - _TOP_KEYS) + _unknown_keys(cfg.dse, DSEConfig, "dse.")
     if unknown:
         raise DSEError(f"unknown DSE setting(s) {unknown}; see conf/dse_config.yaml and conf/dse/default.yaml")
-    if cfg.model not in list_models():
-        raise DSEError(f"unknown model {cfg.model!r}; registered models: {', '.join(list_models())}")
+    if cfg.model.name not in list_models():
+        raise DSEError(f"unknown model {cfg.model.name!r}; registered models: {', '.join(list_models())}")
     if cfg.task not in ("run", "snapshot"):
         raise DSEError(f"task must be 'run' or 'snapshot', got {cfg.task!r}")
 
@@ -160,6 +153,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Execute the command for a composed config; returns a small summary (for tests)."""
     _validate_top(cfg)
     d: DSEConfig = OmegaConf.to_object(cfg.dse)  # type: ignore[assignment]
+    mcfg: ModelConfig = OmegaConf.to_object(cfg.model)  # type: ignore[assignment]
+    dcfg: DatasetConfig = OmegaConf.to_object(cfg.dataset)  # type: ignore[assignment]
+    model_name = mcfg.name
     search, short = _settings(d)
     output = _abs(d.output)
     snapshot_path = _abs(d.snapshot.path) if d.snapshot.path else output / "snapshot.pt"
@@ -169,37 +165,39 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     if (output / CHECKPOINT_NAME).exists() and not cfg.resume and cfg.task == "run":
         raise DSEError(f"{output / CHECKPOINT_NAME} exists; pass resume=true or choose another dse.output")
-    root_cfg = cfg.data_root if cfg.data_root is not None else DEFAULT_ROOTS.get(cfg.dataset)
-    root = _abs(root_cfg) if root_cfg else None
+    loader_kwargs = dcfg.loader_kwargs(d.seed)
+    root = _abs(loader_kwargs.pop("root")) if "root" in loader_kwargs else None
+    if "path" in loader_kwargs:
+        loader_kwargs["path"] = str(_abs(loader_kwargs["path"]))
 
     torch.set_num_threads(max(d.threads, d.workers))  # data loading and the snapshot
     data = load_dse_data(
-        cfg.dataset, root=root, val_fraction=d.val_fraction, max_samples=d.max_samples,
-        seed=d.seed, distort_factor=d.distort_factor,
+        dcfg.name, root=root, val_fraction=d.val_fraction, max_samples=d.max_samples,
+        seed=d.seed, distort_factor=d.distort_factor, options=loader_kwargs,
     )
-    num_classes = cfg.num_classes if cfg.num_classes is not None else data.num_classes
+    num_classes = mcfg.num_classes if mcfg.num_classes is not None else data.num_classes
     if num_classes != data.num_classes:
-        raise DSEError(f"num_classes={num_classes} but dataset {cfg.dataset} has {data.num_classes} classes")
+        raise DSEError(f"model.num_classes={num_classes} but dataset {dcfg.name} has {data.num_classes} classes")
 
     if snapshot_path.is_file():
-        snapshot = Snapshot.load(snapshot_path, model_name=cfg.model, dataset=data.name, num_classes=num_classes)
+        snapshot = Snapshot.load(snapshot_path, model_name=model_name, dataset=data.name, num_classes=num_classes)
         log.info("using snapshot %s (val accuracy %.4f)", snapshot_path, snapshot.meta["val_accuracy"])
     else:
         s = d.snapshot
-        snapshot = make_snapshot(cfg.model, data, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+        snapshot = make_snapshot(model_name, data, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                                  seed=s.seed, distorted=s.distorted, device=d.device)
         snapshot.save(snapshot_path)
         log.info("saved snapshot to %s", snapshot_path)
     if cfg.task == "snapshot":
         return {"snapshot": str(snapshot_path), "val_accuracy": snapshot.meta["val_accuracy"]}
 
-    fitness = ShortTrainingFitness(cfg.model, snapshot, data, short, device=d.device)
-    model = build_model(cfg.model, num_classes=num_classes)
+    fitness = ShortTrainingFitness(model_name, snapshot, data, short, device=d.device)
+    model = build_model(model_name, num_classes=num_classes)
     start = time.perf_counter()
     with CachedEvaluator(fitness, workers=d.workers, threads=d.threads) as evaluator:
         result = run_dse(
             evaluator, model, search, output, resume=bool(cfg.resume), progress=d.progress,
-            extra_meta={"dataset": data.name, "snapshot": str(snapshot_path)},
+            extra_meta={"dataset": data.name, "data_root": str(root) if root else None, "snapshot": str(snapshot_path)},
         )
     if result is None:  # run_dse returns None only with stop_after, which is not used here
         raise RuntimeError("the DSE stopped without a result")

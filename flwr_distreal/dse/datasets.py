@@ -188,7 +188,7 @@ def load_dse_data(
     from ..data import load_federated
 
     loader_name = "femnist" if name == "femnist_leaf" else name
-    kwargs = dict(options or {})
+    kwargs = {k: v for k, v in (options or {}).items() if v is not None}
     if root is not None:
         kwargs["root"] = str(root)
     try:
@@ -196,6 +196,8 @@ def load_dse_data(
     except (OSError, ValueError, KeyError) as err:
         raise DSEError(f"cannot load dataset {name!r} (root {root}): {err}") from err
     x, y = _tensors_of(fed.centralized_train())
+    if fed.mean is not None and fed.std is not None:
+        log.info("DSE data %s is normalised (mean %s, std %s); the distortion accounts for it", name, fed.mean, fed.std)
     distort = default_distort(distort_factor, fed.mean, fed.std)
     log.info("DSE data %s: %d pooled training samples from %d devices", name, x.shape[0], len(fed.partitions))
     return split_dse_data(
