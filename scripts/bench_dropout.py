@@ -34,6 +34,14 @@ median switch-step time / the same for stay steps - 1 (equal weight per vector, 
 of both sides are the same). The time of ``set_dropout`` alone (median of 1000 calls) is also
 reported.
 
+On CPU, PyTorch's convolutions run through oneDNN, which caches one JIT-compiled primitive per
+(layer shape, pass); its default capacity of 1024 is smaller than 8 DenseNet-BC-40 vectors
+need (39 layers x 3 passes x 8 shape sets), so every switch recompiles: about +11 % per step
+measured here. ``--onednn-cache 8192`` (or the environment variable
+``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, read at the first convolution) removes that.
+Several torch threads on cores that other processes also use stall at OpenMP barriers (10x
+outliers); on a shared machine use ``--threads 1``.
+
 Examples::
 
     python scripts/bench_dropout.py --quick
@@ -157,6 +165,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write all raw timings and ratios here")
     p.add_argument("--plot", type=Path, default=None, help="write a Fig. 2 style plot here (png/pdf)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    p.add_argument(
+        "--onednn-cache", type=_positive, default=None,
+        help="set ONEDNN_PRIMITIVE_CACHE_CAPACITY (oneDNN default 1024) before the first convolution; "
+        "switching among many vectors on CPU thrashes a small cache",
+    )
     p.add_argument("--quick", action="store_true", help="finish in under a minute on 2 cores")
     args = p.parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
@@ -174,7 +187,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _device(name: str) -> torch.device:
-    dev = torch.device(name)
+    """The torch device for ``--device``; exits with a message if it is unknown or absent."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as err:
+        raise SystemExit(f"--device {name!r} is not a torch device: {err}") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
     if dev.type not in ("cpu", "cuda"):
@@ -195,7 +212,8 @@ def _train_step(model: DropoutModel, opt: torch.optim.Optimizer, x: torch.Tensor
     opt.step()
 
 
-def _timed_step(variant: Variant, x, y, device) -> float:
+def _timed_step(variant: Variant, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    """Seconds of one training step of ``variant`` (synchronised on GPU)."""
     _sync(device)
     t0 = time.perf_counter()
     _train_step(variant.model, variant.optimizer, x, y)
@@ -203,7 +221,10 @@ def _timed_step(variant: Variant, x, y, device) -> float:
     return time.perf_counter() - t0
 
 
-def _make(model_name: str, num_classes: int | None, device, lr: float, seed: int, **kw) -> tuple[DropoutModel, torch.optim.Optimizer]:
+def _make(
+    model_name: str, num_classes: int | None, device: torch.device, lr: float, seed: int, **kw: object
+) -> tuple[DropoutModel, torch.optim.Optimizer]:
+    """A fresh model (seeded init and filter sampling) in train mode with plain SGD."""
     torch.manual_seed(seed)
     model = build_model(model_name, num_classes=num_classes, **kw).to(device)
     model.train()
@@ -398,6 +419,7 @@ def _machine() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "onednn_primitive_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
     }
     try:
         with open("/proc/cpuinfo") as fh:
@@ -449,6 +471,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.onednn_cache is not None:
+        # oneDNN reads this when it creates its first primitive, i.e. at the first convolution.
+        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(args.onednn_cache)
     console = Console(width=None if sys.stdout.isatty() else 110)
     device = _device(args.device)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -460,7 +485,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     console.print(
         f"model {args.model}, batch {args.batch}, device {device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, reps {args.reps} (+{args.warmup} warm-up), seed {args.seed}"
+        f"{torch.get_num_threads()} threads, reps {args.reps} (+{args.warmup} warm-up), seed {args.seed}, "
+        f"ONEDNN_PRIMITIVE_CACHE_CAPACITY={os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY', 'unset (1024)')}"
     )
     console.print(f"load average at start (1, 5, 15 min): {load_start} on {os.cpu_count()} cores")
     if load_start and torch.get_num_threads() > 1 and load_start[0] >= (os.cpu_count() or 1) * 0.75:
@@ -563,8 +589,9 @@ def main(argv: list[str] | None = None) -> dict:
     # Output.
     table = Table(title=f"{args.model}, batch {args.batch}, {device}, {torch.get_num_threads()} threads: "
                   f"training-step time relative ({args.stat} of {args.reps})")
-    for col in ("vector (mean rate)", "dropped", "MACs/full", "compact/full", "compact/narrow", "narrow/full", "mask/full"):
-        table.add_column(col, justify="left" if col == "vector" else "right")
+    columns = ("vector (mean rate)", "dropped", "MACs/full", "compact/full", "compact/narrow", "narrow/full", "mask/full")
+    for col in columns:
+        table.add_column(col, justify="left" if col.startswith("vector") else "right")
     for r in rows:
         table.add_row(
             r["label"], f"{r['dropped_ratio']:.3f}", f"{r['mac_ratio']:.3f}", f"{r['compact_vs_full']:.3f}",
