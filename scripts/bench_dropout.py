@@ -648,6 +648,16 @@ def main(argv: list[str] | None = None) -> dict:
     if half is None:
         checks.append("uniform 0.5 not measured (add 0.5 to --rates for the step-time targets)")
     console.print("targets: " + "; ".join(checks))
+    if half is not None:
+        fmin = min(variants[0].times)
+        hv = next(pv for pv in per_vec if pv["spec"].label == half["label"])["variants"]
+        c_min, n_min = min(hv["compact"].times), min(hv["narrow"].times)
+        targets["min_based_at_0.5"] = {"compact_vs_narrow": c_min / n_min, "compact_vs_full": c_min / fmin,
+                                       "narrow_vs_full": n_min / fmin}
+        console.print(
+            f"same at uniform 0.5 from the fastest steps (robust to load): compact/narrow {c_min / n_min:.3f}, "
+            f"compact/full {c_min / fmin:.3f}, narrow/full {n_min / fmin:.3f}"
+        )
     console.print(
         f"load average at end (1, 5, 15 min): {load_end} on {os.cpu_count()} cores; "
         f"ratios are measured side by side, but a loaded machine adds noise. Took {elapsed:.0f} s."
