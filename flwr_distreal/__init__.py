@@ -8,7 +8,15 @@ the core modules never import Flower.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# Every dropout vector gives the convolutions new shapes, and PyTorch's CPU convolutions
+# (oneDNN) cache one compiled kernel per shape: 1024 by default, fewer than DenseNet-BC-40
+# needs for 8 vectors (39 layers x 3 passes x 8). Switching vectors every mini-batch then
+# recompiles kernels (+11% step time measured by scripts/bench_dropout.py); 8192 makes it
+# free. It is read at the first convolution; a value the user set is kept.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
 
 from .dropout import DroppedWeightGuard, kept_count, parameter_masks, validate_vector
 from .lut import LUT, BudgetError, LUTError

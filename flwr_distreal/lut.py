@@ -377,7 +377,8 @@ class LUT:
             raise LUTError(f"LUT file {path} has no header mapping")
         if vectors.ndim != 2 or macs.shape != (vectors.shape[0],):
             raise LUTError(f"LUT file {path} has vectors of shape {vectors.shape} and {macs.size} MAC counts")
-        header["entries"] = [{"macs": int(m), "vector": v.tolist()} for v, m in zip(vectors, macs)]
+        # MACs go through the same checks as JSON (the constructor refuses NaN, fractions, ...).
+        header["entries"] = [{"macs": m, "vector": v.tolist()} for v, m in zip(vectors, macs.tolist())]
         return header
 
     def __repr__(self) -> str:

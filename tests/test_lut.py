@@ -518,11 +518,6 @@ def test_npz_refusals(tmp_path, femnist_lut):
     refused("version", r"LUT version 7", header=np.array(json.dumps(header)), vectors=vecs, macs=macs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: lut.py:380 converts .npz MACs with int(m) outside the checked block: NaN or "
-    "string MACs raise a bare ValueError, and fractional MACs are silently truncated",
-)
 @pytest.mark.parametrize("kind", ["nan", "fraction", "string"])
 def test_npz_refuses_bad_macs(tmp_path, femnist_lut, kind):
     parts = _npz_parts(femnist_lut, tmp_path)
