@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--vectors", type=int, default=4, help="vectors per mode")
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--modes", default="serial-1,serial-N,pool-N")
+    p.add_argument("--warmup", type=int, default=1, help="untimed vectors per mode first (0: none)")
     p.add_argument("--population", type=int, default=64, help="for the projection")
     p.add_argument("--generations", type=int, default=50, help="for the projection")
     p.add_argument("--snapshot", default=None, help="snapshot file (default: random initialisation)")
@@ -99,8 +100,9 @@ def main() -> None:
         vectors = rng.uniform(0.0, 0.5, size=(args.vectors, k))  # fresh vectors per mode: no cache hits
         ev = CachedEvaluator(fitness, workers=n if kind == "pool" else 1, threads=1 if kind == "pool" else n)
         # Warm-up outside the timing: worker start (spawn + imports), first forward passes.
-        ev.evaluate(rng.uniform(0.0, 0.5, size=(max(1, n if kind == "pool" else 1), k)))
-        ev.n_trainings = 0
+        if args.warmup > 0:
+            ev.evaluate(rng.uniform(0.0, 0.5, size=(args.warmup * (n if kind == "pool" else 1), k)))
+            ev.n_trainings = 0
         start = time.perf_counter()
         ev.evaluate(vectors)
         wall = time.perf_counter() - start
