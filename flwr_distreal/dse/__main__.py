@@ -74,7 +74,7 @@ class DSEConfig:
     batches: int = 64
     batch_size: int = 64
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    lr: float = 0.1
+    lr: float = 0.02
     workers: int = 2
     threads: int = 1
     device: str = "cpu"

@@ -143,7 +143,9 @@ class ShortTrainingSettings:
     seeds : tuple of int
         One short training per seed; the accuracy gain is their mean.
     lr : float
-        SGD learning rate (no momentum, no weight decay, as in the paper's training).
+        SGD learning rate (no momentum, no weight decay, as in the paper's training). Keep it
+        small: on FEMNIST from a 34 % snapshot, 32 batches at lr 0.1 give a per-seed standard
+        deviation of the accuracy gain of 4-8 %-points (noise dominates), at 0.02 about 1.
     eval_batch_size : int
         Batch size of the (no-grad) validation pass; does not change results.
     """
@@ -151,7 +153,7 @@ class ShortTrainingSettings:
     batches: int = 64
     batch_size: int = 64
     seeds: tuple[int, ...] = (0, 1, 2)
-    lr: float = 0.05
+    lr: float = 0.02
     eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:
