@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -524,13 +524,3 @@ class ShortTrainingFitness:
             model.seed_dropout(None)
         return after - before
 
-
-def measure_timing(fitness: ShortTrainingFitness, vectors: Sequence[np.ndarray]) -> list[float]:
-    """Seconds per full evaluation (all seeds) of each vector, without caching (benchmarks)."""
-    out = []
-    for v in vectors:
-        start = time.perf_counter()
-        for s in range(fitness.n_seeds):
-            fitness.measure(np.asarray(v, dtype=np.float64), s)
-        out.append(time.perf_counter() - start)
-    return out
