@@ -550,37 +550,36 @@ def _input_index(sources: Iterable[Source], kept: Sequence[Tensor | None]) -> Te
     return torch.cat(pieces) if partial else None
 
 
+def _channel_mask(channels: int, idx: Tensor | None) -> Tensor:
+    """Boolean mask over ``channels`` with ``idx`` set (all set when ``idx`` is None)."""
+    if idx is None:
+        return torch.ones(channels, dtype=torch.bool)
+    mask = torch.zeros(channels, dtype=torch.bool)
+    mask[idx.cpu()] = True
+    return mask
+
+
 def _param_masks_for(module: nn.Module, kept: Sequence[Tensor | None], own: Tensor | None) -> dict[str, Tensor]:
     """Boolean masks of the entries of ``module``'s parameters/buffers used under ``kept``."""
     sources = getattr(module, "sources", None)
     in_idx = _input_index(sources, kept) if sources is not None else None
     out: dict[str, Tensor] = {}
     if isinstance(module, DropoutConv2d):
-        w = torch.zeros(module.weight.shape[:2], dtype=torch.bool)
-        rows = own if own is not None else slice(None)
-        cols = in_idx if in_idx is not None else slice(None)
-        if isinstance(rows, Tensor) and isinstance(cols, Tensor):
-            w[rows.cpu().unsqueeze(1), cols.unsqueeze(0)] = True
-        else:
-            w[rows if not isinstance(rows, Tensor) else rows.cpu(), cols] = True
-        out["weight"] = w[:, :, None, None].expand(module.weight.shape)
+        rows = _channel_mask(module.out_channels, own)
+        cols = _channel_mask(module.in_channels, in_idx)
+        out["weight"] = (rows[:, None] & cols[None, :])[:, :, None, None].expand(module.weight.shape)
         if module.bias is not None:
-            b = torch.zeros(module.out_channels, dtype=torch.bool)
-            b[own.cpu() if own is not None else slice(None)] = True
-            out["bias"] = b
+            out["bias"] = rows
     elif isinstance(module, CompactBatchNorm2d):
-        c = torch.zeros(module.num_features, dtype=torch.bool)
-        c[in_idx if in_idx is not None else slice(None)] = True
+        c = _channel_mask(module.num_features, in_idx)
         for name in ("weight", "bias", "running_mean", "running_var"):
             if getattr(module, name, None) is not None:
                 out[name] = c
         if module.num_batches_tracked is not None:
             out["num_batches_tracked"] = torch.ones((), dtype=torch.bool)
     elif isinstance(module, CompactLinear):
-        c = torch.zeros(module.in_channels, dtype=torch.bool)
-        c[in_idx if in_idx is not None else slice(None)] = True
-        w = c.repeat_interleave(module.stride).unsqueeze(0).expand(module.out_features, -1)
-        out["weight"] = w
+        c = _channel_mask(module.in_channels, in_idx)
+        out["weight"] = c.repeat_interleave(module.stride).unsqueeze(0).expand(module.out_features, -1)
         if module.bias is not None:
             out["bias"] = torch.ones(module.out_features, dtype=torch.bool)
     return out
