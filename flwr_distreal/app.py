@@ -28,6 +28,7 @@ of the process that runs the app, i.e. of the local SuperLink (the directory the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -39,7 +40,6 @@ from flwr.client import Client, ClientApp
 from flwr.common import Context
 from flwr.common.logger import log
 from flwr.server import Grid, ServerApp, ServerConfig
-from omegaconf import OmegaConf
 
 from .config import RunConfig, register_configs, to_run_config
 
@@ -284,9 +284,16 @@ def check_partition(node_config: dict[str, Any], num_devices: int, dataset: str)
 
 def _experiment(context: Context) -> tuple[RunConfig, Experiment]:
     """The run's validated config and its (per-process cached) experiment."""
+    return _experiment_cached(json.dumps(dict(context.run_config), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=2)
+def _experiment_cached(run_config_json: str) -> tuple[RunConfig, Experiment]:
+    """Compose once per run config and process: ``client_fn`` runs for every client of every
+    round, and a Hydra composition per call would be repeated work."""
     from .experiment import _experiment_for
 
-    cfg = run_config_from_flower(context.run_config)
+    cfg = run_config_from_flower(json.loads(run_config_json))
     return cfg, _experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
 
 
@@ -305,23 +312,18 @@ def _server_main(grid: Grid, context: Context) -> None:
     """Run the configured experiment: check the federation, train, record, plot."""
     from flwr.server.compat import start_grid
 
-    from .experiment import MetricsRecorder, RecordingStrategy
+    from .experiment import RecordingStrategy, finish_output, start_output
 
     cfg, exp = _experiment(context)
     wait_for_supernodes(grid.get_node_ids, exp.num_devices, f"device of {cfg.dataset.name}")
     out = output_dir_for(cfg, context.run_id)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
+    recorder = start_output(out, cfg)
     log(
         INFO,
         "%s on %s: %s devices, %s per round, %s rounds; results in %s",
         cfg.strategy.name, cfg.dataset.name, exp.num_devices, cfg.clients_per_round, cfg.rounds, out,
     )
-    recorder = MetricsRecorder(out / "metrics.csv", cfg.deadline)
     strategy = RecordingStrategy(exp.make_strategy(), recorder)
     start_grid(grid=grid, strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds))
-    if cfg.plot and recorder.rows:
-        from .plotting import plot_runs
-
-        plot_runs({cfg.strategy.name: recorder.rows}, out / "accuracy.png", title=f"{cfg.dataset.name}: {cfg.strategy.name}")
+    finish_output(out, cfg, recorder)
 

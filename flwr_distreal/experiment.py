@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.common import Context, FitRes, Parameters, Scalar, ndarrays_to_parameters
 from flwr.server.client_manager import ClientManager
@@ -266,6 +265,23 @@ class RecordingStrategy(Strategy):
         return out
 
 
+def start_output(out: Path | None, cfg: RunConfig) -> MetricsRecorder:
+    """Create the run directory, write the resolved ``config.yaml`` and return the recorder
+    that writes ``metrics.csv`` there (``out=None``: record in memory only)."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
+    return MetricsRecorder(out / "metrics.csv" if out is not None else None, cfg.deadline)
+
+
+def finish_output(out: Path | None, cfg: RunConfig, recorder: MetricsRecorder) -> None:
+    """Plot the recorded rounds to ``accuracy.png`` (when enabled and anything was recorded)."""
+    if out is not None and cfg.plot and recorder.rows:
+        from .plotting import plot_runs
+
+        plot_runs({cfg.strategy.name: recorder.rows}, out / "accuracy.png", title=f"{cfg.dataset.name}: {cfg.strategy.name}")
+
+
 def _client_fn_factory(cfg_dict: dict) -> Callable[[Context], Any]:
     def client_fn(context: Context):
         exp = _experiment_for(json.dumps(cfg_dict, sort_keys=True))
@@ -300,11 +316,8 @@ def run_experiment(cfg: RunConfig, output_dir: str | os.PathLike | None = None) 
 
     out = Path(output_dir) if output_dir is not None else None
     cfg_dict = dataclasses.asdict(cfg)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg_dict)))
     exp = _experiment_for(json.dumps(cfg_dict, sort_keys=True))
-    recorder = MetricsRecorder(out / "metrics.csv" if out is not None else None, cfg.deadline)
+    recorder = start_output(out, cfg)
     log.info(
         "%s on %s: %s devices, %s per round, %s rounds, model %s (%.2f M MACs full), resources %s",
         cfg.strategy.name, cfg.dataset.name, exp.num_devices, cfg.clients_per_round, cfg.rounds,
@@ -325,8 +338,5 @@ def run_experiment(cfg: RunConfig, output_dir: str | os.PathLike | None = None) 
         num_supernodes=exp.num_devices,
         backend_config=backend_config,
     )
-    if out is not None and cfg.plot and recorder.rows:
-        from .plotting import plot_runs
-
-        plot_runs({cfg.strategy.name: recorder.rows}, out / "accuracy.png", title=f"{cfg.dataset.name}: {cfg.strategy.name}")
+    finish_output(out, cfg, recorder)
     return recorder.rows
