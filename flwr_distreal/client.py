@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 
 
 def get_weights(model: torch.nn.Module) -> NDArrays:
-    """The model's ``state_dict`` values as NumPy arrays, in order."""
-    return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
+    """The model's ``state_dict`` values as C-ordered NumPy arrays (whatever the tensors' memory
+    layout, e.g. channels-last), in order."""
+    return [v.detach().cpu().numpy().copy(order="C") for v in model.state_dict().values()]
 
 
 def set_weights(model: torch.nn.Module, arrays: NDArrays) -> None:

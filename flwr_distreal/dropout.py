@@ -201,6 +201,12 @@ class Compact:
         return Compact(tensor, idx, scale, channels)
 
 
+def _strictly_channels_last(t: Tensor) -> bool:
+    """Whether a 4-D tensor is stored channels-last and not also plain contiguous (1x1 kernels
+    and single-channel tensors are both, and carry no layout preference)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 Source = tuple[int, int]
 """An input segment of a layer: (producing dropout layer's index or -1 for a fixed input, its
 full channel count). A layer's input channel space is the concatenation of its sources."""
@@ -285,6 +291,10 @@ class DropoutConv2d(nn.Conv2d):
             weight = weight.index_select(1, x.idx)
         if x.scale is not None:
             weight = weight * x.scale.view(1, -1, 1, 1)
+        if weight is not self.weight and _strictly_channels_last(self.weight):
+            # Slicing returns a contiguous (NCHW) weight; keep the layout the model was stored
+            # in, since the convolution picks its output layout from input and weight.
+            weight = weight.contiguous(memory_format=torch.channels_last)
         y = F.conv2d(x.tensor, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         if kept is None:
             return Compact(y, None, None, self.out_channels)

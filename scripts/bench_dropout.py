@@ -39,6 +39,10 @@ On CPU, PyTorch's convolutions run through oneDNN, which caches one JIT-compiled
 need (39 layers x 3 passes x 8 shape sets), so every switch recompiles: about +11 % per step
 measured here. ``--onednn-cache 8192`` (or the environment variable
 ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, read at the first convolution) removes that.
+Memory layout: models are built channels-last (``build_model(..., channels_last=True)``, the
+package default), which oneDNN runs much faster for these narrow convolutions; ``--layout
+contiguous`` measures every variant in the classic NCHW layout instead. Each run also times the
+full model in the other layout side by side and prints the ratio of the two full models.
 Several torch threads on cores that other processes also use stall at OpenMP barriers (10x
 outliers); on a shared machine use ``--threads 1``.
 
@@ -170,6 +174,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="set ONEDNN_PRIMITIVE_CACHE_CAPACITY (oneDNN default 1024) before the first convolution; "
         "switching among many vectors on CPU thrashes a small cache",
     )
+    p.add_argument(
+        "--layout", choices=("channels_last", "contiguous"), default="channels_last",
+        help="memory layout of every variant (default channels_last, the package default); the full "
+        "model is also timed in the other layout for comparison",
+    )
     p.add_argument("--quick", action="store_true", help="finish in under a minute on 2 cores")
     args = p.parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
@@ -222,11 +231,13 @@ def _timed_step(variant: Variant, x: torch.Tensor, y: torch.Tensor, device: torc
 
 
 def _make(
-    model_name: str, num_classes: int | None, device: torch.device, lr: float, seed: int, **kw: object
+    model_name: str, num_classes: int | None, device: torch.device, lr: float, seed: int,
+    layout: str = "channels_last", **kw: object,
 ) -> tuple[DropoutModel, torch.optim.Optimizer]:
     """A fresh model (seeded init and filter sampling) in train mode with plain SGD."""
     torch.manual_seed(seed)
-    model = build_model(model_name, num_classes=num_classes, **kw).to(device)
+    model = build_model(model_name, num_classes=num_classes, channels_last=layout == "channels_last", **kw)
+    model = model.to(device)
     model.train()
     model.seed_dropout(seed)
     return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
@@ -485,7 +496,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     console.print(
         f"model {args.model}, batch {args.batch}, device {device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, reps {args.reps} (+{args.warmup} warm-up), seed {args.seed}, "
+        f"{torch.get_num_threads()} threads, layout {args.layout}, reps {args.reps} (+{args.warmup} warm-up), "
+        f"seed {args.seed}, "
         f"ONEDNN_PRIMITIVE_CACHE_CAPACITY={os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY', 'unset (1024)')}"
     )
     console.print(f"load average at start (1, 5, 15 min): {load_start} on {os.cpu_count()} cores")
@@ -497,13 +509,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    full, full_opt = _make(args.model, None, device, args.lr, args.seed)
+    full, full_opt = _make(args.model, None, device, args.lr, args.seed, args.layout)
+    other_layout = "contiguous" if args.layout == "channels_last" else "channels_last"
+    full_other, full_other_opt = _make(args.model, None, device, args.lr, args.seed, other_layout)
     x = torch.randn((args.batch, *full.input_shape), generator=gen).to(device)
     y = torch.randint(0, full.num_classes, (args.batch,), generator=gen).to(device)
     full_macs = count_macs(full)
     specs = _vectors(full, args.rates, args.random, rng)
 
-    variants: list[Variant] = [Variant("full", full, full_opt)]
+    variants: list[Variant] = [Variant("full", full, full_opt), Variant("full/other", full_other, full_other_opt)]
     per_vec: list[dict] = []
     for i, spec in enumerate(specs):
         counts = kept_counts(full, spec.vector)
@@ -514,10 +528,10 @@ def main(argv: list[str] | None = None) -> dict:
                  "variants": {k: variants[0] for k in ("compact", "narrow", "mask")}, "alias": True}
             )
             continue
-        compact, c_opt = _make(args.model, None, device, args.lr, args.seed + 1 + i)
+        compact, c_opt = _make(args.model, None, device, args.lr, args.seed + 1 + i, args.layout)
         compact.set_dropout(spec.vector)
-        narrow, n_opt = _make(args.model, None, device, args.lr, args.seed, widths=counts)
-        mask, m_opt = _make(args.model, None, device, args.lr, args.seed + 1 + i)
+        narrow, n_opt = _make(args.model, None, device, args.lr, args.seed, args.layout, widths=counts)
+        mask, m_opt = _make(args.model, None, device, args.lr, args.seed + 1 + i, args.layout)
         mask.set_execution("mask")
         mask.set_dropout(spec.vector)
         macs = count_macs(full, spec.vector)
@@ -572,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Switching overhead.
     pool = [rng.uniform(0.0, 0.5, size=full.num_dropout_layers) for _ in range(args.switch_pool)]
-    sw_model, sw_opt = _make(args.model, None, device, args.lr, args.seed + 1000)
+    sw_model, sw_opt = _make(args.model, None, device, args.lr, args.seed + 1000, args.layout)
     console.print(
         f"switching: pool of {len(pool)} random vectors, a stream of {args.switch_steps} steps that "
         "switch or stay at random ..."
@@ -604,6 +618,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"full model: {full_macs / 1e6:.2f} M MACs/sample, {args.stat} step {1e3 * t_full:.1f} ms; "
         f"set_dropout alone: {set_us:.1f} us (median of {len(set_times)} calls, "
         f"{100 * set_us * 1e-6 / t_full:.3f} % of a full step)"
+    )
+    t_other = stat(variants[1].times)
+    console.print(
+        f"layout: full model {args.layout} / {other_layout} = {t_full / t_other:.3f} "
+        f"({args.stat} steps {1e3 * t_full:.1f} vs {1e3 * t_other:.1f} ms, timed side by side)"
     )
     ft = variants[0].times
     spread = max(ft) / min(ft)
@@ -672,6 +691,8 @@ def main(argv: list[str] | None = None) -> dict:
         "elapsed_s": elapsed,
         "statistic": args.stat,
         "full": {"macs": full_macs, "stat_s": t_full, "median_s": _median(ft), "min_s": min(ft), "times_s": ft},
+        "full_other_layout": {"layout": other_layout, "stat_s": t_other, "times_s": variants[1].times,
+                              "full_vs_other": t_full / t_other},
         "rows": rows,
         "switching": switching,
         "set_dropout_us": {"median": set_us, "times_s": set_times},

@@ -284,3 +284,17 @@ def test_distreal_client_refuses_bad_settings(kwargs, match) -> None:
     model = _model()
     with pytest.raises(ValueError, match=match):
         DistrealClient(model, _loader(), DEVICE, LUT.uniform(model), None, **kwargs)
+
+
+def test_weights_are_c_ordered_and_round_trip_across_layouts() -> None:
+    """A channels-last model sends plain C-ordered arrays, and they load into either layout."""
+    torch.manual_seed(0)
+    src = build_model("femnist_cnn")  # channels-last by default
+    arrays = get_weights(src)
+    assert all(a.flags["C_CONTIGUOUS"] for a in arrays)
+    dst = build_model("femnist_cnn", channels_last=False)
+    set_weights(dst, arrays)
+    for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), k
+    set_weights(src, get_weights(dst))
+    assert src.conv2.weight.is_contiguous(memory_format=torch.channels_last)

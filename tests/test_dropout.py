@@ -310,3 +310,49 @@ def _dense_small_state():
         torch.manual_seed(9)
         _STATE.update(_dense_small().state_dict())
     return _STATE
+
+
+def _strict_cl(t):
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def test_models_are_channels_last_by_default_and_stay_so_under_dropout():
+    model = build_model("densenet_bc_40")
+    assert _strict_cl(model.conv0.weight) and _strict_cl(model.block1[0].conv2.weight)
+    model.set_dropout([0.5] * model.num_dropout_layers)
+    h = model.forward_features(torch.randn(4, 3, 32, 32))  # an NCHW input is fine
+    assert h.idx is not None and _strict_cl(h.tensor)
+    classic = build_model("densenet_bc_40", channels_last=False)
+    classic.set_dropout([0.5] * classic.num_dropout_layers)
+    h = classic.forward_features(torch.randn(4, 3, 32, 32))
+    assert h.tensor.is_contiguous() and not _strict_cl(h.tensor)
+
+
+@pytest.mark.parametrize("name", ["femnist_cnn", "densenet_bc_19"])
+def test_layouts_compute_the_same_steps(name):
+    """Channels-last only changes the layout: same parameters, outputs and gradients under the
+    same dropout draws as the classic NCHW model."""
+    models = []
+    for cl in (True, False):
+        torch.manual_seed(3)
+        m = build_model(name, channels_last=cl)
+        m.set_dropout(np.full(m.num_dropout_layers, 0.3))
+        m.seed_dropout(11)
+        models.append(m)
+    a, b = models
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    x = torch.randn(8, *a.input_shape, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, a.num_classes, (8,))
+    for _ in range(2):
+        outs = []
+        for m in (a, b):
+            m.zero_grad()
+            out = m(x)
+            F.cross_entropy(out, y).backward()
+            outs.append(out)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+        for ka, kb in zip(a.last_kept_indices(), b.last_kept_indices()):
+            assert (ka is None and kb is None) or torch.equal(ka, kb)
+        for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5, msg=n)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, TypeVar
 
+import torch
+
 from ..dropout import DropoutModel
 
 __all__ = ["build_model", "is_model", "list_models", "register_model"]
@@ -35,7 +37,9 @@ def is_model(name: str) -> bool:
     return name in _MODEL_BUILDERS
 
 
-def build_model(name: str, num_classes: int | None = None, **kwargs: Any) -> DropoutModel:
+def build_model(
+    name: str, num_classes: int | None = None, *, channels_last: bool = True, **kwargs: Any
+) -> DropoutModel:
     """Build a registered model.
 
     Parameters
@@ -45,6 +49,14 @@ def build_model(name: str, num_classes: int | None = None, **kwargs: Any) -> Dro
     num_classes : int, optional
         Classifier outputs; ``None`` keeps the model's default (62 for FEMNIST, 10 for
         DenseNet-BC-40/19, 100 for DenseNet-BC-100).
+    channels_last : bool
+        Store the 4-D weights channels-last (NHWC), as ``model.to(memory_format=
+        torch.channels_last)`` does. Convolutions follow the weight's layout, so inputs need no
+        conversion and every activation stays channels-last. On CPU (oneDNN) this is the fast
+        layout for these narrow convolutions, in particular for the compact ones that dropout
+        produces: ``scripts/bench_dropout.py`` times both layouts side by side. Values, names
+        and shapes of parameters are the same in both layouts. ``False`` keeps the classic
+        contiguous (NCHW) layout.
     **kwargs
         Builder options, e.g. ``widths`` (filters per dropout layer, for natively narrow
         reference networks and HeteroFL submodels). ``None`` values are dropped so that unset
@@ -69,4 +81,6 @@ def build_model(name: str, num_classes: int | None = None, **kwargs: Any) -> Dro
         kwargs["num_classes"] = int(num_classes)
     model = _MODEL_BUILDERS[name](**kwargs)
     model.model_name = name
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model
