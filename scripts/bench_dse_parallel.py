@@ -5,7 +5,11 @@ training) in three modes and projects the wall time of a DSE at the given size:
 
 * ``serial-1``: one process, 1 torch thread;
 * ``serial-N``: one process, N torch threads (N = ``--cores``);
-* ``pool-N``: N worker processes with 1 torch thread each (:class:`CachedEvaluator`).
+* ``pool-N``: N worker processes with 1 torch thread each (:class:`CachedEvaluator`, the DSE's
+  way: one job per (vector, seed), so the seeds of one vector also run in parallel);
+* ``mpbfe-N``: pygmo's own parallel batch evaluator, ``pg.mp_bfe`` with a pool of N processes,
+  over a plain UDP whose ``fitness`` trains all seeds of one vector (pygmo ships the problem and
+  the decision vectors to its workers; no cache).
 
 The vectors are random (seeded) and distinct in kept counts, so no cache hit hides work.
 Timing does not depend on how well the snapshot is trained, so the snapshot is the model's
@@ -38,6 +42,42 @@ from flwr_distreal.models import build_model
 REPO = Path(__file__).resolve().parents[1]
 
 
+class PlainFitnessUDP:
+    """The raw objectives (MACs, -mean dAcc) of one vector, no cache: for ``pg.mp_bfe``."""
+
+    def __init__(self, fitness: ShortTrainingFitness) -> None:
+        self.fitness = fitness
+
+    def get_bounds(self) -> tuple[list[float], list[float]]:
+        k = self.fitness.n_layers
+        return [0.0] * k, [0.5] * k
+
+    def get_nobj(self) -> int:
+        return 2
+
+    def fitness(self, x: np.ndarray) -> list[float]:  # noqa: F811 - pygmo's name
+        torch.set_num_threads(1)
+        v = np.asarray(x, dtype=np.float64)
+        gains = [self.fitness.measure(v, i) for i in range(len(self.fitness.settings.seeds))]
+        return [float(self.fitness.macs(v)), -float(np.mean(gains))]
+
+
+def _time_mp_bfe(fitness: ShortTrainingFitness, warm: np.ndarray, vectors: np.ndarray, n: int) -> float:
+    """Seconds for pygmo's ``mp_bfe`` (pool of ``n`` processes) to evaluate ``vectors``."""
+    import pygmo as pg
+
+    pg.mp_bfe.init_pool(n)
+    prob = pg.problem(PlainFitnessUDP(fitness))
+    bfe = pg.bfe(pg.mp_bfe())
+    if len(warm):
+        bfe(prob, warm.ravel())
+    start = time.perf_counter()
+    bfe(prob, vectors.ravel())
+    wall = time.perf_counter() - start
+    pg.mp_bfe.shutdown_pool()
+    return wall
+
+
 def _data(args: argparse.Namespace, shape: tuple[int, int, int], num_classes: int):
     if args.dataset == "synthetic":
         n = args.train_size + args.val_size
@@ -63,7 +103,7 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=10000, help="training samples (synthetic only)")
     p.add_argument("--vectors", type=int, default=4, help="vectors per mode")
     p.add_argument("--cores", type=int, default=2)
-    p.add_argument("--modes", default="serial-1,serial-N,pool-N")
+    p.add_argument("--modes", default="serial-1,serial-N,pool-N,mpbfe-N")
     p.add_argument("--warmup", type=int, default=1, help="untimed vectors per mode first (0: none)")
     p.add_argument("--population", type=int, default=64, help="for the projection")
     p.add_argument("--generations", type=int, default=50, help="for the projection")
@@ -98,21 +138,18 @@ def main() -> None:
         kind, n = mode.split("-")
         n = int(n)
         vectors = rng.uniform(0.0, 0.5, size=(args.vectors, k))  # fresh vectors per mode: no cache hits
-        ev = CachedEvaluator(fitness, workers=n if kind == "pool" else 1, threads=1 if kind == "pool" else n)
-        # Warm-up outside the timing: worker start (spawn + imports), first forward passes.
-        if args.warmup > 0:
-            ev.evaluate(rng.uniform(0.0, 0.5, size=(args.warmup * (n if kind == "pool" else 1), k)))
-            ev.n_trainings = 0
-        start = time.perf_counter()
-        ev.evaluate(vectors)
-        wall = time.perf_counter() - start
-        ev.close()
+        if kind == "mpbfe":
+            warm = rng.uniform(0.0, 0.5, size=(args.warmup * n, k))
+            wall = _time_mp_bfe(fitness, warm, vectors, n)
+            trainings = args.vectors * args.seeds
+        else:
+            wall, trainings = _time_pool(fitness, kind, n, vectors, rng, args.warmup, k)
         per_vec = wall / args.vectors
         evals = args.population * (args.generations + 1)
         results[mode] = {
             "seconds_per_vector": per_vec,
             "vectors": args.vectors,
-            "trainings": ev.n_trainings,
+            "trainings": trainings,
             "projected_hours_no_cache": per_vec * evals / 3600,
         }
         print(
@@ -122,9 +159,29 @@ def main() -> None:
             flush=True,
         )
     best = min(results, key=lambda m: results[m]["seconds_per_vector"])
-    print(f"fastest: {best}")
+    print(f"fastest: {best}; " + ", ".join(
+        f"{m}/{best} {results[m]['seconds_per_vector'] / results[best]['seconds_per_vector']:.2f}" for m in results
+    ))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "fastest": best}, indent=1))
+
+
+def _time_pool(
+    fitness: ShortTrainingFitness, kind: str, n: int, vectors: np.ndarray, rng: np.random.Generator,
+    warmup: int, k: int,
+) -> tuple[float, int]:
+    """Seconds and trainings for :class:`CachedEvaluator` to evaluate ``vectors`` (``serial``: one
+    process with ``n`` threads; ``pool``: ``n`` processes with one thread each)."""
+    ev = CachedEvaluator(fitness, workers=n if kind == "pool" else 1, threads=1 if kind == "pool" else n)
+    # Warm-up outside the timing: worker start (spawn + imports), first forward passes.
+    if warmup > 0:
+        ev.evaluate(rng.uniform(0.0, 0.5, size=(warmup * (n if kind == "pool" else 1), k)))
+        ev.n_trainings = 0
+    start = time.perf_counter()
+    ev.evaluate(vectors)
+    wall = time.perf_counter() - start
+    ev.close()
+    return wall, ev.n_trainings
 
 
 if __name__ == "__main__":

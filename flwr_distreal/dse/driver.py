@@ -491,6 +491,10 @@ def _finish(
         order = np.argsort(np.append(front_f[:, 0], zero_f[0]), kind="stable")
         front_recs = [(front_recs + [zero_rec])[i] for i in order]
         front_f = np.vstack([front_f, zero_f])[order]
+    if len(front_recs) < settings.lut_size:
+        # Few layers (FEMNIST CNN: 2) allow few distinct kept-count pairs on the front.
+        log.info("the front has %d vectors, fewer than lut_size %d: the LUT takes all of them",
+                 len(front_recs), settings.lut_size)
     pick = spread_evenly(front_f, settings.lut_size)
     lut_recs = [front_recs[i] for i in pick]
     lut_f = front_f[pick]
