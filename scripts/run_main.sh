@@ -9,4 +9,4 @@ rm -rf "$out"
 .venv/bin/python -m flwr_distreal.main -m strategy=distreal,full,small,feddropout,heterofl \
   resources=timevarying resources.lam=2 hydra.sweep.dir="$out" "$@"
 .venv/bin/python scripts/plot_runs.py "$out" --title "digits (embedded), time-varying resources, lambda=2"
-echo "Per-run metrics, resolved configs and plots: $out/<strategy>_lam2.0_seed0/"
+echo "Per-run metrics, resolved configs and plots: $out/<job>_<strategy>_lam2.0_seed0/"

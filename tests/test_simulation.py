@@ -24,6 +24,8 @@ from omegaconf import OmegaConf
 
 from flwr_distreal.config import RunConfig, register_configs, to_run_config
 from flwr_distreal.experiment import MetricsRecorder, run_experiment
+from flwr_distreal.lut import LUT
+from flwr_distreal.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -121,17 +123,23 @@ def test_run_experiment_end_to_end(strategy, tmp_path, ray_tmp) -> None:
 
 
 def test_hydra_main_subprocess(tmp_path, ray_tmp) -> None:
-    run_dir = tmp_path / "run"
+    """A Hydra multirun over a key that the run directory's name does not show (the LUT) keeps
+    every job's output apart."""
+    sweep_dir = tmp_path / "sweep"
+    lut_path = tmp_path / "uniform_lut.json"
+    LUT.uniform(build_model("femnist_cnn"), rates=[0.0, 0.25, 0.5]).save(lut_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "flwr_distreal.main",
+            "-m",
             "rounds=1",
             "clients_per_round=2",
             "dataset.num_devices=4",
-            f"hydra.run.dir={run_dir}",
+            f"lut=null,{lut_path}",
+            f"hydra.sweep.dir={sweep_dir}",
         ],
         cwd=tmp_path,
         env=env,
@@ -140,11 +148,16 @@ def test_hydra_main_subprocess(tmp_path, ray_tmp) -> None:
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Done: final accuracy" in proc.stdout
-    rows = _read_rows(run_dir / "metrics.csv")
-    assert len(rows) == 1 and 0.0 <= float(rows[0]["accuracy"]) <= 1.0
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "accuracy.png").is_file()
-    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert proc.stdout.count("Done: final accuracy") == 2
+    run_dirs = sorted(d.parent for d in sweep_dir.rglob("metrics.csv"))
+    assert len(run_dirs) == 2, run_dirs
+    luts = []
+    for run_dir in run_dirs:
+        rows = _read_rows(run_dir / "metrics.csv")
+        assert len(rows) == 1 and 0.0 <= float(rows[0]["accuracy"]) <= 1.0
+        assert (run_dir / "accuracy.png").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+        luts.append(OmegaConf.load(run_dir / "config.yaml").lut)
+    assert sorted(luts, key=str) == sorted([None, str(lut_path)], key=str)
     assert any((Path(ray_tmp) / "ray").glob("session_2*")), "Ray did not use RAY_TMPDIR: the check below would see nothing"
     leftovers = _wait_until_gone(ray_tmp)
     assert not leftovers, f"Ray processes left after the Hydra run: {leftovers}"
