@@ -312,6 +312,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     """Run the configured experiment: check the federation, train, record, plot."""
     from flwr.server.compat import start_grid
 
+    from .client_manager import SeededClientManager
     from .experiment import RecordingStrategy, finish_output, start_output
 
     cfg, exp = _experiment(context)
@@ -324,6 +325,9 @@ def _server_main(grid: Grid, context: Context) -> None:
         cfg.strategy.name, cfg.dataset.name, exp.num_devices, cfg.clients_per_round, cfg.rounds, out,
     )
     strategy = RecordingStrategy(exp.make_strategy(), recorder)
-    start_grid(grid=grid, strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds))
+    start_grid(
+        grid=grid, strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds),
+        client_manager=SeededClientManager(cfg.seed),
+    )
     finish_output(out, cfg, recorder)
 

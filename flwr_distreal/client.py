@@ -81,6 +81,7 @@ class _ResourceClient(NumPyClient):
         step_macs_factor: float = 3.0,
         skip_straggler_training: bool = True,
         torch_device: str = "cpu",
+        seed: int | None = None,
     ) -> None:
         if lr <= 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
@@ -96,6 +97,7 @@ class _ResourceClient(NumPyClient):
         self.step_macs_factor = float(step_macs_factor)
         self.skip_straggler_training = bool(skip_straggler_training)
         self.torch_device = torch_device
+        self.seed = None if seed is None else int(seed)
         self.num_samples = len(train_loader.dataset)  # type: ignore[arg-type]
         self.sizes = batch_sizes(
             self.num_samples, int(train_loader.batch_size or 1), self.local_epochs, bool(train_loader.drop_last)
@@ -113,6 +115,7 @@ class _ResourceClient(NumPyClient):
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         set_weights(self.model, parameters)
         server_round = int(config.get("server-round", 1))
+        self.reseed(server_round)
         plan = self.plan(server_round, config)
         loss = float("nan")
         if not (plan.straggler and self.skip_straggler_training):
@@ -121,6 +124,18 @@ class _ResourceClient(NumPyClient):
         return get_weights(self.model), int(sum(plan.batch_sizes)), self.metrics(plan, loss)
 
     # -- overridable hooks -----------------------------------------------------------------
+    def reseed(self, server_round: int) -> None:
+        """Seed the round's random draws from ``(seed, round, device id)``: the dropped filters
+        of every mini-batch and, when the loader has its own generator, the batch order (and
+        augmentation). Without a ``seed`` they come from torch's global generator."""
+        if self.seed is None:
+            return
+        dropout_seed, loader_seed = np.random.SeedSequence([self.seed, server_round, self.device_id]).generate_state(2)
+        self.model.seed_dropout(int(dropout_seed))
+        generator = getattr(self.train_loader, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(int(loader_seed))
+
     def clock(self, server_round: int, config: dict[str, Scalar]):
         """The device's simulated clock for the round, or ``None`` when unlimited."""
         if self.resources is None or bool(config.get("unlimited", False)):
@@ -221,6 +236,10 @@ class DistrealClient(_ResourceClient):
         Do not train a round the clock says will miss the deadline (its update is discarded).
     torch_device : str
         Where to train.
+    seed : int, optional
+        Run seed: the random draws of round ``t`` (dropped filters, batch order) are seeded from
+        ``(seed, t, device_id)``, so a seeded run is reproducible. ``None``: torch's global
+        generator.
     """
 
     def __init__(

@@ -29,6 +29,7 @@ from flwr.server.strategy import Strategy
 from omegaconf import OmegaConf
 
 from .client import BaselineClient, DistrealClient, get_weights
+from .client_manager import SeededClientManager
 from .config import RunConfig, to_run_config
 from .data import FederatedData, load_federated
 from .lut import LUT
@@ -76,6 +77,8 @@ class Experiment:
                 f"model {self.model_name} takes input {probe.input_shape} but dataset {cfg.dataset.name} "
                 f"has {self.data.input_shape}"
             )
+        if cfg.strategy.name == "distreal":
+            self.load_lut(probe)  # a LUT that does not fit the model fails here, not in every client
         self.full_forward_macs = count_macs(build_model(cfg.model.name, self.num_classes))
         self.factor = cfg.resources.step_macs_factor
         sizes = self.data.partition_sizes()
@@ -135,6 +138,7 @@ class Experiment:
             local_epochs=cfg.local_epochs,
             step_macs_factor=self.factor,
             skip_straggler_training=cfg.skip_straggler_training,
+            seed=cfg.seed,
         )
         if cfg.strategy.name == "distreal":
             return DistrealClient(
@@ -326,7 +330,11 @@ def run_experiment(cfg: RunConfig, output_dir: str | os.PathLike | None = None) 
 
     def server_fn(context: Context) -> ServerAppComponents:
         strategy = RecordingStrategy(exp.make_strategy(), recorder)
-        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds))
+        return ServerAppComponents(
+            strategy=strategy,
+            config=ServerConfig(num_rounds=cfg.rounds),
+            client_manager=SeededClientManager(cfg.seed),
+        )
 
     backend_config = {
         "client_resources": {"num_cpus": cfg.num_cpus_per_client, "num_gpus": cfg.num_gpus_per_client},

@@ -48,7 +48,6 @@ the mini-batch sizes over all local steps).
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
 import math
@@ -60,10 +59,8 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.common import (
-    Code,
     FitIns,
     FitRes,
-    GetPropertiesIns,
     Metrics,
     NDArray,
     NDArrays,
@@ -87,6 +84,7 @@ from .aggregate import (
     validate_reply,
     weighted_average,
 )
+from .client_manager import fetch_properties
 from .dropout import DropoutModel, kept_count, parameter_masks
 from .macs import macs_of_counts
 
@@ -425,6 +423,19 @@ class _ResourceAwareFedAvg(FedAvg):
             out.append((client, FitIns(fit_ins.parameters, config)))
         return out
 
+    @staticmethod
+    def _reply_order(result: tuple[ClientProxy, FitRes]) -> tuple[int, str]:
+        """Aggregation order of the replies: by the reported device id, then ``cid``.
+
+        Replies arrive in completion order; summing them in a fixed order makes a seeded run
+        reproducible to the last bit.
+        """
+        proxy, fit_res = result
+        device = fit_res.metrics.get("partition-id") if fit_res.metrics else None
+        if isinstance(device, bool) or not isinstance(device, int):
+            device = -1
+        return device, proxy.cid
+
     def _client_configs(
         self, server_round: int, clients: list[ClientProxy]
     ) -> dict[str, dict[str, Scalar]]:
@@ -492,7 +503,7 @@ class _ResourceAwareFedAvg(FedAvg):
             )
 
         accepted: list[_Reply] = []
-        for proxy, fit_res in results:
+        for proxy, fit_res in sorted(results, key=self._reply_order):
             if _is_straggler(fit_res.metrics, self.straggler_key):
                 metrics["stragglers"] = int(metrics["stragglers"]) + 1
                 continue
@@ -736,6 +747,19 @@ class FullResources(SmallNetwork):
     :class:`SmallNetwork` for the arguments).
     """
 
+    @staticmethod
+    def _reply_order(result: tuple[ClientProxy, FitRes]) -> tuple[int, str]:
+        """Aggregation order of the replies: by the reported device id, then ``cid``.
+
+        Replies arrive in completion order; summing them in a fixed order makes a seeded run
+        reproducible to the last bit.
+        """
+        proxy, fit_res = result
+        device = fit_res.metrics.get("partition-id") if fit_res.metrics else None
+        if isinstance(device, bool) or not isinstance(device, int):
+            device = -1
+        return device, proxy.cid
+
     def _client_configs(
         self, server_round: int, clients: list[ClientProxy]
     ) -> dict[str, dict[str, Scalar]]:
@@ -882,28 +906,8 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
         """Ask uncached clients for their properties, in parallel, and cache them."""
         required = self._required_properties()
         todo = [c for c in clients if c.cid not in self._properties]
-        if not required or not todo:
-            return
-
-        def ask(client: ClientProxy) -> dict[str, Scalar]:
-            res = client.get_properties(
-                GetPropertiesIns(config={}), timeout=self.properties_timeout, group_id=None
-            )
-            if res.status.code != Code.OK:
-                raise ValueError(f"get_properties failed: {res.status.message}")
-            missing = [k for k in required if k not in res.properties]
-            if missing:
-                raise ValueError(f"client properties lack {missing}; got {sorted(res.properties)}")
-            return dict(res.properties)
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(todo), 32)) as pool:
-            futures = {pool.submit(ask, c): c for c in todo}
-            for future in concurrent.futures.as_completed(futures):
-                client = futures[future]
-                try:
-                    self._properties[client.cid] = future.result()
-                except Exception as err:  # noqa: BLE001 - one client's failure must not stop the round
-                    log.warning("could not get properties of client %s: %s", client.cid, err)
+        if required and todo:
+            self._properties.update(fetch_properties(todo, required, self.properties_timeout))
 
     def _device_of(self, client: ClientProxy) -> tuple[int, int]:
         """(device id, round samples) of a client; raises ValueError if unknown or invalid."""
@@ -961,6 +965,19 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
         self, device_id: int, budget: float, server_round: int
     ) -> tuple[_Assignment, dict[str, Scalar]]:
         """Choose a submodel for a device with ``budget`` forward MACs per sample."""
+
+    @staticmethod
+    def _reply_order(result: tuple[ClientProxy, FitRes]) -> tuple[int, str]:
+        """Aggregation order of the replies: by the reported device id, then ``cid``.
+
+        Replies arrive in completion order; summing them in a fixed order makes a seeded run
+        reproducible to the last bit.
+        """
+        proxy, fit_res = result
+        device = fit_res.metrics.get("partition-id") if fit_res.metrics else None
+        if isinstance(device, bool) or not isinstance(device, int):
+            device = -1
+        return device, proxy.cid
 
     def _client_configs(
         self, server_round: int, clients: list[ClientProxy]

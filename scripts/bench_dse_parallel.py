@@ -45,21 +45,22 @@ REPO = Path(__file__).resolve().parents[1]
 class PlainFitnessUDP:
     """The raw objectives (MACs, -mean dAcc) of one vector, no cache: for ``pg.mp_bfe``."""
 
-    def __init__(self, fitness: ShortTrainingFitness) -> None:
-        self.fitness = fitness
+    def __init__(self, short_training: ShortTrainingFitness) -> None:
+        self.short_training = short_training
 
     def get_bounds(self) -> tuple[list[float], list[float]]:
-        k = self.fitness.n_layers
+        k = self.short_training.n_layers
         return [0.0] * k, [0.5] * k
 
     def get_nobj(self) -> int:
         return 2
 
-    def fitness(self, x: np.ndarray) -> list[float]:  # noqa: F811 - pygmo's name
+    def fitness(self, x: np.ndarray) -> list[float]:
         torch.set_num_threads(1)
+        st = self.short_training
         v = np.asarray(x, dtype=np.float64)
-        gains = [self.fitness.measure(v, i) for i in range(len(self.fitness.settings.seeds))]
-        return [float(self.fitness.macs(v)), -float(np.mean(gains))]
+        gains = [st.measure(v, i) for i in range(st.n_seeds)]
+        return [float(st.macs(v)), -float(np.mean(gains))]
 
 
 def _time_mp_bfe(fitness: ShortTrainingFitness, warm: np.ndarray, vectors: np.ndarray, n: int) -> float:

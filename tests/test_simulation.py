@@ -122,12 +122,28 @@ def test_run_experiment_end_to_end(strategy, tmp_path, ray_tmp) -> None:
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_seeded_runs_are_reproducible(ray_tmp) -> None:
+    """The same seed gives the same run to the last bit (same devices drawn, same dropped
+    filters and batch order, replies summed in the same order); another seed does not."""
+    cfg = _run_config([*SMALL, "rounds=3", "strategy=distreal"])
+    keys = ("accuracy", "loss", "mean_macs", "mean_utilisation", "stragglers")
+
+    def run(c: RunConfig) -> list[list[float]]:
+        return [[float(r[k]) for k in keys] for r in run_experiment(c)]
+
+    first = run(cfg)
+    assert run(cfg) == first
+    assert run(dataclasses.replace(cfg, seed=cfg.seed + 1)) != first
+    leftovers = _wait_until_gone(ray_tmp)
+    assert not leftovers, f"Ray processes left: {leftovers}"
+
+
 def test_hydra_main_subprocess(tmp_path, ray_tmp) -> None:
     """A Hydra multirun over a key that the run directory's name does not show (the LUT) keeps
     every job's output apart."""
     sweep_dir = tmp_path / "sweep"
     lut_path = tmp_path / "uniform_lut.json"
-    LUT.uniform(build_model("femnist_cnn"), rates=[0.0, 0.25, 0.5]).save(lut_path)
+    LUT.uniform(build_model("femnist_cnn", num_classes=10), rates=[0.0, 0.25, 0.5]).save(lut_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [
@@ -161,3 +177,15 @@ def test_hydra_main_subprocess(tmp_path, ray_tmp) -> None:
     assert any((Path(ray_tmp) / "ray").glob("session_2*")), "Ray did not use RAY_TMPDIR: the check below would see nothing"
     leftovers = _wait_until_gone(ray_tmp)
     assert not leftovers, f"Ray processes left after the Hydra run: {leftovers}"
+
+
+def test_a_lut_that_does_not_fit_fails_before_the_simulation_starts(tmp_path) -> None:
+    """Not in every client of every round (Flower would count those as failures and go on)."""
+    from flwr_distreal.experiment import Experiment
+    from flwr_distreal.lut import LUTError
+
+    lut_path = tmp_path / "femnist_lut.json"
+    LUT.uniform(build_model("femnist_cnn")).save(lut_path)  # 62 classes; digits has 10
+    with pytest.raises(LUTError, match="62 classes"):
+        Experiment(_run_config([*SMALL, f"lut={lut_path}"]))
+    Experiment(_run_config([*SMALL, f"lut={lut_path}", "strategy=full"]))  # baselines use no LUT

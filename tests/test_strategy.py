@@ -32,6 +32,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy.aggregate import aggregate as flwr_aggregate
 
 from flwr_distreal.aggregate import mac_weighted_update, masked_average
+from flwr_distreal.client_manager import SeededClientManager
 from flwr_distreal.dropout import kept_count, parameter_masks
 from flwr_distreal.macs import count_macs, macs_of_counts
 from flwr_distreal.models import build_model
@@ -709,3 +710,38 @@ def test_strategies_work_in_flower_simulation() -> None:
     )
     assert len(histories) == 2
     assert all(m["accepted"] == 3 and m["refused"] == 0 for m in histories)
+
+
+def _managed(seed: int, order: list[int], cids: list[str]) -> tuple[SeededClientManager, list[FakeProxy]]:
+    manager = SeededClientManager(seed)
+    proxies = [FakeProxy(cid, {"partition-id": dev}) for cid, dev in zip(cids, order)]
+    for p in proxies:
+        manager.register(p)
+    return manager, proxies
+
+
+def test_seeded_client_manager_draws_the_same_devices_whatever_the_node_ids() -> None:
+    """Node ids are random per simulation and clients register in any order: the same seed
+    still draws the same devices, round after round, and asks each client only once."""
+    rng = np.random.default_rng(0)
+    draws = []
+    for run in range(2):
+        order = [int(d) for d in rng.permutation(20)]
+        cids = [str(int(c)) for c in rng.integers(1, 2**62, size=20)]
+        manager, proxies = _managed(7, order, cids)
+        rounds = [[int(manager.device_ids([c])[c.cid]) for c in manager.sample(5)] for _ in range(4)]
+        draws.append(rounds)
+        assert all(p.property_calls == 1 for p in proxies)
+        assert all(len(set(r)) == 5 for r in rounds)
+    assert draws[0] == draws[1]
+    other, _ = _managed(8, list(range(20)), [str(i) for i in range(20)])
+    assert [[other.device_ids([c])[c.cid] for c in other.sample(5)] for _ in range(4)] != draws[0]
+
+
+def test_seeded_client_manager_refuses_clients_without_device_id() -> None:
+    manager = SeededClientManager(0)
+    manager.register(FakeProxy("1", {"partition-id": 0}))
+    manager.register(FakeProxy("2", {}))
+    with pytest.raises(ValueError, match="partition-id"):
+        manager.sample(2)
+    assert manager.sample(3, min_num_clients=2) == []  # more than available: Flower's behaviour
