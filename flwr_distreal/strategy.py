@@ -747,19 +747,6 @@ class FullResources(SmallNetwork):
     :class:`SmallNetwork` for the arguments).
     """
 
-    @staticmethod
-    def _reply_order(result: tuple[ClientProxy, FitRes]) -> tuple[int, str]:
-        """Aggregation order of the replies: by the reported device id, then ``cid``.
-
-        Replies arrive in completion order; summing them in a fixed order makes a seeded run
-        reproducible to the last bit.
-        """
-        proxy, fit_res = result
-        device = fit_res.metrics.get("partition-id") if fit_res.metrics else None
-        if isinstance(device, bool) or not isinstance(device, int):
-            device = -1
-        return device, proxy.cid
-
     def _client_configs(
         self, server_round: int, clients: list[ClientProxy]
     ) -> dict[str, dict[str, Scalar]]:
@@ -965,19 +952,6 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
         self, device_id: int, budget: float, server_round: int
     ) -> tuple[_Assignment, dict[str, Scalar]]:
         """Choose a submodel for a device with ``budget`` forward MACs per sample."""
-
-    @staticmethod
-    def _reply_order(result: tuple[ClientProxy, FitRes]) -> tuple[int, str]:
-        """Aggregation order of the replies: by the reported device id, then ``cid``.
-
-        Replies arrive in completion order; summing them in a fixed order makes a seeded run
-        reproducible to the last bit.
-        """
-        proxy, fit_res = result
-        device = fit_res.metrics.get("partition-id") if fit_res.metrics else None
-        if isinstance(device, bool) or not isinstance(device, int):
-            device = -1
-        return device, proxy.cid
 
     def _client_configs(
         self, server_round: int, clients: list[ClientProxy]
