@@ -35,6 +35,7 @@ _LAZY = {
     "fit_metrics_aggregation": "strategy",
     "DistrealClient": "client",
     "BaselineClient": "client",
+    "SeededClientManager": "client_manager",
     "ResourceModel": "resources",
     "load_federated": "data",
     "FederatedData": "data",
