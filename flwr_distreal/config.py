@@ -9,6 +9,7 @@ the config is composed, and the range checks in ``__post_init__`` run when
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -22,6 +23,7 @@ __all__ = [
     "StrategyConfig",
     "register_configs",
     "to_run_config",
+    "unknown_keys",
 ]
 
 STRATEGIES = ("distreal", "full", "small", "feddropout", "heterofl")
@@ -184,19 +186,42 @@ def register_configs() -> None:
     cs.store(group="resources", name="base_resources", node=ResourcesConfig)
 
 
+def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
+    """Dotted paths of the keys of ``node`` that the dataclass ``schema`` (recursively) lacks.
+
+    Hydra's ``+key=value`` adds keys even to schema-typed nodes, where they would otherwise be
+    ignored silently (a typo such as ``+strategy.polcy=paper``).
+
+    Parameters
+    ----------
+    node : DictConfig
+        A composed config node.
+    schema : type
+        The dataclass that types ``node``; nested dataclass fields are checked recursively.
+    prefix : str, optional
+        Prepended to every path (e.g. ``"dse."``).
+    """
+    hints = typing.get_type_hints(schema)
+    out: list[str] = []
+    for key in node.keys():
+        if key not in hints:
+            out.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(node.get(key), DictConfig):
+            out += unknown_keys(node[key], hints[key], f"{prefix}{key}.")
+    return out
+
+
 def _refuse_unknown_keys(cfg: DictConfig) -> None:
-    """Hydra's ``+key=value`` adds keys even to schema-typed nodes: refuse keys that no schema
-    has (a typo such as ``+strategy.polcy=paper`` would otherwise be ignored silently)."""
-    groups = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-    nested = {"dataset": DatasetConfig, "model": ModelConfig, "strategy": StrategyConfig, "resources": ResourcesConfig}
-    for key in cfg.keys():
-        if key not in groups:
-            raise ConfigError(f"unknown key {key!r}; valid top-level keys: {sorted(groups)}")
-        if key in nested and OmegaConf.is_dict(cfg[key]):
-            valid = {f.name for f in dataclasses.fields(nested[key])}
-            for sub in cfg[key].keys():
-                if sub not in valid:
-                    raise ConfigError(f"unknown key {key}.{sub}; valid keys of {key}: {sorted(valid)}")
+    """Refuse keys that no schema has, naming the valid keys of their place."""
+    unknown = unknown_keys(cfg, RunConfig)
+    if unknown:
+        parent, _, key = unknown[0].rpartition(".")
+        schema: Any = RunConfig
+        for part in filter(None, parent.split(".")):
+            schema = typing.get_type_hints(schema)[part]
+        valid = sorted(f.name for f in dataclasses.fields(schema))
+        where = f"of {parent}" if parent else "at the top level"
+        raise ConfigError(f"unknown key {unknown[0]!r}; valid keys {where}: {valid}")
 
 
 def to_run_config(cfg: DictConfig | dict) -> RunConfig:

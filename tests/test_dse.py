@@ -423,6 +423,11 @@ def test_command_schema_rejects_unknown_and_mistyped_keys(tmp_path: Path) -> Non
     cfg = _compose(["dse=quick", "dataset=digits", f"dse.output={tmp_path}", "+dse.populaton=8"])
     with pytest.raises(Exception, match="populaton"):
         run(cfg)
+    # ... also in the shared model and dataset groups.
+    for forced in ("+model.nme=femnist_cnn", "+dataset.rooot=/data"):
+        cfg = _compose(["dse=quick", "dataset=digits", f"dse.output={tmp_path}", forced])
+        with pytest.raises(DSEError, match=forced[1:].split("=")[0].replace(".", r"\.")):
+            run(cfg)
 
 
 def test_femnist_leaf_dse_data_when_present() -> None:

@@ -16,10 +16,8 @@ any work starts. Relative paths are resolved against the directory the command w
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import to_absolute_path
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ..config import DatasetConfig, ModelConfig, register_configs
+from ..config import DatasetConfig, ModelConfig, register_configs, unknown_keys
 from ..models import build_model, list_models
 from .datasets import load_dse_data
 from .driver import CHECKPOINT_NAME, DSESettings, run_dse
@@ -101,23 +99,12 @@ def _abs(path: str) -> Path:
 _TOP_KEYS = {"dse", "model", "dataset", "task", "resume"}
 
 
-def _unknown_keys(node: DictConfig, schema: type, prefix: str) -> list[str]:
-    """Keys of ``node`` that the dataclass ``schema`` (recursively) does not define.
-
-    Hydra lets ``+key=value`` add keys even to a typed node; they would be ignored silently.
-    """
-    hints = typing.get_type_hints(schema)
-    out: list[str] = []
-    for key in node.keys():
-        if key not in hints:
-            out.append(f"{prefix}{key}")
-        elif dataclasses.is_dataclass(hints[key]) and isinstance(node.get(key), DictConfig):
-            out += _unknown_keys(node[key], hints[key], f"{prefix}{key}.")
-    return out
-
-
 def _validate_top(cfg: DictConfig) -> None:
-    unknown = sorted(set(cfg.keys()) - _TOP_KEYS) + _unknown_keys(cfg.dse, DSEConfig, "dse.")
+    unknown = sorted(set(cfg.keys()) - _TOP_KEYS) + [
+        path
+        for key, schema in (("dse", DSEConfig), ("model", ModelConfig), ("dataset", DatasetConfig))
+        for path in unknown_keys(cfg[key], schema, f"{key}.")
+    ]
     if unknown:
         raise DSEError(f"unknown DSE setting(s) {unknown}; see conf/dse_config.yaml and conf/dse/default.yaml")
     if cfg.model.name not in list_models():
