@@ -77,8 +77,9 @@ class Experiment:
                 f"model {self.model_name} takes input {probe.input_shape} but dataset {cfg.dataset.name} "
                 f"has {self.data.input_shape}"
             )
-        if cfg.strategy.name == "distreal":
-            self.load_lut(probe)  # a LUT that does not fit the model fails here, not in every client
+        # Loaded and checked once, here: a LUT that does not fit the model fails before the
+        # simulation, not in every client; the clients share it (their models are all `probe`'s).
+        self.lut: LUT | None = self._load_lut(probe) if cfg.strategy.name == "distreal" else None
         self.full_forward_macs = count_macs(build_model(cfg.model.name, self.num_classes))
         self.factor = cfg.resources.step_macs_factor
         sizes = self.data.partition_sizes()
@@ -109,7 +110,7 @@ class Experiment:
         """A fresh model of the run's architecture (the small one for ``strategy=small``)."""
         return build_model(self.model_name, self.num_classes)
 
-    def load_lut(self, model) -> LUT:
+    def _load_lut(self, model) -> LUT:
         """The configured LUT file (checked against the model), or a fine uniform LUT."""
         if self.cfg.lut:
             return LUT.load(self.cfg.lut, model)
@@ -142,7 +143,7 @@ class Experiment:
         )
         if cfg.strategy.name == "distreal":
             return DistrealClient(
-                model, loader, device_id, self.load_lut(model), self.resources, policy=cfg.strategy.policy,
+                model, loader, device_id, self.lut, self.resources, policy=cfg.strategy.policy,
                 stop_at_deadline=cfg.strategy.stop_at_deadline, **common
             )
         return BaselineClient(model, loader, device_id, self.resources, **common)
