@@ -158,7 +158,7 @@ class _ResourceClient(NumPyClient):
         )
         losses: list[float] = []
         batches = self._batches()
-        for j, vector in enumerate(plan.vectors):
+        for vector in plan.vectors:
             x, y = next(batches)
             x, y = x.to(self.torch_device), y.to(self.torch_device)
             model.set_dropout(vector)  # None: no random dropout (full model or fixed subsets)

@@ -151,9 +151,9 @@ class Experiment:
     def make_strategy(self) -> Strategy:
         """DISTREAL's or a baseline's Flower strategy, with centralized full-model evaluation."""
         cfg = self.cfg
-        model = self.build_model()
         torch.manual_seed(cfg.seed)
-        initial = ndarrays_to_parameters(get_weights(self.build_model()))
+        model = self.build_model()
+        initial = ndarrays_to_parameters(get_weights(model))
         data = self.data
         evaluate_fn = make_evaluate_fn(
             self.model_name, self.num_classes, lambda: data.test_loader(cfg.eval_batch_size)
@@ -231,7 +231,7 @@ class MetricsRecorder:
         log.info(
             "round %s: accuracy %.4f loss %.4f stragglers %s/%s mean utilisation %.3f (%.1f s)",
             server_round, row["accuracy"], row["loss"], row["stragglers"], row["received"],
-            float(row["mean_utilisation"]) if row["mean_utilisation"] == row["mean_utilisation"] else math.nan,
+            float(row["mean_utilisation"]),
             row["wall_time"],
         )
 
