@@ -1,4 +1,12 @@
-"""ServerApp and ClientApp for ``flwr run .`` (the ``[tool.flwr.app]`` section of pyproject.toml).
+"""ServerApp and ClientApp for ``flwr run .`` (the ``[tool.flwr.app]`` section of pyproject.toml),
+on Flower's Message API.
+
+The ServerApp (``@server_app.main()``) builds the run's Message-API strategy
+(:mod:`flwr_distreal.serverapp`) and calls ``strategy.start(...)`` with server-side evaluation
+through ``evaluate_fn``, writing ``metrics.csv`` as the rounds go. The ClientApp
+(:func:`flwr_distreal.clientapp.build_client_app`) trains each SuperNode's device with the
+Flower-free trainer of :mod:`flwr_distreal.training`. The same app runs in the simulation runtime
+(``flwr run . local``) and, unchanged, in the deployment runtime.
 
 The run config (``[tool.flwr.app.config]``, overridable with ``flwr run . local --run-config
 "strategy='heterofl' lam=2.0"``) maps onto the same Hydra composition as
@@ -7,6 +15,8 @@ same experiment for the same settings. Keys: ``dataset``, ``model``, ``strategy`
 ``resources`` (group choices), ``lam``, ``rounds``, ``clients-per-round``, ``seed``,
 ``deadline``, ``lr``, ``batch-size``, ``local-epochs``, ``lut``, ``output-dir``. An empty
 string (the default of every value key in pyproject.toml) keeps ``conf/config.yaml``'s value.
+``config-file`` (a YAML written by the Hydra runner: a whole resolved config) replaces the
+composition; only ``output-dir`` may be given beside it.
 
 One SuperNode simulates one device of the dataset, so the federation must have exactly as
 many SuperNodes as the dataset has devices (20 for the default ``digits``)::
@@ -36,10 +46,10 @@ from logging import INFO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flwr.client import Client, ClientApp
-from flwr.common import Context
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
-from flwr.server import Grid, ServerApp, ServerConfig
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from .config import RunConfig, register_configs, to_run_config
 
@@ -47,7 +57,9 @@ if TYPE_CHECKING:
     from .experiment import Experiment
 
 __all__ = [
+    "APP_DIR",
     "CONF_DIR",
+    "RecordingMessageStrategy",
     "SuperNodeCountError",
     "check_partition",
     "client_app",
@@ -60,6 +72,8 @@ __all__ = [
 
 #: Hydra config directory; ``flwr run`` ships it inside the FAB next to the package.
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+#: The Flower app's folder (pyproject.toml with ``[tool.flwr.app]``): what ``flwr run`` runs.
+APP_DIR = CONF_DIR.parent
 
 #: Seconds the SuperNode count must stay unchanged before a count that differs from the
 #: dataset's device count is final (simulation registers all SuperNodes at once).
@@ -80,6 +94,8 @@ _VALUES = {
     "lut": "lut",
     "output-dir": "output_dir",
 }
+#: Run-config key with a whole resolved config (YAML), written by the Hydra runner.
+CONFIG_FILE_KEY = "config-file"
 
 
 class SuperNodeCountError(ValueError):
@@ -110,6 +126,8 @@ def overrides_from_run_config(run_config: dict[str, Any]) -> list[str]:
     """
     overrides = []
     for key, value in run_config.items():
+        if key == CONFIG_FILE_KEY:
+            continue
         if key in _GROUPS:
             if value in ("", None):
                 raise ValueError(f"run-config key {key!r} needs a {_GROUPS[key]} name from conf/{_GROUPS[key]}/")
@@ -119,7 +137,9 @@ def overrides_from_run_config(run_config: dict[str, Any]) -> list[str]:
                 continue
             overrides.append(f"{_VALUES[key]}={json.dumps(value) if isinstance(value, str) else value}")
         else:
-            raise ValueError(f"unknown run-config key {key!r}; known: {sorted({**_GROUPS, **_VALUES})}")
+            raise ValueError(
+                f"unknown run-config key {key!r}; known: {sorted({**_GROUPS, **_VALUES, CONFIG_FILE_KEY: ''})}"
+            )
     return overrides
 
 
@@ -152,7 +172,21 @@ def run_config_from_flower(run_config: dict[str, Any]) -> RunConfig:
             f"Hydra config {CONF_DIR / 'config.yaml'} not found: the app needs the conf/ folder next to "
             "the flwr_distreal package (flwr build/run includes it through fab-include in pyproject.toml)"
         )
-    overrides = overrides_from_run_config(dict(run_config))
+    run_config = dict(run_config)
+    overrides = overrides_from_run_config(run_config)
+    config_file = run_config.get(CONFIG_FILE_KEY)
+    if config_file:
+        from omegaconf import OmegaConf
+
+        others = [k for k, v in run_config.items() if k in _VALUES and k != "output-dir" and v not in ("", None)]
+        if others:
+            raise ValueError(
+                f"run-config {CONFIG_FILE_KEY!r} holds a whole config; do not also set {others} (edit the file)"
+            )
+        path = Path(str(config_file)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"run-config {CONFIG_FILE_KEY!r}: no such file {path}")
+        return to_run_config(OmegaConf.load(path))
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -289,45 +323,83 @@ def _experiment(context: Context) -> tuple[RunConfig, Experiment]:
 
 @functools.lru_cache(maxsize=2)
 def _experiment_cached(run_config_json: str) -> tuple[RunConfig, Experiment]:
-    """Compose once per run config and process: ``client_fn`` runs for every client of every
-    round, and a Hydra composition per call would be repeated work."""
+    """Compose once per run config and process: the ClientApp handles every message of every
+    round, and a Hydra composition per message would be repeated work."""
     from .experiment import _experiment_for
 
     cfg = run_config_from_flower(json.loads(run_config_json))
     return cfg, _experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
 
 
-def _client_fn(context: Context) -> Client:
+def _trainer_fn(context: Context):
     cfg, exp = _experiment(context)
     device = check_partition(dict(context.node_config), exp.num_devices, cfg.dataset.name)
-    return exp.make_client(device).to_client()
+    return exp.make_trainer(device)
 
 
+def _client_app():
+    from .clientapp import build_client_app
+
+    return build_client_app(_trainer_fn)
+
+
+class RecordingMessageStrategy(Strategy):
+    """Delegates every hook to a Message-API strategy and hands each round's train metrics to a
+    :class:`~flwr_distreal.experiment.MetricsRecorder` (evaluation reaches it through
+    ``evaluate_fn``), so ``metrics.csv`` grows as the run goes."""
+
+    def __init__(self, inner: Strategy, recorder: Any) -> None:
+        self.inner = inner
+        self.recorder = recorder
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        self.recorder.on_fit(server_round, dict(metrics or {}))
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+client_app = _client_app()
 server_app = ServerApp()
-client_app = ClientApp(client_fn=_client_fn)
 
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
     """Run the configured experiment: check the federation, train, record, plot."""
-    from flwr.server.compat import start_grid
-
-    from .client_manager import SeededClientManager
-    from .experiment import RecordingStrategy, finish_output, start_output
+    from .clientapp import arrays_from_record, record_from_arrays
+    from .experiment import finish_output, start_output
 
     cfg, exp = _experiment(context)
     wait_for_supernodes(grid.get_node_ids, exp.num_devices, f"device of {cfg.dataset.name}")
-    out = output_dir_for(cfg, context.run_id)
+    given = context.run_config.get("output-dir")
+    out = Path(str(given)).expanduser().resolve() if given else output_dir_for(cfg, context.run_id)
     recorder = start_output(out, cfg)
     log(
         INFO,
         "%s on %s: %s devices, %s per round, %s rounds; results in %s",
         cfg.strategy.name, cfg.dataset.name, exp.num_devices, cfg.clients_per_round, cfg.rounds, out,
     )
-    strategy = RecordingStrategy(exp.make_strategy(), recorder)
-    start_grid(
-        grid=grid, strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds),
-        client_manager=SeededClientManager(cfg.seed),
+    keys, arrays = exp.initial_arrays()
+
+    def evaluate_fn(server_round: int, record: ArrayRecord) -> MetricRecord:
+        loss, accuracy, n = exp.evaluate(arrays_from_record(record, keys))
+        if server_round >= 1:
+            recorder.on_evaluate(server_round, loss, {"accuracy": accuracy})
+        return MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": n})
+
+    strategy = RecordingMessageStrategy(exp.make_message_strategy(), recorder)
+    strategy.start(
+        grid=grid, initial_arrays=record_from_arrays(keys, arrays), num_rounds=cfg.rounds, evaluate_fn=evaluate_fn
     )
     finish_output(out, cfg, recorder)
-

@@ -1,308 +1,78 @@
-"""Flower clients: DISTREAL (Algorithm 1) and the baseline clients.
+"""Legacy-API Flower clients: ``NumPyClient`` adapters over :mod:`flwr_distreal.training`.
 
-:class:`DistrealClient` wraps a model from the registry, a device's training data, a LUT and
-the device's resource trace. Before every mini-batch it reads r(t), selects a dropout vector
-from the LUT, trains one step with it and adds the vector's MACs to ``c`` (Algorithm 1);
-it returns the weights and ``c``.
-
-:class:`BaselineClient` trains a (sub)model fixed for the whole round: the full model
-(full resources, no limits; small network, limited), or the submodel the server assigns at
-round start in ``"fixed-subsets"`` (Federated Dropout, HeteroFL). If the device's
-resources drop during the round, it misses the deadline and becomes a straggler.
-
-Both plan the round on the simulated clock first (see :mod:`flwr_distreal.schedule`) and,
-with ``skip_straggler_training`` (default), do not spend wall time training an update the
-server will discard anyway. Parameters travel as ``state_dict()`` values in order.
-
-Fit metrics: ``macs`` (c, sum of forward MACs per sample of each mini-batch's submodel),
-``num_batches``, ``sim_time`` (simulated seconds the round took), ``straggler``,
-``mean_dropout``, ``available_macs`` (what the device could have computed in the round, in the
-unit of ``macs``), ``utilisation``, ``train_loss``, ``partition-id``.
+:class:`DistrealClient` (Algorithm 1) and :class:`BaselineClient` take the arguments of
+:class:`~flwr_distreal.training.DistrealTrainer` and
+:class:`~flwr_distreal.training.BaselineTrainer` and only translate between Flower's
+``NumPyClient`` calls and the trainer: ``fit`` returns the trainer's arrays, number of examples
+and metrics (keys of :mod:`flwr_distreal.contract`), ``get_properties`` its ``partition-id`` and
+``round-samples``. The Message-API ``ClientApp`` (:mod:`flwr_distreal.clientapp`) wraps the same
+trainers, so both APIs train identically.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
-from torch.utils.data import DataLoader
 
-from .dropout import DroppedWeightGuard, DropoutModel
-from .lut import LUT
-from .macs import count_macs, macs_of_counts
-from .resources import ResourceModel
-from .schedule import POLICIES, RoundPlan, batch_sizes, plan_distreal_round, plan_fixed_round
+from .training import BaselineTrainer, DeviceTrainer, DistrealTrainer, get_weights, set_weights
 
-__all__ = ["BaselineClient", "DistrealClient", "get_weights", "set_weights"]
-
-log = logging.getLogger(__name__)
+__all__ = ["BaselineClient", "DistrealClient", "TrainerClient", "get_weights", "set_weights"]
 
 
-def get_weights(model: torch.nn.Module) -> NDArrays:
-    """The model's ``state_dict`` values as C-ordered NumPy arrays (whatever the tensors' memory
-    layout, e.g. channels-last), in order."""
-    return [v.detach().cpu().numpy().copy(order="C") for v in model.state_dict().values()]
-
-
-def set_weights(model: torch.nn.Module, arrays: NDArrays) -> None:
-    """Load arrays (``state_dict`` order) into the model, refusing a mismatch."""
-    state = model.state_dict()
-    if len(arrays) != len(state):
-        raise ValueError(f"got {len(arrays)} arrays for a model with {len(state)} state entries")
-    new = {}
-    for (key, ref), arr in zip(state.items(), arrays):
-        if tuple(arr.shape) != tuple(ref.shape):
-            raise ValueError(f"array for {key} has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}")
-        new[key] = torch.as_tensor(np.asarray(arr), dtype=ref.dtype)
-    model.load_state_dict(new, strict=True)
-
-
-class _ResourceClient(NumPyClient):
-    """Shared mechanics: data, simulated clock, training a plan, metrics."""
-
-    def __init__(
-        self,
-        model: DropoutModel,
-        train_loader: DataLoader,
-        device_id: int,
-        resources: ResourceModel | None,
-        *,
-        r_max: float | None = None,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        local_epochs: int = 1,
-        step_macs_factor: float = 3.0,
-        skip_straggler_training: bool = True,
-        torch_device: str = "cpu",
-        seed: int | None = None,
-    ) -> None:
-        if lr <= 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
-        if local_epochs < 1:
-            raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
-        self.model = model.to(torch_device)
-        self.train_loader = train_loader
-        self.device_id = int(device_id)
-        self.resources = resources
-        self.r_max = r_max
-        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
-        self.local_epochs = int(local_epochs)
-        self.step_macs_factor = float(step_macs_factor)
-        self.skip_straggler_training = bool(skip_straggler_training)
-        self.torch_device = torch_device
-        self.seed = None if seed is None else int(seed)
-        self.num_samples = len(train_loader.dataset)  # type: ignore[arg-type]
-        self.sizes = batch_sizes(
-            self.num_samples, int(train_loader.batch_size or 1), self.local_epochs, bool(train_loader.drop_last)
-        )
-
-    # -- NumPyClient -----------------------------------------------------------------------
-    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        return get_weights(self.model)
-
-    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
-        """``partition-id`` (device id) and ``round-samples`` (samples per round), used by the
-        submodel baselines to size their round-start assignment."""
-        return {"partition-id": self.device_id, "round-samples": int(sum(self.sizes))}
-
-    def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        set_weights(self.model, parameters)
-        server_round = int(config.get("server-round", 1))
-        self.reseed(server_round)
-        plan = self.plan(server_round, config)
-        loss = float("nan")
-        if not (plan.straggler and self.skip_straggler_training):
-            loss = self.train(plan)
-        self.model.set_fixed_subsets(None)
-        return get_weights(self.model), int(sum(plan.batch_sizes)), self.metrics(plan, loss)
-
-    # -- overridable hooks -----------------------------------------------------------------
-    def reseed(self, server_round: int) -> None:
-        """Seed the round's random draws from ``(seed, round, device id)``: the dropped filters
-        of every mini-batch and, when the loader has its own generator, the batch order (and
-        augmentation). Without a ``seed`` they come from torch's global generator."""
-        if self.seed is None:
-            return
-        dropout_seed, loader_seed = np.random.SeedSequence([self.seed, server_round, self.device_id]).generate_state(2)
-        self.model.seed_dropout(int(dropout_seed))
-        generator = getattr(self.train_loader, "generator", None)
-        if isinstance(generator, torch.Generator):
-            generator.manual_seed(int(loader_seed))
-
-    def clock(self, server_round: int, config: dict[str, Scalar]):
-        """The device's simulated clock for the round, or ``None`` when unlimited."""
-        if self.resources is None or bool(config.get("unlimited", False)):
-            return None
-        return self.resources.clock(self.device_id, server_round, self.r_max)
-
-    def plan(self, server_round: int, config: dict[str, Scalar]) -> RoundPlan:  # pragma: no cover
-        raise NotImplementedError
-
-    def prepare(self, config: dict[str, Scalar]) -> None:
-        """Set the model up for the round (fixed subsets for baselines)."""
-
-    def train(self, plan: RoundPlan) -> float:
-        """Train the planned mini-batches; returns the mean training loss."""
-        model = self.model
-        model.train()
-        opt = DroppedWeightGuard(
-            torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay),
-            model,
-        )
-        losses: list[float] = []
-        batches = self._batches()
-        for vector in plan.vectors:
-            x, y = next(batches)
-            x, y = x.to(self.torch_device), y.to(self.torch_device)
-            model.set_dropout(vector)  # None: no random dropout (full model or fixed subsets)
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-        model.set_dropout(None)
-        return float(np.mean(losses)) if losses else float("nan")
-
-    def _batches(self) -> Iterable:
-        for _ in range(self.local_epochs):
-            yield from self.train_loader
-
-    def metrics(self, plan: RoundPlan, loss: float) -> dict[str, Scalar]:
-        res = plan.result
-        # available_macs in the unit of c (forward MACs per sample, summed per mini-batch), so
-        # that macs / available_macs is the real utilisation spent / available.
-        if res.spent_macs > 0 and plan.macs > 0:
-            scale = res.spent_macs / plan.macs
-        else:
-            scale = self.step_macs_factor * (self.train_loader.batch_size or 1)
-        return {
-            "macs": plan.macs,
-            "num_batches": len(plan.vectors),
-            "sim_time": float(res.finish_time - res.start),
-            "straggler": bool(plan.straggler),
-            "mean_dropout": plan.mean_dropout,
-            "available_macs": float(res.available_macs / scale),
-            "utilisation": float(res.utilisation),
-            "train_loss": loss,
-            "partition-id": self.device_id,
-            "incomplete": plan.incomplete,
-        }
-
-
-class DistrealClient(_ResourceClient):
-    """DISTREAL client (Algorithm 1 of Rapp et al., AAAI 2022).
-
-    Before every mini-batch the client reads its resource availability r(t), selects the LUT
-    vector that fits (policy ``"paper"``: budget ``r(t) * T / B``; ``"deadline"``: time left
-    times ``r(t)`` over batches left), trains one step with per-batch random structured
-    dropout under that vector, and adds the vector's MACs to ``c``. It sends the weights
-    and ``c`` (metric ``macs``); :class:`flwr_distreal.strategy.Distreal` weights by ``c``.
+class TrainerClient(NumPyClient):
+    """A ``NumPyClient`` that delegates to a :class:`~flwr_distreal.training.DeviceTrainer`.
 
     Parameters
     ----------
-    model : DropoutModel
-        Model from :func:`flwr_distreal.models.build_model` (full architecture).
-    train_loader : DataLoader
-        The device's local training data (batch size = the round's mini-batch size).
-    device_id : int
-        Device (partition) id: selects the resource trace.
-    lut : LUT
-        Lookup table of dropout vectors for ``model`` (checked against it).
-    resources : ResourceModel or None
-        Resource availability of all devices; ``None`` trains without limits (full model).
-    r_max : float, optional
-        This device's upper availability bound (MACs/s), if it differs from the model's.
-    policy : {"paper", "deadline"}
-        Per-batch budget rule.
-    lr, momentum, weight_decay : float
-        Local SGD settings (the paper: plain SGD). With momentum or weight decay, weights
-        dropped in a step keep their value and optimiser state (:class:`DroppedWeightGuard`).
-    local_epochs : int
-        Passes over the local data per round.
-    step_macs_factor : float
-        Cost of a training step relative to its forward pass (forward + backward ~ 3x).
-    stop_at_deadline : bool
-        Stop at the deadline and send the completed steps (weighted by their MACs) instead of
-        finishing late as a straggler (see :mod:`flwr_distreal.schedule`).
-    skip_straggler_training : bool
-        Do not train a round the clock says will miss the deadline (its update is discarded).
-    torch_device : str
-        Where to train.
-    seed : int, optional
-        Run seed: the random draws of round ``t`` (dropped filters, batch order) are seeded from
-        ``(seed, t, device_id)``, so a seeded run is reproducible. ``None``: torch's global
-        generator.
+    trainer : DeviceTrainer
+        The device's trainer (:class:`~flwr_distreal.training.DistrealTrainer` or
+        :class:`~flwr_distreal.training.BaselineTrainer`).
     """
 
-    def __init__(
-        self,
-        model: DropoutModel,
-        train_loader: DataLoader,
-        device_id: int,
-        lut: LUT,
-        resources: ResourceModel | None,
-        *,
-        policy: str = "paper",
-        stop_at_deadline: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(model, train_loader, device_id, resources, **kwargs)
-        self.stop_at_deadline = bool(stop_at_deadline)
-        if policy not in POLICIES:
-            raise ValueError(f"unknown selection policy {policy!r}; valid: {list(POLICIES)}")
-        lut.check_model(model)
-        self.lut = lut
-        self.policy = policy
+    def __init__(self, trainer: DeviceTrainer) -> None:
+        if not isinstance(trainer, DeviceTrainer):
+            raise TypeError(f"trainer must be a DeviceTrainer, got {type(trainer).__name__}")
+        self.trainer = trainer
 
-    def plan(self, server_round: int, config: dict[str, Scalar]) -> RoundPlan:
-        clock = self.clock(server_round, config)
-        if clock is None:
-            return plan_fixed_round(None, count_macs(self.model), self.sizes, self.step_macs_factor)
-        return plan_distreal_round(
-            clock, self.lut, self.sizes, self.policy, self.step_macs_factor, self.stop_at_deadline  # type: ignore[arg-type]
-        )
+    @property
+    def model(self):
+        """The trainer's model."""
+        return self.trainer.model
+
+    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
+        return self.trainer.get_weights()
+
+    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        """``partition-id`` (device id) and ``round-samples`` (samples per round), used for
+        seeded sampling and by the submodel baselines to size their round-start assignment."""
+        return self.trainer.properties()
+
+    def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        result = self.trainer.fit(parameters, config)
+        return result.arrays, result.num_examples, result.metrics
 
 
-class BaselineClient(_ResourceClient):
-    """Client of the baselines: a (sub)model fixed for the whole round.
+class DistrealClient(TrainerClient):
+    """DISTREAL client (Algorithm 1 of Rapp et al., AAAI 2022) for the legacy API.
 
-    * no ``"fixed-subsets"`` in the fit config: the full model (full resources with
-      ``"unlimited"``; the small-network baseline builds the small model and is limited);
-    * ``"fixed-subsets"`` (Federated Dropout, HeteroFL): the submodel the server assigned
-      at round start. The clock decides whether it finishes by the deadline; a drop in
-      resources during the round makes it a straggler.
-
-    Parameters are those of :class:`DistrealClient` without ``lut`` and ``policy``.
+    Takes the arguments of :class:`~flwr_distreal.training.DistrealTrainer` (``model``,
+    ``train_loader``, ``device_id``, ``lut``, ``resources``, ``policy``, ``lr``, ...). Before
+    every mini-batch it selects the LUT vector that fits the device's availability, trains one
+    step with it and adds its MACs to ``c``; it sends the weights and ``c`` (metric ``macs``),
+    which :class:`flwr_distreal.strategy.Distreal` weights by.
     """
 
-    def prepare(self, config: dict[str, Scalar]) -> None:
-        from .strategy import decode_subsets
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(DistrealTrainer(*args, **kwargs))
 
-        text = config.get("fixed-subsets")
-        if text is None:
-            self.model.set_fixed_subsets(None)
-            self._kept = None
-            return
-        subsets = decode_subsets(str(text), self.model.layer_widths)
-        self.model.set_fixed_subsets(subsets)
-        self._kept = [m.out_channels if s is None else int(s.numel()) for s, m in zip(subsets, self.model.dropout_layers)]
 
-    def plan(self, server_round: int, config: dict[str, Scalar]) -> RoundPlan:
-        self.prepare(config)
-        fwd = count_macs(self.model) if self._kept is None else macs_of_counts(self.model, self._kept)
-        return plan_fixed_round(self.clock(server_round, config), fwd, self.sizes, self.step_macs_factor)
+class BaselineClient(TrainerClient):
+    """Client of the baselines for the legacy API: a (sub)model fixed for the whole round.
 
-    def metrics(self, plan: RoundPlan, loss: float) -> dict[str, Scalar]:
-        out = super().metrics(plan, loss)
-        if self._kept is not None:
-            widths = self.model.layer_widths
-            out["mean_dropout"] = float(np.mean([1 - k / w for k, w in zip(self._kept, widths)]))
-        return out
+    Takes the arguments of :class:`~flwr_distreal.training.BaselineTrainer`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(BaselineTrainer(*args, **kwargs))

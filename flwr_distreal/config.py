@@ -28,6 +28,9 @@ __all__ = [
 
 STRATEGIES = ("distreal", "full", "small", "feddropout", "heterofl")
 RESOURCE_KINDS = ("full", "constant", "timevarying", "trace")
+#: How a run executes: the Message-API app through ``flwr run`` (Flower's supported way), or the
+#: legacy NumPyClient/Strategy pair on the deprecated ``run_simulation``.
+RUNTIMES = ("flwr-run", "legacy")
 
 
 class ConfigError(ValueError):
@@ -151,6 +154,7 @@ class RunConfig:
     num_gpus_per_client: float = 0.0
     torch_threads: int = 1
     output_dir: Optional[str] = None
+    runtime: str = "flwr-run"
     plot: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -170,6 +174,8 @@ class RunConfig:
             raise ConfigError(f"deadline must be > 0, got {self.deadline}")
         if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
             raise ConfigError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {self.lr}, {self.momentum}, {self.weight_decay}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {list(RUNTIMES)}, got {self.runtime!r}")
         if self.num_cpus_per_client <= 0 or self.num_gpus_per_client < 0:
             raise ConfigError("num_cpus_per_client must be > 0 and num_gpus_per_client >= 0")
 

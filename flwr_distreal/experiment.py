@@ -3,8 +3,19 @@
 This is the Flower edge shared by the Hydra runner (:mod:`flwr_distreal.main`) and the
 ``flwr run`` app (:mod:`flwr_distreal.app`): it loads the data, builds the model, the LUT,
 the resource model (with ``r_max`` per device such that the full model finishes a round's
-local training exactly at the deadline), the strategy (DISTREAL or a baseline) and the
-``client_fn``; runs Flower's simulation engine; and records one metrics row per round.
+local training exactly at the deadline), the devices' trainers, the strategy (DISTREAL or a
+baseline, Message API or legacy) and records one metrics row per round.
+
+Two runtimes (``runtime`` in the config):
+
+``flwr-run`` (default)
+    The Message-API app of :mod:`flwr_distreal.app` through ``flwr run`` on a private local
+    SuperLink (:mod:`flwr_distreal.local_runtime`): Flower's supported way to run a
+    simulation (``run_simulation`` is deprecated since Flower 1.21).
+``legacy``
+    The legacy pair (:class:`~flwr_distreal.strategy.Distreal` and
+    :class:`~flwr_distreal.client.DistrealClient`, ...) on ``flwr.simulation.run_simulation``,
+    kept for users of the legacy API. A seeded run gives the same per-round metrics on both.
 """
 
 from __future__ import annotations
@@ -22,14 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.common import Context, FitRes, Parameters, Scalar, ndarrays_to_parameters
-from flwr.server.client_manager import ClientManager
-from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import Strategy
 from omegaconf import OmegaConf
 
-from .client import BaselineClient, DistrealClient, get_weights
-from .client_manager import SeededClientManager
 from .config import RunConfig, to_run_config
 from .data import FederatedData, load_federated
 from .lut import LUT
@@ -37,7 +42,12 @@ from .macs import count_macs
 from .models import build_model
 from .resources import ResourceModel, r_max_for, step_macs
 from .schedule import batch_sizes
-from .strategy import Distreal, FederatedDropout, FullResources, HeteroFL, SmallNetwork, make_evaluate_fn
+from .training import BaselineTrainer, DeviceTrainer, DistrealTrainer, evaluate_model, get_weights
+
+from flwr.common import Context, FitRes, Parameters, Scalar
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
 
 __all__ = ["Experiment", "MetricsRecorder", "RecordingStrategy", "run_experiment"]
 
@@ -124,9 +134,9 @@ class Experiment:
             self._traces[device_id] = trace
         return trace.rate_at(t)
 
-    # -- Flower pieces ---------------------------------------------------------------------
-    def make_client(self, device_id: int):
-        """The NumPyClient of one device for this run's strategy."""
+    # -- devices, model, evaluation (Flower-free) ------------------------------------------
+    def make_trainer(self, device_id: int) -> DeviceTrainer:
+        """The Flower-free trainer of one device for this run's strategy."""
         cfg = self.cfg
         torch.set_num_threads(cfg.torch_threads)
         model = self.build_model()
@@ -142,22 +152,69 @@ class Experiment:
             seed=cfg.seed,
         )
         if cfg.strategy.name == "distreal":
-            return DistrealClient(
+            return DistrealTrainer(
                 model, loader, device_id, self.lut, self.resources, policy=cfg.strategy.policy,
                 stop_at_deadline=cfg.strategy.stop_at_deadline, **common
             )
-        return BaselineClient(model, loader, device_id, self.resources, **common)
+        return BaselineTrainer(model, loader, device_id, self.resources, **common)
 
-    def make_strategy(self) -> Strategy:
-        """DISTREAL's or a baseline's Flower strategy, with centralized full-model evaluation."""
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)
+    def initial_arrays(self) -> tuple[list[str], list]:
+        """The seeded initial global model: ``state_dict`` keys and arrays."""
+        torch.manual_seed(self.cfg.seed)
         model = self.build_model()
-        initial = ndarrays_to_parameters(get_weights(model))
-        data = self.data
-        evaluate_fn = make_evaluate_fn(
-            self.model_name, self.num_classes, lambda: data.test_loader(cfg.eval_batch_size)
-        )
+        return list(model.state_dict().keys()), get_weights(model)
+
+    def evaluate(self, arrays: list) -> tuple[float, float, int]:
+        """Server-side evaluation of the full model on the test split: (loss, accuracy, n)."""
+        if not hasattr(self, "_eval_model"):
+            self._eval_model = self.build_model()
+            self._eval_loader = self.data.test_loader(self.cfg.eval_batch_size)
+        model = self._eval_model
+        model.load_state_dict({k: torch.from_numpy(a.copy()) for k, a in zip(model.state_dict(), arrays)})
+        return evaluate_model(model, self._eval_loader)
+
+    def strategy_kwargs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Arguments of the strategy classes, common to both APIs: the method's own and, for the
+        submodel baselines, the round-start assignment's."""
+        cfg = self.cfg
+        name = cfg.strategy.name
+        own: dict[str, Any] = {}
+        if name == "distreal":
+            # Algorithm 1 adds forward MACs per sample once per mini-batch: the full model's bound
+            own = dict(full_macs_per_batch=self.full_forward_macs, on_excess=cfg.strategy.on_excess)
+        elif name in ("feddropout", "heterofl"):
+            own = dict(
+                model_name=self.model_name,
+                availability_fn=self.availability,
+                round_duration=cfg.deadline,
+                num_classes=self.num_classes,
+                step_macs_factor=self.factor,
+                seed=cfg.seed,
+            )
+            if name == "heterofl":
+                own.update(shrink=cfg.strategy.shrink, levels=cfg.strategy.levels)
+        return own, {}
+
+    # -- Flower pieces: legacy API -----------------------------------------------------------
+    def make_client(self, device_id: int):
+        """The legacy ``NumPyClient`` of one device (an adapter over :meth:`make_trainer`)."""
+        from .client import TrainerClient
+
+        return TrainerClient(self.make_trainer(device_id))
+
+    def make_strategy(self):
+        """DISTREAL's or a baseline's legacy Flower strategy, with centralized full-model evaluation."""
+        from flwr.common import ndarrays_to_parameters
+
+        from .strategy import Distreal, FederatedDropout, FullResources, HeteroFL, SmallNetwork
+
+        cfg = self.cfg
+        _, arrays = self.initial_arrays()
+
+        def evaluate_fn(server_round: int, parameters_ndarrays: list, config: dict):
+            loss, accuracy, n = self.evaluate(parameters_ndarrays)
+            return loss, {"accuracy": accuracy, "num_examples": n}
+
         common: dict[str, Any] = dict(
             fraction_fit=cfg.clients_per_round / self.num_devices,
             min_fit_clients=cfg.clients_per_round,
@@ -165,33 +222,44 @@ class Experiment:
             fraction_evaluate=0.0,
             min_evaluate_clients=0,
             evaluate_fn=evaluate_fn,
-            initial_parameters=initial,
+            initial_parameters=ndarrays_to_parameters(arrays),
         )
-        name = cfg.strategy.name
-        if name == "distreal":
-            return Distreal(full_macs_per_batch=count_macs(model), on_excess=cfg.strategy.on_excess, **common)
-        if name == "full":
-            return FullResources(**common)
-        if name == "small":
-            return SmallNetwork(**common)
-        sub = dict(
-            model_name=self.model_name,
-            availability_fn=self.availability,
-            round_duration=cfg.deadline,
-            num_classes=self.num_classes,
-            step_macs_factor=self.factor,
-            seed=cfg.seed,
+        own, _ = self.strategy_kwargs()
+        classes = {
+            "distreal": Distreal, "full": FullResources, "small": SmallNetwork,
+            "feddropout": FederatedDropout, "heterofl": HeteroFL,
+        }
+        return classes[cfg.strategy.name](**own, **common)
+
+    # -- Flower pieces: Message API ----------------------------------------------------------
+    def make_message_strategy(self):
+        """DISTREAL's or a baseline's Message-API strategy (:mod:`flwr_distreal.serverapp`),
+        with seeded node sampling of ``clients_per_round`` of the federation's nodes."""
+        from . import serverapp
+
+        cfg = self.cfg
+        common: dict[str, Any] = dict(
+            fraction_train=cfg.clients_per_round / self.num_devices,
+            min_train_nodes=cfg.clients_per_round,
+            min_available_nodes=self.num_devices,
+            fraction_evaluate=0.0,
+            min_evaluate_nodes=0,
         )
-        if name == "feddropout":
-            return FederatedDropout(**sub, **common)
-        return HeteroFL(shrink=cfg.strategy.shrink, levels=cfg.strategy.levels, **sub, **common)
+        own, _ = self.strategy_kwargs()
+        if cfg.strategy.name in ("distreal", "full", "small"):
+            own["seed"] = cfg.seed
+        classes = {
+            "distreal": serverapp.Distreal, "full": serverapp.FullResources, "small": serverapp.SmallNetwork,
+            "feddropout": serverapp.FederatedDropout, "heterofl": serverapp.HeteroFL,
+        }
+        return classes[cfg.strategy.name](**own, **common)
 
 
 class MetricsRecorder:
     """Collects one row per round and writes ``metrics.csv`` as the run goes."""
 
     FIELDS = [
-        "round", "accuracy", "loss", "received", "stragglers", "refused", "accepted",
+        "round", "accuracy", "loss", "received", "failures", "stragglers", "refused", "accepted",
         "mean_macs", "mean_utilisation", "sim_time", "wall_time",
     ]
 
@@ -216,6 +284,7 @@ class MetricsRecorder:
             "accuracy": float(metrics.get("accuracy", math.nan)),
             "loss": float(loss),
             "received": fit.get("received", 0),
+            "failures": fit.get("failures", 0),
             "stragglers": fit.get("stragglers", 0),
             "refused": fit.get("refused", 0),
             "accepted": fit.get("accepted", 0),
@@ -301,7 +370,115 @@ def _experiment_for(cfg_json: str) -> Experiment:
 
 
 def run_experiment(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Run a federated simulation on Flower's simulation engine (Ray backend).
+    """Run a federated simulation in the configured runtime (``cfg.runtime``).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The validated run configuration.
+    output_dir : path, optional
+        Where ``metrics.csv``, ``config.yaml`` and ``accuracy.png`` go. The ``flwr-run`` runtime
+        needs one: without it, the run writes to a temporary folder that is removed after.
+
+    Returns
+    -------
+    list of dict
+        The per-round metrics rows.
+    """
+    if cfg.runtime == "legacy":
+        return run_legacy_simulation(cfg, output_dir)
+    return run_with_flwr(cfg, output_dir)
+
+
+def _log_start(cfg: RunConfig, exp: Experiment, runtime: str) -> None:
+    log.info(
+        "%s on %s (%s): %s devices, %s per round, %s rounds, model %s (%.2f M MACs full), resources %s",
+        cfg.strategy.name, cfg.dataset.name, runtime, exp.num_devices, cfg.clients_per_round, cfg.rounds,
+        exp.model_name, exp.full_forward_macs / 1e6, exp.resources,
+    )
+
+
+def run_with_flwr(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Run the Message-API app (:mod:`flwr_distreal.app`) with ``flwr run`` on this process's
+    private local SuperLink (:func:`flwr_distreal.local_runtime.shared_runtime`), one simulated
+    SuperNode per device, and return the rows the ServerApp wrote to ``metrics.csv``.
+
+    Prints one line per finished round. Raises :class:`~flwr_distreal.local_runtime.FlwrRunError`
+    when the run does not finish as completed (with Flower's reason and the log's path).
+    """
+    import shutil
+    import tempfile
+
+    from .app import APP_DIR
+    from .local_runtime import FlwrRunError, shared_runtime
+
+    exp = _experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))  # refuse bad input here
+    _log_start(cfg, exp, "flwr run")
+    tmp = None
+    if output_dir is None:
+        tmp = Path(tempfile.mkdtemp(prefix="fdr-run-"))
+    out = Path(output_dir if output_dir is not None else tmp).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "config.yaml"
+    config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
+    metrics = out / "metrics.csv"
+    if metrics.exists():
+        metrics.unlink()
+    shown = [0]
+
+    def progress() -> None:
+        rows = _read_metrics(metrics)
+        for row in rows[shown[0]:]:
+            print(
+                f"  [{cfg.strategy.name}] round {row['round']}/{cfg.rounds}: accuracy {float(row['accuracy']):.4f}, "
+                f"stragglers {row['stragglers']}/{row['received']}, {float(row['wall_time']):.1f} s",
+                flush=True,
+            )
+        shown[0] = len(rows)
+
+    try:
+        result = shared_runtime().run(
+            APP_DIR,
+            exp.num_devices,
+            {"config-file": str(config_file), "output-dir": str(out)},
+            federation_config={
+                "client-resources-num-cpus": float(cfg.num_cpus_per_client),
+                "client-resources-num-gpus": float(cfg.num_gpus_per_client),
+            },
+            log_path=out / "flwr.log",
+            on_poll=progress,
+        )
+        if not result.ok:
+            raise FlwrRunError(
+                f"run {result.run_id} ended {result.status}: {result.details}; logs: {result.log_path}"
+            )
+        return _read_metrics(metrics)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.csv`` (numbers as floats, ``round`` as int); [] if absent."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        parsed: dict[str, Any] = {}
+        for key, value in row.items():
+            try:
+                parsed[key] = int(value) if key == "round" else float(value)
+            except (TypeError, ValueError):
+                parsed[key] = value
+        out.append(parsed)
+    return out
+
+
+def run_legacy_simulation(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Run the legacy pair (``NumPyClient`` + legacy strategy) on Flower's deprecated
+    ``run_simulation`` (Ray backend) in this process.
 
     Parameters
     ----------
@@ -315,19 +492,19 @@ def run_experiment(cfg: RunConfig, output_dir: str | os.PathLike | None = None) 
     list of dict
         The per-round metrics rows.
     """
+    import warnings
+
     from flwr.client import ClientApp
     from flwr.server import ServerApp, ServerAppComponents, ServerConfig
     from flwr.simulation import run_simulation
+
+    from .client_manager import SeededClientManager
 
     out = Path(output_dir) if output_dir is not None else None
     cfg_dict = dataclasses.asdict(cfg)
     exp = _experiment_for(json.dumps(cfg_dict, sort_keys=True))
     recorder = start_output(out, cfg)
-    log.info(
-        "%s on %s: %s devices, %s per round, %s rounds, model %s (%.2f M MACs full), resources %s",
-        cfg.strategy.name, cfg.dataset.name, exp.num_devices, cfg.clients_per_round, cfg.rounds,
-        exp.model_name, exp.full_forward_macs / 1e6, exp.resources,
-    )
+    _log_start(cfg, exp, "legacy run_simulation")
 
     def server_fn(context: Context) -> ServerAppComponents:
         strategy = RecordingStrategy(exp.make_strategy(), recorder)
@@ -341,11 +518,13 @@ def run_experiment(cfg: RunConfig, output_dir: str | os.PathLike | None = None) 
         "client_resources": {"num_cpus": cfg.num_cpus_per_client, "num_gpus": cfg.num_gpus_per_client},
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False},
     }
-    run_simulation(
-        ServerApp(server_fn=server_fn),
-        ClientApp(client_fn=_client_fn_factory(cfg_dict)),
-        num_supernodes=exp.num_devices,
-        backend_config=backend_config,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # runtime=legacy chose it knowingly
+        run_simulation(
+            ServerApp(server_fn=server_fn),
+            ClientApp(client_fn=_client_fn_factory(cfg_dict)),
+            num_supernodes=exp.num_devices,
+            backend_config=backend_config,
+        )
     finish_output(out, cfg, recorder)
     return recorder.rows

@@ -48,7 +48,6 @@ the mini-batch sizes over all local steps).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from abc import abstractmethod
@@ -85,6 +84,7 @@ from .aggregate import (
     weighted_average,
 )
 from .client_manager import fetch_properties
+from .contract import decode_subsets, encode_subsets, is_number, is_straggler
 from .dropout import DropoutModel, kept_count, parameter_masks
 from .macs import macs_of_counts
 
@@ -108,22 +108,6 @@ EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str,
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
-
-
-def _is_straggler(metrics: Mapping[str, Scalar], key: str) -> bool:
-    """A reply is a straggler when its straggler metric is true (bool or non-zero number)."""
-    value = metrics.get(key, False)
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if _is_number(value):
-        return float(value) != 0.0  # type: ignore[arg-type]
-    return False
 
 
 def fit_metrics_aggregation(
@@ -164,15 +148,15 @@ def fit_metrics_aggregation(
     macs: list[float] = []
     utilisation: list[float] = []
     for _, metrics in fit_metrics:
-        if _is_straggler(metrics, straggler_key):
+        if is_straggler(metrics, straggler_key):
             stragglers += 1
             continue
         c = metrics.get(macs_key)
-        if not _is_number(c) or not math.isfinite(float(c)):  # type: ignore[arg-type]
+        if not is_number(c) or not math.isfinite(float(c)):  # type: ignore[arg-type]
             continue
         macs.append(float(c))  # type: ignore[arg-type]
         avail = metrics.get(available_macs_key)
-        if _is_number(avail) and math.isfinite(float(avail)) and float(avail) > 0:  # type: ignore[arg-type]
+        if is_number(avail) and math.isfinite(float(avail)) and float(avail) > 0:  # type: ignore[arg-type]
             utilisation.append(float(c) / float(avail))  # type: ignore[arg-type]
     return {
         "received": len(fit_metrics),
@@ -180,77 +164,6 @@ def fit_metrics_aggregation(
         "mean_macs": float(np.mean(macs)) if macs else math.nan,
         "mean_utilisation": float(np.mean(utilisation)) if utilisation else math.nan,
     }
-
-
-def encode_subsets(kept: Sequence[Tensor | Sequence[int] | np.ndarray | None]) -> str:
-    """Encode per-layer kept-filter indices for the ``"fixed-subsets"`` config key.
-
-    Parameters
-    ----------
-    kept : Sequence[Tensor | Sequence[int] | np.ndarray | None]
-        Per dropout layer, the kept filter indices; ``None`` keeps every filter.
-
-    Returns
-    -------
-    str
-        A JSON list with one entry per layer: a list of ints or ``null``.
-    """
-    out: list[list[int] | None] = []
-    for k in kept:
-        if k is None:
-            out.append(None)
-        elif isinstance(k, Tensor):
-            out.append([int(i) for i in k.flatten().tolist()])
-        else:
-            out.append([int(i) for i in np.asarray(k).reshape(-1).tolist()])
-    return json.dumps(out, separators=(",", ":"))
-
-
-def decode_subsets(text: str, widths: Sequence[int]) -> list[Tensor | None]:
-    """Decode the ``"fixed-subsets"`` config value for ``model.set_fixed_subsets``.
-
-    Parameters
-    ----------
-    text : str
-        The JSON string made by :func:`encode_subsets`.
-    widths : Sequence[int]
-        Filters per dropout layer of the full model (``model.layer_widths``).
-
-    Returns
-    -------
-    list[Tensor | None]
-        Per dropout layer, a sorted LongTensor of kept filters or None (all).
-
-    Raises
-    ------
-    ValueError
-        If the text is not JSON, has the wrong number of layers, or a layer's
-        list is empty, has non-integers, repeats or out-of-range indices.
-    """
-    try:
-        data = json.loads(text)
-    except (TypeError, json.JSONDecodeError) as err:
-        raise ValueError(f"fixed-subsets is not valid JSON: {err}") from err
-    if not isinstance(data, list) or len(data) != len(widths):
-        got = len(data) if isinstance(data, list) else type(data).__name__
-        raise ValueError(f"fixed-subsets must list {len(widths)} layers, got {got}")
-    out: list[Tensor | None] = []
-    for i, (entry, width) in enumerate(zip(data, widths)):
-        if entry is None:
-            out.append(None)
-            continue
-        if (
-            not isinstance(entry, list)
-            or not entry
-            or not all(isinstance(j, int) and not isinstance(j, bool) for j in entry)
-        ):
-            raise ValueError(f"fixed-subsets layer {i} must be a non-empty list of ints or null")
-        if len(set(entry)) != len(entry) or min(entry) < 0 or max(entry) >= width:
-            raise ValueError(
-                f"fixed-subsets layer {i} has repeated or out-of-range indices for {width} filters"
-            )
-        out.append(torch.tensor(sorted(entry), dtype=torch.long))
-    return out
 
 
 def make_evaluate_fn(
@@ -504,7 +417,7 @@ class _ResourceAwareFedAvg(FedAvg):
 
         accepted: list[_Reply] = []
         for proxy, fit_res in sorted(results, key=self._reply_order):
-            if _is_straggler(fit_res.metrics, self.straggler_key):
+            if is_straggler(fit_res.metrics, self.straggler_key):
                 metrics["stragglers"] = int(metrics["stragglers"]) + 1
                 continue
             arrays = parameters_to_ndarrays(fit_res.parameters)
@@ -639,7 +552,7 @@ class Distreal(_ResourceAwareFedAvg):
         available_macs_key: str = "available_macs",
         **fedavg_kwargs: Any,
     ) -> None:
-        if not _is_number(full_macs_per_batch) or not (
+        if not is_number(full_macs_per_batch) or not (
             math.isfinite(float(full_macs_per_batch)) and float(full_macs_per_batch) > 0
         ):
             raise ValueError(
@@ -853,7 +766,7 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
         from .models import build_model
 
         for name, value in (("round_duration", round_duration), ("step_macs_factor", step_macs_factor)):
-            if not _is_number(value) or not (math.isfinite(float(value)) and float(value) > 0):
+            if not is_number(value) or not (math.isfinite(float(value)) and float(value) > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         if not callable(availability_fn):
             raise ValueError("availability_fn must be a callable (device_id, t) -> MACs per second")
@@ -905,11 +818,11 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
             device_id = props.get(self.partition_id_key)  # type: ignore[assignment]
         samples = (
             self.round_samples_fn(int(device_id))  # type: ignore[arg-type]
-            if self.round_samples_fn is not None and _is_number(device_id)
+            if self.round_samples_fn is not None and is_number(device_id)
             else props.get(self.round_samples_key)
         )
         for name, value in (("device id", device_id), ("round samples", samples)):
-            if not _is_number(value) or float(value) != int(value) or int(value) < 0:  # type: ignore[arg-type]
+            if not is_number(value) or float(value) != int(value) or int(value) < 0:  # type: ignore[arg-type]
                 raise ValueError(f"client {client.cid} has invalid {name} {value!r}")
         if int(samples) == 0:  # type: ignore[arg-type]
             raise ValueError(f"client {client.cid} has no training samples")
@@ -942,7 +855,7 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
             If the availability is negative, NaN or not a number.
         """
         rate = self.availability_fn(device_id, self.round_start(server_round))
-        if not _is_number(rate) or math.isnan(float(rate)) or float(rate) < 0:
+        if not is_number(rate) or math.isnan(float(rate)) or float(rate) < 0:
             raise ValueError(f"availability of device {device_id} is {rate!r}, expected MACs/s >= 0")
         return float(rate) * self.round_duration / (self.step_macs_factor * round_samples)
 
@@ -993,7 +906,7 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
             )
         reported = fit_res.metrics.get(self.partition_id_key)
         if reported is not None and (
-            not _is_number(reported) or int(reported) != assignment.device_id  # type: ignore[arg-type]
+            not is_number(reported) or int(reported) != assignment.device_id  # type: ignore[arg-type]
         ):
             return ValidationResult.refuse(
                 RefusalReason.DEVICE_MISMATCH,
@@ -1122,7 +1035,7 @@ class HeteroFL(SubmodelStrategy):
     """
 
     def __init__(self, *, shrink: float = 0.7, levels: int = 5, **kwargs: Any) -> None:
-        if not _is_number(shrink) or not 0.0 < float(shrink) < 1.0:
+        if not is_number(shrink) or not 0.0 < float(shrink) < 1.0:
             raise ValueError(f"shrink must be in (0, 1), got {shrink!r}")
         if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
             raise ValueError(f"levels must be an int >= 1, got {levels!r}")

@@ -78,7 +78,7 @@ def test_default_run_config_is_conf_config_yaml() -> None:
 def test_every_run_config_key_maps_to_hydra() -> None:
     """Each key of [tool.flwr.app.config] is known to the app and changes the composed config."""
     config = _app_config()
-    assert set(config) == set(app._GROUPS) | set(app._VALUES)
+    assert set(config) == set(app._GROUPS) | set(app._VALUES) | {app.CONFIG_FILE_KEY}
     changed = {
         "strategy": "heterofl", "lam": 2.5, "rounds": 3, "clients-per-round": 4, "seed": 7, "deadline": 2.0,
         "lr": 0.3, "batch-size": 16, "local-epochs": 2, "lut": "a.json", "output-dir": "/tmp/x",

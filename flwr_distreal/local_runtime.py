@@ -1,0 +1,310 @@
+"""Run the project's Flower app with ``flwr run`` on a private local SuperLink, from Python.
+
+Flower 1.21+ deprecates ``flwr.simulation.run_simulation`` ("use `flwr run` in the CLI
+instead"); the supported way to run a simulation is ``flwr run <app> <connection>``, which
+starts a local SuperLink in simulation mode. :class:`LocalFlwrRuntime` does exactly that for the
+Hydra runner (and the tests), keeping a run self-contained:
+
+* a private Flower home (``FLWR_HOME`` in a temporary folder; the user's ``~/.flwr`` is never
+  read or written) and free ports for the local SuperLink's APIs, so parallel sweeps and a
+  user's own SuperLink do not collide;
+* every process it starts (``flwr``, the local SuperLink, the ServerApp and simulation
+  processes, Ray) carries a unique tag in its environment; :meth:`LocalFlwrRuntime.stop` stops
+  each of them by PID (SIGTERM, then SIGKILL after a grace period) and reports survivors.
+
+The runtime is reused across the runs of one process (a Hydra multirun starts the SuperLink
+once) and stopped at exit. Finding the tagged processes reads ``/proc`` (Linux); elsewhere only
+the processes this module spawned itself are stopped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FlwrRunError", "FlwrRunResult", "LocalFlwrRuntime", "format_run_config", "shared_runtime"]
+
+#: Environment variable that marks every process of one runtime.
+TAG_VAR = "FLWR_DISTREAL_RUNTIME_TAG"
+
+
+class FlwrRunError(RuntimeError):
+    """``flwr run`` could not start the run, or the run did not finish as completed."""
+
+
+@dataclass
+class FlwrRunResult:
+    """How a ``flwr run`` ended: run id, Flower's status (``finished:completed``, ...), details."""
+
+    run_id: int
+    status: str
+    details: str
+    log_path: Path | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _flwr_cli() -> str:
+    """The ``flwr`` CLI next to this interpreter, else on PATH."""
+    sibling = Path(sys.executable).parent / "flwr"
+    if sibling.is_file() and os.access(sibling, os.X_OK):
+        return str(sibling)
+    found = shutil.which("flwr")
+    if found is None:
+        raise FlwrRunError("the flwr CLI is not installed (pip install 'flwr[simulation]')")
+    return found
+
+
+def format_run_config(values: Mapping[str, Any]) -> str:
+    """``--run-config`` text for ``flwr run``: ``key=value`` pairs in TOML syntax.
+
+    Strings are written as TOML basic strings (JSON escaping is valid TOML), numbers and bools
+    as TOML literals.
+    """
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = json.dumps(str(value))
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Live (non-zombie) processes whose environment carries ``tag`` (Linux ``/proc``)."""
+    pids = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return pids
+    needle = tag.encode()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes():
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # gone, or not ours to read
+            continue
+        if state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+class LocalFlwrRuntime:
+    """A private Flower home and local SuperLink (simulation runtime) for ``flwr run``.
+
+    Parameters
+    ----------
+    root : path, optional
+        Folder for the Flower home and Ray's temporary files; a new temporary folder (removed
+        by :meth:`stop`) when not given. Keep it short: Ray's socket paths must fit.
+    install_dependencies : bool, optional
+        Let Flower install the app's dependencies at run time. Defaults to False: the current
+        environment already has them.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, *, install_dependencies: bool = False) -> None:
+        self._own_root = root is None
+        self.root = Path(tempfile.mkdtemp(prefix="fdr-")) if root is None else Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.home = self.root / "flwr-home"
+        self.tag = uuid.uuid4().hex
+        self.flwr = _flwr_cli()
+        (self.root / "ray").mkdir(exist_ok=True)
+        self.env = dict(
+            os.environ,
+            FLWR_HOME=str(self.home),
+            FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
+            FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            RAY_TMPDIR=str(self.root / "ray"),
+            RAY_USAGE_STATS_ENABLED="0",
+            PATH=f"{Path(self.flwr).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        )
+        if not install_dependencies:
+            self.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        self.env[TAG_VAR] = self.tag
+        self._children: list[subprocess.Popen] = []
+        self._stopped = False
+
+    # -- CLI -----------------------------------------------------------------------------------
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run a ``flwr`` command in this runtime's environment and capture its output."""
+        return subprocess.run(
+            [self.flwr, *args], env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout
+        )
+
+    def run(
+        self,
+        app_dir: str | os.PathLike,
+        num_supernodes: int,
+        run_config: Mapping[str, Any] | None = None,
+        *,
+        federation_config: Mapping[str, Any] | None = None,
+        log_path: str | os.PathLike | None = None,
+        timeout: float | None = None,
+        on_poll: Callable[[], None] | None = None,
+        poll_s: float = 1.0,
+    ) -> FlwrRunResult:
+        """``flwr run <app_dir> local --stream`` with ``num_supernodes`` simulated SuperNodes.
+
+        Parameters
+        ----------
+        app_dir : path
+            The Flower app (a folder with ``pyproject.toml`` and ``[tool.flwr.app]``).
+        num_supernodes : int
+            Simulated SuperNodes.
+        run_config : Mapping, optional
+            ``--run-config`` values.
+        federation_config : Mapping, optional
+            More ``--federation-config`` values (e.g. ``client-resources-num-cpus``).
+        log_path : path, optional
+            Where the streamed logs go (they are not printed).
+        timeout : float, optional
+            Seconds before the run is stopped and :class:`FlwrRunError` raised.
+        on_poll : callable, optional
+            Called every ``poll_s`` seconds while the run goes (e.g. to print progress).
+
+        Returns
+        -------
+        FlwrRunResult
+            The run id and Flower's final status of the run.
+
+        Raises
+        ------
+        FlwrRunError
+            If ``flwr run`` fails to start the run or times out.
+        """
+        if self._stopped:
+            raise FlwrRunError("this runtime was stopped")
+        fed = {"num-supernodes": int(num_supernodes), **dict(federation_config or {})}
+        args = [self.flwr, "run", str(Path(app_dir).resolve()), "local", "--stream"]
+        args += ["--federation-config", format_run_config(fed)]
+        if run_config:
+            args += ["--run-config", format_run_config(run_config)]
+        log_file = Path(log_path) if log_path is not None else self.root / f"run-{uuid.uuid4().hex[:8]}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        with log_file.open("w") as sink:
+            proc = subprocess.Popen(args, env=self.env, cwd=self.root, stdout=sink, stderr=subprocess.STDOUT)
+            self._children.append(proc)
+            try:
+                while proc.poll() is None:
+                    if timeout is not None and time.monotonic() - start > timeout:
+                        proc.terminate()
+                        proc.wait(10)
+                        raise FlwrRunError(f"flwr run did not finish within {timeout:g} s; logs: {log_file}")
+                    if on_poll is not None:
+                        on_poll()
+                    time.sleep(poll_s)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if on_poll is not None:
+            on_poll()
+        text = log_file.read_text(errors="replace")
+        started = [line for line in text.splitlines() if "Successfully started run" in line]
+        if proc.returncode != 0 or not started:
+            tail = "\n".join(text.splitlines()[-20:])
+            raise FlwrRunError(f"flwr run failed (exit {proc.returncode}); logs: {log_file}\n{tail}")
+        run_id = int(started[0].split()[-1])
+        status = self.status(run_id)
+        return FlwrRunResult(run_id, str(status.get("status", "")), str(status.get("status-details", "")), log_file)
+
+    def status(self, run_id: int) -> dict[str, Any]:
+        """Flower's record of a run (``flwr ls --run-id``): ``status``, ``status-details``, ..."""
+        res = self.cli("ls", "local", "--run-id", str(run_id), "--format", "json")
+        if res.returncode != 0 or "{" not in res.stdout:
+            raise FlwrRunError(f"flwr ls failed for run {run_id}: {res.stdout}{res.stderr}")
+        payload = json.loads(res.stdout[res.stdout.index("{"):])
+        runs = [r for r in payload.get("runs", []) if str(r.get("run-id")) == str(run_id)]
+        if not runs:
+            raise FlwrRunError(f"flwr ls does not know run {run_id}: {payload}")
+        return runs[0]
+
+    # -- cleanup -------------------------------------------------------------------------------
+    def pids(self) -> list[int]:
+        """PIDs of the live processes of this runtime (SuperLink, app processes, Ray, ...)."""
+        return tagged_pids(self.tag)
+
+    def stop(self, grace_s: float = 15.0) -> list[int]:
+        """Stop every process of this runtime by PID; return the PIDs that survived.
+
+        SIGTERM first, SIGKILL for what is left after ``grace_s`` seconds (Ray's dashboard
+        agents ignore SIGTERM). Removes the temporary folder when the runtime created it.
+        """
+        if self._stopped:
+            return []
+        self._stopped = True
+        pids = set(self.pids()) | {p.pid for p in self._children if p.poll() is None}
+        _signal(pids, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while (left := self.pids()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _signal(set(left) | {p.pid for p in self._children if p.poll() is None}, signal.SIGKILL)
+        for child in self._children:
+            try:
+                child.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        time.sleep(0.3)
+        survivors = self.pids()
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+        return survivors
+
+    def __enter__(self) -> LocalFlwrRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal(pids: set[int] | list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+_SHARED: LocalFlwrRuntime | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_runtime() -> LocalFlwrRuntime:
+    """This process's runtime, started on first use and stopped at exit (a Hydra multirun's
+    jobs share one local SuperLink)."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None or _SHARED._stopped:
+            _SHARED = LocalFlwrRuntime()
+            atexit.register(_SHARED.stop)
+        return _SHARED

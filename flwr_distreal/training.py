@@ -1,0 +1,384 @@
+"""Local training of one device in one round: DISTREAL (Algorithm 1) and the baselines.
+
+The Flower-free core of every client. The legacy ``NumPyClient`` adapters
+(:mod:`flwr_distreal.client`) and the Message-API ``ClientApp`` handlers
+(:mod:`flwr_distreal.clientapp`) are thin wrappers over :meth:`DeviceTrainer.fit`: it takes the
+global arrays and the train config (keys of :mod:`flwr_distreal.contract`) and returns the
+trained arrays, the number of examples and the metrics. No Flower or Hydra imports.
+
+:class:`DistrealTrainer` wraps a model from the registry, a device's training data, a LUT and
+the device's resource trace. Before every mini-batch it reads r(t), selects a dropout vector
+from the LUT, trains one step with it and adds the vector's MACs to ``c`` (Algorithm 1);
+it returns the weights and ``c``.
+
+:class:`BaselineTrainer` trains a (sub)model fixed for the whole round: the full model
+(full resources, no limits; small network, limited), or the submodel the server assigns at
+round start in ``"fixed-subsets"`` (Federated Dropout, HeteroFL). If the device's
+resources drop during the round, it misses the deadline and becomes a straggler.
+
+Both plan the round on the simulated clock first (see :mod:`flwr_distreal.schedule`) and,
+with ``skip_straggler_training`` (default), do not spend wall time training an update the
+server will discard anyway. Arrays are the ``state_dict()`` values in order.
+
+Train metrics: see :mod:`flwr_distreal.contract` (``macs``, ``num_batches``, ``sim_time``,
+``straggler``, ``mean_dropout``, ``available_macs``, ``utilisation``, ``train_loss``,
+``partition-id``, ``incomplete``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from . import contract as C
+from .dropout import DroppedWeightGuard, DropoutModel
+from .lut import LUT
+from .macs import count_macs, macs_of_counts
+from .resources import ResourceModel
+from .schedule import POLICIES, RoundPlan, batch_sizes, plan_distreal_round, plan_fixed_round
+
+__all__ = [
+    "BaselineTrainer",
+    "DeviceTrainer",
+    "DistrealTrainer",
+    "TrainResult",
+    "evaluate_model",
+    "get_weights",
+    "set_weights",
+]
+
+NDArrays = list[np.ndarray]
+Scalar = Any  # bool, int, float, str: what a train config or a metric holds
+
+
+@dataclass
+class TrainResult:
+    """What a device sends back after a round: trained arrays, examples trained, metrics."""
+
+    arrays: NDArrays
+    num_examples: int
+    metrics: dict[str, Scalar]
+
+log = logging.getLogger(__name__)
+
+
+def get_weights(model: torch.nn.Module) -> NDArrays:
+    """The model's ``state_dict`` values as C-ordered NumPy arrays (whatever the tensors' memory
+    layout, e.g. channels-last), in order."""
+    return [v.detach().cpu().numpy().copy(order="C") for v in model.state_dict().values()]
+
+
+def set_weights(model: torch.nn.Module, arrays: NDArrays) -> None:
+    """Load arrays (``state_dict`` order) into the model, refusing a mismatch."""
+    state = model.state_dict()
+    if len(arrays) != len(state):
+        raise ValueError(f"got {len(arrays)} arrays for a model with {len(state)} state entries")
+    new = {}
+    for (key, ref), arr in zip(state.items(), arrays):
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise ValueError(f"array for {key} has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}")
+        new[key] = torch.as_tensor(np.asarray(arr), dtype=ref.dtype)
+    model.load_state_dict(new, strict=True)
+
+
+def evaluate_model(
+    model: DropoutModel, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: str | torch.device = "cpu"
+) -> tuple[float, float, int]:
+    """Mean cross-entropy loss, accuracy and sample count of the full model (eval mode, no
+    dropout, no fixed subsets) on ``loader``.
+
+    Raises
+    ------
+    ValueError
+        If the loader yields no samples.
+    """
+    model.set_dropout(None)
+    model.set_fixed_subsets(None)
+    model.eval()
+    total_loss, correct, n = 0.0, 0, 0
+    with torch.no_grad():
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            logits = model(inputs)
+            total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == labels).sum())
+            n += int(labels.shape[0])
+    if n == 0:
+        raise ValueError("the evaluation loader yielded no samples")
+    return total_loss / n, correct / n, n
+
+
+class DeviceTrainer:
+    """One device's local training: data, simulated clock, training a plan, metrics.
+
+    Subclasses implement :meth:`plan` (which (sub)model each mini-batch trains and when the
+    round ends on the device's clock); :meth:`fit` runs a whole round.
+    """
+
+    def __init__(
+        self,
+        model: DropoutModel,
+        train_loader: DataLoader,
+        device_id: int,
+        resources: ResourceModel | None,
+        *,
+        r_max: float | None = None,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        local_epochs: int = 1,
+        step_macs_factor: float = 3.0,
+        skip_straggler_training: bool = True,
+        torch_device: str = "cpu",
+        seed: int | None = None,
+    ) -> None:
+        if lr <= 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
+        if local_epochs < 1:
+            raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
+        self.model = model.to(torch_device)
+        self.train_loader = train_loader
+        self.device_id = int(device_id)
+        self.resources = resources
+        self.r_max = r_max
+        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self.local_epochs = int(local_epochs)
+        self.step_macs_factor = float(step_macs_factor)
+        self.skip_straggler_training = bool(skip_straggler_training)
+        self.torch_device = torch_device
+        self.seed = None if seed is None else int(seed)
+        self.num_samples = len(train_loader.dataset)  # type: ignore[arg-type]
+        self.sizes = batch_sizes(
+            self.num_samples, int(train_loader.batch_size or 1), self.local_epochs, bool(train_loader.drop_last)
+        )
+
+    # -- the round ---------------------------------------------------------------------------
+    def get_weights(self) -> NDArrays:
+        """The model's arrays (``state_dict`` order)."""
+        return get_weights(self.model)
+
+    def load(self, arrays: NDArrays) -> None:
+        """Load arrays (``state_dict`` order) into the model, refusing a mismatch."""
+        set_weights(self.model, arrays)
+
+    def properties(self) -> dict[str, Scalar]:
+        """``partition-id`` (device id) and ``round-samples`` (samples per round): the server
+        orders and samples devices by the first and sizes the submodel baselines' round-start
+        assignment with the second."""
+        return {C.PARTITION_ID: self.device_id, C.ROUND_SAMPLES: int(sum(self.sizes))}
+
+    def fit(self, arrays: NDArrays, config: Mapping[str, Scalar]) -> TrainResult:
+        """Run one round: load the global arrays, plan on the clock, train, report.
+
+        Parameters
+        ----------
+        arrays : list of np.ndarray
+            The global model (``state_dict`` order).
+        config : Mapping
+            The train config (:mod:`flwr_distreal.contract`), ``server-round`` at least.
+
+        Returns
+        -------
+        TrainResult
+            The trained arrays, the samples trained and the metrics.
+        """
+        self.load(arrays)
+        server_round = int(config.get(C.SERVER_ROUND, 1))
+        self.reseed(server_round)
+        plan = self.plan(server_round, config)
+        loss = float("nan")
+        if not (plan.straggler and self.skip_straggler_training):
+            loss = self.train(plan)
+        self.model.set_fixed_subsets(None)
+        return TrainResult(get_weights(self.model), int(sum(plan.batch_sizes)), self.metrics(plan, loss))
+
+    # -- overridable hooks -----------------------------------------------------------------
+    def reseed(self, server_round: int) -> None:
+        """Seed the round's random draws from ``(seed, round, device id)``: the dropped filters
+        of every mini-batch and, when the loader has its own generator, the batch order (and
+        augmentation). Without a ``seed`` they come from torch's global generator."""
+        if self.seed is None:
+            return
+        dropout_seed, loader_seed = np.random.SeedSequence([self.seed, server_round, self.device_id]).generate_state(2)
+        self.model.seed_dropout(int(dropout_seed))
+        generator = getattr(self.train_loader, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(int(loader_seed))
+
+    def clock(self, server_round: int, config: Mapping[str, Scalar]):
+        """The device's simulated clock for the round, or ``None`` when unlimited."""
+        if self.resources is None or bool(config.get(C.UNLIMITED, False)):
+            return None
+        return self.resources.clock(self.device_id, server_round, self.r_max)
+
+    def plan(self, server_round: int, config: Mapping[str, Scalar]) -> RoundPlan:  # pragma: no cover
+        raise NotImplementedError
+
+    def prepare(self, config: Mapping[str, Scalar]) -> None:
+        """Set the model up for the round (fixed subsets for baselines)."""
+
+    def train(self, plan: RoundPlan) -> float:
+        """Train the planned mini-batches; returns the mean training loss."""
+        model = self.model
+        model.train()
+        opt = DroppedWeightGuard(
+            torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay),
+            model,
+        )
+        losses: list[float] = []
+        batches = self._batches()
+        for vector in plan.vectors:
+            x, y = next(batches)
+            x, y = x.to(self.torch_device), y.to(self.torch_device)
+            model.set_dropout(vector)  # None: no random dropout (full model or fixed subsets)
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        model.set_dropout(None)
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def _batches(self) -> Iterable:
+        for _ in range(self.local_epochs):
+            yield from self.train_loader
+
+    def metrics(self, plan: RoundPlan, loss: float) -> dict[str, Scalar]:
+        res = plan.result
+        # available_macs in the unit of c (forward MACs per sample, summed per mini-batch), so
+        # that macs / available_macs is the real utilisation spent / available.
+        if res.spent_macs > 0 and plan.macs > 0:
+            scale = res.spent_macs / plan.macs
+        else:
+            scale = self.step_macs_factor * (self.train_loader.batch_size or 1)
+        return {
+            C.MACS: plan.macs,
+            C.NUM_BATCHES: len(plan.vectors),
+            C.SIM_TIME: float(res.finish_time - res.start),
+            C.STRAGGLER: bool(plan.straggler),
+            C.MEAN_DROPOUT: plan.mean_dropout,
+            C.AVAILABLE_MACS: float(res.available_macs / scale),
+            C.UTILISATION: float(res.utilisation),
+            C.TRAIN_LOSS: loss,
+            C.PARTITION_ID: self.device_id,
+            C.INCOMPLETE: plan.incomplete,
+        }
+
+
+class DistrealTrainer(DeviceTrainer):
+    """DISTREAL device (Algorithm 1 of Rapp et al., AAAI 2022).
+
+    Before every mini-batch the client reads its resource availability r(t), selects the LUT
+    vector that fits (policy ``"paper"``: budget ``r(t) * T / B``; ``"deadline"``: time left
+    times ``r(t)`` over batches left), trains one step with per-batch random structured
+    dropout under that vector, and adds the vector's MACs to ``c``. It sends the weights
+    and ``c`` (metric ``macs``); the DISTREAL strategies weight by ``c`` (Algorithm 2).
+
+    Parameters
+    ----------
+    model : DropoutModel
+        Model from :func:`flwr_distreal.models.build_model` (full architecture).
+    train_loader : DataLoader
+        The device's local training data (batch size = the round's mini-batch size).
+    device_id : int
+        Device (partition) id: selects the resource trace.
+    lut : LUT
+        Lookup table of dropout vectors for ``model`` (checked against it).
+    resources : ResourceModel or None
+        Resource availability of all devices; ``None`` trains without limits (full model).
+    r_max : float, optional
+        This device's upper availability bound (MACs/s), if it differs from the model's.
+    policy : {"paper", "deadline"}
+        Per-batch budget rule.
+    lr, momentum, weight_decay : float
+        Local SGD settings (the paper: plain SGD). With momentum or weight decay, weights
+        dropped in a step keep their value and optimiser state (:class:`DroppedWeightGuard`).
+    local_epochs : int
+        Passes over the local data per round.
+    step_macs_factor : float
+        Cost of a training step relative to its forward pass (forward + backward ~ 3x).
+    stop_at_deadline : bool
+        Stop at the deadline and send the completed steps (weighted by their MACs) instead of
+        finishing late as a straggler (see :mod:`flwr_distreal.schedule`).
+    skip_straggler_training : bool
+        Do not train a round the clock says will miss the deadline (its update is discarded).
+    torch_device : str
+        Where to train.
+    seed : int, optional
+        Run seed: the random draws of round ``t`` (dropped filters, batch order) are seeded from
+        ``(seed, t, device_id)``, so a seeded run is reproducible. ``None``: torch's global
+        generator.
+    """
+
+    def __init__(
+        self,
+        model: DropoutModel,
+        train_loader: DataLoader,
+        device_id: int,
+        lut: LUT,
+        resources: ResourceModel | None,
+        *,
+        policy: str = "paper",
+        stop_at_deadline: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, train_loader, device_id, resources, **kwargs)
+        self.stop_at_deadline = bool(stop_at_deadline)
+        if policy not in POLICIES:
+            raise ValueError(f"unknown selection policy {policy!r}; valid: {list(POLICIES)}")
+        lut.check_model(model)
+        self.lut = lut
+        self.policy = policy
+
+    def plan(self, server_round: int, config: Mapping[str, Scalar]) -> RoundPlan:
+        clock = self.clock(server_round, config)
+        if clock is None:
+            return plan_fixed_round(None, count_macs(self.model), self.sizes, self.step_macs_factor)
+        return plan_distreal_round(
+            clock, self.lut, self.sizes, self.policy, self.step_macs_factor, self.stop_at_deadline  # type: ignore[arg-type]
+        )
+
+
+class BaselineTrainer(DeviceTrainer):
+    """Device of the baselines: a (sub)model fixed for the whole round.
+
+    * no ``"fixed-subsets"`` in the fit config: the full model (full resources with
+      ``"unlimited"``; the small-network baseline builds the small model and is limited);
+    * ``"fixed-subsets"`` (Federated Dropout, HeteroFL): the submodel the server assigned
+      at round start. The clock decides whether it finishes by the deadline; a drop in
+      resources during the round makes it a straggler.
+
+    Parameters are those of :class:`DistrealTrainer` without ``lut`` and ``policy``.
+    """
+
+    def prepare(self, config: Mapping[str, Scalar]) -> None:
+        from .strategy import decode_subsets
+
+        text = config.get("fixed-subsets")
+        if text is None:
+            self.model.set_fixed_subsets(None)
+            self._kept = None
+            return
+        subsets = C.decode_subsets(str(text), self.model.layer_widths)
+        self.model.set_fixed_subsets(subsets)
+        self._kept = [m.out_channels if s is None else int(s.numel()) for s, m in zip(subsets, self.model.dropout_layers)]
+
+    def plan(self, server_round: int, config: Mapping[str, Scalar]) -> RoundPlan:
+        self.prepare(config)
+        fwd = count_macs(self.model) if self._kept is None else macs_of_counts(self.model, self._kept)
+        return plan_fixed_round(self.clock(server_round, config), fwd, self.sizes, self.step_macs_factor)
+
+    def metrics(self, plan: RoundPlan, loss: float) -> dict[str, Scalar]:
+        out = super().metrics(plan, loss)
+        if self._kept is not None:
+            widths = self.model.layer_widths
+            out[C.MEAN_DROPOUT] = float(np.mean([1 - k / w for k, w in zip(self._kept, widths)]))
+        return out
