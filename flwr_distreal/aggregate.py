@@ -62,9 +62,13 @@ _NUMERIC_KINDS = frozenset("fiu")
 class RefusalReason(str, Enum):
     """Why a client reply was refused by :func:`validate_reply`.
 
-    The value is a short kebab-case code suitable for logs and metrics. The last
-    two are used by the submodel strategies: a reply from a client that was given no
-    submodel this round, or one whose reported device is not the one assigned.
+    The value is a short kebab-case code suitable for logs and metrics.
+    ``UNASSIGNED_CLIENT`` and ``DEVICE_MISMATCH`` are used by the submodel strategies: a
+    reply from a client that was given no submodel this round, or one whose reported
+    device is not the one assigned. ``INVALID_WEIGHT`` refuses a FedAvg-type reply whose
+    number of examples is not a non-negative number; ``MALFORMED_ARRAYS`` and
+    ``WRONG_ARRAY_KEYS`` a Message-API reply without a decodable ``ArrayRecord`` or whose
+    array names are not the global model's.
     """
 
     MISSING_MACS = "missing-macs"
@@ -80,6 +84,9 @@ class RefusalReason(str, Enum):
     NON_FINITE_ARRAYS = "non-finite-arrays"
     UNASSIGNED_CLIENT = "unassigned-client"
     DEVICE_MISMATCH = "device-mismatch"
+    INVALID_WEIGHT = "invalid-weight"
+    MALFORMED_ARRAYS = "malformed-arrays"
+    WRONG_ARRAY_KEYS = "wrong-array-keys"
 
 
 @dataclass(frozen=True)

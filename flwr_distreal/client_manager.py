@@ -5,7 +5,9 @@ with the global :mod:`random` module over node ids, and the simulation engine cr
 at random. Neither is seeded, so two runs with the same configuration train different devices
 in every round. :class:`SeededClientManager` orders the available clients by their device
 (partition) id, asked once per client with ``get_properties`` and cached, and draws with its
-own seeded generator: the same seed selects the same devices in every round of every run.
+own seeded generator: the same seed selects the same devices in every round of every run. The
+draw itself is :func:`flwr_distreal.server_core.seeded_draw`, shared with the Message-API
+strategies of :mod:`flwr_distreal.serverapp`, so both APIs draw the same devices for a seed.
 
 This module lives at the Flower edge of the package.
 """
@@ -20,6 +22,8 @@ from flwr.common import Code, GetPropertiesIns, Scalar
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
+
+from .server_core import seeded_draw
 
 __all__ = ["SeededClientManager", "fetch_properties"]
 
@@ -158,5 +162,5 @@ class SeededClientManager(SimpleClientManager):
             )
             return []
         ids = self.device_ids(available)
-        ordered = sorted(available, key=lambda c: (ids[c.cid], c.cid))
-        return self._rng.sample(ordered, num_clients)
+        by_cid = {c.cid: c for c in available}
+        return [by_cid[cid] for cid in seeded_draw(self._rng, ids, num_clients)]

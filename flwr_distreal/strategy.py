@@ -1,9 +1,13 @@
-"""Flower strategies: DISTREAL (Algorithm 2) and the paper's baselines.
+"""Flower strategies (legacy API): DISTREAL (Algorithm 2) and the paper's baselines.
 
 Every strategy here is a legacy :class:`flwr.server.strategy.FedAvg` subclass for
 clients that are ``NumPyClient`` instances wired through ``ClientApp(client_fn=...)``.
-The maths lives in :mod:`flwr_distreal.aggregate` (pure NumPy); the classes only
-unpack Flower's messages, validate, and delegate.
+The classes are thin adapters: they unpack Flower's ``FitRes`` into the neutral
+:class:`flwr_distreal.server_core.Reply`, let the Flower-free core
+(:mod:`flwr_distreal.server_core`: the gate, the aggregation rules, the submodel
+planners) decide, and pack ``Parameters``. The Message-API twins in
+:mod:`flwr_distreal.serverapp` run the same core, so both APIs give bit-identical
+global models for the same replies.
 
 Model parameters travel as the model's ``state_dict()`` values in ``state_dict``
 order, in both directions.
@@ -28,17 +32,17 @@ HeteroFL
 
 What a client sends and receives
 --------------------------------
-Fit config (server to client, kebab-case): ``"server-round"`` (int) always;
-``"unlimited"`` (bool, :class:`FullResources` only); for the submodel baselines
-``"device-id"`` (int), ``"fixed-subsets"`` (JSON, see :func:`encode_subsets`),
-``"submodel-macs"`` (forward MACs per sample of the assigned submodel) and
-``"dropout-rate"`` (:class:`FederatedDropout`) or ``"width-level"`` and
-``"width"`` (:class:`HeteroFL`).
+The keys are those of :mod:`flwr_distreal.contract`. Fit config (server to client,
+kebab-case): ``"server-round"`` (int) always; ``"unlimited"`` (bool,
+:class:`FullResources` only); for the submodel baselines ``"device-id"`` (int),
+``"fixed-subsets"`` (JSON, see :func:`encode_subsets`), ``"submodel-macs"`` (forward
+MACs per sample of the assigned submodel) and ``"dropout-rate"``
+(:class:`FederatedDropout`) or ``"width-level"`` and ``"width"`` (:class:`HeteroFL`).
 
 Fit metrics (client to server; key names are constructor arguments): ``"macs"``
 (the MACs ``c`` spent, Algorithm 1), ``"num_batches"``, ``"straggler"`` (bool),
 ``"available_macs"`` (what the device could have spent in the round, same unit as
-``"macs"``) and, for the submodel baselines, ``"partition-id"``.
+``"macs"``) and ``"partition-id"`` (replies are combined in device order).
 
 Client properties (``NumPyClient.get_properties``), used by the submodel baselines
 at round start: ``"partition-id"`` (the device id of the resource model) and
@@ -49,10 +53,8 @@ the mini-batch sizes over all local steps).
 from __future__ import annotations
 
 import logging
-import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,7 +62,6 @@ import torch
 from flwr.common import (
     FitIns,
     FitRes,
-    Metrics,
     NDArray,
     NDArrays,
     Parameters,
@@ -73,20 +74,24 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 from torch import Tensor, nn
 
-from .aggregate import (
-    OnExcess,
-    RefusalReason,
-    ValidationResult,
-    mac_weighted_update,
-    masked_average,
-    validate_arrays,
-    validate_reply,
-    weighted_average,
-)
+from . import contract as C
+from .aggregate import OnExcess
 from .client_manager import fetch_properties
-from .contract import decode_subsets, encode_subsets, is_number, is_straggler
-from .dropout import DropoutModel, kept_count, parameter_masks
-from .macs import macs_of_counts
+from .contract import decode_subsets, encode_subsets, is_number
+from .dropout import DropoutModel
+from .server_core import (
+    AvailabilityFn,
+    DistrealCore,
+    FedAvgCore,
+    FederatedDropoutPlanner,
+    HeteroFLPlanner,
+    Reply,
+    ReplyGate,
+    SubmodelCore,
+    SubmodelPlanner,
+    as_device_id,
+    fit_metrics_aggregation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,67 +108,10 @@ __all__ = [
     "make_evaluate_fn",
 ]
 
-AvailabilityFn = Callable[[int, float], float]
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def fit_metrics_aggregation(
-    fit_metrics: list[tuple[int, Metrics]],
-    *,
-    macs_key: str = "macs",
-    straggler_key: str = "straggler",
-    available_macs_key: str = "available_macs",
-) -> Metrics:
-    """Aggregate clients' fit metrics into per-round resource metrics.
-
-    Usable as FedAvg's ``fit_metrics_aggregation_fn`` (its signature), and used by
-    every strategy of this module on the replies it received.
-
-    Parameters
-    ----------
-    fit_metrics : list[tuple[int, Metrics]]
-        ``(num_examples, metrics)`` per reply.
-    macs_key : str, optional
-        Metric holding the MACs a client spent. Defaults to ``"macs"``.
-    straggler_key : str, optional
-        Metric that is true for a client that missed the round's deadline.
-        Defaults to ``"straggler"``.
-    available_macs_key : str, optional
-        Metric holding the MACs the client could have spent in the round.
-        Defaults to ``"available_macs"``.
-
-    Returns
-    -------
-    Metrics
-        ``received`` (replies), ``stragglers`` (how many were stragglers),
-        ``mean_macs`` (mean reported MACs over the non-stragglers that report a
-        finite value) and ``mean_utilisation`` (mean of ``macs / available_macs``
-        over the non-stragglers that report both, with ``available_macs > 0``).
-        A mean over no reply is NaN.
-    """
-    stragglers = 0
-    macs: list[float] = []
-    utilisation: list[float] = []
-    for _, metrics in fit_metrics:
-        if is_straggler(metrics, straggler_key):
-            stragglers += 1
-            continue
-        c = metrics.get(macs_key)
-        if not is_number(c) or not math.isfinite(float(c)):  # type: ignore[arg-type]
-            continue
-        macs.append(float(c))  # type: ignore[arg-type]
-        avail = metrics.get(available_macs_key)
-        if is_number(avail) and math.isfinite(float(avail)) and float(avail) > 0:  # type: ignore[arg-type]
-            utilisation.append(float(c) / float(avail))  # type: ignore[arg-type]
-    return {
-        "received": len(fit_metrics),
-        "stragglers": stragglers,
-        "mean_macs": float(np.mean(macs)) if macs else math.nan,
-        "mean_utilisation": float(np.mean(utilisation)) if utilisation else math.nan,
-    }
 
 
 def make_evaluate_fn(
@@ -244,68 +192,71 @@ def _load_arrays(model: nn.Module, arrays: Sequence[NDArray]) -> None:
     model.load_state_dict({k: torch.from_numpy(np.array(a, copy=True)) for k, a in zip(keys, arrays)})
 
 
-@dataclass
-class _Reply:
-    """An accepted reply: its proxy, result, arrays and validated MACs."""
 
-    proxy: ClientProxy
-    fit_res: FitRes
-    arrays: NDArrays
-    macs: float | None = None
+def _check_minimums(fedavg_kwargs: Mapping[str, Any]) -> None:
+    """Fail fast on inconsistent client minimums (legacy FedAvg only warns)."""
+    min_fit = fedavg_kwargs.get("min_fit_clients", 2)
+    min_eval = fedavg_kwargs.get("min_evaluate_clients", 2)
+    min_avail = fedavg_kwargs.get("min_available_clients", 2)
+    if min_fit > min_avail:
+        raise ValueError(f"min_available_clients ({min_avail}) must be >= min_fit_clients ({min_fit})")
+    if fedavg_kwargs.get("fraction_evaluate", 1.0) > 0 and min_eval > min_avail:
+        raise ValueError(
+            f"min_available_clients ({min_avail}) must be >= min_evaluate_clients ({min_eval}) "
+            "when clients evaluate (fraction_evaluate > 0)"
+        )
 
 
 # -------------------------------------------------------------------- the base class
 
 
 class _ResourceAwareFedAvg(FedAvg):
-    """FedAvg that drops stragglers, validates every reply and keeps the broadcast model.
+    """FedAvg over a :class:`flwr_distreal.server_core.ReplyGate`: the adapter.
 
-    Subclasses implement :meth:`_check_reply` and :meth:`_aggregate`; they may add
-    per-client fit config with :meth:`_client_configs`.
+    ``configure_fit`` samples as FedAvg does (through the client manager), hands the
+    broadcast parameters to the core and adds per-client config (:meth:`_client_configs`);
+    ``aggregate_fit`` turns every ``FitRes`` into a :class:`~flwr_distreal.server_core.Reply`
+    and lets the core gate and combine them.
+
+    Parameters
+    ----------
+    core : ReplyGate
+        The Flower-free gate and aggregation rule.
+    **fedavg_kwargs : Any
+        Passed to :class:`flwr.server.strategy.FedAvg`.
     """
 
-    def __init__(
-        self,
-        *,
-        macs_key: str = "macs",
-        num_batches_key: str = "num_batches",
-        straggler_key: str = "straggler",
-        available_macs_key: str = "available_macs",
-        **fedavg_kwargs: Any,
-    ) -> None:
-        min_fit = fedavg_kwargs.get("min_fit_clients", 2)
-        min_eval = fedavg_kwargs.get("min_evaluate_clients", 2)
-        min_avail = fedavg_kwargs.get("min_available_clients", 2)
-        if min_fit > min_avail:
-            raise ValueError(
-                f"min_available_clients ({min_avail}) must be >= min_fit_clients ({min_fit})"
-            )
-        if fedavg_kwargs.get("fraction_evaluate", 1.0) > 0 and min_eval > min_avail:
-            raise ValueError(
-                f"min_available_clients ({min_avail}) must be >= min_evaluate_clients ({min_eval}) "
-                "when clients evaluate (fraction_evaluate > 0)"
-            )
-        for name, key in (
-            ("macs_key", macs_key),
-            ("num_batches_key", num_batches_key),
-            ("straggler_key", straggler_key),
-            ("available_macs_key", available_macs_key),
-        ):
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"{name} must be a non-empty string, got {key!r}")
+    def __init__(self, core: ReplyGate, **fedavg_kwargs: Any) -> None:
+        _check_minimums(fedavg_kwargs)
         super().__init__(**fedavg_kwargs)
-        self.macs_key = macs_key
-        self.num_batches_key = num_batches_key
-        self.straggler_key = straggler_key
-        self.available_macs_key = available_macs_key
-        self._global: NDArrays | None = None
-        self._global_round: int | None = None
+        self.core = core
+
+    # metric keys, read from the core
+    @property
+    def macs_key(self) -> str:
+        """Fit metric with the MACs spent."""
+        return self.core.macs_key
+
+    @property
+    def num_batches_key(self) -> str:
+        """Fit metric with the mini-batches trained."""
+        return self.core.num_batches_key
+
+    @property
+    def straggler_key(self) -> str:
+        """Fit metric that is true for a straggler."""
+        return self.core.straggler_key
+
+    @property
+    def available_macs_key(self) -> str:
+        """Fit metric with the MACs the device could have spent."""
+        return self.core.available_macs_key
 
     # -- configure ---------------------------------------------------------------------
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Sample clients as FedAvg does, keep a copy of the broadcast parameters, add config.
+        """Sample clients as FedAvg does, keep the broadcast parameters, add config.
 
         Parameters
         ----------
@@ -322,8 +273,7 @@ class _ResourceAwareFedAvg(FedAvg):
             One instruction per selected client; every config has ``"server-round"``
             plus the strategy's own keys.
         """
-        self._global = parameters_to_ndarrays(parameters)
-        self._global_round = server_round
+        self.core.broadcast(server_round, parameters_to_ndarrays(parameters))
         pairs = super().configure_fit(server_round, parameters, client_manager)
         extra = self._client_configs(server_round, [client for client, _ in pairs])
         out: list[tuple[ClientProxy, FitIns]] = []
@@ -331,23 +281,10 @@ class _ResourceAwareFedAvg(FedAvg):
             if client.cid not in extra:
                 continue
             config: dict[str, Scalar] = dict(fit_ins.config)
-            config["server-round"] = server_round
+            config[C.SERVER_ROUND] = server_round
             config.update(extra[client.cid])
             out.append((client, FitIns(fit_ins.parameters, config)))
         return out
-
-    @staticmethod
-    def _reply_order(result: tuple[ClientProxy, FitRes]) -> tuple[int, str]:
-        """Aggregation order of the replies: by the reported device id, then ``cid``.
-
-        Replies arrive in completion order; summing them in a fixed order makes a seeded run
-        reproducible to the last bit.
-        """
-        proxy, fit_res = result
-        device = fit_res.metrics.get("partition-id") if fit_res.metrics else None
-        if isinstance(device, bool) or not isinstance(device, int):
-            device = -1
-        return device, proxy.cid
 
     def _client_configs(
         self, server_round: int, clients: list[ClientProxy]
@@ -356,13 +293,16 @@ class _ResourceAwareFedAvg(FedAvg):
         return {client.cid: {} for client in clients}
 
     # -- aggregate ---------------------------------------------------------------------
-    @abstractmethod
-    def _check_reply(self, proxy: ClientProxy, fit_res: FitRes, arrays: NDArrays) -> ValidationResult:
-        """Validate one non-straggler reply."""
-
-    @abstractmethod
-    def _aggregate(self, global_arrays: NDArrays, replies: list[_Reply]) -> NDArrays | None:
-        """Aggregate accepted replies; None when they carry no weight."""
+    def _reply(self, proxy: ClientProxy, fit_res: FitRes) -> Reply:
+        """A ``FitRes`` as the core's neutral reply."""
+        metrics = fit_res.metrics or {}
+        return Reply(
+            node=proxy.cid,
+            device_id=as_device_id(metrics.get(self.core.partition_id_key)),
+            arrays=parameters_to_ndarrays(fit_res.parameters),
+            num_examples=fit_res.num_examples,
+            metrics=metrics,
+        )
 
     def aggregate_fit(
         self,
@@ -370,7 +310,7 @@ class _ResourceAwareFedAvg(FedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Drop stragglers, validate replies, aggregate the rest.
+        """Drop stragglers, validate replies, aggregate the rest (in device order).
 
         Parameters
         ----------
@@ -395,95 +335,32 @@ class _ResourceAwareFedAvg(FedAvg):
         RuntimeError
             If no parameters were broadcast by :meth:`configure_fit` before.
         """
-        metrics: dict[str, Scalar] = {
-            "received": len(results),
-            "failures": len(failures),
-            "stragglers": 0,
-            "refused": 0,
-            "accepted": 0,
-        }
         if failures:
             log.warning("round %s: %s client failures, ignored", server_round, len(failures))
             if not self.accept_failures:
                 log.warning("round %s: failures not accepted, global model unchanged", server_round)
-                return None, metrics
-        global_arrays = self._require_global()
-        if self._global_round != server_round:
-            log.warning(
-                "aggregate_fit for round %s, but the last broadcast was in round %s",
-                server_round,
-                self._global_round,
-            )
-
-        accepted: list[_Reply] = []
-        for proxy, fit_res in sorted(results, key=self._reply_order):
-            if is_straggler(fit_res.metrics, self.straggler_key):
-                metrics["stragglers"] = int(metrics["stragglers"]) + 1
-                continue
-            arrays = parameters_to_ndarrays(fit_res.parameters)
-            check = self._check_reply(proxy, fit_res, arrays)
-            if not check.ok:
-                metrics["refused"] = int(metrics["refused"]) + 1
-                log.warning(
-                    "round %s: refused reply of client %s (%s): %s",
-                    server_round,
-                    proxy.cid,
-                    check.reason.value if check.reason is not None else "invalid",
-                    check.message,
-                )
-                continue
-            accepted.append(_Reply(proxy, fit_res, arrays, check.macs))
-        metrics["accepted"] = len(accepted)
-
-        resource_metrics = fit_metrics_aggregation(
-            [(r.fit_res.num_examples, r.fit_res.metrics) for r in accepted],
-            macs_key=self.macs_key,
-            straggler_key=self.straggler_key,
-            available_macs_key=self.available_macs_key,
+                return None, {
+                    "received": len(results),
+                    "failures": len(failures),
+                    "stragglers": 0,
+                    "refused": 0,
+                    "accepted": 0,
+                }
+        global_arrays = self.core.global_arrays
+        outcome = self.core.aggregate(
+            server_round,
+            [self._reply(proxy, fit_res) for proxy, fit_res in results],
+            failures=len(failures),
+            logger=log,
         )
-        metrics["mean_macs"] = resource_metrics["mean_macs"]
-        metrics["mean_utilisation"] = resource_metrics["mean_utilisation"]
-        if self.fit_metrics_aggregation_fn is not None and accepted:
+        metrics: dict[str, Scalar] = dict(outcome.metrics)
+        if self.fit_metrics_aggregation_fn is not None and outcome.accepted:
             user = self.fit_metrics_aggregation_fn(
-                [(r.fit_res.num_examples, r.fit_res.metrics) for r in accepted]
+                [(int(a.reply.num_examples), dict(a.reply.metrics)) for a in outcome.accepted]
             )
             metrics.update(user)
-
-        new_arrays = self._aggregate(global_arrays, accepted) if accepted else None
-        if new_arrays is None:
-            log.warning(
-                "round %s: no update to aggregate (%s received, %s stragglers, %s refused); "
-                "keeping the previous global model",
-                server_round,
-                len(results),
-                metrics["stragglers"],
-                metrics["refused"],
-            )
-            return ndarrays_to_parameters(global_arrays), metrics
-        log.info(
-            "round %s: aggregated %s of %s replies (%s stragglers, %s refused, %s failures)",
-            server_round,
-            len(accepted),
-            len(results),
-            metrics["stragglers"],
-            metrics["refused"],
-            len(failures),
-        )
+        new_arrays = global_arrays if outcome.arrays is None else outcome.arrays
         return ndarrays_to_parameters(new_arrays), metrics
-
-    def _require_global(self) -> NDArrays:
-        """The parameters broadcast by the last :meth:`configure_fit`."""
-        if self._global is None:
-            raise RuntimeError(
-                "no parameters were broadcast yet: configure_fit must run before aggregate_fit"
-            )
-        return self._global
-
-    def _check_arrays(self, arrays: NDArrays) -> ValidationResult:
-        global_arrays = self._require_global()
-        return validate_arrays(
-            arrays, [g.shape for g in global_arrays], [g.dtype.kind for g in global_arrays]
-        )
 
 
 # ---------------------------------------------------------------------------- DISTREAL
@@ -496,7 +373,7 @@ class Distreal(_ResourceAwareFedAvg):
     ``theta_t = theta_{t-1} + sum_i c_i (theta_i - theta_{t-1}) / sum_i c_i``, where
     ``c_i`` is the MACs client ``i`` reports (accumulated per mini-batch by
     Algorithm 1, see :class:`flwr_distreal.client.DistrealClient`). With equal
-    ``c_i`` this is FedAvg.
+    ``c_i`` this is FedAvg. The rule is :class:`flwr_distreal.server_core.DistrealCore`.
 
     A reply is discarded when its straggler metric is true (the client missed the
     round's deadline). Every other reply passes :func:`flwr_distreal.aggregate.validate_reply`:
@@ -541,59 +418,44 @@ class Distreal(_ResourceAwareFedAvg):
         not "refuse" or "clip", a key is empty, or the client minimums are inconsistent.
     """
 
+    core: DistrealCore
+
     def __init__(
         self,
         *,
         full_macs_per_batch: float,
         on_excess: OnExcess = "refuse",
-        macs_key: str = "macs",
-        num_batches_key: str = "num_batches",
-        straggler_key: str = "straggler",
-        available_macs_key: str = "available_macs",
+        macs_key: str = C.MACS,
+        num_batches_key: str = C.NUM_BATCHES,
+        straggler_key: str = C.STRAGGLER,
+        available_macs_key: str = C.AVAILABLE_MACS,
         **fedavg_kwargs: Any,
     ) -> None:
-        if not is_number(full_macs_per_batch) or not (
-            math.isfinite(float(full_macs_per_batch)) and float(full_macs_per_batch) > 0
-        ):
-            raise ValueError(
-                f"full_macs_per_batch must be a positive finite number, got {full_macs_per_batch!r}"
-            )
-        if on_excess not in ("refuse", "clip"):
-            raise ValueError(f"on_excess must be 'refuse' or 'clip', got {on_excess!r}")
-        self.full_macs_per_batch = float(full_macs_per_batch)
-        self.on_excess: OnExcess = on_excess
-        super().__init__(
+        core = DistrealCore(
+            full_macs_per_batch=full_macs_per_batch,
+            on_excess=on_excess,
             macs_key=macs_key,
             num_batches_key=num_batches_key,
             straggler_key=straggler_key,
             available_macs_key=available_macs_key,
-            **fedavg_kwargs,
         )
+        super().__init__(core, **fedavg_kwargs)
+
+    @property
+    def full_macs_per_batch(self) -> float:
+        """The most MACs one mini-batch can cost."""
+        return self.core.full_macs_per_batch
+
+    @property
+    def on_excess(self) -> OnExcess:
+        """"refuse" or "clip" MACs above the maximum."""
+        return self.core.on_excess
 
     def __repr__(self) -> str:
         return (
             f"Distreal(full_macs_per_batch={self.full_macs_per_batch:g}, on_excess={self.on_excess!r}, "
             f"accept_failures={self.accept_failures})"
         )
-
-    def _check_reply(self, proxy: ClientProxy, fit_res: FitRes, arrays: NDArrays) -> ValidationResult:
-        global_arrays = self._require_global()
-        return validate_reply(
-            arrays,
-            [g.shape for g in global_arrays],
-            fit_res.metrics.get(self.macs_key),
-            fit_res.metrics.get(self.num_batches_key),
-            self.full_macs_per_batch,
-            expected_kinds=[g.dtype.kind for g in global_arrays],
-            on_excess=self.on_excess,
-        )
-
-    def _aggregate(self, global_arrays: NDArrays, replies: list[_Reply]) -> NDArrays | None:
-        macs = [float(r.macs or 0.0) for r in replies]
-        if sum(macs) <= 0.0:
-            log.warning("every accepted reply reports zero MACs: nothing to weight by")
-            return None
-        return mac_weighted_update(global_arrays, [r.arrays for r in replies], macs)
 
 
 # --------------------------------------------------------------- FedAvg-type baselines
@@ -605,7 +467,8 @@ class SmallNetwork(_ResourceAwareFedAvg):
     The small model (e.g. ``femnist_cnn_small``, DenseNet-BC-19 for CIFAR-10) lives
     on the clients and in the initial parameters; server-side this is FedAvg
     weighted by the number of examples, with stragglers discarded and every reply's
-    arrays validated (count, shapes, dtypes, finiteness; refusals are logged).
+    arrays validated (count, shapes, dtypes, finiteness; refusals are logged). The
+    rule is :class:`flwr_distreal.server_core.FedAvgCore`.
 
     Parameters
     ----------
@@ -625,30 +488,18 @@ class SmallNetwork(_ResourceAwareFedAvg):
     def __init__(
         self,
         *,
-        straggler_key: str = "straggler",
-        macs_key: str = "macs",
-        available_macs_key: str = "available_macs",
+        straggler_key: str = C.STRAGGLER,
+        macs_key: str = C.MACS,
+        available_macs_key: str = C.AVAILABLE_MACS,
         **fedavg_kwargs: Any,
     ) -> None:
-        super().__init__(
-            macs_key=macs_key,
-            straggler_key=straggler_key,
-            available_macs_key=available_macs_key,
-            **fedavg_kwargs,
+        core = FedAvgCore(
+            macs_key=macs_key, straggler_key=straggler_key, available_macs_key=available_macs_key
         )
+        super().__init__(core, **fedavg_kwargs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(accept_failures={self.accept_failures})"
-
-    def _check_reply(self, proxy: ClientProxy, fit_res: FitRes, arrays: NDArrays) -> ValidationResult:
-        return self._check_arrays(arrays)
-
-    def _aggregate(self, global_arrays: NDArrays, replies: list[_Reply]) -> NDArrays | None:
-        weights = [r.fit_res.num_examples for r in replies]
-        if sum(weights) <= 0:
-            log.warning("every accepted reply reports zero examples: nothing to weight by")
-            return None
-        return weighted_average(global_arrays, [r.arrays for r in replies], weights)
 
 
 class FullResources(SmallNetwork):
@@ -663,19 +514,10 @@ class FullResources(SmallNetwork):
     def _client_configs(
         self, server_round: int, clients: list[ClientProxy]
     ) -> dict[str, dict[str, Scalar]]:
-        return {client.cid: {"unlimited": True} for client in clients}
+        return {client.cid: {C.UNLIMITED: True} for client in clients}
 
 
 # ------------------------------------------------------------ submodel baselines (base)
-
-
-@dataclass(frozen=True)
-class _Assignment:
-    """The submodel a client trains in one round."""
-
-    device_id: int
-    kept: tuple[np.ndarray | None, ...]
-    mask_key: str | None  # cache key for masks that repeat (HeteroFL levels); None = no cache
 
 
 class SubmodelStrategy(_ResourceAwareFedAvg):
@@ -685,12 +527,13 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
     its round workload (client properties ``"partition-id"`` and ``"round-samples"``,
     asked once per client proxy with ``get_properties`` and cached), reads the
     device's availability at the round's start time, converts it into a forward-MACs
-    budget per sample, and lets the subclass choose a submodel (kept filters per
+    budget per sample, and lets the planner choose a submodel (kept filters per
     dropout layer). The client receives the subset in ``"fixed-subsets"`` and trains
     it for the whole round, so a drop in resources mid-round makes it a straggler.
     Aggregation averages every weight over the clients whose submodel trained it
     (:func:`flwr_distreal.aggregate.masked_average`, weighted by examples), with the
     masks of :func:`flwr_distreal.dropout.parameter_masks` for the assigned subsets.
+    The round logic is :class:`flwr_distreal.server_core.SubmodelCore`.
 
     The budget assumes the availability at round start lasts the whole round:
     ``availability_fn(device, t0) * round_duration / (step_macs_factor * round_samples)``
@@ -743,6 +586,8 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
         not a positive finite number, or the FedAvg arguments are inconsistent.
     """
 
+    core: SubmodelCore
+
     def __init__(
         self,
         *,
@@ -756,42 +601,80 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
         device_id_fn: Callable[[ClientProxy], int] | None = None,
         seed: int = 0,
         properties_timeout: float | None = None,
-        partition_id_key: str = "partition-id",
-        round_samples_key: str = "round-samples",
-        straggler_key: str = "straggler",
-        macs_key: str = "macs",
-        available_macs_key: str = "available_macs",
+        partition_id_key: str = C.PARTITION_ID,
+        round_samples_key: str = C.ROUND_SAMPLES,
+        straggler_key: str = C.STRAGGLER,
+        macs_key: str = C.MACS,
+        available_macs_key: str = C.AVAILABLE_MACS,
         **fedavg_kwargs: Any,
     ) -> None:
         from .models import build_model
 
-        for name, value in (("round_duration", round_duration), ("step_macs_factor", step_macs_factor)):
-            if not is_number(value) or not (math.isfinite(float(value)) and float(value) > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        if not callable(availability_fn):
-            raise ValueError("availability_fn must be a callable (device_id, t) -> MACs per second")
-        super().__init__(
+        SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor)
+        _check_minimums(fedavg_kwargs)
+        model: DropoutModel = build_model(model_name, num_classes, **dict(model_kwargs or {}))
+        core = SubmodelCore(
+            self._make_planner(model, seed),
+            availability_fn=availability_fn,
+            round_duration=round_duration,
+            step_macs_factor=step_macs_factor,
             macs_key=macs_key,
             straggler_key=straggler_key,
             available_macs_key=available_macs_key,
-            **fedavg_kwargs,
+            partition_id_key=partition_id_key,
         )
-        self.model: DropoutModel = build_model(model_name, num_classes, **dict(model_kwargs or {}))
+        super().__init__(core, **fedavg_kwargs)
         self.model_name = model_name
-        self.availability_fn = availability_fn
-        self.round_duration = float(round_duration)
-        self.step_macs_factor = float(step_macs_factor)
         self.round_samples_fn = round_samples_fn
         self.device_id_fn = device_id_fn
         self.seed = int(seed)
         self.properties_timeout = properties_timeout
-        self.partition_id_key = partition_id_key
         self.round_samples_key = round_samples_key
-        self.widths: list[int] = list(self.model.layer_widths)
-        self._state_keys = list(self.model.state_dict().keys())
         self._properties: dict[str, dict[str, Scalar]] = {}
-        self._assignments: dict[str, _Assignment] = {}
-        self._mask_cache: dict[str, list[NDArray]] = {}
+
+    @abstractmethod
+    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
+        """The baseline's round-start planner for ``model``."""
+
+    # state of the core, as attributes of the strategy
+    @property
+    def model(self) -> DropoutModel:
+        """The full model (for MACs and masks)."""
+        return self.core.model
+
+    @property
+    def widths(self) -> list[int]:
+        """Filters per dropout layer of the full model."""
+        return self.core.widths
+
+    @property
+    def availability_fn(self) -> AvailabilityFn:
+        """``availability_fn(device_id, t)`` in MACs per second."""
+        return self.core.availability_fn
+
+    @property
+    def round_duration(self) -> float:
+        """Round duration ``T``."""
+        return self.core.round_duration
+
+    @property
+    def step_macs_factor(self) -> float:
+        """Cost of a training step relative to its forward pass."""
+        return self.core.step_macs_factor
+
+    @property
+    def partition_id_key(self) -> str:
+        """Property and fit-metric key with the device id."""
+        return self.core.partition_id_key
+
+    def round_start(self, server_round: int) -> float:
+        """Simulated time at which round ``server_round`` starts, ``(server_round - 1) * T``."""
+        return self.core.round_start(server_round)
+
+    def forward_budget(self, device_id: int, server_round: int, round_samples: int) -> float:
+        """Forward MACs per sample a device can afford this round, judged at round start
+        (see :meth:`flwr_distreal.server_core.SubmodelCore.forward_budget`)."""
+        return self.core.forward_budget(device_id, server_round, round_samples)
 
     # -- device look-up ----------------------------------------------------------------
     def _required_properties(self) -> list[str]:
@@ -809,130 +692,26 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
         if required and todo:
             self._properties.update(fetch_properties(todo, required, self.properties_timeout))
 
-    def _device_of(self, client: ClientProxy) -> tuple[int, int]:
-        """(device id, round samples) of a client; raises ValueError if unknown or invalid."""
+    def _raw_device(self, client: ClientProxy) -> tuple[object, object]:
+        """(device id, round samples) of a client as known, unvalidated."""
         props = self._properties.get(client.cid, {})
         if self.device_id_fn is not None:
-            device_id = self.device_id_fn(client)
+            device_id: object = self.device_id_fn(client)
         else:
-            device_id = props.get(self.partition_id_key)  # type: ignore[assignment]
-        samples = (
-            self.round_samples_fn(int(device_id))  # type: ignore[arg-type]
-            if self.round_samples_fn is not None and is_number(device_id)
-            else props.get(self.round_samples_key)
-        )
-        for name, value in (("device id", device_id), ("round samples", samples)):
-            if not is_number(value) or float(value) != int(value) or int(value) < 0:  # type: ignore[arg-type]
-                raise ValueError(f"client {client.cid} has invalid {name} {value!r}")
-        if int(samples) == 0:  # type: ignore[arg-type]
-            raise ValueError(f"client {client.cid} has no training samples")
-        return int(device_id), int(samples)  # type: ignore[arg-type]
-
-    def round_start(self, server_round: int) -> float:
-        """Simulated time at which round ``server_round`` starts, ``(server_round - 1) * T``."""
-        return (server_round - 1) * self.round_duration
-
-    def forward_budget(self, device_id: int, server_round: int, round_samples: int) -> float:
-        """Forward MACs per sample a device can afford this round, judged at round start.
-
-        Parameters
-        ----------
-        device_id : int
-            The device.
-        server_round : int
-            The round (its start time is :meth:`round_start`).
-        round_samples : int
-            Samples the device processes in the round.
-
-        Returns
-        -------
-        float
-            ``r(t0) * T / (step_macs_factor * round_samples)``.
-
-        Raises
-        ------
-        ValueError
-            If the availability is negative, NaN or not a number.
-        """
-        rate = self.availability_fn(device_id, self.round_start(server_round))
-        if not is_number(rate) or math.isnan(float(rate)) or float(rate) < 0:
-            raise ValueError(f"availability of device {device_id} is {rate!r}, expected MACs/s >= 0")
-        return float(rate) * self.round_duration / (self.step_macs_factor * round_samples)
-
-    # -- assignment --------------------------------------------------------------------
-    @abstractmethod
-    def _assign(
-        self, device_id: int, budget: float, server_round: int
-    ) -> tuple[_Assignment, dict[str, Scalar]]:
-        """Choose a submodel for a device with ``budget`` forward MACs per sample."""
+            device_id = props.get(self.partition_id_key)
+        if self.round_samples_fn is not None and is_number(device_id):
+            samples: object = self.round_samples_fn(int(device_id))  # type: ignore[arg-type]
+        else:
+            samples = props.get(self.round_samples_key)
+        return device_id, samples
 
     def _client_configs(
         self, server_round: int, clients: list[ClientProxy]
     ) -> dict[str, dict[str, Scalar]]:
-        global_arrays = self._require_global()
-        if len(global_arrays) != len(self._state_keys):
-            raise ValueError(
-                f"the global parameters have {len(global_arrays)} arrays but model "
-                f"{self.model_name!r} has {len(self._state_keys)} state_dict entries"
-            )
-        self._assignments = {}
         if self.device_id_fn is None or self.round_samples_fn is None:
             self._fetch_properties(clients)
-        configs: dict[str, dict[str, Scalar]] = {}
-        for client in clients:
-            try:
-                device_id, samples = self._device_of(client)
-                budget = self.forward_budget(device_id, server_round, samples)
-            except ValueError as err:
-                log.warning("round %s: client %s not trained: %s", server_round, client.cid, err)
-                continue
-            assignment, config = self._assign(device_id, budget, server_round)
-            self._assignments[client.cid] = assignment
-            counts = [self.widths[i] if k is None else len(k) for i, k in enumerate(assignment.kept)]
-            configs[client.cid] = {
-                "device-id": device_id,
-                "fixed-subsets": encode_subsets(assignment.kept),
-                "submodel-macs": int(macs_of_counts(self.model, counts)),
-                **config,
-            }
-        return configs
-
-    # -- aggregation -------------------------------------------------------------------
-    def _check_reply(self, proxy: ClientProxy, fit_res: FitRes, arrays: NDArrays) -> ValidationResult:
-        assignment = self._assignments.get(proxy.cid)
-        if assignment is None:
-            return ValidationResult.refuse(
-                RefusalReason.UNASSIGNED_CLIENT, "no submodel was assigned to this client this round"
-            )
-        reported = fit_res.metrics.get(self.partition_id_key)
-        if reported is not None and (
-            not is_number(reported) or int(reported) != assignment.device_id  # type: ignore[arg-type]
-        ):
-            return ValidationResult.refuse(
-                RefusalReason.DEVICE_MISMATCH,
-                f"reply reports {self.partition_id_key}={reported!r} but the submodel was "
-                f"assigned to device {assignment.device_id}",
-            )
-        return self._check_arrays(arrays)
-
-    def _masks(self, assignment: _Assignment) -> list[NDArray]:
-        key = assignment.mask_key
-        if key is not None and key in self._mask_cache:
-            return self._mask_cache[key]
-        kept = [None if k is None else torch.as_tensor(k, dtype=torch.long) for k in assignment.kept]
-        by_key = parameter_masks(self.model, kept)
-        masks = [by_key[k] for k in self._state_keys]
-        if key is not None:
-            self._mask_cache[key] = masks
-        return masks
-
-    def _aggregate(self, global_arrays: NDArrays, replies: list[_Reply]) -> NDArrays | None:
-        weights = [r.fit_res.num_examples for r in replies]
-        if sum(weights) <= 0:
-            log.warning("every accepted reply reports zero examples: nothing to weight by")
-            return None
-        masks = [self._masks(self._assignments[r.proxy.cid]) for r in replies]
-        return masked_average(global_arrays, [r.arrays for r in replies], masks, weights)
+        devices = {client.cid: self._raw_device(client) for client in clients}
+        return self.core.plan_round(server_round, devices, logger=log)
 
 
 # -------------------------------------------------------------------- Federated Dropout
@@ -945,7 +724,8 @@ class FederatedDropout(SubmodelStrategy):
     layers from the device's availability at that moment (the most expensive rate
     whose submodel fits the device's budget, see :class:`SubmodelStrategy`), and a
     random subset of ``kept_count(rate, C)`` filters per layer, fixed for the
-    whole round and seeded by ``(seed, server_round, device_id)``. Clients get
+    whole round and seeded by ``(seed, server_round, device_id)``
+    (:class:`flwr_distreal.server_core.FederatedDropoutPlanner`). Clients get
     ``"dropout-rate"`` and ``"fixed-subsets"``; aggregation averages every weight
     over the clients that trained it.
 
@@ -974,36 +754,20 @@ class FederatedDropout(SubmodelStrategy):
         rates: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> None:
+        self._rate_args = (rate_for_budget, None if rates is None else list(rates))
         super().__init__(**kwargs)
-        if rate_for_budget is None:
-            from .lut import LUT
 
-            grid = np.round(np.linspace(0.0, 0.5, 51), 10) if rates is None else np.asarray(rates, float)
-            if grid.size == 0 or not np.all(np.isfinite(grid)) or grid.min() < 0 or grid.max() > 0.5:
-                raise ValueError(f"rates must be non-empty and within [0, 0.5], got {list(grid)}")
-            lut = LUT.uniform(self.model, grid.tolist())
+    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
+        rate_for_budget, rates = self._rate_args
+        return FederatedDropoutPlanner(model, rate_for_budget=rate_for_budget, rates=rates, seed=seed)
 
-            def rate_for_budget(budget: float) -> float:
-                vector, _ = lut.select(budget, fallback_to_cheapest=True)
-                return float(vector[0])
-
-        self.rate_for_budget = rate_for_budget
+    @property
+    def rate_for_budget(self) -> Callable[[float], float]:
+        """Maps a forward-MACs-per-sample budget to a dropout rate."""
+        return self.core.planner.rate_for_budget  # type: ignore[attr-defined, no-any-return]
 
     def __repr__(self) -> str:
         return f"FederatedDropout(model_name={self.model_name!r}, seed={self.seed})"
-
-    def _assign(
-        self, device_id: int, budget: float, server_round: int
-    ) -> tuple[_Assignment, dict[str, Scalar]]:
-        rate = float(self.rate_for_budget(budget))
-        if not (math.isfinite(rate) and 0.0 <= rate <= 0.5):
-            raise ValueError(f"rate_for_budget returned {rate!r}, expected a rate in [0, 0.5]")
-        rng = np.random.default_rng([self.seed, server_round, device_id])
-        kept: list[np.ndarray | None] = []
-        for width in self.widths:
-            k = kept_count(rate, width)
-            kept.append(None if k == width else np.sort(rng.choice(width, size=k, replace=False)))
-        return _Assignment(device_id, tuple(kept), None), {"dropout-rate": rate}
 
 
 # ---------------------------------------------------------------------------- HeteroFL
@@ -1015,7 +779,8 @@ class HeteroFL(SubmodelStrategy):
     Width level ``p = 1 .. levels`` keeps the FIRST ``ceil(s**(p-1) * C)`` filters of
     every dropout layer with ``C`` filters. At round start each selected device gets
     the widest level whose forward MACs fit its budget (see
-    :class:`SubmodelStrategy`), or the narrowest level when none fits. Clients get
+    :class:`SubmodelStrategy`), or the narrowest level when none fits
+    (:class:`flwr_distreal.server_core.HeteroFLPlanner`). Clients get
     ``"width-level"``, ``"width"`` and ``"fixed-subsets"``; aggregation averages every
     weight over the clients that trained it.
 
@@ -1035,39 +800,45 @@ class HeteroFL(SubmodelStrategy):
     """
 
     def __init__(self, *, shrink: float = 0.7, levels: int = 5, **kwargs: Any) -> None:
-        if not is_number(shrink) or not 0.0 < float(shrink) < 1.0:
-            raise ValueError(f"shrink must be in (0, 1), got {shrink!r}")
-        if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
-            raise ValueError(f"levels must be an int >= 1, got {levels!r}")
+        HeteroFLPlanner.check_args(shrink, levels)
+        self._level_args = (shrink, levels)
         super().__init__(**kwargs)
-        self.shrink = float(shrink)
-        self.levels = int(levels)
-        self.level_counts: list[list[int]] = [
-            self.counts_for_width(self.shrink ** (p - 1)) for p in range(1, self.levels + 1)
-        ]
-        self.level_macs: list[int] = [int(macs_of_counts(self.model, c)) for c in self.level_counts]
 
-    def __repr__(self) -> str:
-        return f"HeteroFL(model_name={self.model_name!r}, shrink={self.shrink}, levels={self.levels})"
+    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
+        shrink, levels = self._level_args
+        return HeteroFLPlanner(model, shrink=shrink, levels=levels)
+
+    @property
+    def _planner(self) -> HeteroFLPlanner:
+        return self.core.planner  # type: ignore[return-value]
+
+    @property
+    def shrink(self) -> float:
+        """Shrinking ratio ``s``."""
+        return self._planner.shrink
+
+    @property
+    def levels(self) -> int:
+        """Number of width levels."""
+        return self._planner.levels
+
+    @property
+    def level_counts(self) -> list[list[int]]:
+        """Filters kept per dropout layer at each level."""
+        return self._planner.level_counts
+
+    @property
+    def level_macs(self) -> list[int]:
+        """Forward MACs per sample at each level."""
+        return self._planner.level_macs
 
     def counts_for_width(self, width: float) -> list[int]:
         """Filters kept per dropout layer at width fraction ``width``: ``ceil(width * C)``."""
-        return [
-            min(c, max(1, math.ceil(round(width * c, 9)))) for c in self.widths
-        ]
+        return self._planner.counts_for_width(width)
 
     def level_for_budget(self, budget: float) -> int:
         """The widest level (smallest ``p``) whose MACs fit ``budget``; the last if none fits."""
-        for p, macs in enumerate(self.level_macs, start=1):
-            if macs <= budget:
-                return p
-        return self.levels
+        return self._planner.level_for_budget(budget)
 
-    def _assign(
-        self, device_id: int, budget: float, server_round: int
-    ) -> tuple[_Assignment, dict[str, Scalar]]:
-        p = self.level_for_budget(budget)
-        counts = self.level_counts[p - 1]
-        kept = tuple(None if k == c else np.arange(k) for k, c in zip(counts, self.widths))
-        config: dict[str, Scalar] = {"width-level": p, "width": round(self.shrink ** (p - 1), 12)}
-        return _Assignment(device_id, kept, f"level-{p}"), config
+    def __repr__(self) -> str:
+        return f"HeteroFL(model_name={self.model_name!r}, shrink={self.shrink}, levels={self.levels})"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -272,8 +274,9 @@ def test_caller_errors_raise() -> None:
         validate_arrays(_arrays(), SHAPES, ["f"])
 
 
-def test_core_module_imports_no_flower_or_hydra() -> None:
-    src = Path(__file__).resolve().parents[1] / "flwr_distreal" / "aggregate.py"
+@pytest.mark.parametrize("module", ["aggregate.py", "server_core.py", "contract.py"])
+def test_core_module_imports_no_flower_or_hydra(module: str) -> None:
+    src = Path(__file__).resolve().parents[1] / "flwr_distreal" / module
     tree = ast.parse(src.read_text())
     names: list[str] = []
     for node in ast.walk(tree):
@@ -283,3 +286,14 @@ def test_core_module_imports_no_flower_or_hydra() -> None:
             names.append(node.module)
     assert names, "parsed no imports"
     assert not [n for n in names if n.split(".")[0] in ("flwr", "hydra", "omegaconf")]
+
+
+def test_server_core_loads_no_flower_at_all() -> None:
+    """Not even indirectly: the shared server core runs where Flower is not installed."""
+    code = (
+        "import sys; import flwr_distreal.server_core; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'hydra', 'omegaconf')); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

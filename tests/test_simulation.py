@@ -1,7 +1,9 @@
-"""End-to-end runs through Flower's simulation engine (Ray backend) on the embedded digits data.
+"""End-to-end runs on the embedded digits data, in both runtimes.
 
-Each run gets its own Ray temp directory (``RAY_TMPDIR``), so the Ray processes it starts can
-be told apart from any other Ray session on the machine and checked to be gone afterwards.
+``runtime=flwr-run`` (default): the Message-API app through ``flwr run`` on a private local
+SuperLink; every process of that runtime carries a tag and is checked gone after the test.
+``runtime=legacy``: the legacy pair on ``run_simulation`` in this process, with its own Ray temp
+directory (``RAY_TMPDIR``) so its processes can be told apart and checked gone afterwards.
 """
 
 from __future__ import annotations
@@ -78,6 +80,22 @@ def ray_tmp(monkeypatch) -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture()
+def flwr_runtime(monkeypatch) -> Iterator[object]:
+    """A private local SuperLink runtime for this test, stopped (and checked) after it."""
+    from flwr_distreal import local_runtime
+
+    if not Path("/proc/self/environ").exists():
+        pytest.skip("finding the runtime's processes needs /proc (Linux)")
+    runtime = local_runtime.LocalFlwrRuntime()
+    monkeypatch.setattr(local_runtime, "_SHARED", runtime)
+    try:
+        yield runtime
+    finally:
+        survivors = runtime.stop()
+        assert not survivors, f"processes of the flwr runtime left running: {survivors}"
+
+
 def _read_rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
@@ -86,17 +104,14 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("strategy", ["distreal", "heterofl"])
-def test_run_experiment_end_to_end(strategy, tmp_path, ray_tmp) -> None:
-    import ray
-
+def test_run_experiment_end_to_end(strategy, tmp_path, flwr_runtime) -> None:
+    """The default runtime: the Message-API app through ``flwr run``."""
     cfg = _run_config([*SMALL, f"strategy={strategy}"])
+    assert cfg.runtime == "flwr-run"
     out = tmp_path / strategy
     rows = run_experiment(cfg, out)
-
-    assert not ray.is_initialized()
-    assert any((Path(ray_tmp) / "ray").glob("session_2*")), "Ray did not use RAY_TMPDIR: the check below would see nothing"
-    leftovers = _wait_until_gone(ray_tmp)
-    assert not leftovers, f"Ray processes left after run_experiment: {leftovers}"
+    assert flwr_runtime.pids(), "no process of the runtime found: the cleanup check would see nothing"
+    assert (out / "flwr.log").is_file()
 
     written = _read_rows(out / "metrics.csv")
     assert [int(r["round"]) for r in written] == [1, 2]
@@ -122,29 +137,48 @@ def test_run_experiment_end_to_end(strategy, tmp_path, ray_tmp) -> None:
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_seeded_runs_are_reproducible(ray_tmp) -> None:
+KEYS = ("accuracy", "loss", "mean_macs", "mean_utilisation", "stragglers", "accepted")
+
+
+def _metrics(c: RunConfig) -> list[list[float]]:
+    return [[float(r[k]) for k in KEYS] for r in run_experiment(c)]
+
+
+def test_seeded_runs_are_reproducible(flwr_runtime) -> None:
     """The same seed gives the same run to the last bit (same devices drawn, same dropped
     filters and batch order, replies summed in the same order); another seed does not."""
     cfg = _run_config([*SMALL, "rounds=3", "strategy=distreal"])
-    keys = ("accuracy", "loss", "mean_macs", "mean_utilisation", "stragglers")
+    first = _metrics(cfg)
+    assert _metrics(cfg) == first
+    assert _metrics(dataclasses.replace(cfg, seed=cfg.seed + 1)) != first
 
-    def run(c: RunConfig) -> list[list[float]]:
-        return [[float(r[k]) for k in keys] for r in run_experiment(c)]
 
-    first = run(cfg)
-    assert run(cfg) == first
-    assert run(dataclasses.replace(cfg, seed=cfg.seed + 1)) != first
+@pytest.mark.parametrize("strategy", ["distreal", "feddropout"])
+def test_legacy_and_message_api_runs_are_bit_identical(strategy, tmp_path, ray_tmp, flwr_runtime) -> None:
+    """The same seeded experiment through the legacy pair on ``run_simulation`` and through the
+    Message-API app on ``flwr run`` gives the same per-round metrics, to the last bit: both
+    draw the same devices (one seeded draw over partition ids), train with the same trainer and
+    sum the replies in device order in float64."""
+    import ray
+
+    cfg = _run_config([*SMALL, "rounds=2", f"strategy={strategy}"])
+    legacy = _metrics(dataclasses.replace(cfg, runtime="legacy"))
+    assert not ray.is_initialized()
     leftovers = _wait_until_gone(ray_tmp)
-    assert not leftovers, f"Ray processes left: {leftovers}"
+    assert not leftovers, f"Ray processes left after the legacy run: {leftovers}"
+    assert _metrics(cfg) == legacy
 
 
-def test_hydra_main_subprocess(tmp_path, ray_tmp) -> None:
+def test_hydra_main_subprocess(tmp_path) -> None:
     """A Hydra multirun over a key that the run directory's name does not show (the LUT) keeps
     every job's output apart."""
     sweep_dir = tmp_path / "sweep"
     lut_path = tmp_path / "uniform_lut.json"
     LUT.uniform(build_model("femnist_cnn", num_classes=10), rates=[0.0, 0.25, 0.5]).save(lut_path)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    short_tmp = tempfile.mkdtemp(prefix="h", dir="/tmp")  # the runner's SuperLink and Ray live here
+    env = dict(
+        os.environ, TMPDIR=short_tmp, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
     proc = subprocess.run(
         [
             sys.executable,
@@ -174,9 +208,10 @@ def test_hydra_main_subprocess(tmp_path, ray_tmp) -> None:
         assert (run_dir / "accuracy.png").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
         luts.append(OmegaConf.load(run_dir / "config.yaml").lut)
     assert sorted(luts, key=str) == sorted([None, str(lut_path)], key=str)
-    assert any((Path(ray_tmp) / "ray").glob("session_2*")), "Ray did not use RAY_TMPDIR: the check below would see nothing"
-    leftovers = _wait_until_gone(ray_tmp)
-    assert not leftovers, f"Ray processes left after the Hydra run: {leftovers}"
+    # the runner's private local SuperLink and everything it started stopped with the runner
+    leftovers = _wait_until_gone(short_tmp, timeout=20)
+    shutil.rmtree(short_tmp, ignore_errors=True)
+    assert not leftovers, f"processes left after the Hydra run: {leftovers}"
 
 
 def test_a_lut_that_does_not_fit_fails_before_the_simulation_starts(tmp_path) -> None:

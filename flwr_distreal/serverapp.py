@@ -1,0 +1,834 @@
+"""Flower strategies (Message API): DISTREAL (Algorithm 2) and the paper's baselines.
+
+Twins of the legacy strategies of :mod:`flwr_distreal.strategy` for Flower's Message API
+(``ServerApp`` + ``Grid`` + ``strategy.start``). Each is a subclass of
+:class:`flwr.serverapp.strategy.FedAvg` that overrides the hooks it needs and delegates every
+decision to the Flower-free core (:mod:`flwr_distreal.server_core`), the same core the legacy
+strategies run: given the same replies, in any order, both APIs produce bit-identical global
+models.
+
+What these strategies add to Flower's FedAvg
+--------------------------------------------
+Seeded sampling
+    Flower samples with the unseeded global :mod:`random` over random node ids. Here each
+    node is asked once for its properties (a ``MessageType.QUERY`` message; the reply holds a
+    ``MetricRecord`` under ``"properties"`` with ``partition-id`` and ``round-samples``,
+    cached per node id) and the round's nodes are drawn with
+    :func:`flwr_distreal.server_core.seeded_draw` and ``random.Random(seed)``: the same
+    devices as the legacy :class:`~flwr_distreal.client_manager.SeededClientManager` draws for
+    the same seed. A node that does not answer is logged and not sampled.
+Per-node train config
+    Every train message holds the global ``ArrayRecord`` under ``"arrays"`` and its own
+    ``ConfigRecord`` under ``"config"``: ``server-round``, plus ``unlimited``
+    (:class:`FullResources`) or the node's submodel (``device-id``, ``fixed-subsets``,
+    ``submodel-macs``, ``dropout-rate`` or ``width-level``/``width``) for the submodel
+    baselines.
+One gate, no exceptions for one bad client
+    Error replies and replies that never came count as ``failures``; stragglers are dropped;
+    every other reply is validated (``ArrayRecord`` names, shapes, dtypes, finiteness; for
+    DISTREAL its MACs) and a bad one is refused, with its reason logged, instead of Flower's
+    ``InconsistentMessageReplies`` stopping the round. ``aggregate_train`` returns the new
+    ``ArrayRecord`` (keyed by ``state_dict`` names, in order; the broadcast one unchanged when
+    nothing could be combined) and a ``MetricRecord`` with ``received``, ``failures``,
+    ``stragglers``, ``refused``, ``accepted``, ``mean_macs`` and ``mean_utilisation``.
+
+Federated evaluation is off by default (``fraction_evaluate=0.0``): evaluate the global model
+on the server with ``strategy.start(..., evaluate_fn=...)``.
+
+Example
+-------
+.. code:: python
+
+    from flwr.app import ArrayRecord, Context
+    from flwr.serverapp import Grid, ServerApp
+
+    from flwr_distreal.serverapp import Distreal
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = Distreal(full_macs_per_batch=4_015_616, fraction_train=0.1, seed=0)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=100)
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from logging import INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.logger import log as flwr_log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from . import contract as C
+from .aggregate import OnExcess, RefusalReason, ValidationResult
+from .contract import is_number, metric_values
+from .dropout import DropoutModel
+from .server_core import (
+    AvailabilityFn,
+    DistrealCore,
+    FedAvgCore,
+    FederatedDropoutPlanner,
+    HeteroFLPlanner,
+    Reply,
+    ReplyGate,
+    SubmodelCore,
+    SubmodelPlanner,
+    as_device_id,
+    sample_size,
+    seeded_draw,
+)
+
+__all__ = [
+    "Distreal",
+    "FederatedDropout",
+    "FullResources",
+    "HeteroFL",
+    "SmallNetwork",
+    "SubmodelStrategy",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _check_minimums(fedavg_kwargs: Mapping[str, Any]) -> None:
+    """Fail fast on inconsistent node minimums."""
+    min_train = fedavg_kwargs.get("min_train_nodes", 2)
+    min_eval = fedavg_kwargs.get("min_evaluate_nodes", 2)
+    min_avail = fedavg_kwargs.get("min_available_nodes", 2)
+    if min_train > min_avail:
+        raise ValueError(f"min_available_nodes ({min_avail}) must be >= min_train_nodes ({min_train})")
+    if fedavg_kwargs.get("fraction_evaluate", 0.0) > 0 and min_eval > min_avail:
+        raise ValueError(
+            f"min_available_nodes ({min_avail}) must be >= min_evaluate_nodes ({min_eval}) "
+            "when nodes evaluate (fraction_evaluate > 0)"
+        )
+
+
+class _CoreFedAvg(FedAvg):
+    """Flower's Message-API FedAvg over a :class:`flwr_distreal.server_core.ReplyGate`.
+
+    Subclasses choose the core and may add per-node train config (:meth:`_node_configs`).
+
+    Parameters
+    ----------
+    core : ReplyGate
+        The Flower-free gate and aggregation rule.
+    seed : int
+        Seed of the node sampling (and of the core's random choices).
+    properties_timeout : float | None
+        Timeout in seconds of the properties query; None waits for every node.
+    round_samples_key : str
+        Property with the samples of one round of local training.
+    **fedavg_kwargs : Any
+        Passed to :class:`flwr.serverapp.strategy.FedAvg`; ``fraction_evaluate`` defaults to 0.
+    """
+
+    def __init__(
+        self,
+        core: ReplyGate,
+        *,
+        seed: int,
+        properties_timeout: float | None,
+        round_samples_key: str,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
+        _check_minimums(fedavg_kwargs)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if properties_timeout is not None and not (
+            is_number(properties_timeout) and float(properties_timeout) > 0
+        ):
+            raise ValueError(f"properties_timeout must be None or > 0, got {properties_timeout!r}")
+        self._user_metrics_aggr = fedavg_kwargs.get("train_metrics_aggr_fn")
+        super().__init__(**fedavg_kwargs)
+        self.core = core
+        self.seed = int(seed)
+        self.properties_timeout = properties_timeout
+        self.round_samples_key = round_samples_key
+        self._train_rng = random.Random(self.seed)
+        self._evaluate_rng = random.Random(f"{self.seed}/evaluate")
+        self._properties: dict[int, dict[str, int | float]] = {}
+        self._keys: list[str] = []
+        self._broadcast: ArrayRecord | None = None
+        self._sent: list[int] = []
+        self._sent_round: int | None = None
+
+    # -- metric keys, read from the core -----------------------------------------------
+    @property
+    def partition_id_key(self) -> str:
+        """Property and train metric with the device id."""
+        return self.core.partition_id_key
+
+    @property
+    def straggler_key(self) -> str:
+        """Train metric that is true for a straggler."""
+        return self.core.straggler_key
+
+    @property
+    def available_macs_key(self) -> str:
+        """Train metric with the MACs the device could have spent."""
+        return self.core.available_macs_key
+
+    def summary(self) -> None:
+        """Log the sampling and gate settings, then Flower's FedAvg summary."""
+        flwr_log(INFO, "\t├──> Seeded sampling: seed %s, by %r", self.seed, self.partition_id_key)
+        flwr_log(INFO, "\t├──> Gate: stragglers by %r, refusals logged", self.straggler_key)
+        super().summary()
+
+    # -- devices -----------------------------------------------------------------------
+    def _required_properties(self) -> list[str]:
+        """Properties every node must report to be sampled."""
+        return [self.partition_id_key]
+
+    def _learn_devices(self, grid: Grid, nodes: Sequence[int]) -> dict[int, int]:
+        """Device id of every node that reported its properties (queried once, cached).
+
+        A node that does not answer, answers with an error or without an integer device id is
+        logged, left out, and asked again next round.
+        """
+        todo = [n for n in nodes if n not in self._properties]
+        if todo:
+            queries = [
+                Message(
+                    content=RecordDict({self.configrecord_key: ConfigRecord()}),
+                    message_type=MessageType.QUERY,
+                    dst_node_id=node,
+                )
+                for node in todo
+            ]
+            answered: set[int] = set()
+            for reply in grid.send_and_receive(queries, timeout=self.properties_timeout):
+                node = reply.metadata.src_node_id
+                answered.add(node)
+                props = self._properties_of(reply)
+                if props is not None:
+                    self._properties[node] = props
+            for node in todo:
+                if node not in answered:
+                    log.warning("node %s did not answer the properties query: not sampled", node)
+        return {
+            n: int(self._properties[n][self.partition_id_key]) for n in nodes if n in self._properties
+        }
+
+    def _properties_of(self, reply: Message) -> dict[str, int | float] | None:
+        """The properties in a query reply, or None (logged) when unusable."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %s answered the properties query with an error: %s", node, reply.error.reason)
+            return None
+        record = reply.content.metric_records.get(C.PROPERTIES_RECORD) if reply.has_content() else None
+        if record is None:
+            log.warning("node %s sent no %r MetricRecord: not sampled", node, C.PROPERTIES_RECORD)
+            return None
+        props = dict(record)
+        missing = [k for k in self._required_properties() if k not in props]
+        if missing:
+            log.warning("node %s reports no %s property (got %s): not sampled", node, missing, sorted(props))
+            return None
+        if as_device_id(props[self.partition_id_key]) is None:
+            log.warning(
+                "node %s reports %s=%r, not an integer device id: not sampled",
+                node,
+                self.partition_id_key,
+                props[self.partition_id_key],
+            )
+            return None
+        return props  # type: ignore[return-value]
+
+    def _sample(
+        self, grid: Grid, fraction: float, min_nodes: int, rng: random.Random, what: str
+    ) -> list[int]:
+        """Wait for enough nodes as Flower does, then draw seeded by device id."""
+        k = sample_size(len(list(grid.get_node_ids())), fraction, min_nodes)
+        need = max(self.min_available_nodes, k)
+        while len(nodes := list(grid.get_node_ids())) < need:
+            flwr_log(
+                INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), need
+            )
+            time.sleep(1)
+        devices = self._learn_devices(grid, nodes)
+        if len(devices) < k:
+            log.warning(
+                "%s: only %s of %s nodes reported a device id; drawing %s", what, len(devices), k, len(devices)
+            )
+            k = len(devices)
+        picked = seeded_draw(rng, devices, k)
+        flwr_log(INFO, "%s: Sampled %s nodes (out of %s)", what, len(picked), len(nodes))
+        return picked
+
+    # -- train -------------------------------------------------------------------------
+    def _node_configs(self, server_round: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
+        """Extra train config per node; a node missing from the result is not trained."""
+        return {node: {} for node in nodes}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Keep the broadcast model, draw the round's nodes (seeded), one message per node.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round (1-based).
+        arrays : ArrayRecord
+            The global model ``theta_{t-1}``, keyed by ``state_dict`` names in order.
+        config : ConfigRecord
+            The train config for every node; ``server-round`` is added.
+        grid : Grid
+            Node ids, the properties query.
+
+        Returns
+        -------
+        Iterable[Message]
+            One train message per drawn node, each with its own ``ConfigRecord``.
+        """
+        self._sent, self._sent_round = [], server_round
+        if self.fraction_train == 0.0:
+            return []
+        self._keys = list(arrays.keys())
+        self._broadcast = arrays
+        self.core.broadcast(server_round, [arrays[k].numpy() for k in self._keys])
+        nodes = self._sample(
+            grid, self.fraction_train, self.min_train_nodes, self._train_rng, "configure_train"
+        )
+        config[C.SERVER_ROUND] = server_round
+        extra = self._node_configs(server_round, nodes)
+        messages: list[Message] = []
+        for node in nodes:
+            if node not in extra:
+                continue
+            node_config = ConfigRecord({**dict(config), **extra[node]})
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
+            messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
+            self._sent.append(node)
+        return messages
+
+    def _examples_key(self) -> str:
+        """Metric with the examples a reply trained (its weight under FedAvg-type rules)."""
+        return self.weighted_by_key
+
+    def _unpack_arrays(self, content: RecordDict) -> tuple[list[np.ndarray], ValidationResult | None]:
+        """The reply's arrays in the global model's key order, or a refusal."""
+        record = content.array_records.get(self.arrayrecord_key)
+        if record is None:
+            return [], ValidationResult.refuse(
+                RefusalReason.MALFORMED_ARRAYS, f"reply holds no ArrayRecord under {self.arrayrecord_key!r}"
+            )
+        names = list(record.keys())
+        if set(names) != set(self._keys) or len(names) != len(self._keys):
+            missing = [k for k in self._keys if k not in record]
+            unexpected = [k for k in names if k not in set(self._keys)]
+            return [], ValidationResult.refuse(
+                RefusalReason.WRONG_ARRAY_KEYS,
+                f"ArrayRecord names differ from the global model's: missing {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{'...' if len(unexpected) > 5 else ''}",
+            )
+        try:
+            return [record[k].numpy() for k in self._keys], None
+        except Exception as err:  # noqa: BLE001 - one client's bad bytes must not stop the round
+            return [], ValidationResult.refuse(
+                RefusalReason.MALFORMED_ARRAYS, f"arrays cannot be decoded: {err}"
+            )
+
+    def _reply(self, msg: Message) -> Reply:
+        """A reply message as the core's neutral reply."""
+        node = msg.metadata.src_node_id
+        content = msg.content
+        record = content.metric_records.get(C.METRICS_RECORD)
+        if record is None and len(content.metric_records) == 1:
+            record = next(iter(content.metric_records.values()))
+        metrics: dict[str, Any] = dict(record) if record is not None else {}
+        device = as_device_id(metrics.get(self.partition_id_key))
+        if device is None and node in self._properties:
+            device = as_device_id(self._properties[node].get(self.partition_id_key))
+        arrays, refusal = self._unpack_arrays(content)
+        key = self._examples_key()
+        examples = metrics.get(key)
+        if not is_number(examples):
+            if refusal is None and key == self.weighted_by_key:
+                refusal = ValidationResult.refuse(
+                    RefusalReason.INVALID_WEIGHT, f"metric {key!r} is {examples!r}, not a number of examples"
+                )
+            examples = 0
+        return Reply(str(node), device, arrays, examples, metrics, refusal)  # type: ignore[arg-type]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Count failures, gate and combine the replies with the core, in device order.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round.
+        replies : Iterable[Message]
+            The train replies received.
+
+        Returns
+        -------
+        tuple[ArrayRecord | None, MetricRecord | None]
+            The new global model (the broadcast one, unchanged, when nothing could be
+            combined) keyed by ``state_dict`` names in order, and the round's metrics
+            ``received``, ``failures``, ``stragglers``, ``refused``, ``accepted``,
+            ``mean_macs``, ``mean_utilisation`` (plus ``train_metrics_aggr_fn``'s over the
+            accepted replies, when one was given). ``(None, None)`` when no node was asked.
+
+        Raises
+        ------
+        RuntimeError
+            If :meth:`configure_train` did not broadcast a model before.
+        """
+        replies = list(replies)
+        if not replies and not self._sent and self._sent_round == server_round:
+            return None, None
+        errors = [m for m in replies if m.has_error()]
+        valid = [m for m in replies if not m.has_error()]
+        for msg in errors:
+            node = msg.metadata.src_node_id
+            log.warning(
+                "round %s: node %s (%s %s) replied with an error: %s",
+                server_round,
+                node,
+                self.partition_id_key,
+                self._properties.get(node, {}).get(self.partition_id_key, "unknown"),
+                msg.error.reason,
+            )
+        answered = {m.metadata.src_node_id for m in replies}
+        missing = [n for n in self._sent if n not in answered]
+        for node in missing:
+            log.warning(
+                "round %s: node %s (%s %s) sent no reply",
+                server_round,
+                node,
+                self.partition_id_key,
+                self._properties.get(node, {}).get(self.partition_id_key, "unknown"),
+            )
+        outcome = self.core.aggregate(
+            server_round, [self._reply(m) for m in valid], failures=len(errors) + len(missing), logger=log
+        )
+        metrics = MetricRecord(metric_values(outcome.metrics))
+        if self._user_metrics_aggr is not None and outcome.accepted:
+            accepted = {a.reply.node for a in outcome.accepted}
+            contents = [m.content for m in valid if str(m.metadata.src_node_id) in accepted]
+            metrics.update(self._user_metrics_aggr(contents, self.weighted_by_key))
+        if outcome.arrays is None:
+            return self._broadcast, metrics
+        return self._pack(outcome.arrays), metrics
+
+    def _pack(self, arrays: list[np.ndarray]) -> ArrayRecord:
+        """Arrays as an ``ArrayRecord`` keyed by the broadcast model's names, in order."""
+        return ArrayRecord({k: Array(np.asarray(a)) for k, a in zip(self._keys, arrays)})
+
+    # -- evaluate ----------------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation unless ``fraction_evaluate > 0`` (default 0); then the
+        evaluation nodes are drawn seeded, with a generator of their own."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._sample(
+            grid, self.fraction_evaluate, self.min_evaluate_nodes, self._evaluate_rng, "configure_evaluate"
+        )
+        config[C.SERVER_ROUND] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, nodes, MessageType.EVALUATE)
+
+
+# ---------------------------------------------------------------------------- DISTREAL
+
+
+class Distreal(_CoreFedAvg):
+    """DISTREAL server (Message API): average updates weighted by the MACs each client spent.
+
+    Algorithm 2 of Rapp et al. (AAAI 2022),
+    ``theta_t = theta_{t-1} + sum_i c_i (theta_i - theta_{t-1}) / sum_i c_i``, with ``c_i`` the
+    MACs in the reply's ``weighted_by_key`` metric (:class:`flwr_distreal.server_core.DistrealCore`).
+    Stragglers are dropped; a reply is refused, with a logged reason, when its MACs are
+    missing, not a number, NaN/inf, negative or above ``num_batches * full_macs_per_batch``,
+    or its arrays do not match the global model. With equal ``c_i`` this is FedAvg.
+
+    Parameters
+    ----------
+    full_macs_per_batch : float
+        The most MACs a client can report for one mini-batch (the full model's, in the unit
+        of the clients' MACs metric).
+    on_excess : {"refuse", "clip"}, optional
+        What to do with MACs above the maximum. Defaults to "refuse".
+    seed : int, optional
+        Seed of the node sampling. Defaults to 0.
+    weighted_by_key : str, optional
+        Train metric with the MACs ``c_i`` spent. Defaults to ``"macs"``.
+    num_batches_key : str, optional
+        Train metric with the mini-batches trained. Defaults to ``"num_batches"``.
+    straggler_key : str, optional
+        Train metric that is true for a straggler. Defaults to ``"straggler"``.
+    available_macs_key : str, optional
+        Train metric with the MACs the device could have spent. Defaults to ``"available_macs"``.
+    partition_id_key : str, optional
+        Property and train metric with the device id. Defaults to ``"partition-id"``.
+    properties_timeout : float | None, optional
+        Timeout in seconds of the properties query. Defaults to None (wait for every node).
+    **fedavg_kwargs : Any
+        Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
+        ``min_train_nodes``, ``min_available_nodes``, ``fraction_evaluate`` (default 0), ...).
+
+    Raises
+    ------
+    ValueError
+        If ``full_macs_per_batch`` is not a positive finite number, ``on_excess`` is not
+        "refuse" or "clip", a key is empty, or the node minimums are inconsistent.
+    """
+
+    core: DistrealCore
+
+    def __init__(
+        self,
+        *,
+        full_macs_per_batch: float,
+        on_excess: OnExcess = "refuse",
+        seed: int = 0,
+        weighted_by_key: str = C.MACS,
+        num_batches_key: str = C.NUM_BATCHES,
+        straggler_key: str = C.STRAGGLER,
+        available_macs_key: str = C.AVAILABLE_MACS,
+        partition_id_key: str = C.PARTITION_ID,
+        properties_timeout: float | None = None,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        core = DistrealCore(
+            full_macs_per_batch=full_macs_per_batch,
+            on_excess=on_excess,
+            macs_key=weighted_by_key,
+            num_batches_key=num_batches_key,
+            straggler_key=straggler_key,
+            available_macs_key=available_macs_key,
+            partition_id_key=partition_id_key,
+        )
+        super().__init__(
+            core,
+            seed=seed,
+            properties_timeout=properties_timeout,
+            round_samples_key=C.ROUND_SAMPLES,
+            weighted_by_key=weighted_by_key,
+            **fedavg_kwargs,
+        )
+
+    @property
+    def full_macs_per_batch(self) -> float:
+        """The most MACs one mini-batch can cost."""
+        return self.core.full_macs_per_batch
+
+    @property
+    def on_excess(self) -> OnExcess:
+        """"refuse" or "clip" MACs above the maximum."""
+        return self.core.on_excess
+
+    def _examples_key(self) -> str:
+        return C.NUM_EXAMPLES  # informative only: DISTREAL weights by MACs
+
+    def summary(self) -> None:
+        """Log DISTREAL's settings, then the base summary."""
+        flwr_log(INFO, "\t├──> DISTREAL (Algorithm 2) settings:")
+        flwr_log(INFO, "\t│\t├── MACs key: %r", self.weighted_by_key)
+        flwr_log(INFO, "\t│\t├── Full MACs per batch: %g", self.full_macs_per_batch)
+        flwr_log(INFO, "\t│\t└── On excess MACs: %s", self.on_excess)
+        super().summary()
+
+    def __repr__(self) -> str:
+        return (
+            f"Distreal(full_macs_per_batch={self.full_macs_per_batch:g}, on_excess={self.on_excess!r}, "
+            f"seed={self.seed})"
+        )
+
+
+# --------------------------------------------------------------- FedAvg-type baselines
+
+
+class SmallNetwork(_CoreFedAvg):
+    """Baseline "small network" (Message API): FedAvg on a network that fits the weakest device.
+
+    FedAvg weighted by ``weighted_by_key`` (default ``"num-examples"``) with stragglers dropped
+    and every reply's arrays validated (:class:`flwr_distreal.server_core.FedAvgCore`).
+
+    Parameters
+    ----------
+    seed : int, optional
+        Seed of the node sampling. Defaults to 0.
+    straggler_key, macs_key, available_macs_key, partition_id_key : str, optional
+        Train metric keys (MACs only for ``mean_macs``). Defaults from :mod:`flwr_distreal.contract`.
+    properties_timeout : float | None, optional
+        Timeout in seconds of the properties query. Defaults to None.
+    **fedavg_kwargs : Any
+        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+    """
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        straggler_key: str = C.STRAGGLER,
+        macs_key: str = C.MACS,
+        available_macs_key: str = C.AVAILABLE_MACS,
+        partition_id_key: str = C.PARTITION_ID,
+        properties_timeout: float | None = None,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        core = FedAvgCore(
+            macs_key=macs_key,
+            straggler_key=straggler_key,
+            available_macs_key=available_macs_key,
+            partition_id_key=partition_id_key,
+        )
+        super().__init__(
+            core,
+            seed=seed,
+            properties_timeout=properties_timeout,
+            round_samples_key=C.ROUND_SAMPLES,
+            **fedavg_kwargs,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seed={self.seed})"
+
+
+class FullResources(SmallNetwork):
+    """Baseline "full resources" (Message API): FedAvg on the full model, no resource limits.
+
+    Every train config carries ``"unlimited": True``. Arguments as :class:`SmallNetwork`.
+    """
+
+    def _node_configs(self, server_round: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
+        return {node: {C.UNLIMITED: True} for node in nodes}
+
+
+# ------------------------------------------------------------------ submodel baselines
+
+
+class SubmodelStrategy(_CoreFedAvg):
+    """Shared base of the Message-API baselines that assign a fixed submodel per node.
+
+    At round start every drawn node's device gets a forward budget from its availability at
+    the round's start time, and the planner chooses its submodel
+    (:class:`flwr_distreal.server_core.SubmodelCore`); the node's own train config carries it.
+    Replies are averaged per weight over the clients that trained it, weighted by
+    ``weighted_by_key`` (default ``"num-examples"``).
+
+    Parameters
+    ----------
+    model_name : str
+        Registry name of the full model the clients train.
+    availability_fn : Callable[[int, float], float]
+        ``availability_fn(device_id, t)``: MACs per second at simulated time ``t``.
+    round_duration : float
+        Round duration ``T`` in seconds of simulated time.
+    num_classes : int | None, optional
+        Classifier outputs; None keeps the model's default.
+    model_kwargs : Mapping[str, Any] | None, optional
+        Extra builder arguments for the model.
+    step_macs_factor : float, optional
+        Cost of a training step relative to its forward pass. Defaults to 3.0.
+    round_samples_fn : Callable[[int], int] | None, optional
+        ``round_samples_fn(device_id)``; None (default) uses the node's ``round-samples``
+        property.
+    seed : int, optional
+        Seed of the node sampling and the random submodel choices. Defaults to 0.
+    properties_timeout : float | None, optional
+        Timeout in seconds of the properties query. Defaults to None.
+    partition_id_key, round_samples_key : str, optional
+        Property keys. Defaults ``"partition-id"``, ``"round-samples"``.
+    straggler_key, macs_key, available_macs_key : str, optional
+        Train metric keys.
+    **fedavg_kwargs : Any
+        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+
+    Raises
+    ------
+    ValueError
+        If the model name is unknown, ``round_duration`` or ``step_macs_factor`` is not a
+        positive finite number, or the node minimums are inconsistent.
+    """
+
+    core: SubmodelCore
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        availability_fn: AvailabilityFn,
+        round_duration: float,
+        num_classes: int | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        step_macs_factor: float = 3.0,
+        round_samples_fn: Callable[[int], int] | None = None,
+        seed: int = 0,
+        properties_timeout: float | None = None,
+        partition_id_key: str = C.PARTITION_ID,
+        round_samples_key: str = C.ROUND_SAMPLES,
+        straggler_key: str = C.STRAGGLER,
+        macs_key: str = C.MACS,
+        available_macs_key: str = C.AVAILABLE_MACS,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        from .models import build_model
+
+        SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor)
+        _check_minimums(fedavg_kwargs)
+        model: DropoutModel = build_model(model_name, num_classes, **dict(model_kwargs or {}))
+        core = SubmodelCore(
+            self._make_planner(model, int(seed)),
+            availability_fn=availability_fn,
+            round_duration=round_duration,
+            step_macs_factor=step_macs_factor,
+            macs_key=macs_key,
+            straggler_key=straggler_key,
+            available_macs_key=available_macs_key,
+            partition_id_key=partition_id_key,
+        )
+        super().__init__(
+            core,
+            seed=seed,
+            properties_timeout=properties_timeout,
+            round_samples_key=round_samples_key,
+            **fedavg_kwargs,
+        )
+        self.model_name = model_name
+        self.round_samples_fn = round_samples_fn
+
+    @abstractmethod
+    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
+        """The baseline's round-start planner for ``model``."""
+
+    @property
+    def model(self) -> DropoutModel:
+        """The full model (for MACs and masks)."""
+        return self.core.model
+
+    def _required_properties(self) -> list[str]:
+        keys = [self.partition_id_key]
+        if self.round_samples_fn is None:
+            keys.append(self.round_samples_key)
+        return keys
+
+    def _node_configs(self, server_round: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
+        if self._keys != self.core.state_keys:
+            raise ValueError(
+                f"the global ArrayRecord's names are not the state_dict names of {self.model_name!r}"
+            )
+        devices: dict[str, tuple[object, object]] = {}
+        for node in nodes:
+            props = self._properties.get(node, {})
+            device_id = props.get(self.partition_id_key)
+            if self.round_samples_fn is not None and is_number(device_id):
+                samples: object = self.round_samples_fn(int(device_id))  # type: ignore[arg-type]
+            else:
+                samples = props.get(self.round_samples_key)
+            devices[str(node)] = (device_id, samples)
+        configs = self.core.plan_round(server_round, devices, logger=log)
+        return {node: configs[str(node)] for node in nodes if str(node) in configs}
+
+    def summary(self) -> None:
+        """Log the submodel settings, then the base summary."""
+        flwr_log(INFO, "\t├──> %s settings:", type(self).__name__)
+        flwr_log(INFO, "\t│\t├── Model: %s (%s dropout layers)", self.model_name, len(self.core.widths))
+        flwr_log(
+            INFO,
+            "\t│\t└── Round duration: %g s, step MACs factor %g",
+            self.core.round_duration,
+            self.core.step_macs_factor,
+        )
+        super().summary()
+
+
+class FederatedDropout(SubmodelStrategy):
+    """Baseline Federated Dropout (Message API; Caldas et al. 2018, extended as in the paper).
+
+    One dropout rate for all layers per node, from its device's availability at round start,
+    and a random filter subset fixed for the round, seeded by ``(seed, server_round,
+    device_id)`` (:class:`flwr_distreal.server_core.FederatedDropoutPlanner`). Nodes get
+    ``"dropout-rate"`` and ``"fixed-subsets"``.
+
+    Parameters
+    ----------
+    rate_for_budget : Callable[[float], float] | None, optional
+        Budget to rate; None (default) uses a uniform LUT over ``rates``.
+    rates : Sequence[float] | None, optional
+        Candidate rates. Defaults to 0, 0.01, ..., 0.5.
+    **kwargs : Any
+        The arguments of :class:`SubmodelStrategy` and of FedAvg.
+    """
+
+    def __init__(
+        self,
+        *,
+        rate_for_budget: Callable[[float], float] | None = None,
+        rates: Sequence[float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._rate_args = (rate_for_budget, None if rates is None else list(rates))
+        super().__init__(**kwargs)
+
+    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
+        rate_for_budget, rates = self._rate_args
+        return FederatedDropoutPlanner(model, rate_for_budget=rate_for_budget, rates=rates, seed=seed)
+
+    def __repr__(self) -> str:
+        return f"FederatedDropout(model_name={self.model_name!r}, seed={self.seed})"
+
+
+class HeteroFL(SubmodelStrategy):
+    """Baseline HeteroFL (Message API; Diao, Ding and Tarokh 2021).
+
+    Width level ``p`` keeps the first ``ceil(s**(p-1) * C)`` filters of every dropout layer;
+    each node's device gets the widest level whose MACs fit its budget at round start
+    (:class:`flwr_distreal.server_core.HeteroFLPlanner`). Nodes get ``"width-level"``,
+    ``"width"`` and ``"fixed-subsets"``.
+
+    Parameters
+    ----------
+    shrink : float, optional
+        Shrinking ratio ``s`` in (0, 1). Defaults to 0.7.
+    levels : int, optional
+        Number of width levels (>= 1). Defaults to 5.
+    **kwargs : Any
+        The arguments of :class:`SubmodelStrategy` and of FedAvg.
+    """
+
+    def __init__(self, *, shrink: float = 0.7, levels: int = 5, **kwargs: Any) -> None:
+        HeteroFLPlanner.check_args(shrink, levels)
+        self._level_args = (shrink, levels)
+        super().__init__(**kwargs)
+
+    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
+        shrink, levels = self._level_args
+        return HeteroFLPlanner(model, shrink=shrink, levels=levels)
+
+    @property
+    def planner(self) -> HeteroFLPlanner:
+        """The width levels (``level_counts``, ``level_macs``, ``level_for_budget``)."""
+        return self.core.planner  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return (
+            f"HeteroFL(model_name={self.model_name!r}, shrink={self.planner.shrink}, "
+            f"levels={self.planner.levels})"
+        )
