@@ -87,6 +87,13 @@ class TrainerCache:
         self._trainers: OrderedDict[tuple[int, int], DeviceTrainer] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        """Pickled (Ray ships the ClientApp to its actors) without lock and trainers."""
+        return {"trainer_fn": self.trainer_fn, "max_size": self.max_size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["trainer_fn"], state["max_size"])  # type: ignore[misc]
+
     def __call__(self, context: Context) -> DeviceTrainer:
         key = (int(context.run_id), int(context.node_id))
         with self._lock:

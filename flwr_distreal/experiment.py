@@ -414,6 +414,11 @@ def run_with_flwr(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -
 
     exp = _experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))  # refuse bad input here
     _log_start(cfg, exp, "flwr run")
+    if cfg.num_cpus_per_client != math.ceil(cfg.num_cpus_per_client):
+        log.warning(
+            "num_cpus_per_client=%s: flwr run reserves whole CPUs per client, using %s",
+            cfg.num_cpus_per_client, math.ceil(cfg.num_cpus_per_client),
+        )
     tmp = None
     if output_dir is None:
         tmp = Path(tempfile.mkdtemp(prefix="fdr-run-"))
@@ -442,7 +447,8 @@ def run_with_flwr(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -
             exp.num_devices,
             {"config-file": str(config_file), "output-dir": str(out)},
             federation_config={
-                "client-resources-num-cpus": float(cfg.num_cpus_per_client),
+                # Flower's simulation config takes whole CPUs per client
+                "client-resources-num-cpus": max(1, math.ceil(cfg.num_cpus_per_client)),
                 "client-resources-num-gpus": float(cfg.num_gpus_per_client),
             },
             log_path=out / "flwr.log",

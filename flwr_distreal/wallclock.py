@@ -29,10 +29,11 @@ Calibration: a per-vector time table times one scalar
 -----------------------------------------------------
 Step time is not proportional to MACs on a CPU: narrow convolutions are less efficient per
 MAC and the compact execution gathers kept channels. Measured for femnist_cnn (batch 32, one
-thread): the full model 24 ms, uniform rate 0.5 (30 % of the MACs) 18 ms, and rates 0.05 to
-0.2 are *slower* than the full model (35-40 ms). A model "time = MACs / throughput" would pick
-vectors that miss the deadline and waste the fast full model. Warm-up steps at every round
-start would cost round time every round and only cover the vectors they run, so:
+thread, ``scripts/demo_wallclock_slowdown.py``): the full model 27 ms; uniform rate 0.5 (30 % of
+the MACs) 0.68 of that; rates 0.05 to 0.2 (68-90 % of the MACs) 1.4-1.7 times *slower* than the
+full model. A model "time = MACs / throughput" would pick vectors that miss the deadline and
+waste the fast full model. Warm-up steps at every round start would cost round time every
+round and only cover the vectors they run, so:
 
 * once per device (model, LUT, batch size, torch threads, torch device), every LUT vector (up
   to ``max_points``, evenly spread; the rest interpolated in MACs) and the full model train a
@@ -53,7 +54,13 @@ start would cost round time every round and only cover the vectors they run, so:
 MACs per second than the full model), so the MACs a device spends never exceed the
 full-model-equivalent MACs it was measured to have (utilisation <= 1). The table is not
 forced monotone: a vector that is slower than a vector with more MACs is simply never chosen
-while the faster one fits.
+while the faster one fits. A consequence worth knowing: a device that trains narrow vectors all
+round has a utilisation below its busy fraction, because those vectors do fewer MACs per
+second than the full model (on the CPU above, rate 0.5 does 0.30 / 0.68 = 44 % of them).
+
+Without a given table, the first :meth:`~MeasuredDistrealTrainer.fit` measures it (or loads
+``table_path``), and that time counts against the first round; call
+:meth:`~MeasuredDistrealTrainer.calibrate` after construction to keep rounds free of it.
 
 Stop rule and the step in flight
 --------------------------------
@@ -90,6 +97,7 @@ import logging
 import math
 import numbers
 import platform
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -106,7 +114,7 @@ from . import contract as C
 from .dropout import DroppedWeightGuard, DropoutModel
 from .lut import LUT
 from .macs import count_macs, macs_of_counts
-from .resources import step_macs
+from .resources import RoundResult, step_macs
 from .schedule import POLICIES, RoundPlan
 from .training import BaselineTrainer, DistrealTrainer, NDArrays, Scalar, TrainResult, get_weights
 
@@ -223,15 +231,19 @@ class ThroughputEstimator:
         self.updates = 0
         self.changes = 0
         self.change_detected = False
+        self._estimate: float | None = None
         if initial is not None:
             self._samples.append(_finite("initial throughput", initial, positive=True))
+            self._refresh()
+
+    def _refresh(self) -> None:
+        # statistics.median on <= window floats: ~1 us, np.median: ~20 us (called every step)
+        self._estimate = float(statistics.median(self._samples)) if self._samples else None
 
     @property
     def throughput(self) -> float | None:
         """Current estimate in MACs per second (``None`` before any sample or prior)."""
-        if not self._samples:
-            return None
-        return float(np.median(self._samples))
+        return self._estimate
 
     def update(self, seconds: float, macs: float) -> float:
         """Feed one completed step.
@@ -259,14 +271,16 @@ class ThroughputEstimator:
         sample = cost / sec
         self.updates += 1
         self.change_detected = False
-        estimate = self.throughput
+        estimate = self._estimate
         if estimate is None:
             self._samples.append(sample)
+            self._refresh()
             return sample
         deviation = math.log(sample / estimate)
         if abs(deviation) <= self._log_threshold:
             self._run.clear()
             self._samples.append(sample)
+            self._refresh()
         else:
             sign = 1 if deviation > 0 else -1
             if sign != self._run_sign:
@@ -277,9 +291,10 @@ class ThroughputEstimator:
                 self._samples.clear()
                 self._samples.extend(self._run)
                 self._run.clear()
+                self._refresh()
                 self.changes += 1
                 self.change_detected = True
-        return float(self.throughput)  # type: ignore[arg-type]
+        return float(self._estimate)  # type: ignore[arg-type]
 
     def reset(self, initial: float | None = None) -> None:
         """Forget all samples (and counters), optionally keeping a prior."""
@@ -290,6 +305,7 @@ class ThroughputEstimator:
         self.change_detected = False
         if initial is not None:
             self._samples.append(_finite("initial throughput", initial, positive=True))
+        self._refresh()
 
     def __repr__(self) -> str:
         return (
@@ -358,7 +374,10 @@ class StepTimeTable:
 
     def __post_init__(self) -> None:
         if len(self.macs) == 0 or len(self.macs) != len(self.rel_time):
-            raise WallclockError(f"step-time table needs one rel_time per LUT row, got {len(self.macs)} MACs and {len(self.rel_time)} times")
+            raise WallclockError(
+                f"step-time table needs one rel_time per LUT row, got {len(self.macs)} MACs "
+                f"and {len(self.rel_time)} times"
+            )
         if self.full_macs <= 0 or self.batch_size < 1:
             raise WallclockError(f"need full_macs > 0 and batch_size >= 1, got {self.full_macs}, {self.batch_size}")
         for i, r in enumerate(self.rel_time):
@@ -366,6 +385,13 @@ class StepTimeTable:
                 raise WallclockError(f"rel_time of row {i} must be finite and > 0, got {r}")
         if any(b - a < 0 for a, b in zip(self.macs, self.macs[1:])):
             raise WallclockError("step-time table MACs must be ascending (the LUT's order)")
+        object.__setattr__(self, "_rel", np.asarray(self.rel_time, dtype=np.float64))
+        object.__setattr__(self, "_fastest", int(np.argmin(self._rel)))
+
+    @property
+    def fastest(self) -> int:
+        """Row with the shortest step time."""
+        return self._fastest  # type: ignore[attr-defined]
 
     # -- construction ------------------------------------------------------------------------
     @staticmethod
@@ -452,7 +478,9 @@ class StepTimeTable:
         StepTimeTable
         """
         if repeats < 1 or warmup < 0 or max_points < 2:
-            raise WallclockError(f"need repeats >= 1, warmup >= 0, max_points >= 2; got {repeats}, {warmup}, {max_points}")
+            raise WallclockError(
+                f"need repeats >= 1, warmup >= 0, max_points >= 2; got {repeats}, {warmup}, {max_points}"
+            )
         if batch_size < 1:
             raise WallclockError(f"batch_size must be >= 1, got {batch_size}")
         started = clock()
@@ -697,7 +725,7 @@ def choose_vector(
         raise WallclockError(f"unknown selection policy {policy!r}; valid: {list(POLICIES)}")
     b = int(sizes_left[0])
     full_s = table.full_step_macs(b, step_macs_factor) / rate
-    pred = np.asarray(table.rel_time) * full_s
+    pred = table._rel * full_s  # type: ignore[attr-defined]
     padded = pred * (1.0 + margin)
     if policy == "deadline":
         budget = (tl - (len(sizes_left) - 1) * overhead) * b / float(sum(sizes_left))
@@ -707,10 +735,9 @@ def choose_vector(
         steps = max(1, math.ceil(round_samples / b))
         budget = (float(round_time) - steps * overhead) * b / float(round_samples)
     fits = np.flatnonzero(padded <= budget)
-    index = int(fits[-1]) if fits.size else int(np.argmin(pred))  # rows ascend in MACs
+    index = int(fits[-1]) if fits.size else table.fastest  # rows ascend in MACs
     if padded[index] > tl:
-        fastest = int(np.argmin(pred))
-        return Choice(None, float(pred[fastest]), float(budget))
+        return Choice(None, float(pred[table.fastest]), float(budget))
     return Choice(index, float(pred[index]), float(budget))
 
 
@@ -839,12 +866,16 @@ class _MeasuredMixin:
             at_s = _finite(f"train config {ROUND_DEADLINE_AT!r}", at)
             deadline = min(deadline, start + (at_s - float(self.unix_clock())))
             if deadline <= start:
-                log.warning("Device %s: %s %.3f is already past; training nothing", self.device_id, ROUND_DEADLINE_AT, at_s)  # type: ignore[attr-defined]
+                log.warning(
+                    "Device %s: %s %.3f is already past; training nothing",
+                    self.device_id, ROUND_DEADLINE_AT, at_s,  # type: ignore[attr-defined]
+                )
         return deadline
 
     # -- calibration ---------------------------------------------------------------------------
     def _prime_estimator(self) -> None:
-        ref = self.time_table.reference_throughput(self.step_macs_factor) if self.time_table else None  # type: ignore[attr-defined]
+        factor = self.step_macs_factor  # type: ignore[attr-defined]
+        ref = self.time_table.reference_throughput(factor) if self.time_table else None
         if ref is not None and self.estimator.throughput is None:
             self.estimator.reset(initial=ref)
 
@@ -854,7 +885,9 @@ class _MeasuredMixin:
     def _calibration_lut(self) -> LUT:  # pragma: no cover - subclasses
         raise NotImplementedError
 
-    def calibrate(self, *, repeats: int = 3, warmup: int = 1, max_points: int = 16, force: bool = False) -> StepTimeTable:
+    def calibrate(
+        self, *, repeats: int = 3, warmup: int = 1, max_points: int = 16, force: bool = False
+    ) -> StepTimeTable:
         """Measure (or load from ``table_path``) this device's step-time table.
 
         Called by the first :meth:`fit` when no table was given (its time then counts against
@@ -890,7 +923,8 @@ class _MeasuredMixin:
         )
         if self.table_path is not None:
             self.time_table.save(self.table_path)
-        self.estimator.reset(initial=self.time_table.reference_throughput(self.step_macs_factor))  # type: ignore[attr-defined]
+        factor = self.step_macs_factor  # type: ignore[attr-defined]
+        self.estimator.reset(initial=self.time_table.reference_throughput(factor))
         return self.time_table
 
     # -- one step --------------------------------------------------------------------------------
@@ -927,6 +961,7 @@ class _MeasuredMixin:
         prev_end: float | None = None
         batches = self._batches()  # type: ignore[attr-defined]
         dev = self.torch_device  # type: ignore[attr-defined]
+        factor = self.step_macs_factor  # type: ignore[attr-defined]
         for j, bs in enumerate(sizes):
             x, y = next(batches)
             x, y = x.to(dev), y.to(dev)
@@ -938,7 +973,7 @@ class _MeasuredMixin:
                 self._gaps.append(max(0.0, t_start - prev_end))
             loss = self.forward_backward(opt, x, y, pick.vector)
             t_fb = self._now()
-            cost = pick.rel_time * step_macs(self.full_macs, int(bs), self.step_macs_factor)  # type: ignore[attr-defined]
+            cost = pick.rel_time * step_macs(self.full_macs, int(bs), factor)
             if stop_at_deadline and t_fb > deadline:
                 opt.zero_grad()
                 abandoned = True
@@ -946,7 +981,10 @@ class _MeasuredMixin:
                     StepRecord(t_start - start, t_fb - start, int(bs), pick.index, pick.rate, pick.forward_macs,
                                cost, pick.predicted, pick.budget, math.nan, completed=False)
                 )
-                log.info("Device %s: step %s ended %.3f s after the deadline; abandoned", self.device_id, j, t_fb - deadline)  # type: ignore[attr-defined]
+                log.info(
+                    "Device %s: step %s ended %.3f s after the deadline; abandoned",
+                    self.device_id, j, t_fb - deadline,  # type: ignore[attr-defined]
+                )
                 prev_end = t_fb
                 break
             opt.step()
@@ -958,7 +996,7 @@ class _MeasuredMixin:
                            cost, pick.predicted, pick.budget, rate)
             )
             if self.estimator.change_detected:
-                self._change_steps.append(len(records) - self.estimator.change_steps)
+                self._change_steps.append(max(0, len(records) - self.estimator.change_steps))
             prev_end = t_end
         model.set_dropout(None)
         end = prev_end if prev_end is not None else self._now()
@@ -966,7 +1004,7 @@ class _MeasuredMixin:
         return records, end, losses, abandoned, est0
 
     def _overhead(self) -> float:
-        return float(np.median(self._gaps)) if self._gaps else 0.0
+        return float(statistics.median(self._gaps)) if self._gaps else 0.0
 
     def _available(self, records: Sequence[StepRecord], window: float, est0: float | None) -> float:
         """Full-model-equivalent MACs the device had in ``[0, window]`` (round time): a completed
@@ -998,13 +1036,15 @@ class _MeasuredMixin:
         steps_total: int,
         vectors: list[Any],
     ) -> TrainResult:
-        from .resources import RoundResult
-
         done = [r for r in records if r.completed]
         wall = end - start
         window = (deadline - start) if math.isfinite(deadline) else wall
-        spent = [step_macs(r.forward_macs, r.batch_size, self.step_macs_factor) for r in done]  # type: ignore[attr-defined]
-        available = self._available(records, window, est0) if math.isfinite(deadline) else float(sum(r.cost for r in done))
+        factor = self.step_macs_factor  # type: ignore[attr-defined]
+        spent = [step_macs(r.forward_macs, r.batch_size, factor) for r in done]
+        if math.isfinite(deadline):
+            available = self._available(records, window, est0)
+        else:  # unlimited: what it spent is what it had (as the simulated mode)
+            available = float(sum(r.cost for r in done))
         result = RoundResult(
             start=0.0,
             deadline=window,
@@ -1016,7 +1056,8 @@ class _MeasuredMixin:
             step_macs=tuple(spent),
         )
         sizes = [r.batch_size for r in done]
-        plan = RoundPlan(vectors, [r.forward_macs for r in done], result, sizes, planned_batches=len(self.sizes))  # type: ignore[attr-defined]
+        planned = len(self.sizes)  # type: ignore[attr-defined]
+        plan = RoundPlan(vectors, [r.forward_macs for r in done], result, sizes, planned_batches=planned)
         loss = float(np.mean(losses)) if losses else float("nan")
         metrics = self.metrics(plan, loss)  # type: ignore[attr-defined]
         metrics.pop(C.SIM_TIME, None)
@@ -1116,7 +1157,9 @@ class MeasuredDistrealTrainer(_MeasuredMixin, DistrealTrainer):
         **kwargs: Any,
     ) -> None:
         kwargs.pop("resources", None)
-        super().__init__(model, train_loader, device_id, lut, None, policy=policy, stop_at_deadline=stop_at_deadline, **kwargs)
+        super().__init__(
+            model, train_loader, device_id, lut, None, policy=policy, stop_at_deadline=stop_at_deadline, **kwargs
+        )
         if isinstance(time_table, StepTimeTable) and tuple(time_table.macs) != tuple(int(m) for m in lut.macs):
             raise WallclockError("time_table was made for another LUT (its MACs differ)")
         self._init_measured(time_table, table_path, estimator, margin, clock, unix_clock)
@@ -1158,8 +1201,10 @@ class MeasuredDistrealTrainer(_MeasuredMixin, DistrealTrainer):
                 return _Pick(None, -1, 0.0, self.full_macs, 1.0)
             assert table is not None
             est = self.estimator.throughput
-            if est is None:  # no prior: probe with the fastest vector
-                i = int(np.argmin(table.rel_time))
+            if est is None:  # no prior: probe with the fastest vector, if there is time at all
+                if now >= deadline:
+                    return None
+                i = table.fastest
                 return _Pick(self.lut.vectors[i], i, lut_rates[i], int(table.macs[i]), table.rel_time[i])
             c = choose_vector(
                 table, est, deadline - now, left,
@@ -1169,10 +1214,12 @@ class MeasuredDistrealTrainer(_MeasuredMixin, DistrealTrainer):
             if c.index is None:
                 if self.stop_at_deadline:
                     return None
-                i = int(np.argmin(table.rel_time))
-                return _Pick(self.lut.vectors[i], i, lut_rates[i], int(table.macs[i]), table.rel_time[i], c.predicted, c.budget)
-            i = c.index
-            return _Pick(self.lut.vectors[i], i, lut_rates[i], int(table.macs[i]), table.rel_time[i], c.predicted, c.budget)
+                i = table.fastest
+            else:
+                i = c.index
+            return _Pick(
+                self.lut.vectors[i], i, lut_rates[i], int(table.macs[i]), table.rel_time[i], c.predicted, c.budget
+            )
 
         records, end, losses, abandoned, est0 = self._run_round(start, deadline, choose, self.stop_at_deadline)
         done = [r for r in records if r.completed]
@@ -1226,7 +1273,8 @@ class MeasuredBaselineTrainer(_MeasuredMixin, BaselineTrainer):
         self._init_measured(time_table, None, estimator, margin, clock, unix_clock)
 
     def _calibration_lut(self) -> LUT:
-        return LUT.from_vectors(self.model, [np.zeros(self.model.num_dropout_layers)])
+        # equal-rate submodels: what the fixed-subset baselines train (interpolated in MACs)
+        return LUT.uniform(self.model)
 
     def fit(self, arrays: NDArrays, config: Mapping[str, Scalar]) -> TrainResult:
         """Train the round's fixed (sub)model on every mini-batch and time it.
@@ -1240,7 +1288,8 @@ class MeasuredBaselineTrainer(_MeasuredMixin, BaselineTrainer):
             if self._kept is None:
                 rel, rate = 1.0, 0.0
             else:
-                rel = self.time_table.rel_time_of_macs(fwd) if self.time_table is not None else max(fwd, 1) / self.full_macs
+                table = self.time_table
+                rel = table.rel_time_of_macs(fwd) if table is not None else max(fwd, 1) / self.full_macs
                 rate = float(np.mean([1 - k / w for k, w in zip(self._kept, self.model.layer_widths)]))
 
             def choose(j: int, now: float, left: Sequence[int]) -> _Pick:
@@ -1248,7 +1297,9 @@ class MeasuredBaselineTrainer(_MeasuredMixin, BaselineTrainer):
 
             records, end, losses, abandoned, est0 = self._run_round(start, deadline, choose, False)
             vectors: list[Any] = [None] * len(records)
-            out = self._measured_result(records, start, end, deadline, losses, abandoned, est0, len(self.sizes), vectors)
+            out = self._measured_result(
+                records, start, end, deadline, losses, abandoned, est0, len(self.sizes), vectors
+            )
             out.metrics[C.STRAGGLER] = bool(end > deadline)
         finally:
             self.model.set_fixed_subsets(None)

@@ -174,6 +174,11 @@ def test_trainer_cache_builds_once_per_node_and_run() -> None:
     assert built == [1, 2, 3, 1]
     with pytest.raises(TypeError, match="expected a DeviceTrainer"):
         TrainerCache(lambda ctx: object())(_context())
+    # Ray pickles the ClientApp for its actors: the copy starts empty and builds its own
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(TrainerCache(_distreal_trainer, max_size=3)))
+    assert copy.max_size == 3 and isinstance(copy(_context()), DistrealTrainer)
 
 
 def test_build_client_app_registers_train_query_and_evaluate() -> None:

@@ -298,7 +298,7 @@ def test_flwr_run_completes_and_writes_metrics(flwr_env: FlwrEnv) -> None:
     run_id, log = flwr_env.run(
         DIGITS_DEVICES, f"rounds=1 clients-per-round=2 seed=3 output-dir='{out_dir}'"
     )
-    assert "Run finished 1 round(s)" in log, log
+    assert "Strategy execution finished" in log, log
     assert f"distreal on digits: {DIGITS_DEVICES} devices, 2 per round, 1 rounds" in log, log
     assert flwr_env.status(run_id)["status"] == "finished:completed"
 
