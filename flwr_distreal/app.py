@@ -46,12 +46,13 @@ from logging import INFO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from .config import RunConfig, register_configs, to_run_config
+from .contract import METRICS_RECORD
 
 if TYPE_CHECKING:
     from .experiment import Experiment
@@ -93,6 +94,9 @@ _VALUES = {
     "local-epochs": "local_epochs",
     "lut": "lut",
     "output-dir": "output_dir",
+    "deployment": "deployment",
+    "min-nodes": "min_nodes",
+    "round-timeout": "round_timeout",
 }
 #: Run-config key with a whole resolved config (YAML), written by the Hydra runner.
 CONFIG_FILE_KEY = "config-file"
@@ -333,6 +337,8 @@ def _experiment_cached(run_config_json: str) -> tuple[RunConfig, Experiment]:
 
 def _trainer_fn(context: Context):
     cfg, exp = _experiment(context)
+    if cfg.deployment:  # a real node: its own data from its node config, any number of nodes
+        return exp.make_node_trainer(dict(context.node_config))
     device = check_partition(dict(context.node_config), exp.num_devices, cfg.dataset.name)
     return exp.make_trainer(device)
 
@@ -348,9 +354,10 @@ class RecordingMessageStrategy(Strategy):
     :class:`~flwr_distreal.experiment.MetricsRecorder` (evaluation reaches it through
     ``evaluate_fn``), so ``metrics.csv`` grows as the run goes."""
 
-    def __init__(self, inner: Strategy, recorder: Any) -> None:
+    def __init__(self, inner: Strategy, recorder: Any, on_replies: Callable[[list], None] | None = None) -> None:
         self.inner = inner
         self.recorder = recorder
+        self.on_replies = on_replies
 
     def summary(self) -> None:
         self.inner.summary()
@@ -359,6 +366,11 @@ class RecordingMessageStrategy(Strategy):
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        if self.on_replies is not None:
+            self.on_replies(
+                [dict(m.content[METRICS_RECORD]) for m in replies if not m.has_error() and METRICS_RECORD in m.content]
+            )
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         self.recorder.on_fit(server_round, dict(metrics or {}))
         return arrays, metrics
@@ -381,15 +393,23 @@ def _server_main(grid: Grid, context: Context) -> None:
     from .experiment import finish_output, start_output
 
     cfg, exp = _experiment(context)
-    wait_for_supernodes(grid.get_node_ids, exp.num_devices, f"device of {cfg.dataset.name}")
+    if not cfg.deployment:  # simulation: one SuperNode per device of the dataset
+        wait_for_supernodes(grid.get_node_ids, exp.num_devices, f"device of {cfg.dataset.name}")
     given = context.run_config.get("output-dir")
     out = Path(str(given)).expanduser().resolve() if given else output_dir_for(cfg, context.run_id)
     recorder = start_output(out, cfg)
-    log(
-        INFO,
-        "%s on %s: %s devices, %s per round, %s rounds; results in %s",
-        cfg.strategy.name, cfg.dataset.name, exp.num_devices, cfg.clients_per_round, cfg.rounds, out,
-    )
+    if cfg.deployment:
+        log(
+            INFO,
+            "%s on %s nodes (deployment, at least %s), resources %s, %s rounds; results in %s",
+            cfg.strategy.name, cfg.dataset.name, cfg.min_nodes, cfg.resources.kind, cfg.rounds, out,
+        )
+    else:
+        log(
+            INFO,
+            "%s on %s: %s devices, %s per round, %s rounds; results in %s",
+            cfg.strategy.name, cfg.dataset.name, exp.num_devices, cfg.clients_per_round, cfg.rounds, out,
+        )
     keys, arrays = exp.initial_arrays()
 
     def evaluate_fn(server_round: int, record: ArrayRecord) -> MetricRecord:
@@ -398,8 +418,13 @@ def _server_main(grid: Grid, context: Context) -> None:
             recorder.on_evaluate(server_round, loss, {"accuracy": accuracy})
         return MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": n})
 
-    strategy = RecordingMessageStrategy(exp.make_message_strategy(), recorder)
+    strategy = RecordingMessageStrategy(exp.make_message_strategy(), recorder, exp.note_replies)
     strategy.start(
-        grid=grid, initial_arrays=record_from_arrays(keys, arrays), num_rounds=cfg.rounds, evaluate_fn=evaluate_fn
+        grid=grid,
+        initial_arrays=record_from_arrays(keys, arrays),
+        num_rounds=cfg.rounds,
+        timeout=exp.round_timeout(),
+        train_config=ConfigRecord(exp.train_config()),
+        evaluate_fn=evaluate_fn,
     )
     finish_output(out, cfg, recorder)

@@ -27,7 +27,8 @@ __all__ = [
 ]
 
 STRATEGIES = ("distreal", "full", "small", "feddropout", "heterofl")
-RESOURCE_KINDS = ("full", "constant", "timevarying", "trace")
+RESOURCE_KINDS = ("full", "constant", "timevarying", "trace", "measured")
+TIME_TABLES = ("measure", "proportional")
 #: How a run executes: the Message-API app through ``flwr run`` (Flower's supported way), or the
 #: legacy NumPyClient/Strategy pair on the deprecated ``run_simulation``.
 RUNTIMES = ("flwr-run", "legacy")
@@ -109,6 +110,11 @@ class ResourcesConfig:
 
     ``variability`` ``None`` takes the dataset's (3 for FEMNIST, 4 for CIFAR); ``lam`` is the
     number of availability changes per round (time-varying); ``trace_path`` a CSV to replay.
+    ``kind=measured`` is the wall-clock mode (:mod:`flwr_distreal.wallclock`): the device measures
+    its own step times and ``deadline`` is in real seconds; ``time_table`` says how the per-vector
+    step times are found (``measure``: timed once per device, cached in ``table_path`` if set;
+    ``proportional``: step time proportional to MACs), ``margin`` the safety margin of a step's
+    predicted time.
     """
 
     kind: str = MISSING
@@ -116,6 +122,9 @@ class ResourcesConfig:
     lam: float = 1.0
     trace_path: Optional[str] = None
     step_macs_factor: float = 3.0
+    time_table: str = "measure"
+    table_path: Optional[str] = None
+    margin: float = 0.1
 
     def __post_init__(self) -> None:
         if self.kind not in RESOURCE_KINDS:
@@ -128,11 +137,23 @@ class ResourcesConfig:
             raise ConfigError("resources.kind=trace needs resources.trace_path")
         if self.step_macs_factor <= 0:
             raise ConfigError(f"resources.step_macs_factor must be > 0, got {self.step_macs_factor}")
+        if self.time_table not in TIME_TABLES:
+            raise ConfigError(f"resources.time_table must be one of {list(TIME_TABLES)}, got {self.time_table!r}")
+        if not 0 <= self.margin < 1:
+            raise ConfigError(f"resources.margin must be in [0, 1), got {self.margin}")
 
 
 @dataclass
 class RunConfig:
-    """A federated run (top-level keys of ``conf/config.yaml``)."""
+    """A federated run (top-level keys of ``conf/config.yaml``).
+
+    ``deployment``: false (default) simulates one SuperNode per device of the dataset; true runs
+    on real SuperNodes (Flower's deployment runtime), any number of them, each with its own data
+    from its node config (``partition-id`` + ``num-partitions``, or ``data-path``); the ServerApp
+    waits for ``min_nodes`` and trains every connected node each round. ``round_timeout``: seconds
+    the server waits for a round's replies (late replies count as failures); null: 3600, or
+    ``2 * deadline + 60`` with ``resources=measured``.
+    """
 
     dataset: DatasetConfig = MISSING
     model: ModelConfig = MISSING
@@ -155,6 +176,9 @@ class RunConfig:
     torch_threads: int = 1
     output_dir: Optional[str] = None
     runtime: str = "flwr-run"
+    deployment: bool = False
+    min_nodes: int = 2
+    round_timeout: Optional[float] = None
     plot: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -174,6 +198,10 @@ class RunConfig:
             raise ConfigError(f"deadline must be > 0, got {self.deadline}")
         if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
             raise ConfigError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {self.lr}, {self.momentum}, {self.weight_decay}")
+        if self.min_nodes < 1:
+            raise ConfigError(f"min_nodes must be >= 1, got {self.min_nodes}")
+        if self.round_timeout is not None and not self.round_timeout > 0:
+            raise ConfigError(f"round_timeout must be > 0 seconds (or null), got {self.round_timeout}")
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime must be one of {list(RUNTIMES)}, got {self.runtime!r}")
         if self.num_cpus_per_client <= 0 or self.num_gpus_per_client < 0:

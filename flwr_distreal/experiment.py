@@ -28,14 +28,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from .config import RunConfig, to_run_config
+from .config import ConfigError, RunConfig, to_run_config
 from .data import FederatedData, load_federated
 from .lut import LUT
 from .macs import count_macs
@@ -49,7 +49,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-__all__ = ["Experiment", "MetricsRecorder", "RecordingStrategy", "run_experiment"]
+__all__ = ["Experiment", "NodeConfigError", "MetricsRecorder", "RecordingStrategy", "run_experiment"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,17 @@ class Experiment:
         kwargs = cfg.dataset.loader_kwargs(cfg.seed)
         self.data = _load_data(cfg.dataset.name, json.dumps(kwargs, sort_keys=True))
         self.num_devices = self.data.num_devices
-        if cfg.clients_per_round > self.num_devices:
+        self.measured = cfg.resources.kind == "measured"
+        if cfg.deployment and cfg.strategy.name in ("feddropout", "heterofl") and cfg.resources.kind not in (
+            "measured",
+            "full",
+        ):
+            raise ConfigError(
+                f"strategy={cfg.strategy.name} with deployment=true needs resources=measured (the server assigns "
+                "submodels from the throughput each node reports) or resources=full; a simulated "
+                f"resources={cfg.resources.kind} trace is tied to the dataset's devices, not to real nodes"
+            )
+        if not cfg.deployment and cfg.clients_per_round > self.num_devices:
             raise ValueError(
                 f"clients_per_round={cfg.clients_per_round} exceeds the {self.num_devices} devices of {cfg.dataset.name}"
             )
@@ -92,28 +102,31 @@ class Experiment:
         self.lut: LUT | None = self._load_lut(probe) if cfg.strategy.name == "distreal" else None
         self.full_forward_macs = count_macs(build_model(cfg.model.name, self.num_classes))
         self.factor = cfg.resources.step_macs_factor
-        sizes = self.data.partition_sizes()
-        self.r_max = [
-            r_max_for(
-                max(
-                    sum(step_macs(self.full_forward_macs, b, self.factor) for b in batch_sizes(n, cfg.batch_size, cfg.local_epochs)),
-                    1.0,
-                ),
-                cfg.deadline,
-            )
-            for n in sizes
-        ]
+        self.r_max = [self.r_max_for_samples(n) for n in self.data.partition_sizes()]
         variability = cfg.resources.variability or cfg.dataset.variability
-        self.resources = ResourceModel(
-            kind=cfg.resources.kind,
-            deadline=cfg.deadline,
-            r_max=max(self.r_max),
-            variability=variability,
-            lam=cfg.resources.lam,
-            seed=cfg.seed,
-            trace_path=cfg.resources.trace_path,
-        )
+        # wall-clock mode: no simulated availability, each device measures its own
+        self.resources: ResourceModel | None = None
+        if not self.measured:
+            self.resources = ResourceModel(
+                kind=cfg.resources.kind,
+                deadline=cfg.deadline,
+                r_max=max(self.r_max),
+                variability=variability,
+                lam=cfg.resources.lam,
+                seed=cfg.seed,
+                trace_path=cfg.resources.trace_path,
+            )
         self._traces: dict[int, Any] = {}
+        #: Wall-clock mode: the last throughput (full-model MACs/s) each device reported; the
+        #: submodel baselines assign from it at round start.
+        self.reported_throughput: dict[int, float] = {}
+
+    def r_max_for_samples(self, num_samples: int) -> float:
+        """Availability (MACs/s) at which the full model trains ``num_samples`` samples' round of
+        local training exactly by the deadline."""
+        cfg = self.cfg
+        sizes = batch_sizes(num_samples, cfg.batch_size, cfg.local_epochs)
+        return r_max_for(max(sum(step_macs(self.full_forward_macs, b, self.factor) for b in sizes), 1.0), cfg.deadline)
 
     # -- models and LUT --------------------------------------------------------------------
     def build_model(self):
@@ -127,7 +140,11 @@ class Experiment:
         return LUT.uniform(model, UNIFORM_RATES)
 
     def availability(self, device_id: int, t: float) -> float:
-        """Resource availability of a device at simulated time ``t`` (MACs per second)."""
+        """Resource availability of a device at simulated time ``t`` (MACs per second); in the
+        wall-clock mode the throughput the device last reported (infinite before its first report:
+        the full model)."""
+        if self.resources is None:
+            return self.reported_throughput.get(int(device_id), math.inf)
         trace = self._traces.get(device_id)
         if trace is None:
             trace = self.resources.trace(device_id, self.r_max[device_id])
@@ -135,14 +152,26 @@ class Experiment:
         return trace.rate_at(t)
 
     # -- devices, model, evaluation (Flower-free) ------------------------------------------
-    def make_trainer(self, device_id: int) -> DeviceTrainer:
-        """The Flower-free trainer of one device for this run's strategy."""
+    def make_trainer(self, device_id: int, data: FederatedData | None = None) -> DeviceTrainer:
+        """The Flower-free trainer of one device for this run's strategy and resources.
+
+        Parameters
+        ----------
+        device_id : int
+            The device: a partition of ``data``; it also seeds the device's random draws and picks
+            its simulated resource trace.
+        data : FederatedData, optional
+            The data the device's partition comes from; the run's dataset by default (a real
+            node's own data in a deployment, see :meth:`node_data`).
+        """
         cfg = self.cfg
         torch.set_num_threads(cfg.torch_threads)
+        data = self.data if data is None else data
         model = self.build_model()
-        loader = self.data.train_loader(device_id, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        loader = data.train_loader(device_id, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        own = data is self.data
         common = dict(
-            r_max=self.r_max[device_id],
+            r_max=self.r_max[device_id] if own else self.r_max_for_samples(len(data.partitions[device_id])),
             lr=cfg.lr,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
@@ -151,12 +180,75 @@ class Experiment:
             skip_straggler_training=cfg.skip_straggler_training,
             seed=cfg.seed,
         )
+        if self.measured:
+            from .wallclock import MeasuredBaselineTrainer, MeasuredDistrealTrainer
+
+            timing = dict(margin=cfg.resources.margin)
+            if cfg.strategy.name == "distreal":
+                return MeasuredDistrealTrainer(
+                    model, loader, device_id, self.lut, policy="deadline", time_table=cfg.resources.time_table,
+                    table_path=cfg.resources.table_path, stop_at_deadline=cfg.strategy.stop_at_deadline,
+                    **timing, **common,
+                )
+            return MeasuredBaselineTrainer(model, loader, device_id, **timing, **common)
         if cfg.strategy.name == "distreal":
             return DistrealTrainer(
                 model, loader, device_id, self.lut, self.resources, policy=cfg.strategy.policy,
                 stop_at_deadline=cfg.strategy.stop_at_deadline, **common
             )
         return BaselineTrainer(model, loader, device_id, self.resources, **common)
+
+    def node_data(self, node_config: Mapping[str, Any]) -> tuple[FederatedData, int]:
+        """A real node's data in a deployment, from its node config, and its device index.
+
+        ``data-path`` (an .npz with ``x_train`` and ``y_train``; ``partition-id``, if also given,
+        seeds its draws), else ``partition-id`` and ``num-partitions`` (the run's dataset regrouped
+        into that many partitions, see :func:`flwr_distreal.data.regroup`; without
+        ``num-partitions``, the dataset's own devices).
+
+        Raises
+        ------
+        NodeConfigError
+            Naming the key that is missing or wrong.
+        """
+        from .data import DataError, node_data_from_npz, regroup
+
+        def integer(key: str, minimum: int) -> int:
+            value = node_config[key]
+            try:
+                number = int(str(value))
+            except ValueError:
+                raise NodeConfigError(f"node config {key!r} must be an integer, got {value!r}") from None
+            if number < minimum:
+                raise NodeConfigError(f"node config {key!r} must be >= {minimum}, got {number}")
+            return number
+
+        try:
+            if "data-path" in node_config:
+                device = integer("partition-id", 0) if "partition-id" in node_config else 0
+                return node_data_from_npz(str(node_config["data-path"]), self.data), device
+            if "partition-id" not in node_config:
+                raise NodeConfigError(
+                    f"node config needs 'partition-id' (with 'num-partitions') or 'data-path'; it has "
+                    f"{sorted(node_config)}; e.g. flower-supernode --node-config \"partition-id=0 num-partitions=3\""
+                )
+            device = integer("partition-id", 0)
+            parts = integer("num-partitions", 1) if "num-partitions" in node_config else self.num_devices
+            if device >= parts:
+                raise NodeConfigError(f"node config 'partition-id'={device} must be < 'num-partitions'={parts}")
+            data = regroup(self.data, parts)
+        except DataError as err:
+            raise NodeConfigError(f"node config: {err}") from err
+        return data, device
+
+    def make_node_trainer(self, node_config: Mapping[str, Any]) -> DeviceTrainer:
+        """The trainer of a real node in a deployment (its data from :meth:`node_data`)."""
+        data, device = self.node_data(node_config)
+        if data is self.data or len(data.partitions) > 1:  # a partition of the run's dataset
+            return self.make_trainer(device, data)
+        trainer = self.make_trainer(0, data)  # the node's own file: one partition
+        trainer.device_id = device  # reported as, and seeded from, its partition-id
+        return trainer
 
     def initial_arrays(self) -> tuple[list[str], list]:
         """The seeded initial global model: ``state_dict`` keys and arrays."""
@@ -194,6 +286,30 @@ class Experiment:
             if name == "heterofl":
                 own.update(shrink=cfg.strategy.shrink, levels=cfg.strategy.levels)
         return own, {}
+
+    def train_config(self) -> dict[str, Any]:
+        """What every node gets in its train config besides the strategy's keys: the round
+        deadline in real seconds in the wall-clock mode."""
+        from .contract import ROUND_DEADLINE
+
+        return {ROUND_DEADLINE: float(self.cfg.deadline)} if self.measured else {}
+
+    def round_timeout(self) -> float:
+        """Seconds the server waits for a round's replies (``round_timeout``; by default 3600, or
+        ``2 * deadline + 60`` in the wall-clock mode, where a round lasts about ``deadline``)."""
+        if self.cfg.round_timeout is not None:
+            return float(self.cfg.round_timeout)
+        return 2 * self.cfg.deadline + 60 if self.measured else 3600.0
+
+    def note_replies(self, metrics: list[Mapping[str, Any]]) -> None:
+        """Keep each device's last reported throughput (wall-clock mode)."""
+        from .contract import PARTITION_ID, is_number
+        from .wallclock import THROUGHPUT
+
+        for m in metrics:
+            device, rate = m.get(PARTITION_ID), m.get(THROUGHPUT)
+            if is_number(device) and is_number(rate) and math.isfinite(float(rate)) and float(rate) > 0:
+                self.reported_throughput[int(device)] = float(rate)
 
     # -- Flower pieces: legacy API -----------------------------------------------------------
     def make_client(self, device_id: int):
@@ -245,6 +361,8 @@ class Experiment:
             fraction_evaluate=0.0,
             min_evaluate_nodes=0,
         )
+        if cfg.deployment:  # real nodes: wait for min_nodes, train every connected node
+            common.update(fraction_train=1.0, min_train_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes)
         own, _ = self.strategy_kwargs()
         if cfg.strategy.name in ("distreal", "full", "small"):
             own["seed"] = cfg.seed
@@ -253,6 +371,10 @@ class Experiment:
             "feddropout": serverapp.FederatedDropout, "heterofl": serverapp.HeteroFL,
         }
         return classes[cfg.strategy.name](**own, **common)
+
+
+class NodeConfigError(ValueError):
+    """A SuperNode's node config does not say which data the node trains on."""
 
 
 class MetricsRecorder:
@@ -412,6 +534,7 @@ def run_with_flwr(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -
     from .app import APP_DIR
     from .local_runtime import FlwrRunError, shared_runtime
 
+    cfg = with_absolute_paths(cfg)  # the app runs in another working directory
     exp = _experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))  # refuse bad input here
     _log_start(cfg, exp, "flwr run")
     if cfg.num_cpus_per_client != math.ceil(cfg.num_cpus_per_client):
@@ -462,6 +585,24 @@ def run_with_flwr(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its relative file paths (``dataset.root``, ``dataset.path``, ``lut``,
+    ``resources.trace_path``) made absolute against this process's working directory, for a
+    run whose processes start elsewhere (``flwr run``'s SuperLink)."""
+
+    def absolute(path: str | None) -> str | None:
+        if not path or "://" in path:
+            return path
+        return str(Path(path).expanduser().resolve())
+
+    return dataclasses.replace(
+        cfg,
+        lut=absolute(cfg.lut),
+        dataset=dataclasses.replace(cfg.dataset, root=absolute(cfg.dataset.root), path=absolute(cfg.dataset.path)),
+        resources=dataclasses.replace(cfg.resources, trace_path=absolute(cfg.resources.trace_path)),
+    )
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:

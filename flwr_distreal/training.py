@@ -360,9 +360,7 @@ class BaselineTrainer(DeviceTrainer):
     """
 
     def prepare(self, config: Mapping[str, Scalar]) -> None:
-        from .strategy import decode_subsets
-
-        text = config.get("fixed-subsets")
+        text = config.get(C.FIXED_SUBSETS)
         if text is None:
             self.model.set_fixed_subsets(None)
             self._kept = None
