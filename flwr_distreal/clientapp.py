@@ -40,6 +40,7 @@ nothing of an earlier round leaks into the next.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
@@ -65,8 +66,19 @@ TrainerFn = Callable[[Context], DeviceTrainer]
 Handler = Callable[[Message, Context], Message]
 
 
+#: Trainers of this process, per cache token: Flower's simulation pickles the ClientApp for
+#: every message it sends to a Ray actor, so the copies of one :class:`TrainerCache` in an actor
+#: process find their trainers here.
+_PROCESS_TRAINERS: dict[str, OrderedDict[tuple[int, int], DeviceTrainer]] = {}
+_PROCESS_LOCK = threading.Lock()
+
+
 class TrainerCache:
     """Builds a node's trainer on first use and keeps it, keyed by ``(run_id, node_id)``.
+
+    The trainers live in this process, shared by every unpickled copy of the cache (Flower's
+    simulation ships the ClientApp to its Ray actors with every message), so a node's model,
+    data and wall-clock calibration are built once per process, not once per round.
 
     Parameters
     ----------
@@ -84,15 +96,21 @@ class TrainerCache:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
         self.trainer_fn = trainer_fn
         self.max_size = int(max_size)
-        self._trainers: OrderedDict[tuple[int, int], DeviceTrainer] = OrderedDict()
-        self._lock = threading.Lock()
+        self._token = uuid.uuid4().hex
+        self._bind()
+
+    def _bind(self) -> None:
+        with _PROCESS_LOCK:
+            self._trainers = _PROCESS_TRAINERS.setdefault(self._token, OrderedDict())
+        self._lock = _PROCESS_LOCK
 
     def __getstate__(self) -> dict:
         """Pickled (Ray ships the ClientApp to its actors) without lock and trainers."""
-        return {"trainer_fn": self.trainer_fn, "max_size": self.max_size}
+        return {"trainer_fn": self.trainer_fn, "max_size": self.max_size, "token": self._token}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["trainer_fn"], state["max_size"])  # type: ignore[misc]
+        self.trainer_fn, self.max_size, self._token = state["trainer_fn"], state["max_size"], state["token"]
+        self._bind()
 
     def __call__(self, context: Context) -> DeviceTrainer:
         key = (int(context.run_id), int(context.node_id))

@@ -185,11 +185,13 @@ class Experiment:
 
             timing = dict(margin=cfg.resources.margin)
             if cfg.strategy.name == "distreal":
-                return MeasuredDistrealTrainer(
+                trainer = MeasuredDistrealTrainer(
                     model, loader, device_id, self.lut, policy="deadline", time_table=cfg.resources.time_table,
                     table_path=cfg.resources.table_path, stop_at_deadline=cfg.strategy.stop_at_deadline,
                     **timing, **common,
                 )
+                trainer.calibrate()  # now, when the node is set up, not inside round 1's deadline
+                return trainer
             return MeasuredBaselineTrainer(model, loader, device_id, **timing, **common)
         if cfg.strategy.name == "distreal":
             return DistrealTrainer(

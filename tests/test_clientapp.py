@@ -174,11 +174,15 @@ def test_trainer_cache_builds_once_per_node_and_run() -> None:
     assert built == [1, 2, 3, 1]
     with pytest.raises(TypeError, match="expected a DeviceTrainer"):
         TrainerCache(lambda ctx: object())(_context())
-    # Ray pickles the ClientApp for its actors: the copy starts empty and builds its own
+    # Ray pickles the ClientApp for every message: the copies in one process share the trainers
     import pickle
 
-    copy = pickle.loads(pickle.dumps(TrainerCache(_distreal_trainer, max_size=3)))
-    assert copy.max_size == 3 and isinstance(copy(_context()), DistrealTrainer)
+    original = TrainerCache(_distreal_trainer, max_size=3)
+    first = pickle.loads(pickle.dumps(original))
+    trainer = first(_context())
+    assert first.max_size == 3 and isinstance(trainer, DistrealTrainer)
+    assert pickle.loads(pickle.dumps(original))(_context()) is trainer
+    assert TrainerCache(_distreal_trainer)(_context()) is not trainer  # another cache, other trainers
 
 
 def test_build_client_app_registers_train_query_and_evaluate() -> None:
