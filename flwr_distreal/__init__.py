@@ -2,7 +2,8 @@
 
 The core (dropout, models, MACs, LUT) is imported eagerly and has no Flower or Hydra imports.
 The Flower pieces (strategies, clients) are exported lazily, so ``import flwr_distreal`` and
-the core modules never import Flower.
+the core modules never import Flower. ``flwr_distreal.Distreal`` and the baselines at the top
+level are the legacy-API strategies; the Message-API ones are in :mod:`flwr_distreal.serverapp`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ _LAZY = {
     "fit_metrics_aggregation": "strategy",
     "DistrealClient": "client",
     "BaselineClient": "client",
+    "TrainerClient": "client",
+    "DeviceTrainer": "training",
+    "DistrealTrainer": "training",
+    "BaselineTrainer": "training",
+    "MeasuredDistrealTrainer": "wallclock",
+    "MeasuredBaselineTrainer": "wallclock",
+    "build_client_app": "clientapp",
     "SeededClientManager": "client_manager",
     "ResourceModel": "resources",
     "load_federated": "data",

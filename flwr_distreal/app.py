@@ -97,6 +97,7 @@ _VALUES = {
     "deployment": "deployment",
     "min-nodes": "min_nodes",
     "round-timeout": "round_timeout",
+    "resume": "resume",
 }
 #: Run-config key with a whole resolved config (YAML), written by the Hydra runner.
 CONFIG_FILE_KEY = "config-file"
@@ -350,20 +351,29 @@ def _client_app():
 
 
 class RecordingMessageStrategy(Strategy):
-    """Delegates every hook to a Message-API strategy and hands each round's train metrics to a
+    """Delegates every hook to a Message-API strategy, numbering rounds from ``offset + 1`` (a
+    resumed run goes on where its checkpoint left it: clients seed their draws and place the round
+    on their clock by the round number), and hands each round's train metrics to a
     :class:`~flwr_distreal.experiment.MetricsRecorder` (evaluation reaches it through
     ``evaluate_fn``), so ``metrics.csv`` grows as the run goes."""
 
-    def __init__(self, inner: Strategy, recorder: Any, on_replies: Callable[[list], None] | None = None) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        recorder: Any,
+        on_replies: Callable[[list], None] | None = None,
+        offset: int = 0,
+    ) -> None:
         self.inner = inner
         self.recorder = recorder
         self.on_replies = on_replies
+        self.offset = int(offset)
 
     def summary(self) -> None:
         self.inner.summary()
 
     def configure_train(self, server_round, arrays, config, grid):
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
@@ -371,15 +381,32 @@ class RecordingMessageStrategy(Strategy):
             self.on_replies(
                 [dict(m.content[METRICS_RECORD]) for m in replies if not m.has_error() and METRICS_RECORD in m.content]
             )
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        self.recorder.on_fit(server_round, dict(metrics or {}))
+        arrays, metrics = self.inner.aggregate_train(server_round + self.offset, replies)
+        self.recorder.on_fit(server_round + self.offset, dict(metrics or {}))
         return arrays, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round, replies):
-        return self.inner.aggregate_evaluate(server_round, replies)
+        return self.inner.aggregate_evaluate(server_round + self.offset, replies)
+
+
+def _rng_state(rng: Any) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """The state of a strategy of :mod:`flwr_distreal.serverapp` that a resumed run needs: its
+    seeded sampling generators (node properties are asked again: node ids change on restart)."""
+    return {name: _rng_state(getattr(strategy, name)) for name in ("_train_rng", "_evaluate_rng") if hasattr(strategy, name)}
+
+
+def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    """Restore :func:`strategy_state` into a freshly built strategy."""
+    for name, (version, internal, gauss) in state.items():
+        getattr(strategy, name).setstate((version, tuple(internal), gauss))
 
 
 client_app = _client_app()
@@ -388,16 +415,22 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    """Run the configured experiment: check the federation, train, record, plot."""
+    """Run the configured experiment: check the federation and the output directory, train,
+    record and checkpoint every round, resume from a checkpoint, plot."""
+    import math
+
+    from .checkpoint import Checkpoint, save_checkpoint
     from .clientapp import arrays_from_record, record_from_arrays
-    from .experiment import finish_output, start_output
+    from .experiment import RunFailedError, check_failures, check_run_dir, finish_output, start_output, summary_line
 
     cfg, exp = _experiment(context)
-    if not cfg.deployment:  # simulation: one SuperNode per device of the dataset
-        wait_for_supernodes(grid.get_node_ids, exp.num_devices, f"device of {cfg.dataset.name}")
     given = context.run_config.get("output-dir")
     out = Path(str(given)).expanduser().resolve() if given else output_dir_for(cfg, context.run_id)
-    recorder = start_output(out, cfg)
+    ckpt = check_run_dir(out, cfg)  # refuses a directory that holds a run, or a resume that does not fit
+    if not cfg.deployment:  # simulation: one SuperNode per device of the dataset
+        wait_for_supernodes(grid.get_node_ids, exp.num_devices, f"device of {cfg.dataset.name}")
+    recorder = start_output(out, cfg, ckpt.rows if ckpt else None)
+    done = ckpt.round if ckpt else 0
     if cfg.deployment:
         log(
             INFO,
@@ -410,21 +443,43 @@ def _server_main(grid: Grid, context: Context) -> None:
             "%s on %s: %s devices, %s per round, %s rounds; results in %s",
             cfg.strategy.name, cfg.dataset.name, exp.num_devices, cfg.clients_per_round, cfg.rounds, out,
         )
-    keys, arrays = exp.initial_arrays()
+    keys, arrays = (ckpt.keys, ckpt.arrays) if ckpt else exp.initial_arrays()
+    strategy = exp.make_message_strategy()
+    if ckpt:
+        load_strategy_state(strategy, ckpt.strategy)
+        log(INFO, "resuming from %s after round %s of %s", out / "checkpoint.npz", done, cfg.rounds)
+    config = dataclasses.asdict(cfg)
 
-    def evaluate_fn(server_round: int, record: ArrayRecord) -> MetricRecord:
+    def evaluate_fn(server_round: int, record: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:  # the initial model: not a round of the run
+            return None
+        rnd = server_round + done
         loss, accuracy, n = exp.evaluate(arrays_from_record(record, keys))
-        if server_round >= 1:
-            recorder.on_evaluate(server_round, loss, {"accuracy": accuracy})
+        recorder.on_evaluate(rnd, loss, {"accuracy": accuracy})
+        if not math.isfinite(loss):
+            raise RunFailedError(
+                f"round {rnd}: the test loss is {loss}: the global model diverged (try a smaller lr or gradient "
+                "clipping); the run stops here"
+            )
+        if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds:
+            state = strategy_state(strategy)
+            save_checkpoint(
+                out, Checkpoint(rnd, keys, arrays_from_record(record, keys), config, recorder.rows, state)
+            )
         return MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": n})
 
-    strategy = RecordingMessageStrategy(exp.make_message_strategy(), recorder, exp.note_replies)
-    strategy.start(
-        grid=grid,
-        initial_arrays=record_from_arrays(keys, arrays),
-        num_rounds=cfg.rounds,
-        timeout=exp.round_timeout(),
-        train_config=ConfigRecord(exp.train_config()),
-        evaluate_fn=evaluate_fn,
-    )
+    if done < cfg.rounds:
+        recording = RecordingMessageStrategy(strategy, recorder, exp.note_replies, offset=done)
+        recording.start(
+            grid=grid,
+            initial_arrays=record_from_arrays(keys, arrays),
+            num_rounds=cfg.rounds - done,
+            timeout=exp.round_timeout(),
+            train_config=ConfigRecord(exp.train_config()),
+            evaluate_fn=evaluate_fn,
+        )
+    else:
+        log(INFO, "the checkpoint in %s already holds all %s rounds", out, cfg.rounds)
     finish_output(out, cfg, recorder)
+    log(INFO, "%s", summary_line(cfg, recorder.rows))
+    check_failures(recorder.rows, cfg.failure_threshold)

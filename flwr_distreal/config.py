@@ -152,7 +152,11 @@ class RunConfig:
     from its node config (``partition-id`` + ``num-partitions``, or ``data-path``); the ServerApp
     waits for ``min_nodes`` and trains every connected node each round. ``round_timeout``: seconds
     the server waits for a round's replies (late replies count as failures); null: 3600, or
-    ``2 * deadline + 60`` with ``resources=measured``.
+    ``2 * deadline + 60`` with ``resources=measured``. ``checkpoint_every``: rounds between two
+    checkpoints of the run (``checkpoint.npz``; the last round always); ``resume``: continue the
+    run in the output directory from its checkpoint (a run into a directory that holds one is
+    refused without it). ``failure_threshold``: a run in which, in every round, more than this
+    fraction of the sampled clients failed ends with an error.
     """
 
     dataset: DatasetConfig = MISSING
@@ -179,6 +183,9 @@ class RunConfig:
     deployment: bool = False
     min_nodes: int = 2
     round_timeout: Optional[float] = None
+    resume: bool = False
+    checkpoint_every: int = 1
+    failure_threshold: float = 0.5
     plot: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -198,6 +205,10 @@ class RunConfig:
             raise ConfigError(f"deadline must be > 0, got {self.deadline}")
         if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
             raise ConfigError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {self.lr}, {self.momentum}, {self.weight_decay}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if not 0 <= self.failure_threshold < 1:
+            raise ConfigError(f"failure_threshold must be in [0, 1), got {self.failure_threshold}")
         if self.min_nodes < 1:
             raise ConfigError(f"min_nodes must be >= 1, got {self.min_nodes}")
         if self.round_timeout is not None and not self.round_timeout > 0:

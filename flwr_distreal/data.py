@@ -732,6 +732,11 @@ def _load_femnist_leaf(root: Path, max_devices: int | None) -> FederatedData:
         if x.shape[0] == 0:
             raise DataError(f"FEMNIST LEAF root {root}: writer {w!r} has no training samples")
         parts.append(_to_dataset(x.reshape(-1, 1, 28, 28), y))
+    if sum(y.size for _, y in test.values()) == 0:
+        raise DataError(
+            f"FEMNIST LEAF test split {root / 'test'} holds no samples (its json shards list no users or only "
+            "users without samples); the server evaluates on it, so it needs at least one sample"
+        )
     x_test = np.concatenate([x for x, _ in test.values()]).reshape(-1, 1, 28, 28)
     y_test = np.concatenate([y for _, y in test.values()])
     data = FederatedData(
@@ -1214,6 +1219,22 @@ def _images_to_float(x: np.ndarray, what: str) -> np.ndarray:
     raise DataError(f"{what} must be uint8 (0..255) or float, got dtype {x.dtype}")
 
 
+def _npz_problem(file: Path) -> str | None:
+    """Why ``file`` is not an ``.npz`` archive (``None`` when it starts like one: a zip file)."""
+    try:
+        with file.open("rb") as fh:
+            head = fh.read(8)
+    except OSError as err:
+        return f"cannot be read ({err})"
+    if head.startswith(b"PK"):
+        return None
+    if head.startswith(b"\x93NUMPY"):
+        return "is a .npy file (a single NumPy array, np.save), not an .npz archive of named arrays (np.savez)"
+    if not head:
+        return "is empty, not an .npz archive"
+    return "is not an .npz archive (a zip of named arrays written by np.savez)"
+
+
 def load_npz(
     path: str | Path,
     num_devices: int = 10,
@@ -1261,6 +1282,12 @@ def load_npz(
         raise DataError(f"layout must be 'auto', 'nchw' or 'nhwc', got {layout!r}")
     if not file.is_file():
         raise DataError(f"npz dataset {file} not found; expected a .npz file with x_train, y_train, x_test, y_test")
+    problem = _npz_problem(file)
+    if problem is not None:
+        raise DataError(
+            f"npz dataset {file} {problem}; expected an .npz file with x_train, y_train, x_test, y_test "
+            "(np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...))"
+        )
     try:
         with np.load(file, allow_pickle=False) as npz:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in npz.files]
@@ -1523,4 +1550,10 @@ def load_federated(name: str, **kwargs: Any) -> FederatedData:
     ]
     if missing:
         raise DataError(f"dataset {name!r} needs {missing}")
+    if "seed" in given:
+        seed = given["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise DataError(
+                f"seed must be an integer >= 0 (numpy's random generators refuse negative seeds), got {seed!r}"
+            )
     return loader(**given)

@@ -310,10 +310,12 @@ class LocalDeployment:
         SuperNodes started by :meth:`start` (more with :meth:`add_supernode`).
     app_dir : path, optional
         The Flower app ``flwr run`` submits; this repository by default.
-    tls : bool
-        Secure the SuperLink's APIs with a throw-away CA and server certificate (for
-        127.0.0.1/localhost); the SuperNodes and the ``flwr`` CLI verify it. Default False
-        (``--insecure`` everywhere).
+    tls : bool or TlsFiles
+        Secure the SuperLink's APIs with TLS: True makes a throw-away CA and server certificate
+        (for 127.0.0.1/localhost); a :class:`TlsFiles` uses those (e.g. to try certificates
+        made for real machines: the server certificate must name 127.0.0.1, which the
+        SuperLink's own SuperExec connects to). The SuperNodes and the ``flwr`` CLI verify it
+        against the CA. Default False (``--insecure`` everywhere).
     auth : bool
         SuperNode authentication (``--enable-supernode-auth``, needs ``tls``): every SuperNode
         gets an EC key pair whose public key is registered with ``flwr supernode register``.
@@ -347,7 +349,7 @@ class LocalDeployment:
         num_supernodes: int = 2,
         *,
         app_dir: str | os.PathLike | None = None,
-        tls: bool = False,
+        tls: bool | TlsFiles = False,
         auth: bool = False,
         node_configs: Sequence[Mapping[str, Any] | str] | None = None,
         root: str | os.PathLike | None = None,
@@ -367,6 +369,7 @@ class LocalDeployment:
         if not (self.app_dir / "pyproject.toml").is_file():
             raise ValueError(f"{self.app_dir} is not a Flower app (no pyproject.toml)")
         self.tls, self.auth = bool(tls), bool(auth)
+        self._given_tls = tls if isinstance(tls, TlsFiles) else None
         self._node_configs = list(node_configs) if node_configs is not None else None
         self._own_root = root is None
         self.keep_root = keep_root
@@ -389,6 +392,7 @@ class LocalDeployment:
             os.environ,
             FLWR_HOME=str(self.home),
             FLWR_DISABLE_UPDATE_CHECK="1",
+            FLWR_TELEMETRY_ENABLED="0",  # no traffic beyond 127.0.0.1 (and no exit-time wait for it)
             NO_PROXY=no_proxy,
             no_proxy=no_proxy,
             PATH=f"{Path(self.flwr).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -410,7 +414,9 @@ class LocalDeployment:
             return self
         self._started = True
         try:
-            if self.tls:
+            if self._given_tls is not None:
+                self.tls_files = self._given_tls
+            elif self.tls:
                 self.tls_files = make_tls_certificates(self.root / "certs")
             write_connection_config(
                 self.home, CONNECTION, self.address, self.tls_files.ca_cert if self.tls_files else None

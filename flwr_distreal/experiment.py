@@ -49,7 +49,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-__all__ = ["Experiment", "NodeConfigError", "MetricsRecorder", "RecordingStrategy", "run_experiment"]
+__all__ = ["Experiment", "NodeConfigError", "RunDirectoryError", "RunFailedError", "MetricsRecorder", "RecordingStrategy", "run_experiment"]
 
 log = logging.getLogger(__name__)
 
@@ -383,20 +383,25 @@ class MetricsRecorder:
     """Collects one row per round and writes ``metrics.csv`` as the run goes."""
 
     FIELDS = [
-        "round", "accuracy", "loss", "received", "failures", "stragglers", "refused", "accepted",
+        "round", "accuracy", "loss", "received", "failures", "stragglers", "refused", "clipped", "accepted",
         "mean_macs", "mean_utilisation", "sim_time", "wall_time",
     ]
 
-    def __init__(self, path: Path | None, deadline: float) -> None:
+    def __init__(self, path: Path | None, deadline: float, rows: list[dict[str, Any]] | None = None) -> None:
         self.path = path
         self.deadline = deadline
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = [dict(r) for r in rows or []]
         self._fit: dict[int, dict[str, Scalar]] = {}
-        self._start = time.perf_counter()
+        # a resumed run's wall time goes on from where the checkpoint left it
+        self._start = time.perf_counter() - (float(self.rows[-1]["wall_time"]) if self.rows else 0.0)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.FIELDS).writeheader()
+            tmp = path.with_name(f".{path.name}.tmp")
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.FIELDS)
+                writer.writeheader()
+                writer.writerows({k: r.get(k, "") for k in self.FIELDS} for r in self.rows)
+            os.replace(tmp, path)
 
     def on_fit(self, server_round: int, metrics: dict[str, Scalar]) -> None:
         self._fit[server_round] = dict(metrics)
@@ -411,6 +416,7 @@ class MetricsRecorder:
             "failures": fit.get("failures", 0),
             "stragglers": fit.get("stragglers", 0),
             "refused": fit.get("refused", 0),
+            "clipped": fit.get("clipped", 0),
             "accepted": fit.get("accepted", 0),
             "mean_macs": fit.get("mean_macs", math.nan),
             "mean_utilisation": fit.get("mean_utilisation", math.nan),
@@ -463,13 +469,96 @@ class RecordingStrategy(Strategy):
         return out
 
 
-def start_output(out: Path | None, cfg: RunConfig) -> MetricsRecorder:
+class RunDirectoryError(ValueError):
+    """The output directory already holds a run (and ``resume`` is off), or a resume does not fit."""
+
+
+class RunFailedError(RuntimeError):
+    """A run could not produce a meaningful result (non-finite loss, clients failing every round)."""
+
+
+def check_run_dir(out: Path | None, cfg: RunConfig):
+    """The checkpoint to resume from (``resume=true``), or None for a fresh run.
+
+    Raises
+    ------
+    RunDirectoryError
+        If ``out`` already holds a run (``metrics.csv`` or a checkpoint) and ``resume`` is off;
+        or ``resume`` is on and the checkpoint was made with another config (the message names
+        the differing keys).
+    CheckpointError
+        If the checkpoint is unreadable or truncated.
+    """
+    from .checkpoint import CHECKPOINT_FILE, config_differences, load_checkpoint
+
+    if out is None:
+        if cfg.resume:
+            raise RunDirectoryError("resume=true needs an output directory to resume from")
+        return None
+    holds = [name for name in ("metrics.csv", CHECKPOINT_FILE) if (out / name).exists()]
+    if not cfg.resume:
+        if holds:
+            raise RunDirectoryError(
+                f"{out} already holds a run ({', '.join(holds)}); pass resume=true to continue it, or choose "
+                "another output directory (nothing was overwritten)"
+            )
+        return None
+    ckpt = load_checkpoint(out)
+    if ckpt is None:
+        if holds:
+            raise RunDirectoryError(f"resume=true but {out} has no {CHECKPOINT_FILE} to resume from (only {holds})")
+        return None  # nothing there yet: a fresh run that will checkpoint
+    diff = config_differences(ckpt.config, dataclasses.asdict(cfg))
+    if diff:
+        raise RunDirectoryError(f"resume=true with another config than the checkpoint's in {out}: {'; '.join(diff)}")
+    return ckpt
+
+
+def check_failures(rows: list[dict[str, Any]], threshold: float) -> None:
+    """Refuse a run in which, in every round, more than ``threshold`` of the sampled clients failed.
+
+    Raises
+    ------
+    RunFailedError
+        Saying how many rounds and clients failed.
+    """
+    if not rows:
+        return
+    fractions = []
+    for row in rows:
+        failures, received = float(row.get("failures", 0) or 0), float(row.get("received", 0) or 0)
+        fractions.append(failures / (failures + received) if failures + received > 0 else 1.0)
+    if all(f > threshold for f in fractions):
+        raise RunFailedError(
+            f"in every one of the {len(rows)} rounds more than {threshold:.0%} of the sampled clients failed "
+            f"(least: {min(fractions):.0%}); the model was trained by too few clients to mean anything. "
+            "See the run's log for the clients' errors (failure_threshold sets the limit)"
+        )
+
+
+def start_output(out: Path | None, cfg: RunConfig, rows: list[dict[str, Any]] | None = None) -> MetricsRecorder:
     """Create the run directory, write the resolved ``config.yaml`` and return the recorder
-    that writes ``metrics.csv`` there (``out=None``: record in memory only)."""
+    that writes ``metrics.csv`` there (``out=None``: record in memory only); ``rows``: the rows of
+    a resumed run so far (``metrics.csv`` is rewritten with exactly those)."""
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
-    return MetricsRecorder(out / "metrics.csv" if out is not None else None, cfg.deadline)
+    return MetricsRecorder(out / "metrics.csv" if out is not None else None, cfg.deadline, rows)
+
+
+def summary_line(cfg: RunConfig, rows: list[dict[str, Any]]) -> str:
+    """End-of-run summary: final accuracy and the failures, refusals and stragglers of the run."""
+    if not rows:
+        return f"{cfg.strategy.name}: no round completed"
+
+    def total(key: str) -> int:
+        return int(sum(float(r.get(key, 0) or 0) for r in rows))
+
+    return (
+        f"{cfg.strategy.name}: {len(rows)} rounds, final accuracy {float(rows[-1]['accuracy']):.4f}; "
+        f"failures {total('failures')}, refused {total('refused')}, clipped {total('clipped')}, "
+        f"stragglers {total('stragglers')} (of {total('received') + total('failures')} sampled)"
+    )
 
 
 def finish_output(out: Path | None, cfg: RunConfig, recorder: MetricsRecorder) -> None:
@@ -549,12 +638,11 @@ def run_with_flwr(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -
         tmp = Path(tempfile.mkdtemp(prefix="fdr-run-"))
     out = Path(output_dir if output_dir is not None else tmp).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    check_run_dir(out, cfg)  # refuse before anything starts (the app checks again)
     config_file = out / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
     metrics = out / "metrics.csv"
-    if metrics.exists():
-        metrics.unlink()
-    shown = [0]
+    shown = [len(_read_metrics(metrics))]
 
     def progress() -> None:
         rows = _read_metrics(metrics)
@@ -576,7 +664,7 @@ def run_with_flwr(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -
                 "client-resources-num-cpus": max(1, math.ceil(cfg.num_cpus_per_client)),
                 "client-resources-num-gpus": float(cfg.num_gpus_per_client),
             },
-            log_path=out / "flwr.log",
+            log_path=_next_log(out),
             on_poll=progress,
         )
         if not result.ok:
@@ -587,6 +675,14 @@ def run_with_flwr(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _next_log(out: Path) -> Path:
+    """``flwr.log``, or ``flwr.<n>.log`` when resuming a run that already has one."""
+    path, n = out / "flwr.log", 1
+    while path.exists():
+        path, n = out / f"flwr.{n}.log", n + 1
+    return path
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -649,7 +745,10 @@ def run_legacy_simulation(cfg: RunConfig, output_dir: str | os.PathLike | None =
 
     from .client_manager import SeededClientManager
 
+    if cfg.resume:
+        raise RunDirectoryError("resume=true needs runtime=flwr-run (the legacy runtime keeps no checkpoints)")
     out = Path(output_dir) if output_dir is not None else None
+    check_run_dir(out, cfg)
     cfg_dict = dataclasses.asdict(cfg)
     exp = _experiment_for(json.dumps(cfg_dict, sort_keys=True))
     recorder = start_output(out, cfg)
@@ -667,7 +766,9 @@ def run_legacy_simulation(cfg: RunConfig, output_dir: str | os.PathLike | None =
         "client_resources": {"num_cpus": cfg.num_cpus_per_client, "num_gpus": cfg.num_gpus_per_client},
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False},
     }
-    with warnings.catch_warnings():
+    from .local_runtime import ProcessGuard
+
+    with warnings.catch_warnings(), ProcessGuard():
         warnings.simplefilter("ignore", DeprecationWarning)  # runtime=legacy chose it knowingly
         run_simulation(
             ServerApp(server_fn=server_fn),
@@ -676,4 +777,7 @@ def run_legacy_simulation(cfg: RunConfig, output_dir: str | os.PathLike | None =
             backend_config=backend_config,
         )
     finish_output(out, cfg, recorder)
+    if any(not math.isfinite(float(r["loss"])) for r in recorder.rows):
+        raise RunFailedError(f"the test loss became non-finite (round {next(r['round'] for r in recorder.rows if not math.isfinite(float(r['loss'])))})")
+    check_failures(recorder.rows, cfg.failure_threshold)
     return recorder.rows

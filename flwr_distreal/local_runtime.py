@@ -10,7 +10,13 @@ Hydra runner (and the tests), keeping a run self-contained:
   user's own SuperLink do not collide;
 * every process it starts (``flwr``, the local SuperLink, the ServerApp and simulation
   processes, Ray) carries a unique tag in its environment; :meth:`LocalFlwrRuntime.stop` stops
-  each of them by PID (SIGTERM, then SIGKILL after a grace period) and reports survivors.
+  each of them by PID (SIGTERM, then SIGKILL after a grace period) and reports survivors;
+* a watchdog process (``python -m flwr_distreal.local_runtime --watch PID --tag TAG``) stops them
+  as well when the Python process that owns the runtime dies without stopping it (``kill -9``):
+  Flower starts the local SuperLink detached, so nothing else would.
+
+SIGTERM of the owning process exits it through ``SystemExit`` (so the runtime is stopped at exit,
+as after Ctrl-C) when no other SIGTERM handler is installed.
 
 The runtime is reused across the runs of one process (a Hydra multirun starts the SuperLink
 once) and stopped at exit. Finding the tagged processes reads ``/proc`` (Linux); elsewhere only
@@ -36,7 +42,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FlwrRunError", "FlwrRunResult", "LocalFlwrRuntime", "format_run_config", "shared_runtime"]
+__all__ = [
+    "FlwrRunError",
+    "FlwrRunResult",
+    "LocalFlwrRuntime",
+    "ProcessGuard",
+    "format_run_config",
+    "shared_runtime",
+    "tagged_pids",
+    "watch",
+]
 
 #: Environment variable that marks every process of one runtime.
 TAG_VAR = "FLWR_DISTREAL_RUNTIME_TAG"
@@ -152,6 +167,7 @@ class LocalFlwrRuntime:
         self.env[TAG_VAR] = self.tag
         self._children: list[subprocess.Popen] = []
         self._stopped = False
+        self._watchdog = _start_watchdog(os.getpid(), self.tag)
 
     # -- CLI -----------------------------------------------------------------------------------
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -276,6 +292,12 @@ class LocalFlwrRuntime:
                 pass
         time.sleep(0.3)
         survivors = self.pids()
+        if self._watchdog is not None and self._watchdog.poll() is None:
+            self._watchdog.terminate()
+            try:
+                self._watchdog.wait(5)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
         return survivors
@@ -295,6 +317,73 @@ def _signal(pids: set[int] | list[int], sig: int) -> None:
             pass
 
 
+def _start_watchdog(owner: int, tag: str) -> subprocess.Popen | None:
+    """A process that stops the tagged processes once ``owner`` is gone (None without /proc)."""
+    if not Path("/proc").is_dir():
+        return None
+    env = {k: v for k, v in os.environ.items() if k != TAG_VAR}
+    return subprocess.Popen(
+        [sys.executable, "-m", "flwr_distreal.local_runtime", "--watch", str(owner), "--tag", tag],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # survives a kill of the owner's process group
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def watch(owner: int, tag: str, poll_s: float = 0.5, grace_s: float = 5.0) -> None:
+    """Wait until process ``owner`` is gone, then stop every process carrying ``tag``."""
+    while _alive(owner):
+        time.sleep(poll_s)
+    pids = tagged_pids(tag)
+    _signal(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while (left := tagged_pids(tag)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _signal(left, signal.SIGKILL)
+
+
+class ProcessGuard:
+    """Tags the processes this process starts from now on (``TAG_VAR`` in ``os.environ``: Ray's
+    raylet, GCS, dashboard and workers inherit it) and runs a watchdog that stops them if this
+    process dies without cleaning up (``kill -9``). Used by the legacy ``run_simulation`` path.
+    """
+
+    def __enter__(self) -> ProcessGuard:
+        self.tag = uuid.uuid4().hex
+        self._previous = os.environ.get(TAG_VAR)
+        os.environ[TAG_VAR] = self.tag
+        self._watchdog = _start_watchdog(os.getpid(), self.tag)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is None:
+            os.environ.pop(TAG_VAR, None)
+        else:
+            os.environ[TAG_VAR] = self._previous
+        if self._watchdog is not None and self._watchdog.poll() is None:
+            self._watchdog.terminate()
+            self._watchdog.wait(5)
+
+
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit (atexit handlers then stop the runtime), unless the program
+    installed its own handler; only possible in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 _SHARED: LocalFlwrRuntime | None = None
 _SHARED_LOCK = threading.Lock()
 
@@ -307,4 +396,15 @@ def shared_runtime() -> LocalFlwrRuntime:
         if _SHARED is None or _SHARED._stopped:
             _SHARED = LocalFlwrRuntime()
             atexit.register(_SHARED.stop)
+            _exit_on_sigterm()
         return _SHARED
+
+
+if __name__ == "__main__":  # the watchdog
+    import argparse
+
+    parser = argparse.ArgumentParser(description="stop a runtime's processes once its owner is gone")
+    parser.add_argument("--watch", type=int, required=True, help="PID of the owning process")
+    parser.add_argument("--tag", required=True, help="the runtime's tag")
+    args = parser.parse_args()
+    watch(args.watch, args.tag)

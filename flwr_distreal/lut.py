@@ -346,12 +346,19 @@ class LUT:
             raw = path.read_bytes()
         except OSError as err:
             raise LUTError(f"cannot read LUT file {path}: {err}") from err
+        expected = "expected a LUT written by LUT.save or the DSE: an .npz archive (header, vectors, macs) or JSON"
         if raw[:2] == b"PK":  # a zip archive: the .npz format
             data = cls._npz_dict(path)
+        elif raw[:6] == b"\x93NUMPY":
+            raise LUTError(f"LUT file {path} is a .npy file (a single NumPy array, np.save), not a LUT; {expected}")
+        elif path.suffix.lower() == ".npz":
+            raise LUTError(f"LUT file {path} has the .npz extension but is not an .npz (zip) archive; {expected}")
         else:
             try:
                 data = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            except UnicodeDecodeError as err:
+                raise LUTError(f"LUT file {path} is binary, neither an .npz LUT nor JSON text ({err}); {expected}") from err
+            except json.JSONDecodeError as err:
                 raise LUTError(f"LUT file {path} is truncated or not JSON ({err})") from err
         lut = cls.from_dict(data, source=f"LUT file {path}")
         if model is not None:

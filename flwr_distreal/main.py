@@ -26,12 +26,13 @@ register_configs()
 def main(cfg: DictConfig) -> float:
     """Validate the composed config, run the simulation, return the final accuracy."""
     run_cfg = to_run_config(cfg)  # range checks run here, before round 1
-    from .experiment import run_experiment
+    from .experiment import run_experiment, summary_line
 
     out = run_cfg.output_dir or HydraConfig.get().runtime.output_dir
     rows = run_experiment(run_cfg, out)
     final = rows[-1]["accuracy"] if rows else float("nan")
     log.info("final accuracy %.4f; metrics, config and plot in %s", final, out)
+    print(summary_line(run_cfg, rows))
     print(f"Done: final accuracy {final:.4f}. Metrics: {out}/metrics.csv  Plot: {out}/accuracy.png")
     return final
 

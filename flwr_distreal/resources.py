@@ -18,10 +18,11 @@ devices and changes over time, also in the middle of a round. This module provid
 * :class:`ResourceModel`, the configuration-level object: it hands out a device's trace,
   deterministically from ``(seed, device_id)``, and defines the round timing (round ``t``
   runs in global simulated time ``[(t - 1) * T, t * T]``).
-* :class:`RoundClock` and :func:`simulate_round`, the straggler logic: a device trains
-  mini-batch after mini-batch, its clock advances by ``MACs(step) / r(t)`` integrated
-  across level changes, and it is a straggler when its training does not finish by the
-  round's deadline.
+* :class:`RoundClock`, the straggler logic: a device trains mini-batch after mini-batch, its
+  clock advances by ``MACs(step) / r(t)`` integrated across level changes, and it is a
+  straggler when its training does not finish by the round's deadline. The rounds the
+  clients run are planned on this clock by :mod:`flwr_distreal.schedule`
+  (``plan_distreal_round``, ``plan_fixed_round``).
 
 Time is in seconds of simulated time; availability in MACs per second; work in MACs.
 Nothing here imports Flower or Hydra, and nothing keeps module-level state: Ray reuses
@@ -41,7 +42,7 @@ import bisect
 import csv
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from logging import getLogger
 from pathlib import Path
@@ -57,15 +58,12 @@ __all__ = [
     "ResourceTrace",
     "RoundClock",
     "RoundResult",
-    "StepChooser",
     "TimeVaryingResources",
     "TraceFileError",
     "TraceResources",
     "forward_macs_budget",
     "load_trace_csv",
     "r_max_for",
-    "round_step_macs",
-    "simulate_round",
     "step_macs",
 ]
 
@@ -80,12 +78,6 @@ DEADLINE_RTOL = 1e-9
 #: Kinds of resource models understood by :class:`ResourceModel`.
 ResourceKind = Literal["full", "constant", "timevarying", "trace"]
 RESOURCE_KINDS: tuple[str, ...] = ("full", "constant", "timevarying", "trace")
-
-#: A step chooser picks the MACs of the next training step from the current simulated
-#: time ``t``, the current availability ``r(t)`` and the number of steps left (including
-#: the one being chosen). DISTREAL's Algorithm 1 is such a policy: read ``r(t)``, select a
-#: dropout vector from the LUT, train one step.
-StepChooser = Callable[[float, float, int], float]
 
 
 class ResourceError(ValueError):
@@ -188,51 +180,6 @@ def forward_macs_budget(step_budget: float, batch_size: int, step_macs_factor: f
     return budget / step_macs(1.0, batch_size, step_macs_factor)
 
 
-def round_step_macs(
-    forward_macs_per_sample: float,
-    num_samples: int,
-    batch_size: int,
-    local_epochs: int = 1,
-    drop_last: bool = False,
-    step_macs_factor: float = 3.0,
-) -> list[float]:
-    """Per-step training MACs of one round of local training with a fixed model.
-
-    Parameters
-    ----------
-    forward_macs_per_sample : float
-        Forward MACs per sample of the model (the full model when computing ``r_max``).
-    num_samples : int
-        Number of local training samples of the device.
-    batch_size : int
-        Mini-batch size.
-    local_epochs : int (default: 1)
-        Number of passes over the local data per round.
-    drop_last : bool (default: False)
-        Whether an incomplete last mini-batch of each epoch is skipped (as in
-        ``torch.utils.data.DataLoader(drop_last=True)``).
-    step_macs_factor : float (default: 3.0)
-        Cost of a training step relative to a forward pass, as in :func:`step_macs`.
-
-    Returns
-    -------
-    list[float]
-        MACs of every step of the round, in order. Its sum is the round's training cost;
-        ``r_max_for(sum(...), deadline)`` gives the availability at which this device
-        finishes exactly at the deadline.
-    """
-    checks = (("num_samples", num_samples, 0), ("batch_size", batch_size, 1), ("local_epochs", local_epochs, 1))
-    for name, val, low in checks:
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < low:
-            raise ResourceError(f"{name} must be an int >= {low}, got {val!r}")
-    full, rest = divmod(int(num_samples), int(batch_size))
-    sizes = [int(batch_size)] * full
-    if rest and not drop_last:
-        sizes.append(rest)
-    per_epoch = [step_macs(forward_macs_per_sample, b, step_macs_factor) for b in sizes]
-    return per_epoch * int(local_epochs)
-
-
 def r_max_for(full_step_macs_total: float, deadline: float) -> float:
     """Upper bound of the availability range: the full model finishes exactly at the deadline.
 
@@ -243,7 +190,7 @@ def r_max_for(full_step_macs_total: float, deadline: float) -> float:
     ----------
     full_step_macs_total : float
         Total training MACs of one round of local training with the full model (all steps,
-        forward and backward, e.g. ``sum(round_step_macs(...))``).
+        forward and backward: ``sum(step_macs(fwd, b) for b in schedule.batch_sizes(...))``).
     deadline : float
         Round duration ``T`` in seconds of simulated time.
 
@@ -604,12 +551,27 @@ def load_trace_csv(path: str | Path) -> dict[int, TraceResources]:
     Raises
     ------
     TraceFileError
-        If the file is missing, empty, lacks a column, or holds a value that is not a
-        number, negative, NaN or infinite, a non-integer device id, or unsorted times.
+        If the file is missing, not a text file, empty, lacks a column, or holds a value that is
+        not a number, negative, NaN or infinite, a non-integer device id, or unsorted times.
     """
     file = Path(path)
     if not file.is_file():
         raise TraceFileError(f"resource trace file {file} does not exist or is not a file")
+    try:
+        return _read_trace_csv(file)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise TraceFileError(
+            f"resource trace file {file} is not a CSV text file ({err}); expected UTF-8 text with a header "
+            f"{','.join(TRACE_COLUMNS)} and one row per level change"
+        ) from err
+
+
+def _read_trace_csv(file: Path) -> dict[int, TraceResources]:
+    """The body of :func:`load_trace_csv` (a binary file raises ``UnicodeDecodeError`` or
+    ``csv.Error`` here)."""
+    with file.open("rb") as raw:
+        if b"\x00" in raw.read(65536):  # valid UTF-8, but no text file holds NUL bytes
+            raise csv.Error("it holds NUL bytes")
     rows: dict[int, tuple[list[float], list[float]]] = {}
     with file.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
@@ -972,67 +934,3 @@ class RoundClock:
             available_macs=self.trace.macs_between(self.start, self.deadline),
             step_macs=tuple(self._steps),
         )
-
-
-def simulate_round(
-    trace: ResourceTrace,
-    start: float,
-    deadline: float,
-    steps: Sequence[float] | StepChooser,
-    num_steps: int | None = None,
-    abort_at_deadline: bool = False,
-) -> RoundResult:
-    """Simulate one device's local training in a round and decide whether it straggles.
-
-    Parameters
-    ----------
-    trace : ResourceTrace
-        The device's availability.
-    start : float
-        Round start (global simulated seconds).
-    deadline : float
-        Round deadline (global simulated seconds).
-    steps : Sequence[float] | StepChooser
-        Either the MACs of every step (a fixed submodel: the full model, Federated
-        Dropout's or HeteroFL's round-start choice), or a policy
-        ``steps(t, r_t, steps_left) -> macs`` called before each step (DISTREAL's
-        Algorithm 1 chooses per mini-batch from the current availability).
-    num_steps : int | None (default: None)
-        Number of steps; required when ``steps`` is a policy, must match ``len(steps)``
-        when given with a sequence.
-    abort_at_deadline : bool (default: False)
-        Stop before a step that would end after the deadline (the device knows it is a
-        straggler and stops wasting compute). When False, every step is simulated and
-        ``finish_time`` says how late the device would be.
-
-    Returns
-    -------
-    RoundResult
-        Finish time, completed steps, spent and available MACs; ``straggler`` is True
-        when training did not finish by the deadline.
-    """
-    if callable(steps):
-        if num_steps is None:
-            raise ResourceError("num_steps is required when steps is a policy")
-        total = num_steps
-        chooser: StepChooser | None = steps
-        fixed: list[float] = []
-    else:
-        fixed = [float(m) for m in steps]
-        if num_steps is not None and num_steps != len(fixed):
-            raise ResourceError(f"num_steps ({num_steps}) does not match len(steps) ({len(fixed)})")
-        total = len(fixed)
-        chooser = None
-    if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < 0:
-        raise ResourceError(f"num_steps must be an int >= 0, got {total!r}")
-    clock = RoundClock(trace, start, deadline)
-    for i in range(int(total)):
-        if chooser is not None:
-            macs = float(chooser(clock.now, clock.rate(), int(total) - i))
-        else:
-            macs = fixed[i]
-        macs = _check_finite(f"MACs of step {i}", macs, minimum=0.0)
-        if abort_at_deadline and not clock.fits(macs):
-            break
-        clock.step(macs)
-    return clock.result(int(total))
