@@ -16,6 +16,15 @@ masked_average
 validate_arrays, validate_reply
     The one validation gate a reply passes before it is aggregated. A refused
     reply gets a typed :class:`RefusalReason` and a message naming the problem.
+update_norms, scale_update
+    The L2 norm of a reply's update (its arrays minus the broadcast model),
+    per floating array, and an update scaled by a factor (norm clipping); the
+    server's round-level bounds (:class:`flwr_distreal.server_core.RoundBounds`)
+    are built on them.
+weighted_median_update, trimmed_mean_update
+    Coordinate-wise robust aggregation (as Flower's ``FedMedian`` and
+    ``FedTrimmedAvg``), keeping the MAC (or example) weighting of Algorithm 2
+    where a coordinate-wise rule allows it.
 
 Integer arrays (BatchNorm's ``num_batches_tracked``) are averaged like every other
 array, in float64, then rounded to the nearest integer (``numpy.rint``, half to
@@ -45,9 +54,13 @@ __all__ = [
     "ValidationResult",
     "mac_weighted_update",
     "masked_average",
+    "scale_update",
+    "trimmed_mean_update",
+    "update_norms",
     "validate_arrays",
     "validate_reply",
     "weighted_average",
+    "weighted_median_update",
 ]
 
 #: Allowed values of ``on_excess``: refuse a reply whose MACs exceed the maximum a
@@ -68,7 +81,10 @@ class RefusalReason(str, Enum):
     device is not the one assigned. ``INVALID_WEIGHT`` refuses a FedAvg-type reply whose
     number of examples is not a non-negative number; ``MALFORMED_ARRAYS`` and
     ``WRONG_ARRAY_KEYS`` a Message-API reply without a decodable ``ArrayRecord`` or whose
-    array names are not the global model's.
+    array names are not the global model's. ``EXCESS_BATCHES`` refuses a DISTREAL reply
+    that claims more mini-batches than the server's configuration allows its device;
+    ``OUTLIER_UPDATE`` and ``OUTLIER_CLAIM`` a reply whose update norm or MACs claim lies
+    far outside its round's (see :class:`flwr_distreal.server_core.RoundBounds`).
     """
 
     MISSING_MACS = "missing-macs"
@@ -87,6 +103,9 @@ class RefusalReason(str, Enum):
     INVALID_WEIGHT = "invalid-weight"
     MALFORMED_ARRAYS = "malformed-arrays"
     WRONG_ARRAY_KEYS = "wrong-array-keys"
+    EXCESS_BATCHES = "excess-batches"
+    OUTLIER_UPDATE = "outlier-update"
+    OUTLIER_CLAIM = "outlier-claim"
 
 
 @dataclass(frozen=True)
@@ -98,7 +117,8 @@ class ValidationResult:
     ok : bool
         True when the reply may be aggregated.
     reason : RefusalReason | None
-        Why the reply was refused; None when ``ok``.
+        Why the reply was refused; when ``ok``, what was clipped (with ``clipped``),
+        else None.
     message : str
         Human-readable explanation (empty when accepted without remark).
     macs : float | None
@@ -448,7 +468,7 @@ def validate_reply(
     infinite, negative, or above the most the client could have spent,
     ``num_batches * full_step_macs`` (every mini-batch trained with the full
     model). With ``on_excess="clip"`` an excess value is clipped to that maximum
-    (and logged) instead.
+    instead (``clipped=True``, ``reason=EXCESS_MACS``; the server's gate logs it).
 
     Parameters
     ----------
@@ -533,6 +553,233 @@ def validate_reply(
         )
         if on_excess == "refuse":
             return ValidationResult.refuse(RefusalReason.EXCESS_MACS, message)
-        log.warning("clipping: %s", message)
-        return ValidationResult(ok=True, message=message, macs=max_macs, clipped=True)
+        log.debug("clipping: %s", message)
+        return ValidationResult(
+            ok=True, reason=RefusalReason.EXCESS_MACS, message=message, macs=max_macs, clipped=True
+        )
     return ValidationResult(ok=True, macs=c)
+
+
+# ------------------------------------------------------------------- update geometry
+
+
+def update_norms(global_arrays: Sequence[NDArray], client_arrays: Sequence[NDArray]) -> NDArray[np.float64]:
+    """L2 norm of a client's update ``theta_i - theta_{t-1}``, per floating array.
+
+    Integer arrays (BatchNorm's ``num_batches_tracked``) are left out: they count
+    steps, they do not move the model. The differences are taken and squared in
+    float64, so an update of float32 weights near ``1e30`` gives a finite norm
+    (``~1e30 * sqrt(size)``) instead of overflowing to inf.
+
+    Parameters
+    ----------
+    global_arrays : Sequence[NDArray]
+        The broadcast model, ``state_dict`` order.
+    client_arrays : Sequence[NDArray]
+        The client's arrays, same count and shapes (validated beforehand).
+
+    Returns
+    -------
+    NDArray[np.float64]
+        One norm per floating array of ``global_arrays``, in order; the
+        whole-model norm is ``sqrt(sum(norms**2))``.
+    """
+    out = []
+    for g, c in zip(global_arrays, client_arrays):
+        g = np.asarray(g)
+        if g.dtype.kind != "f":
+            continue
+        d = np.asarray(c, dtype=np.float64).ravel() - g.astype(np.float64, copy=False).ravel()
+        out.append(math.sqrt(float(np.dot(d, d))))
+    return np.asarray(out, dtype=np.float64)
+
+
+def scale_update(
+    global_arrays: Sequence[NDArray],
+    client_arrays: Sequence[NDArray],
+    factors: float | Sequence[float],
+) -> list[NDArray]:
+    """``theta_{t-1} + f * (theta_i - theta_{t-1})``: a client's update scaled (clipped).
+
+    Parameters
+    ----------
+    global_arrays : Sequence[NDArray]
+        The broadcast model.
+    client_arrays : Sequence[NDArray]
+        The client's arrays.
+    factors : float or Sequence[float]
+        One factor for the whole update, or one per floating array (in the order
+        of :func:`update_norms`). A factor of 1 keeps the array bit for bit.
+
+    Returns
+    -------
+    list[NDArray]
+        The scaled arrays, dtypes of the client's; integer arrays unchanged.
+    """
+    n_float = sum(1 for g in global_arrays if np.asarray(g).dtype.kind == "f")
+    per = [float(factors)] * n_float if np.isscalar(factors) else [float(f) for f in factors]  # type: ignore[arg-type]
+    if len(per) != n_float:
+        raise ValueError(f"got {len(per)} factors for {n_float} floating arrays")
+    out: list[NDArray] = []
+    k = 0
+    for g, c in zip(global_arrays, client_arrays):
+        g, c = np.asarray(g), np.asarray(c)
+        if g.dtype.kind != "f":
+            out.append(c)
+            continue
+        f = per[k]
+        k += 1
+        if f == 1.0:
+            out.append(c)
+            continue
+        g64 = g.astype(np.float64)
+        out.append((g64 + f * (c.astype(np.float64) - g64)).astype(c.dtype))
+    return out
+
+
+# -------------------------------------------------------------- robust aggregation
+
+
+def _robust_prepare(
+    global_arrays: Sequence[NDArray],
+    client_arrays_list: Sequence[Sequence[NDArray]],
+    weights: Sequence[float] | None,
+    name: str,
+) -> tuple[list[Sequence[NDArray]], NDArray[np.float64]]:
+    """Validate, then keep the clients with positive weight (they alone have a say)."""
+    if len(client_arrays_list) == 0:
+        raise ValueError(f"{name} needs at least one client")
+    w = np.ones(len(client_arrays_list)) if weights is None else _check_weights(
+        weights, len(client_arrays_list), "weights"
+    )
+    if float(w.sum()) <= 0.0:
+        raise ValueError("all clients have zero weight: nothing to aggregate")
+    _check_numeric(global_arrays)
+    for i, arrays in enumerate(client_arrays_list):
+        _check_same_structure(global_arrays, arrays, i)
+    keep = [i for i in range(len(w)) if w[i] > 0]
+    return [client_arrays_list[i] for i in keep], w[keep]
+
+
+def _weighted_median(values: NDArray[np.float64], w: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Coordinate-wise weighted median of ``values`` (clients x entries)."""
+    order = np.argsort(values, axis=0, kind="stable")
+    v = np.take_along_axis(values, order, axis=0)
+    cum = np.cumsum(w[order], axis=0)
+    half = 0.5 * float(w.sum())
+    eps = 1e-12 * float(w.sum())
+    lo = np.argmax(cum >= half - eps, axis=0)[None, :]
+    hi = np.argmax(cum > half + eps, axis=0)[None, :]
+    return 0.5 * (np.take_along_axis(v, lo, axis=0) + np.take_along_axis(v, hi, axis=0))[0]
+
+
+def weighted_median_update(
+    global_arrays: Sequence[NDArray],
+    client_arrays_list: Sequence[Sequence[NDArray]],
+    weights: Sequence[float] | None = None,
+) -> list[NDArray]:
+    """Coordinate-wise weighted median of the client models (robust aggregation).
+
+    Every floating entry becomes the weighted median of the clients' values: the
+    value with at most half of the total weight on either side (when the
+    cumulative weight hits exactly one half, the mean of the two middle values,
+    so equal weights give :func:`numpy.median`, as Flower's ``FedMedian``).
+    Integer arrays are averaged by weight as in :func:`mac_weighted_update`.
+
+    With the MACs ``c_i`` as weights this keeps Algorithm 2's idea that a client's
+    say grows with the compute it spent, but no client can drag a coordinate past
+    the MAC-median: a client has to hold more than half the round's MACs to
+    decide a coordinate alone (which the claim bounds of
+    :class:`flwr_distreal.server_core.RoundBounds` prevent). Unlike Algorithm 2 it
+    is not an average: with honest clients it converges more slowly.
+
+    Parameters
+    ----------
+    global_arrays : Sequence[NDArray]
+        The broadcast model (order, shapes, dtypes).
+    client_arrays_list : Sequence[Sequence[NDArray]]
+        The client models.
+    weights : Sequence[float] | None, optional
+        Non-negative weights (MACs, examples); clients with zero weight have no
+        say. None (default): equal weights.
+
+    Returns
+    -------
+    list[NDArray]
+        The aggregate, dtypes of ``global_arrays``.
+
+    Raises
+    ------
+    ValueError
+        If there are no clients, all weights are zero, a weight is negative or
+        non-finite, or a client's arrays do not match the global arrays.
+    """
+    clients, w = _robust_prepare(global_arrays, client_arrays_list, weights, "weighted_median_update")
+    out: list[NDArray] = []
+    for j, g in enumerate(global_arrays):
+        g64 = np.asarray(g, dtype=np.float64)
+        values = np.stack([np.asarray(c[j], dtype=np.float64).ravel() for c in clients])
+        if np.asarray(g).dtype.kind == "f":
+            new = _weighted_median(values, w).reshape(g64.shape)
+        else:
+            new = (w[:, None] * values).sum(axis=0).reshape(g64.shape) / float(w.sum())
+        out.append(_cast_like(new, g))
+    return out
+
+
+def trimmed_mean_update(
+    global_arrays: Sequence[NDArray],
+    client_arrays_list: Sequence[Sequence[NDArray]],
+    weights: Sequence[float] | None = None,
+    beta: float = 0.2,
+) -> list[NDArray]:
+    """Coordinate-wise trimmed mean of the client models, weighted (robust aggregation).
+
+    Per floating entry, the ``floor(beta * n)`` smallest and largest of the ``n``
+    clients' values are dropped (by count, as Flower's ``FedTrimmedAvg``), and the
+    rest is averaged weighted by ``weights``. Trimming by count means a large
+    MACs claim cannot shield an extreme value from being trimmed; the MAC
+    weighting of Algorithm 2 applies among the values that survive. Integer
+    arrays are averaged by weight. With ``floor(beta * n) == 0`` this is the
+    weighted average.
+
+    Parameters
+    ----------
+    global_arrays : Sequence[NDArray]
+        The broadcast model.
+    client_arrays_list : Sequence[Sequence[NDArray]]
+        The client models.
+    weights : Sequence[float] | None, optional
+        Non-negative weights; clients with zero weight are left out before
+        trimming. None (default): equal weights.
+    beta : float, optional
+        Fraction trimmed at each end, in [0, 0.5). Defaults to 0.2 (Flower's).
+
+    Returns
+    -------
+    list[NDArray]
+        The aggregate, dtypes of ``global_arrays``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`weighted_median_update`, or if ``beta`` is outside [0, 0.5).
+    """
+    if not _is_real_number(beta) or not 0.0 <= float(beta) < 0.5:
+        raise ValueError(f"beta must be in [0, 0.5), got {beta!r}")
+    clients, w = _robust_prepare(global_arrays, client_arrays_list, weights, "trimmed_mean_update")
+    n = len(clients)
+    cut = int(math.floor(float(beta) * n))
+    out: list[NDArray] = []
+    for j, g in enumerate(global_arrays):
+        g64 = np.asarray(g, dtype=np.float64)
+        values = np.stack([np.asarray(c[j], dtype=np.float64).ravel() for c in clients])
+        if np.asarray(g).dtype.kind == "f" and cut > 0:
+            order = np.argsort(values, axis=0, kind="stable")[cut : n - cut]
+            v = np.take_along_axis(values, order, axis=0)
+            ww = w[order]
+            new = (ww * v).sum(axis=0) / ww.sum(axis=0)
+        else:
+            new = (w[:, None] * values).sum(axis=0) / float(w.sum())
+        out.append(_cast_like(new.reshape(g64.shape), g))
+    return out

@@ -205,6 +205,8 @@ class RunConfig:
             raise ConfigError(f"deadline must be > 0, got {self.deadline}")
         if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
             raise ConfigError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {self.lr}, {self.momentum}, {self.weight_decay}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0 (numpy's SeedSequence refuses negative seeds), got {self.seed}")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if not 0 <= self.failure_threshold < 1:

@@ -32,6 +32,7 @@ import json
 import math
 import pickle
 import re
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from logging import getLogger
@@ -696,6 +697,8 @@ def _read_leaf_dir(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 y = np.asarray(record["y"], dtype=np.float64)
             except (TypeError, ValueError) as err:
                 raise DataError(f"FEMNIST LEAF shard {file}: user {user!r} has ragged or non-numeric x/y") from err
+            if x.size == 0 and y.size == 0:  # a user without samples in this split
+                x, y = x.reshape(0, 784), y.reshape(0)
             if x.ndim != 2 or x.shape[1] != 784 or y.ndim != 1 or y.shape[0] != x.shape[0]:
                 raise DataError(
                     f"FEMNIST LEAF shard {file}: user {user!r} needs x of shape (n, 784) and y of shape (n,), "
@@ -1294,7 +1297,7 @@ def load_npz(
             if missing:
                 raise DataError(f"npz dataset {file}: missing arrays {missing}; it has {sorted(npz.files)}")
             arrays = {k: np.asarray(npz[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         if isinstance(err, DataError):
             raise
         raise DataError(f"npz dataset {file} is not a readable .npz file: {err}") from err
@@ -1478,6 +1481,9 @@ def node_data_from_npz(path: str | Path, reference: FederatedData, layout: str =
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"data-path {file} not found; expected an .npz file with x_train and y_train")
+    problem = _npz_problem(file)
+    if problem is not None:
+        raise DataError(f"data-path {file}: {problem}; expected an .npz file with x_train and y_train")
     try:
         with np.load(file, allow_pickle=False) as npz:
             missing = [k for k in ("x_train", "y_train") if k not in npz.files]

@@ -275,6 +275,8 @@ class SuperNodeProcess:
     node_config: dict[str, Any]
     port: int
     log_path: Path
+    #: Its working folder; its ``FLWR_HOME`` is ``workdir/flwr-home``.
+    workdir: Path
     private_key: Path | None = None
     public_key: Path | None = None
     node_id: int | None = None
@@ -396,8 +398,8 @@ class LocalDeployment:
             NO_PROXY=no_proxy,
             no_proxy=no_proxy,
             PATH=f"{Path(self.flwr).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            **dict(env or {}),
         )
+        self.env.update(env or {})
         if not install_dependencies:
             self.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         self.env[TAG_VAR] = self.tag
@@ -453,10 +455,11 @@ class LocalDeployment:
                 raise DeploymentError(f"flower-superlink did not listen on {self.address}:\n{_tail(log)}")
             time.sleep(0.2)
 
-    def _spawn(self, args: list[str], log_path: Path) -> subprocess.Popen:
+    def _spawn(self, args: list[str], log_path: Path, cwd: Path | None = None, **env: str) -> subprocess.Popen:
         with log_path.open("ab") as sink:
             proc = subprocess.Popen(
-                args, env=self.env, cwd=self.root, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                args, env={**self.env, **env}, cwd=cwd or self.root, stdout=sink, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         self._children.append(proc)
         return proc
@@ -537,7 +540,10 @@ class LocalDeployment:
             else:
                 text = node_config or ""
                 config = {"node-config": text} if text else {}
-            node = SuperNodeProcess(name=name, node_config=config, port=_free_port(), log_path=self.logs / f"{name}.log")
+            node = SuperNodeProcess(
+                name=name, node_config=config, port=_free_port(), log_path=self.logs / f"{name}.log",
+                workdir=self.root / "nodes" / name,
+            )
             node.args = ["--node-config", text] if text else []
             if self.auth:
                 node.private_key, node.public_key = make_node_key_pair(self.root / "keys", name)
@@ -557,7 +563,9 @@ class LocalDeployment:
                 args += ["--auth-supernode-private-key", str(node.private_key)]
             args += [*node.args, *extra_args]
             node.args = args
-            node.process = self._spawn(args, node.log_path)
+            # like a device of its own: its own working folder and Flower home (installed FABs)
+            node.workdir.mkdir(parents=True, exist_ok=True)
+            node.process = self._spawn(args, node.log_path, node.workdir, FLWR_HOME=str(node.workdir / "flwr-home"))
             self.supernodes.append(node)
         return nodes
 
@@ -590,8 +598,7 @@ class LocalDeployment:
             if len(connected) >= count:
                 return connected
             if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {n.name}\n{_tail(n.log_path, 10)}" for n in self.supernodes)
-                raise DeploymentError(f"{len(connected)} of {count} SuperNodes connected in time\n{logs}")
+                raise DeploymentError(f"{len(connected)} of {count} SuperNodes connected in time\n{self.log_tails(10)}")
             time.sleep(poll_s)
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -613,6 +620,12 @@ class LocalDeployment:
         if res.returncode != 0 or not runs:
             raise FlwrRunError(f"flwr ls failed for run {run_id}:\n{res.stdout}{res.stderr}")
         return runs[0]
+
+    def log_tails(self, lines: int = 15) -> str:
+        """The last ``lines`` lines of the SuperLink's and each SuperNode's log (for error messages)."""
+        parts = [f"--- superlink ({self.logs / 'superlink.log'})\n{_tail(self.logs / 'superlink.log', lines)}"]
+        parts += [f"--- {n.name} ({n.log_path})\n{_tail(n.log_path, lines)}" for n in self.supernodes]
+        return "\n".join(parts)
 
     # -- run ---------------------------------------------------------------------------------------
     def run(
@@ -659,7 +672,10 @@ class LocalDeployment:
             try:
                 while proc.poll() is None:
                     if timeout is not None and time.monotonic() - start > timeout:
-                        raise FlwrRunError(f"flwr run did not finish within {timeout:g} s; logs: {log_file}\n{_tail(log_file)}")
+                        raise FlwrRunError(
+                            f"flwr run did not finish within {timeout:g} s; logs: {log_file}\n{_tail(log_file)}\n"
+                            f"{self.log_tails()}"
+                        )
                     if on_poll is not None:
                         on_poll()
                     time.sleep(poll_s)

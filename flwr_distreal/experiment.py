@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from .checks import check_classes, check_trace_devices, warn_unused_lut
 from .config import ConfigError, RunConfig, to_run_config
 from .data import FederatedData, load_federated
 from .lut import LUT
@@ -89,7 +90,8 @@ class Experiment:
             raise ValueError(
                 f"clients_per_round={cfg.clients_per_round} exceeds the {self.num_devices} devices of {cfg.dataset.name}"
             )
-        self.num_classes = cfg.model.num_classes or self.data.num_classes
+        warn_unused_lut(cfg.strategy.name, cfg.lut)
+        self.num_classes = check_classes(cfg.model.num_classes, self.data)
         self.model_name = cfg.model.small if cfg.strategy.name == "small" else cfg.model.name
         probe = build_model(self.model_name, self.num_classes)
         if tuple(probe.input_shape) != tuple(self.data.input_shape):
@@ -116,6 +118,8 @@ class Experiment:
                 seed=cfg.seed,
                 trace_path=cfg.resources.trace_path,
             )
+            if cfg.resources.kind == "trace" and not cfg.deployment:
+                check_trace_devices(cfg.resources.trace_path, self.num_devices, devices=self.resources.devices_in_file)
         self._traces: dict[int, Any] = {}
         #: Wall-clock mode: the last throughput (full-model MACs/s) each device reported; the
         #: submodel baselines assign from it at round start.

@@ -166,6 +166,7 @@ class LocalFlwrRuntime:
             self.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         self.env[TAG_VAR] = self.tag
         self._children: list[subprocess.Popen] = []
+        self._superlink: subprocess.Popen | None = None
         self._stopped = False
         self._watchdog = _start_watchdog(os.getpid(), self.tag)
 
@@ -219,6 +220,7 @@ class LocalFlwrRuntime:
         """
         if self._stopped:
             raise FlwrRunError("this runtime was stopped")
+        self.start_superlink()
         fed = {"num-supernodes": int(num_supernodes), **dict(federation_config or {})}
         args = [self.flwr, "run", str(Path(app_dir).resolve()), "local", "--stream"]
         args += ["--federation-config", format_run_config(fed)]
@@ -253,6 +255,44 @@ class LocalFlwrRuntime:
         run_id = int(started[0].split()[-1])
         status = self.status(run_id)
         return FlwrRunResult(run_id, str(status.get("status", "")), str(status.get("status-details", "")), log_file)
+
+    def _superlink_up(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}/health", timeout=0.5).is_success
+        except httpx.HTTPError:
+            return False
+
+    def start_superlink(self, timeout: float = 120.0) -> None:
+        """Start the local SuperLink (simulation mode) the way ``flwr run ... local`` would, unless
+        it runs already, and wait until it answers. ``flwr`` itself gives it 15 s, too little on a
+        busy machine; started here it is also this process's child, stopped by PID."""
+        if self._superlink is not None and self._superlink.poll() is None and self._superlink_up():
+            return
+        runtime_dir = self.home / "local-superlink"
+        runtime_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(Path(self.flwr).parent / "flower-superlink"), "--insecure", "--simulation",
+            "--isolation", "subprocess",
+            "--control-api-address", f"127.0.0.1:{self.env['FLWR_LOCAL_CONTROL_API_PORT']}",
+            "--host", "127.0.0.1", "--port", self.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"],
+            "--database", str(runtime_dir / "state.db"), "--log-file", str(runtime_dir / "superlink.log"),
+        ]
+        self._superlink = subprocess.Popen(
+            command, env=self.env, cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self._children.append(self._superlink)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._superlink.poll() is not None:
+                raise FlwrRunError(
+                    f"the local SuperLink exited with code {self._superlink.returncode}; see {runtime_dir / 'superlink.log'}"
+                )
+            if self._superlink_up():
+                return
+            time.sleep(0.2)
+        raise FlwrRunError(f"the local SuperLink did not start within {timeout:g} s; see {runtime_dir / 'superlink.log'}")
 
     def status(self, run_id: int) -> dict[str, Any]:
         """Flower's record of a run (``flwr ls --run-id``): ``status``, ``status-details``, ..."""

@@ -26,11 +26,15 @@ Per-node train config
 One gate, no exceptions for one bad client
     Error replies and replies that never came count as ``failures``; stragglers are dropped;
     every other reply is validated (``ArrayRecord`` names, shapes, dtypes, finiteness; for
-    DISTREAL its MACs) and a bad one is refused, with its reason logged, instead of Flower's
-    ``InconsistentMessageReplies`` stopping the round. ``aggregate_train`` returns the new
+    DISTREAL its MACs, also against the batches the server configured for the node's
+    ``round-samples``) and a bad one is refused, with its reason logged, instead of Flower's
+    ``InconsistentMessageReplies`` stopping the round. The survivors are screened against each
+    other (:class:`flwr_distreal.server_core.RoundBounds`): an update norm or a MACs claim far
+    above the round's median is refused or clipped. ``aggregate_train`` returns the new
     ``ArrayRecord`` (keyed by ``state_dict`` names, in order; the broadcast one unchanged when
     nothing could be combined) and a ``MetricRecord`` with ``received``, ``failures``,
-    ``stragglers``, ``refused``, ``accepted``, ``mean_macs`` and ``mean_utilisation``.
+    ``stragglers``, ``refused``, ``clipped``, ``accepted``, ``mean_macs`` and
+    ``mean_utilisation``.
 
 Federated evaluation is off by default (``fraction_evaluate=0.0``): evaluate the global model
 on the server with ``strategy.start(..., evaluate_fn=...)``.
@@ -83,6 +87,10 @@ from .dropout import DropoutModel
 from .server_core import (
     AvailabilityFn,
     DistrealCore,
+    OnOutlier,
+    Robust,
+    RoundBounds,
+    UpdateNorm,
     FedAvgCore,
     FederatedDropoutPlanner,
     HeteroFLPlanner,
@@ -191,6 +199,7 @@ class _CoreFedAvg(FedAvg):
         """Log the sampling and gate settings, then Flower's FedAvg summary."""
         flwr_log(INFO, "\t├──> Seeded sampling: seed %s, by %r", self.seed, self.partition_id_key)
         flwr_log(INFO, "\t├──> Gate: stragglers by %r, refusals logged", self.straggler_key)
+        flwr_log(INFO, "\t├──> Round bounds: %r", self.core.bounds)
         super().summary()
 
     # -- devices -----------------------------------------------------------------------
@@ -388,7 +397,7 @@ class _CoreFedAvg(FedAvg):
         tuple[ArrayRecord | None, MetricRecord | None]
             The new global model (the broadcast one, unchanged, when nothing could be
             combined) keyed by ``state_dict`` names in order, and the round's metrics
-            ``received``, ``failures``, ``stragglers``, ``refused``, ``accepted``,
+            ``received``, ``failures``, ``stragglers``, ``refused``, ``clipped``, ``accepted``,
             ``mean_macs``, ``mean_utilisation`` (plus ``train_metrics_aggr_fn``'s over the
             accepted replies, when one was given). ``(None, None)`` when no node was asked.
 
@@ -465,7 +474,13 @@ class Distreal(_CoreFedAvg):
     MACs in the reply's ``weighted_by_key`` metric (:class:`flwr_distreal.server_core.DistrealCore`).
     Stragglers are dropped; a reply is refused, with a logged reason, when its MACs are
     missing, not a number, NaN/inf, negative or above ``num_batches * full_macs_per_batch``,
-    or its arrays do not match the global model. With equal ``c_i`` this is FedAvg.
+    its ``num_batches`` above what the server configured for the node (``batch_size``,
+    ``local_epochs`` and the node's ``round-samples`` property, or ``max_batches_fn``), or its
+    arrays do not match the global model. The round's bounds
+    (:class:`flwr_distreal.server_core.RoundBounds`) then refuse or clip an update whose norm
+    per ``sqrt(num_batches)`` is more than ``update_bound`` times the round's median, and clip
+    or refuse a MACs claim above ``claim_bound`` times the round's median claim. With equal
+    ``c_i`` this is FedAvg.
 
     Parameters
     ----------
@@ -473,7 +488,32 @@ class Distreal(_CoreFedAvg):
         The most MACs a client can report for one mini-batch (the full model's, in the unit
         of the clients' MACs metric).
     on_excess : {"refuse", "clip"}, optional
-        What to do with MACs above the maximum. Defaults to "refuse".
+        What to do with MACs above the maximum, or ``num_batches`` above the server's limit.
+        Defaults to "refuse".
+    batch_size : int | None, optional
+        The clients' mini-batch size; with ``local_epochs`` and each node's ``round-samples``
+        property it bounds ``num_batches``. Defaults to None (no such bound).
+    local_epochs : int, optional
+        The clients' local epochs per round. Defaults to 1.
+    max_batches_fn : Callable[[int], int] | None, optional
+        ``max_batches_fn(device_id)``: the most mini-batches a device trains per round;
+        overrides ``batch_size``. Defaults to None.
+    update_bound : float | None, optional
+        ``k`` (> 1): an update norm (per ``sqrt(batches)``) above ``k`` times the round's median
+        is an outlier; None disables it. Defaults to 10.
+    on_outlier : {"refuse", "clip"}, optional
+        Refuse an outlier update, or scale it down to the bound. Defaults to "refuse".
+    update_norm : {"model", "layer"}, optional
+        Compare whole-model norms or per-array norms. Defaults to "model".
+    claim_bound : float | None, optional
+        ``m`` (> 1): a MACs claim above ``m`` times the round's median is an outlier; None
+        disables it. Defaults to 10.
+    on_claim_outlier : {"refuse", "clip"}, optional
+        Clip an outlier claim to ``m`` times the median, or refuse the reply. Defaults to "clip".
+    robust : {"clip-to-median", "median", "trimmed-mean"} | None, optional
+        Robust aggregation for adversarial settings. Defaults to None (Algorithm 2).
+    trim_beta : float, optional
+        Fraction trimmed at each end with ``robust="trimmed-mean"``. Defaults to 0.2.
     seed : int, optional
         Seed of the node sampling. Defaults to 0.
     weighted_by_key : str, optional
@@ -496,7 +536,8 @@ class Distreal(_CoreFedAvg):
     ------
     ValueError
         If ``full_macs_per_batch`` is not a positive finite number, ``on_excess`` is not
-        "refuse" or "clip", a key is empty, or the node minimums are inconsistent.
+        "refuse" or "clip", a bound is out of range, a key is empty, or the node minimums are
+        inconsistent.
     """
 
     core: DistrealCore
@@ -506,6 +547,16 @@ class Distreal(_CoreFedAvg):
         *,
         full_macs_per_batch: float,
         on_excess: OnExcess = "refuse",
+        batch_size: int | None = None,
+        local_epochs: int = 1,
+        max_batches_fn: Callable[[int], int] | None = None,
+        update_bound: float | None = 10.0,
+        on_outlier: OnOutlier = "refuse",
+        update_norm: UpdateNorm = "model",
+        claim_bound: float | None = 10.0,
+        on_claim_outlier: OnOutlier = "clip",
+        robust: Robust | None = None,
+        trim_beta: float = 0.2,
         seed: int = 0,
         weighted_by_key: str = C.MACS,
         num_batches_key: str = C.NUM_BATCHES,
@@ -518,6 +569,18 @@ class Distreal(_CoreFedAvg):
         core = DistrealCore(
             full_macs_per_batch=full_macs_per_batch,
             on_excess=on_excess,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            max_batches_fn=max_batches_fn,
+            bounds=RoundBounds(
+                update_bound=update_bound,
+                on_outlier=on_outlier,
+                update_norm=update_norm,
+                claim_bound=claim_bound,
+                on_claim_outlier=on_claim_outlier,
+                robust=robust,
+                trim_beta=trim_beta,
+            ),
             macs_key=weighted_by_key,
             num_batches_key=num_batches_key,
             straggler_key=straggler_key,
@@ -546,11 +609,32 @@ class Distreal(_CoreFedAvg):
     def _examples_key(self) -> str:
         return C.NUM_EXAMPLES  # informative only: DISTREAL weights by MACs
 
+    def _node_configs(self, server_round: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
+        """Set every node's ``num_batches`` limit from its ``round-samples`` property (when the
+        strategy knows the batch size or has ``max_batches_fn``); no extra config."""
+        if self.core.bounds_batches:
+            known = {
+                str(node): (
+                    self._properties.get(node, {}).get(self.partition_id_key),
+                    self._properties.get(node, {}).get(self.round_samples_key),
+                )
+                for node in nodes
+            }
+            self.core.limit_round(server_round, known, logger=log)
+        return {node: {} for node in nodes}
+
     def summary(self) -> None:
         """Log DISTREAL's settings, then the base summary."""
         flwr_log(INFO, "\t├──> DISTREAL (Algorithm 2) settings:")
         flwr_log(INFO, "\t│\t├── MACs key: %r", self.weighted_by_key)
         flwr_log(INFO, "\t│\t├── Full MACs per batch: %g", self.full_macs_per_batch)
+        flwr_log(
+            INFO,
+            "\t│\t├── Batches bounded by: %s",
+            "max_batches_fn" if self.core.max_batches_fn is not None
+            else f"batch size {self.core.batch_size}, {self.core.local_epochs} local epochs, round-samples"
+            if self.core.batch_size is not None else "the client's num_batches only",
+        )
         flwr_log(INFO, "\t│\t└── On excess MACs: %s", self.on_excess)
         super().summary()
 
@@ -568,12 +652,16 @@ class SmallNetwork(_CoreFedAvg):
     """Baseline "small network" (Message API): FedAvg on a network that fits the weakest device.
 
     FedAvg weighted by ``weighted_by_key`` (default ``"num-examples"``) with stragglers dropped
-    and every reply's arrays validated (:class:`flwr_distreal.server_core.FedAvgCore`).
+    and every reply's arrays validated (:class:`flwr_distreal.server_core.FedAvgCore`); the
+    round's update bounds apply as in :class:`Distreal` (there are no MACs claims to bound).
 
     Parameters
     ----------
     seed : int, optional
         Seed of the node sampling. Defaults to 0.
+    update_bound, on_outlier, update_norm, robust, trim_beta : optional
+        The round's update bounds and robust aggregation, as in :class:`Distreal` (defaults
+        10, "refuse", "model", None, 0.2); robust rules weight by examples.
     straggler_key, macs_key, available_macs_key, partition_id_key : str, optional
         Train metric keys (MACs only for ``mean_macs``). Defaults from :mod:`flwr_distreal.contract`.
     properties_timeout : float | None, optional
@@ -586,6 +674,11 @@ class SmallNetwork(_CoreFedAvg):
         self,
         *,
         seed: int = 0,
+        update_bound: float | None = 10.0,
+        on_outlier: OnOutlier = "refuse",
+        update_norm: UpdateNorm = "model",
+        robust: Robust | None = None,
+        trim_beta: float = 0.2,
         straggler_key: str = C.STRAGGLER,
         macs_key: str = C.MACS,
         available_macs_key: str = C.AVAILABLE_MACS,
@@ -594,6 +687,14 @@ class SmallNetwork(_CoreFedAvg):
         **fedavg_kwargs: Any,
     ) -> None:
         core = FedAvgCore(
+            bounds=RoundBounds(
+                update_bound=update_bound,
+                on_outlier=on_outlier,
+                update_norm=update_norm,
+                claim_bound=None,
+                robust=robust,
+                trim_beta=trim_beta,
+            ),
             macs_key=macs_key,
             straggler_key=straggler_key,
             available_macs_key=available_macs_key,
@@ -652,6 +753,10 @@ class SubmodelStrategy(_CoreFedAvg):
         property.
     seed : int, optional
         Seed of the node sampling and the random submodel choices. Defaults to 0.
+    update_bound, on_outlier, update_norm : optional
+        The round's update bounds, as in :class:`Distreal` (defaults 10, "refuse", "model").
+    robust : {"clip-to-median"} | None, optional
+        Every update clipped to the round's median normalised norm. Defaults to None.
     properties_timeout : float | None, optional
         Timeout in seconds of the properties query. Defaults to None.
     partition_id_key, round_samples_key : str, optional
@@ -665,7 +770,8 @@ class SubmodelStrategy(_CoreFedAvg):
     ------
     ValueError
         If the model name is unknown, ``round_duration`` or ``step_macs_factor`` is not a
-        positive finite number, or the node minimums are inconsistent.
+        positive finite number, a bound is out of range (``robust`` other than
+        "clip-to-median"), or the node minimums are inconsistent.
     """
 
     core: SubmodelCore
@@ -681,6 +787,10 @@ class SubmodelStrategy(_CoreFedAvg):
         step_macs_factor: float = 3.0,
         round_samples_fn: Callable[[int], int] | None = None,
         seed: int = 0,
+        update_bound: float | None = 10.0,
+        on_outlier: OnOutlier = "refuse",
+        update_norm: UpdateNorm = "model",
+        robust: Robust | None = None,
         properties_timeout: float | None = None,
         partition_id_key: str = C.PARTITION_ID,
         round_samples_key: str = C.ROUND_SAMPLES,
@@ -693,12 +803,16 @@ class SubmodelStrategy(_CoreFedAvg):
 
         SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor)
         _check_minimums(fedavg_kwargs)
+        bounds = RoundBounds(
+            update_bound=update_bound, on_outlier=on_outlier, update_norm=update_norm, claim_bound=None, robust=robust
+        )
         model: DropoutModel = build_model(model_name, num_classes, **dict(model_kwargs or {}))
         core = SubmodelCore(
             self._make_planner(model, int(seed)),
             availability_fn=availability_fn,
             round_duration=round_duration,
             step_macs_factor=step_macs_factor,
+            bounds=bounds,
             macs_key=macs_key,
             straggler_key=straggler_key,
             available_macs_key=available_macs_key,

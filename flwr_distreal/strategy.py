@@ -82,6 +82,10 @@ from .dropout import DropoutModel
 from .server_core import (
     AvailabilityFn,
     DistrealCore,
+    OnOutlier,
+    Robust,
+    RoundBounds,
+    UpdateNorm,
     FedAvgCore,
     FederatedDropoutPlanner,
     HeteroFLPlanner,
@@ -326,7 +330,7 @@ class _ResourceAwareFedAvg(FedAvg):
         tuple[Parameters | None, dict[str, Scalar]]
             The new global parameters (the broadcast ones, unchanged, when no reply
             could be aggregated; None when failures are not accepted) and the metrics
-            ``received``, ``failures``, ``stragglers``, ``refused``, ``accepted``,
+            ``received``, ``failures``, ``stragglers``, ``refused``, ``clipped``, ``accepted``,
             ``mean_macs`` and ``mean_utilisation`` (over the accepted replies), plus
             whatever ``fit_metrics_aggregation_fn`` returns for the accepted replies.
 
@@ -344,6 +348,7 @@ class _ResourceAwareFedAvg(FedAvg):
                     "failures": len(failures),
                     "stragglers": 0,
                     "refused": 0,
+                    "clipped": 0,
                     "accepted": 0,
                 }
         global_arrays = self.core.global_arrays
@@ -380,8 +385,15 @@ class Distreal(_ResourceAwareFedAvg):
     it is refused, with a logged reason, when its MACs are missing, not a number,
     NaN/inf, negative or above ``num_batches * full_macs_per_batch`` (the most the
     client could have spent), or when its arrays have the wrong count, shapes or
-    dtypes or non-finite values. Failures reported by Flower are tolerated. When no
-    valid reply remains, the previous global model is kept.
+    dtypes or non-finite values. With ``batch_size`` (or ``max_batches_fn``) the
+    reported ``num_batches`` is also bounded by what the server configured: the
+    clients' ``round-samples`` property (asked once per client), the batch size and
+    the local epochs. The survivors are screened against each other
+    (:class:`flwr_distreal.server_core.RoundBounds`): an update whose norm per
+    ``sqrt(num_batches)`` exceeds ``update_bound`` times the round's median is refused
+    or clipped, a MACs claim above ``claim_bound`` times the round's median clipped or
+    refused. Failures reported by Flower are tolerated. When no valid reply remains,
+    the previous global model is kept.
 
     Parameters
     ----------
@@ -392,8 +404,38 @@ class Distreal(_ResourceAwareFedAvg):
         ``count_macs(model)``; when they count a step's MACs, it is that step's cost
         for a full batch (``resources.step_macs(count_macs(model), batch_size)``).
     on_excess : {"refuse", "clip"}, optional
-        What to do with a reply whose MACs exceed the maximum: refuse it, or clip
-        its MACs to the maximum (logged). Defaults to "refuse".
+        What to do with a reply whose MACs exceed the maximum (or whose
+        ``num_batches`` exceeds the server's limit): refuse it, or clip its MACs to
+        the maximum (logged). Defaults to "refuse".
+    batch_size : int | None, optional
+        The clients' mini-batch size; with ``local_epochs`` and each client's
+        ``round-samples`` property it bounds ``num_batches``. Defaults to None (no
+        such bound).
+    local_epochs : int, optional
+        The clients' local epochs per round. Defaults to 1.
+    max_batches_fn : Callable[[int], int] | None, optional
+        ``max_batches_fn(device_id)``: the most mini-batches a device trains per
+        round (device id from the ``partition-id`` property); overrides
+        ``batch_size``. Defaults to None.
+    update_bound : float | None, optional
+        ``k`` (> 1): an update norm (per ``sqrt(batches)``) above ``k`` times the
+        round's median is an outlier; None disables it. Defaults to 10.
+    on_outlier : {"refuse", "clip"}, optional
+        Refuse an outlier update, or scale it down to the bound. Defaults to "refuse".
+    update_norm : {"model", "layer"}, optional
+        Compare whole-model norms or per-array norms. Defaults to "model".
+    claim_bound : float | None, optional
+        ``m`` (> 1): a MACs claim above ``m`` times the round's median is an outlier;
+        None disables it. Defaults to 10.
+    on_claim_outlier : {"refuse", "clip"}, optional
+        Clip an outlier claim to ``m`` times the median, or refuse the reply.
+        Defaults to "clip".
+    robust : {"clip-to-median", "median", "trimmed-mean"} | None, optional
+        Robust aggregation for adversarial settings. Defaults to None (Algorithm 2).
+    trim_beta : float, optional
+        Fraction trimmed at each end with ``robust="trimmed-mean"``. Defaults to 0.2.
+    properties_timeout : float | None, optional
+        Timeout in seconds of each ``get_properties`` call. Defaults to None.
     macs_key : str, optional
         Fit metric with the MACs ``c_i`` spent. Defaults to ``"macs"``.
     num_batches_key : str, optional
@@ -415,7 +457,8 @@ class Distreal(_ResourceAwareFedAvg):
     ------
     ValueError
         If ``full_macs_per_batch`` is not a positive finite number, ``on_excess`` is
-        not "refuse" or "clip", a key is empty, or the client minimums are inconsistent.
+        not "refuse" or "clip", a bound is out of range, a key is empty, or the client
+        minimums are inconsistent.
     """
 
     core: DistrealCore
@@ -425,6 +468,17 @@ class Distreal(_ResourceAwareFedAvg):
         *,
         full_macs_per_batch: float,
         on_excess: OnExcess = "refuse",
+        batch_size: int | None = None,
+        local_epochs: int = 1,
+        max_batches_fn: Callable[[int], int] | None = None,
+        update_bound: float | None = 10.0,
+        on_outlier: OnOutlier = "refuse",
+        update_norm: UpdateNorm = "model",
+        claim_bound: float | None = 10.0,
+        on_claim_outlier: OnOutlier = "clip",
+        robust: Robust | None = None,
+        trim_beta: float = 0.2,
+        properties_timeout: float | None = None,
         macs_key: str = C.MACS,
         num_batches_key: str = C.NUM_BATCHES,
         straggler_key: str = C.STRAGGLER,
@@ -434,12 +488,47 @@ class Distreal(_ResourceAwareFedAvg):
         core = DistrealCore(
             full_macs_per_batch=full_macs_per_batch,
             on_excess=on_excess,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            max_batches_fn=max_batches_fn,
+            bounds=RoundBounds(
+                update_bound=update_bound,
+                on_outlier=on_outlier,
+                update_norm=update_norm,
+                claim_bound=claim_bound,
+                on_claim_outlier=on_claim_outlier,
+                robust=robust,
+                trim_beta=trim_beta,
+            ),
             macs_key=macs_key,
             num_batches_key=num_batches_key,
             straggler_key=straggler_key,
             available_macs_key=available_macs_key,
         )
         super().__init__(core, **fedavg_kwargs)
+        self.properties_timeout = properties_timeout
+        self._properties: dict[str, dict[str, Scalar]] = {}
+
+    def _client_configs(
+        self, server_round: int, clients: list[ClientProxy]
+    ) -> dict[str, dict[str, Scalar]]:
+        """Set every client's ``num_batches`` limit from its properties (asked once per
+        client proxy) when the batches are bounded; no extra config."""
+        core = self.core
+        if core.bounds_batches:
+            required = [core.partition_id_key] if core.max_batches_fn is not None else [C.ROUND_SAMPLES]
+            todo = [c for c in clients if c.cid not in self._properties]
+            if todo:
+                self._properties.update(fetch_properties(todo, required, self.properties_timeout))
+            known = {
+                c.cid: (
+                    self._properties.get(c.cid, {}).get(core.partition_id_key),
+                    self._properties.get(c.cid, {}).get(C.ROUND_SAMPLES),
+                )
+                for c in clients
+            }
+            core.limit_round(server_round, known, logger=log)
+        return {client.cid: {} for client in clients}
 
     @property
     def full_macs_per_batch(self) -> float:
@@ -481,6 +570,9 @@ class SmallNetwork(_ResourceAwareFedAvg):
     available_macs_key : str, optional
         Fit metric with the MACs available (for ``mean_utilisation``). Defaults to
         ``"available_macs"``.
+    update_bound, on_outlier, update_norm, robust, trim_beta : optional
+        The round's update bounds and robust aggregation, as in :class:`Distreal`
+        (defaults 10, "refuse", "model", None, 0.2); robust rules weight by examples.
     **fedavg_kwargs : Any
         Passed to :class:`flwr.server.strategy.FedAvg`.
     """
@@ -491,10 +583,25 @@ class SmallNetwork(_ResourceAwareFedAvg):
         straggler_key: str = C.STRAGGLER,
         macs_key: str = C.MACS,
         available_macs_key: str = C.AVAILABLE_MACS,
+        update_bound: float | None = 10.0,
+        on_outlier: OnOutlier = "refuse",
+        update_norm: UpdateNorm = "model",
+        robust: Robust | None = None,
+        trim_beta: float = 0.2,
         **fedavg_kwargs: Any,
     ) -> None:
         core = FedAvgCore(
-            macs_key=macs_key, straggler_key=straggler_key, available_macs_key=available_macs_key
+            bounds=RoundBounds(
+                update_bound=update_bound,
+                on_outlier=on_outlier,
+                update_norm=update_norm,
+                claim_bound=None,
+                robust=robust,
+                trim_beta=trim_beta,
+            ),
+            macs_key=macs_key,
+            straggler_key=straggler_key,
+            available_macs_key=available_macs_key,
         )
         super().__init__(core, **fedavg_kwargs)
 
@@ -568,6 +675,11 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
         partition id).
     seed : int, optional
         Seed for the random parts of the assignment. Defaults to 0.
+    update_bound, on_outlier, update_norm : optional
+        The round's update bounds, as in :class:`Distreal` (defaults 10, "refuse",
+        "model").
+    robust : {"clip-to-median"} | None, optional
+        Every update clipped to the round's median normalised norm. Defaults to None.
     properties_timeout : float | None, optional
         Timeout in seconds of each ``get_properties`` call. Defaults to None.
     partition_id_key : str, optional
@@ -583,7 +695,8 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
     ------
     ValueError
         If the model name is unknown, ``round_duration`` or ``step_macs_factor`` is
-        not a positive finite number, or the FedAvg arguments are inconsistent.
+        not a positive finite number, a bound is out of range (``robust`` other than
+        "clip-to-median"), or the FedAvg arguments are inconsistent.
     """
 
     core: SubmodelCore
@@ -600,6 +713,10 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
         round_samples_fn: Callable[[int], int] | None = None,
         device_id_fn: Callable[[ClientProxy], int] | None = None,
         seed: int = 0,
+        update_bound: float | None = 10.0,
+        on_outlier: OnOutlier = "refuse",
+        update_norm: UpdateNorm = "model",
+        robust: Robust | None = None,
         properties_timeout: float | None = None,
         partition_id_key: str = C.PARTITION_ID,
         round_samples_key: str = C.ROUND_SAMPLES,
@@ -612,12 +729,16 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
 
         SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor)
         _check_minimums(fedavg_kwargs)
+        bounds = RoundBounds(
+            update_bound=update_bound, on_outlier=on_outlier, update_norm=update_norm, claim_bound=None, robust=robust
+        )
         model: DropoutModel = build_model(model_name, num_classes, **dict(model_kwargs or {}))
         core = SubmodelCore(
             self._make_planner(model, seed),
             availability_fn=availability_fn,
             round_duration=round_duration,
             step_macs_factor=step_macs_factor,
+            bounds=bounds,
             macs_key=macs_key,
             straggler_key=straggler_key,
             available_macs_key=available_macs_key,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,17 @@ def test_leaf_missing_directories_refused(tmp_path: Path) -> None:
         load_femnist(tmp_path / "no_test")
     with pytest.raises(DataError, match="test_fraction"):
         load_femnist(tmp_path / "no_test", test_fraction=1.0)
+
+
+def test_leaf_empty_test_split_refused_naming_the_folder(tmp_path: Path) -> None:
+    root = _write_leaf(tmp_path / "leaf", {"a": (3, 0), "b": (2, 0)}, shards=2)  # writers without test samples
+    with pytest.raises(DataError, match="holds no samples") as info:
+        load_femnist(root)
+    assert f"FEMNIST LEAF test split {root / 'test'}" in str(info.value)
+    for file in (root / "test").iterdir():  # shards listing no users at all
+        file.write_text(json.dumps({"users": [], "num_samples": [], "user_data": {}}))
+    with pytest.raises(DataError, match=re.escape(f"{root / 'test'} holds no samples")):
+        load_femnist(root)
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -408,14 +420,40 @@ def test_npz_file_refusals(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
         load_npz(tmp_path / "none.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="not a readable .npz"):
+    with pytest.raises(DataError, match=r"junk\.npz is not an \.npz archive"):
         load_npz(tmp_path / "junk.npz")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty\.npz is empty"):
+        load_npz(tmp_path / "empty.npz")
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DataError, match=r"broken\.npz is not a readable \.npz"):
+        load_npz(tmp_path / "broken.npz")
     ok = tmp_path / "ok.npz"
     np.savez(ok, **_npz_arrays(y_train=np.array([0, 1, 2, 3])))
     with pytest.raises(DataError, match="labels go up to 3 but num_classes is 3"):
         load_npz(ok, num_devices=2, num_classes=3)
     with pytest.raises(DataError, match="layout"):
         load_npz(ok, layout="hwc")
+
+
+@pytest.mark.parametrize("name", ["arrays.npy", "arrays.npz"])
+def test_npy_given_where_an_npz_is_expected(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    with path.open("wb") as fh:  # np.save appends .npy to a name without it
+        np.save(fh, np.zeros((4, 8, 8)))
+    with pytest.raises(DataError) as info:
+        load_npz(path)
+    message = str(info.value)
+    assert f"npz dataset {path} is a .npy file" in message
+    assert "expected an .npz file with x_train, y_train, x_test, y_test" in message
+    with pytest.raises(DataError, match="is a .npy file"):
+        load_federated("npz", path=str(path))
+
+
+@pytest.mark.parametrize("seed", [-1, True, 1.5])
+def test_bad_seed_is_refused_naming_the_key(seed) -> None:  # noqa: ANN001
+    with pytest.raises(DataError, match=r"seed must be an integer >= 0.*got"):
+        load_federated("digits", seed=seed)
 
 
 # --------------------------------------------------------------------------- digits (embedded default)

@@ -31,7 +31,8 @@ from flwr_distreal.local_runtime import tagged_pids  # noqa: E402
 
 #: Seconds a 2-round run may take (far more than it needs on 2 idle cores: ~1 min).
 RUN_TIMEOUT_S = 420
-#: Flower's exit code of a SuperNode that cannot connect (``ExitCode.SUPERNODE_CONNECTION_ERROR``).
+#: Flower's exit code of a SuperNode that cannot connect (``ExitCode.SUPERNODE_CONNECTION_ERROR``);
+#: it is logged (the process itself exits with status 1).
 SUPERNODE_CONNECTION_ERROR = 305
 
 needs_proc = pytest.mark.skipif(
@@ -128,11 +129,13 @@ def test_auth_needs_tls() -> None:
 
 
 @pytest.fixture
-def deployment_factory() -> Iterator:
+def deployment_factory(tmp_path: Path) -> Iterator:
+    """Deployments in the test's tmp_path (pytest keeps the last runs' folders: logs,
+    certificates, database for a failed test)."""
     made: list[LocalDeployment] = []
 
     def make(*args, **kwargs) -> LocalDeployment:
-        made.append(LocalDeployment(*args, **kwargs))
+        made.append(LocalDeployment(*args, root=tmp_path / f"dep{len(made)}", **kwargs))
         return made[-1]
 
     yield make
@@ -171,9 +174,7 @@ def test_deployment_runs_two_rounds(deployment_factory, tmp_path: Path) -> None:
     # each SuperNode ran its ClientApp in Flower's default subprocess isolation
     for node in dep.supernodes:
         assert "Start `flwr-clientapp` process" in node.log_path.read_text(errors="replace"), node.name
-    root = dep.root
     _assert_all_gone(dep)
-    assert not root.exists()
 
 
 @needs_proc
@@ -194,9 +195,10 @@ def test_tls_auth_admits_registered_and_refuses_unregistered(deployment_factory)
     )
     assert intruder.process is not None
     code = intruder.process.wait(timeout=120)
-    assert code == SUPERNODE_CONNECTION_ERROR, intruder.log_path.read_text(errors="replace")
+    text = intruder.log_path.read_text(errors="replace")
+    assert code != 0, text
+    assert f"Exit Code: {SUPERNODE_CONNECTION_ERROR}" in text and "Failed to activate SuperNode" in text, text
     assert intruder.connected_id() is None
-    assert "Failed to activate SuperNode" in intruder.log_path.read_text(errors="replace")
 
     nodes = dep.nodes()  # `flwr supernode ls` over TLS
     assert [(int(n["node-id"]), n["status"]) for n in nodes] == [(member.node_id, "online")]

@@ -405,6 +405,84 @@ def test_command_refuses_bad_settings(override: str, error: type, match: str, tm
         run(cfg)
 
 
+def _refuse_before_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the command fail loudly if it gets as far as loading data (the checks come first)."""
+    import flwr_distreal.dse.__main__ as command
+
+    def loaded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the DSE command loaded data before refusing a bad setting")
+
+    monkeypatch.setattr(command, "load_dse_data", loaded)
+
+
+@pytest.mark.parametrize(
+    "device, match",
+    [
+        ("gpu9", r"dse\.device='gpu9' is not a torch device"),
+        ("meta", r"dse\.device='meta': a 'meta' device cannot train"),
+    ],
+)
+def test_command_refuses_a_bad_device_at_start_up(
+    device: str, match: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr_distreal.dse.__main__ import run
+
+    _refuse_before_data(monkeypatch)
+    with pytest.raises(DSEError, match=match):
+        run(_compose(["dse=quick", "dataset=digits", f"dse.output={tmp_path}", f"dse.device={device}"]))
+
+
+def test_command_refuses_cuda_without_a_gpu_and_a_missing_gpu_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr_distreal.dse.__main__ import run
+
+    _refuse_before_data(monkeypatch)
+    base = ["dse=quick", "dataset=digits", f"dse.output={tmp_path}"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DSEError, match=r"dse\.device='cuda' but no cuda device is available.*use dse\.device=cpu"):
+        run(_compose(base + ["dse.device=cuda"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DSEError, match=r"dse\.device='cuda:9' but this machine has 1 cuda device\(s\)"):
+        run(_compose(base + ["dse.device=cuda:9"]))
+
+
+def test_command_refuses_a_bad_output_at_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr_distreal.checks as checks
+    from flwr_distreal.dse.__main__ import run
+
+    _refuse_before_data(monkeypatch)
+    base = ["dse=quick", "dataset=digits"]
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(DSEError, match=r"dse\.output=.*results\.txt is an existing file, not a folder"):
+        run(_compose(base + [f"dse.output={a_file}"]))
+    with pytest.raises(DSEError, match=r"dse\.output=.*results\.txt/dse cannot be created: .*results\.txt is a file"):
+        run(_compose(base + [f"dse.output={a_file / 'dse'}"]))
+    with pytest.raises(DSEError, match=r"dse\.output=.*results\.txt/dse cannot be created"):
+        run(_compose(base + ["task=snapshot", f"dse.output={a_file / 'dse'}"]))  # the default snapshot path
+    # a read-only folder (root may write anywhere, so the permission test is simulated there)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        real_access = checks.os.access
+        monkeypatch.setattr(checks.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+        with pytest.raises(DSEError, match=r"dse\.output=.*locked/new/dse would be created in .*locked, which is not writable"):
+            run(_compose(base + [f"dse.output={locked / 'new' / 'dse'}"]))
+        with pytest.raises(DSEError, match=r"dse\.output=.*locked is not writable"):
+            run(_compose(base + [f"dse.output={locked}"]))
+        # a snapshot path of its own: its folder is checked when the snapshot is to be made there
+        with pytest.raises(DSEError, match=r"the folder of dse\.snapshot\.path=.*locked is not writable"):
+            run(_compose(base + ["task=snapshot", f"dse.output={tmp_path / 'out'}", f"dse.snapshot.path={locked / 's.pt'}"]))
+        with pytest.raises(DSEError, match=r"dse\.snapshot\.path=.* is a folder; expected a file name"):
+            run(_compose(base + ["task=snapshot", f"dse.output={tmp_path / 'out'}", f"dse.snapshot.path={tmp_path}"]))
+    finally:
+        locked.chmod(0o700)
+    assert not (tmp_path / "out").exists(), "checking creates nothing"
+
+
 def test_command_schema_rejects_unknown_and_mistyped_keys(tmp_path: Path) -> None:
     from hydra.errors import ConfigCompositionException
 

@@ -274,6 +274,29 @@ def test_load_refuses_binary_file(tmp_path):
         LUT.load(path)
 
 
+@pytest.mark.parametrize("name", ["lut.npy", "lut.npz", "lut.json"])
+def test_load_refuses_an_npy_array_saying_what_it_is(tmp_path, name):
+    path = tmp_path / name
+    with path.open("wb") as fh:  # np.save appends .npy to a name without it
+        np.save(fh, np.zeros((3, 2), np.float32))
+    with pytest.raises(LUTError) as info:
+        LUT.load(path)
+    message = str(info.value)
+    assert f"LUT file {path} is a .npy file" in message
+    assert "expected a LUT written by LUT.save or the DSE: an .npz archive" in message
+
+
+def test_load_refuses_non_zip_npz_and_binary_files_saying_what_was_expected(tmp_path):
+    fake = tmp_path / "lut.npz"
+    fake.write_text('{"format": "flwr-distreal-lut"}')
+    with pytest.raises(LUTError, match=r"lut\.npz has the \.npz extension but is not an \.npz \(zip\) archive; expected"):
+        LUT.load(fake)
+    binary = tmp_path / "lut.bin"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(LUTError, match=r"lut\.bin is binary, neither an \.npz LUT nor JSON text .*; expected"):
+        LUT.load(binary)
+
+
 @pytest.mark.parametrize("name, mutate, message", _mutations(), ids=[m[0] for m in _mutations()])
 def test_load_refuses_invalid_content(saved, name, mutate, message):
     path, data = saved

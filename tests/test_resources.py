@@ -24,10 +24,9 @@ from flwr_distreal.resources import (
     forward_macs_budget,
     load_trace_csv,
     r_max_for,
-    round_step_macs,
-    simulate_round,
     step_macs,
 )
+from flwr_distreal.schedule import batch_sizes, plan_fixed_round
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,21 +48,23 @@ def test_step_macs_and_inverse() -> None:
         forward_macs_budget(float("nan"), 4)
 
 
-def test_round_step_macs_batches_epochs_and_drop_last() -> None:
-    steps = round_step_macs(100.0, num_samples=10, batch_size=4, local_epochs=2)
-    assert steps == [1200.0, 1200.0, 600.0] * 2
-    assert round_step_macs(100.0, 10, 4, drop_last=True) == [1200.0, 1200.0]
-    assert round_step_macs(100.0, 0, 4) == []
-    with pytest.raises(ResourceError, match="local_epochs"):
-        round_step_macs(100.0, 10, 4, local_epochs=0)
+def test_round_steps_of_a_fixed_model_follow_batches_epochs_and_drop_last() -> None:
+    # the steps the clients' clock advances by: step_macs of each mini-batch of batch_sizes
+    plan = plan_fixed_round(None, 100, batch_sizes(10, 4, local_epochs=2))
+    assert plan.result.step_macs == (1200.0, 1200.0, 600.0) * 2
+    assert plan_fixed_round(None, 100, batch_sizes(10, 4, drop_last=True)).result.step_macs == (1200.0, 1200.0)
+    assert plan_fixed_round(None, 100, batch_sizes(0, 4)).result.step_macs == ()
+    with pytest.raises(ValueError, match="local_epochs"):
+        batch_sizes(10, 4, local_epochs=0)
 
 
 def test_r_max_lets_full_model_finish_exactly_at_deadline() -> None:
-    steps = round_step_macs(4_020_000.0, num_samples=181, batch_size=10)
+    # as the experiment derives a device's r_max and the baseline clients plan their round
+    sizes = batch_sizes(181, 10)
     deadline = 60.0
-    r_max = r_max_for(sum(steps), deadline)
+    r_max = r_max_for(sum(step_macs(4_020_000, b) for b in sizes), deadline)
     model = ResourceModel("full", deadline=deadline, r_max=r_max)
-    result = simulate_round(model.trace(7), *model.round_window(5), steps)
+    result = plan_fixed_round(model.clock(7, 5), 4_020_000, sizes).result
     assert result.finish_time == pytest.approx(5 * deadline, rel=1e-12)
     assert result.finished and not result.straggler
     assert result.utilisation == pytest.approx(1.0, rel=1e-12)
@@ -105,7 +106,7 @@ def test_advance_into_permanent_outage_is_infinite() -> None:
     trace = TraceResources(times=[0.0, 1.0], levels=[3.0, 0.0])
     assert trace.advance(0.0, 3.0) == 1.0
     assert trace.advance(0.0, 3.5) == math.inf
-    result = simulate_round(trace, 0.0, 10.0, [2.0, 2.0])
+    result = plan_fixed_round(RoundClock(trace, 0.0, 10.0), 2, [1, 1], step_macs_factor=1.0).result
     assert result.straggler and result.finish_time == math.inf
 
 
@@ -249,47 +250,19 @@ def test_round_window_and_continuity() -> None:
 
 
 def test_straggler_decision_at_the_boundary() -> None:
-    trace = ConstantResources(3.0)
-    steps = [0.1] * 30  # 3 MACs at 3 MACs/s: exactly 1 s, with float rounding in the sum
-    on_time = simulate_round(trace, 4.0, 5.0, steps)
+    # 30 steps of 0.1 MACs (1 MAC per sample, factor 0.1) at 3 MACs/s: exactly 1 s, with float
+    # rounding in the sum
+    on_time = plan_fixed_round(RoundClock(ConstantResources(3.0), 4.0, 5.0), 1, [1] * 30, 0.1).result
     assert on_time.finish_time == pytest.approx(5.0, abs=1e-12)
     assert not on_time.straggler and on_time.steps_done == 30
-    # an extra MAC-fraction well beyond the tolerance makes it late
-    late = simulate_round(trace, 4.0, 5.0, [*steps, 3.0 * 5.0 * 10 * DEADLINE_RTOL])
-    assert late.straggler and late.steps_done == 31
-    # exact powers of two: finishing exactly at the deadline is on time, one ulp of work more is not
-    exact = simulate_round(ConstantResources(4.0), 0.0, 2.0, [4.0, 4.0])
+    # a relative excess well beyond the tolerance makes it late
+    late = plan_fixed_round(RoundClock(ConstantResources(3.0), 4.0, 5.0), 1, [1] * 30, 0.1 * (1 + 50 * DEADLINE_RTOL))
+    assert late.straggler and late.result.steps_done == 30
+    # exact powers of two: finishing exactly at the deadline is on time, a bit more work is not
+    exact = plan_fixed_round(RoundClock(ConstantResources(4.0), 0.0, 2.0), 4, [1, 1], 1.0).result
     assert exact.finish_time == 2.0 and exact.finished
-    over = simulate_round(ConstantResources(4.0), 0.0, 2.0, [4.0, 4.0 + 4.0 * 2.0 * 2 * DEADLINE_RTOL])
+    over = plan_fixed_round(RoundClock(ConstantResources(4.0), 0.0, 2.0), 4, [1, 1], 1.0 + 4 * DEADLINE_RTOL)
     assert over.straggler
-
-
-def test_fixed_submodel_straggles_when_resources_drop_but_adaptive_policy_does_not() -> None:
-    # One step of M MACs takes 1 s at the full level; the level drops to M/4 mid-round.
-    m = 1000.0
-    trace = TraceResources(times=[0.0, 5.0], levels=[m, m / 4])
-    fixed = simulate_round(trace, 0.0, 10.0, [m] * 10)
-    assert fixed.straggler
-    assert fixed.finish_time == pytest.approx(5.0 + 5 * 4.0)
-    aborted = simulate_round(trace, 0.0, 10.0, [m] * 10, abort_at_deadline=True)
-    assert aborted.straggler and aborted.steps_done == 6 and aborted.finish_time == 9.0
-    assert aborted.spent_macs == 6 * m
-
-    seen: list[tuple[float, float, int]] = []
-
-    def deadline_policy(t: float, r: float, steps_left: int) -> float:
-        seen.append((t, r, steps_left))
-        return min(m, (10.0 - t) * r / steps_left)
-
-    adaptive = simulate_round(trace, 0.0, 10.0, deadline_policy, num_steps=10)
-    assert not adaptive.straggler
-    assert adaptive.finish_time == pytest.approx(10.0)
-    assert adaptive.spent_macs == pytest.approx(5 * m + 5 * m / 4)
-    assert adaptive.available_macs == pytest.approx(5 * m + 5 * m / 4)
-    assert adaptive.utilisation == pytest.approx(1.0)
-    assert [s[2] for s in seen] == list(range(10, 0, -1))
-    assert seen[5][1] == m / 4  # the policy saw the drop before step 6
-    assert adaptive.step_macs[:5] == (m,) * 5
 
 
 def test_round_clock_step_by_step() -> None:
@@ -309,16 +282,17 @@ def test_round_clock_step_by_step() -> None:
         RoundClock(ConstantResources(1.0), start=5.0, deadline=5.0)
 
 
-def test_simulate_round_refusals() -> None:
-    trace = ConstantResources(1.0)
-    with pytest.raises(ResourceError, match="num_steps is required"):
-        simulate_round(trace, 0.0, 1.0, lambda t, r, n: 1.0)
-    with pytest.raises(ResourceError, match="does not match"):
-        simulate_round(trace, 0.0, 1.0, [1.0], num_steps=2)
-    with pytest.raises(ResourceError, match="MACs of step 1"):
-        simulate_round(trace, 0.0, 10.0, [1.0, -1.0])
-    with pytest.raises(ResourceError, match="MACs of step 0"):
-        simulate_round(trace, 0.0, 10.0, lambda t, r, n: float("nan"), num_steps=1)
+def test_round_with_invalid_step_macs_is_refused() -> None:
+    clock = RoundClock(ConstantResources(1.0), 0.0, 10.0)
+    with pytest.raises(ResourceError, match="forward_macs_per_sample must be >= 0"):
+        plan_fixed_round(clock, -1, [1, 1])
+    with pytest.raises(ResourceError, match="forward_macs_per_sample must be finite"):
+        plan_fixed_round(None, float("nan"), [1])  # type: ignore[arg-type]
+    with pytest.raises(ResourceError, match="batch_size"):
+        plan_fixed_round(clock, 1, [0])
+    assert clock.steps_done == 0
+    with pytest.raises(ResourceError, match="macs"):
+        clock.step(-1.0)
 
 
 # --------------------------------------------------------------------------- resource model config
@@ -371,7 +345,7 @@ def test_csv_replay(tmp_path: Path) -> None:
     assert traces[1].macs_between(0.0, 2.5) == 5.0 * 1.5 + 7.5 * 1.0
     model = ResourceModel("trace", deadline=5.0, trace_path=csv_path)
     assert model.devices_in_file == [0, 1]
-    res = simulate_round(model.trace(0), *model.round_window(2), [8.0])  # round 2 = [5, 10]: 4 MACs/s
+    res = plan_fixed_round(model.clock(0, 2), 8, [1], 1.0).result  # round 2 = [5, 10]: 4 MACs/s
     assert res.finish_time == 7.0 and res.finished and res.available_macs == 20.0
     with pytest.raises(TraceFileError, match="no rows for device 2"):
         model.trace(2)
@@ -401,6 +375,24 @@ def test_csv_refusals(tmp_path: Path, text: str, match: str) -> None:
     with pytest.raises(TraceFileError, match=match) as info:
         load_trace_csv(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        np.arange(64, dtype=np.float64).tobytes(),  # NUL bytes (a .npy, a spreadsheet, ...)
+        bytes(range(128, 256)) * 4,  # not UTF-8
+        "device,time,macs_per_s\n0,0,1\n".encode("utf-16"),  # text, but not UTF-8
+    ],
+)
+def test_binary_trace_file_is_not_a_csv_text_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "trace.csv"
+    path.write_bytes(content)
+    with pytest.raises(TraceFileError, match="is not a CSV text file") as info:
+        load_trace_csv(path)
+    assert str(path) in str(info.value) and "device,time,macs_per_s" in str(info.value)
+    with pytest.raises(TraceFileError, match="is not a CSV text file"):
+        ResourceModel("trace", deadline=1.0, trace_path=path)
 
 
 def test_csv_missing_file(tmp_path: Path) -> None:

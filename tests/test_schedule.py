@@ -380,3 +380,50 @@ def test_fixed_round_without_clock_never_straggles() -> None:
     assert plan.result.utilisation == pytest.approx(1.0)
     assert plan.batch_sizes == sizes
     assert math.isfinite(plan.result.finish_time)
+
+
+# ------------------------------------------------------- fixed model vs per-batch selection
+
+
+def _step_drop_trace(lut: LUT, after: float) -> tuple[TraceResources, float]:
+    """One full-model step of one sample takes 1 s until t = 5, then the level is r_max * after."""
+    m = step_macs(lut.max_macs, 1, FACTOR)
+    return TraceResources([0.0, 5.0], [m, m * after]), m
+
+
+def test_fixed_model_straggles_when_resources_drop_mid_round(lut) -> None:
+    trace, m = _step_drop_trace(lut, 0.25)
+    fixed = plan_fixed_round(RoundClock(trace, 0.0, 10.0), lut.max_macs, [1] * 10, FACTOR)
+    assert fixed.straggler and fixed.result.steps_done == 10
+    assert fixed.result.finish_time == pytest.approx(5.0 + 5 * 4.0)
+    assert fixed.result.spent_macs == pytest.approx(10 * m)
+
+
+def test_full_model_only_lut_stops_at_the_deadline_with_the_steps_that_fit(lut) -> None:
+    # A LUT holding only the full model trains a fixed model; stopping at the deadline keeps the
+    # steps done by then: 5 steps of 1 s, a 6th of 4 s (t = 9), the 7th would end at 13.
+    full_only = LUT.from_vectors(build_model("femnist_cnn"), [[0.0, 0.0]])
+    assert full_only.max_macs == full_only.min_macs == lut.max_macs
+    trace, m = _step_drop_trace(lut, 0.25)
+    stopped = plan_distreal_round(RoundClock(trace, 0.0, 10.0), full_only, [1] * 10, "paper", FACTOR, True)
+    assert stopped.forward_macs == [lut.max_macs] * 6 and stopped.incomplete == 4
+    assert stopped.result.finish_time == pytest.approx(9.0)
+    assert stopped.result.spent_macs == pytest.approx(6 * m)
+    assert not stopped.straggler  # the completed steps are sent, on time
+    late = plan_distreal_round(RoundClock(trace, 0.0, 10.0), full_only, [1] * 10, "paper", FACTOR, False)
+    assert late.straggler and late.result.finish_time == pytest.approx(25.0)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_selection_reads_the_drop_before_each_batch_and_does_not_straggle(lut, policy) -> None:
+    trace, m = _step_drop_trace(lut, 0.5)
+    assert plan_fixed_round(RoundClock(trace, 0.0, 10.0), lut.max_macs, [1] * 10, FACTOR).straggler
+    plan = plan_distreal_round(RoundClock(trace, 0.0, 10.0), lut, [1] * 10, policy, FACTOR, stop_at_deadline=False)
+    assert plan.forward_macs[:5] == [lut.max_macs] * 5  # full resources: the full model
+    assert plan.forward_macs[5] <= lut.max_macs / 2  # the first batch after the drop adapts
+    if policy == "paper":  # D[r]: the budget follows r(t) only
+        assert all(f <= lut.max_macs / 2 for f in plan.forward_macs[5:])
+    assert not plan.straggler and plan.result.steps_done == 10
+    assert plan.result.available_macs == pytest.approx(5 * m + 5 * m / 2)
+    assert plan.result.spent_macs <= plan.result.available_macs * (1 + 1e-12)
+    assert 0.9 < plan.result.utilisation <= 1.0 + 1e-12

@@ -204,7 +204,7 @@ def test_algorithm2_hand_numbers() -> None:
     np.testing.assert_allclose(out["b"], [1.0 + (3 * 2.0 + 0.0) / 4])
     assert out["w"].dtype == np.float32
     assert dict(metrics) == {
-        "received": 2, "failures": 0, "stragglers": 0, "refused": 0, "accepted": 2,
+        "received": 2, "failures": 0, "stragglers": 0, "refused": 0, "clipped": 0, "accepted": 2,
         "mean_macs": 2.0, "mean_utilisation": pytest.approx((0.5 + 0.25) / 2),
     }
 

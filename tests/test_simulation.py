@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from flwr_distreal.config import RunConfig, register_configs, to_run_config
-from flwr_distreal.experiment import MetricsRecorder, run_experiment
+from flwr_distreal.experiment import MetricsRecorder, RunDirectoryError, run_experiment
 from flwr_distreal.lut import LUT
 from flwr_distreal.models import build_model
 
@@ -117,7 +117,9 @@ def test_message_api_run_end_to_end_equals_legacy(strategy, tmp_path, ray_tmp, f
     """The default runtime (the Message-API app through ``flwr run``) writes the run's outputs;
     the same seeded experiment through the legacy pair on ``run_simulation`` gives the same
     per-round metrics to the last bit: both draw the same devices (one seeded draw over partition
-    ids), train with the same trainer and sum the replies in device order in float64."""
+    ids), train with the same trainer and sum the replies in device order in float64. A run
+    resumed from its checkpoint equals an uninterrupted one; a rerun into its directory is
+    refused."""
     import ray
 
     cfg = _run_config([*SMALL, f"strategy={strategy}"])
@@ -149,13 +151,25 @@ def test_message_api_run_end_to_end_equals_legacy(strategy, tmp_path, ray_tmp, f
     png = out / "accuracy.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    legacy = run_experiment(dataclasses.replace(cfg, runtime="legacy"))
+    if strategy == "distreal":
+        # resumed from the round-2 checkpoint to 3 rounds == 3 rounds uninterrupted (legacy)
+        assert (out / "checkpoint.npz").is_file()
+        resumed = run_experiment(dataclasses.replace(cfg, rounds=3, resume=True), out)
+        assert [int(r["round"]) for r in _read_rows(out / "metrics.csv")] == [1, 2, 3]
+        legacy = run_experiment(dataclasses.replace(cfg, rounds=3, runtime="legacy"))
+        assert _metrics(legacy) == _metrics(resumed)
+        assert _metrics(legacy)[:2] == _metrics(rows)
+    else:
+        legacy = run_experiment(dataclasses.replace(cfg, runtime="legacy"))
+        assert _metrics(legacy) == _metrics(rows)
     assert not ray.is_initialized()
     leftovers = _wait_until_gone(ray_tmp)
     assert not leftovers, f"Ray processes left after the legacy run: {leftovers}"
-    assert _metrics(legacy) == _metrics(rows)
     if strategy == "distreal":  # another seed draws other devices, filters and batches
-        assert _metrics(run_experiment(dataclasses.replace(cfg, seed=cfg.seed + 1, runtime="legacy"))) != _metrics(rows)
+        other = run_experiment(dataclasses.replace(cfg, seed=cfg.seed + 1, rounds=1, runtime="legacy"))
+        assert _metrics(other) != _metrics(rows)[:1]
+    with pytest.raises(RunDirectoryError, match="already holds a run"):
+        run_experiment(cfg, out)  # refused before anything starts, nothing overwritten
 
 
 def test_hydra_main_subprocess(tmp_path) -> None:

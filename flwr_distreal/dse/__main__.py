@@ -28,6 +28,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import to_absolute_path
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ..checks import StartupError, check_output_dir, check_torch_device
 from ..config import DatasetConfig, ModelConfig, register_configs, unknown_keys
 from ..models import build_model, list_models
 from .datasets import load_dse_data
@@ -136,6 +137,23 @@ def _settings(d: DSEConfig) -> tuple[DSESettings, ShortTrainingSettings]:
     return search, short
 
 
+def _check_paths_and_device(d: DSEConfig, task: str, output: Path, snapshot_path: Path) -> None:
+    """Refuse, before loading data or training, a ``dse.device`` this machine lacks and a
+    ``dse.output`` (or ``dse.snapshot.path``) that cannot be written."""
+    try:
+        check_torch_device(d.device, "dse.device")
+        if task == "run" or snapshot_path.parent == output:
+            check_output_dir(output, "dse.output")
+        made_here = not snapshot_path.is_file() and not (task == "run" and d.snapshot.required)
+        if made_here and d.snapshot.path:  # the snapshot will be made and saved there
+            key = "dse.snapshot.path"
+            if snapshot_path.is_dir():
+                raise StartupError(f"{key}={d.snapshot.path} is a folder; expected a file name (e.g. snapshot.pt)")
+            check_output_dir(snapshot_path.parent, f"the folder of {key}")
+    except StartupError as err:
+        raise DSEError(str(err)) from err
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Execute the command for a composed config; returns a small summary (for tests)."""
     _validate_top(cfg)
@@ -146,6 +164,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     search, short = _settings(d)
     output = _abs(d.output)
     snapshot_path = _abs(d.snapshot.path) if d.snapshot.path else output / "snapshot.pt"
+    _check_paths_and_device(d, cfg.task, output, snapshot_path)
     if cfg.task == "run" and d.snapshot.required and not snapshot_path.is_file():
         raise SnapshotError(
             f"dse.snapshot.required is true but {snapshot_path} does not exist; make it with task=snapshot"
