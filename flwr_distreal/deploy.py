@@ -508,8 +508,9 @@ class LocalDeployment:
             Its ``--node-config`` (a mapping is written in TOML syntax); none when not given.
         register : bool
             With authentication on: register its public key first. False starts a SuperNode the
-            SuperLink does not know (the SuperLink must refuse it: the SuperNode exits with
-            Flower's exit code 305, "Failed to activate SuperNode").
+            SuperLink does not know: the SuperLink refuses it, and the SuperNode logs Flower's
+            "Exit Code: 305" (SUPERNODE_CONNECTION_ERROR, "Failed to activate SuperNode") and
+            exits with status 1. Without authentication every SuperNode registers itself.
         name : str, optional
             Its name (log file ``logs/NAME.log``, key files ``keys/NAME[.pub]``).
         wait : bool
@@ -538,8 +539,10 @@ class LocalDeployment:
             if isinstance(node_config, Mapping):
                 config, text = dict(node_config), format_run_config(node_config)
             else:
+                from flwr.common.config import parse_config_args
+
                 text = node_config or ""
-                config = {"node-config": text} if text else {}
+                config = parse_config_args([text]) if text else {}
             node = SuperNodeProcess(
                 name=name, node_config=config, port=_free_port(), log_path=self.logs / f"{name}.log",
                 workdir=self.root / "nodes" / name,

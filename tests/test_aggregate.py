@@ -11,15 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.server.strategy.aggregate import aggregate as flwr_aggregate
+from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 
 from flwr_distreal.aggregate import (
     RefusalReason,
     ValidationResult,
     mac_weighted_update,
     masked_average,
+    scale_update,
+    trimmed_mean_update,
+    update_norms,
     validate_arrays,
     validate_reply,
     weighted_average,
+    weighted_median_update,
 )
 
 
@@ -297,3 +302,69 @@ def test_server_core_loads_no_flower_at_all() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ------------------------------------------------------------- update geometry, robust
+
+
+def test_update_norms_per_floating_array_in_float64() -> None:
+    g = [np.zeros((2, 2), np.float32), np.array(3, np.int64), np.zeros(3, np.float64)]
+    c = [np.full((2, 2), 1e30, np.float32), np.array(9, np.int64), np.array([3.0, 4.0, 0.0])]
+    norms = update_norms(g, c)
+    assert norms.shape == (2,)  # the integer counter is not an update
+    assert math.isfinite(norms[0]) and norms[0] == pytest.approx(2e30, rel=1e-6)
+    assert norms[1] == pytest.approx(5.0)
+
+
+def test_scale_update_scales_floating_arrays_only() -> None:
+    g = [np.ones(3, np.float32), np.array(2, np.int64)]
+    c = [np.array([3.0, 1.0, -1.0], np.float32), np.array(5, np.int64)]
+    out = scale_update(g, c, 0.5)
+    np.testing.assert_allclose(out[0], [2.0, 1.0, 0.0])
+    assert out[0].dtype == np.float32 and out[1] == 5
+    assert scale_update(g, c, 1.0)[0] is c[0]  # factor 1: untouched
+    with pytest.raises(ValueError, match="factors"):
+        scale_update(g, c, [0.5, 0.5])
+
+
+def test_weighted_median_with_equal_weights_is_flowers_median() -> None:
+    rng = np.random.default_rng(3)
+    g = _random_model(rng)
+    for n in (3, 4, 5):
+        clients = [_random_model(rng) for _ in range(n)]
+        ours = weighted_median_update(g, clients)
+        theirs = aggregate_median([(c, 1) for c in clients])
+        for o, t, ref in zip(ours, theirs, g):
+            assert o.dtype == ref.dtype
+            np.testing.assert_allclose(o, t, rtol=1e-6, atol=1e-7)
+
+
+def test_weighted_median_follows_the_weight_mass() -> None:
+    g = [np.zeros(2)]
+    clients = [[np.array([1.0, 10.0])], [np.array([2.0, 20.0])], [np.array([3.0, 30.0])]]
+    np.testing.assert_allclose(weighted_median_update(g, clients, [1, 1, 5])[0], [3.0, 30.0])  # > half the MACs
+    np.testing.assert_allclose(weighted_median_update(g, clients, [1, 1, 1])[0], [2.0, 20.0])
+    np.testing.assert_allclose(weighted_median_update(g, clients, [0, 1, 1])[0], [2.5, 25.0])  # zero weight: no say
+    with pytest.raises(ValueError, match="zero weight"):
+        weighted_median_update(g, clients, [0, 0, 0])
+
+
+def test_trimmed_mean_with_equal_weights_is_flowers_trimmed_avg() -> None:
+    rng = np.random.default_rng(4)
+    g = _random_model(rng)
+    clients = [_random_model(rng) for _ in range(10)]
+    ours = trimmed_mean_update(g, clients, beta=0.2)
+    theirs = aggregate_trimmed_avg([(c, 1) for c in clients], 0.2)
+    for o, t in zip(ours, theirs):
+        np.testing.assert_allclose(o, t, rtol=1e-5, atol=1e-6)
+
+
+def test_trimmed_mean_trims_by_count_then_weights_by_macs() -> None:
+    g = [np.zeros(1)]
+    clients = [[np.array([v])] for v in (-100.0, 1.0, 2.0, 4.0, 100.0)]
+    # the extremes go whatever their weight; 1, 2, 4 are averaged with weights 1, 1, 2
+    out = trimmed_mean_update(g, clients, [50, 1, 1, 2, 50], beta=0.2)
+    np.testing.assert_allclose(out[0], [(1 + 2 + 8) / 4])
+    np.testing.assert_allclose(trimmed_mean_update(g, clients[:4], [1, 1, 1, 1], beta=0.2)[0], [-93.0 / 4])  # cut 0
+    with pytest.raises(ValueError, match="beta"):
+        trimmed_mean_update(g, clients, beta=0.5)

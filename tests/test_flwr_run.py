@@ -1,25 +1,18 @@
 """``flwr run .`` end to end on Flower's local simulation runtime, and the app's own checks.
 
-The end-to-end tests (``slow``) start a private local SuperLink through the ``flwr`` CLI, with
-``FLWR_HOME`` in a temporary directory (the user's ``~/.flwr`` is untouched), free ports,
-runtime dependency installation off (the test environment already has the app's
-dependencies) and a unique tag in the environment; at the end every process that carries the
-tag (SuperLink, SuperExec, simulation, Ray) is stopped by PID and checked gone.
+The end-to-end tests (``slow``) run the ``flwr`` CLI on a private local SuperLink
+(:class:`flwr_distreal.local_runtime.LocalFlwrRuntime`: ``FLWR_HOME`` in a temporary directory, so
+the user's ``~/.flwr`` is untouched, free ports, runtime dependency installation off, and a unique
+tag in the environment); at the end every process that carries the tag (SuperLink, simulation,
+Ray) is stopped by PID and checked gone.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,14 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = REPO / "pyproject.toml"
 DIGITS_DEVICES = 20
 RUN_TIMEOUT_S = 420
-
-
-def _flwr_cli() -> str | None:
-    """The ``flwr`` CLI next to this interpreter, else on PATH."""
-    sibling = Path(sys.executable).parent / "flwr"
-    if sibling.is_file() and os.access(sibling, os.X_OK):
-        return str(sibling)
-    return shutil.which("flwr")
 
 
 def _app_config() -> dict:
@@ -180,69 +165,21 @@ def test_check_partition() -> None:
 # -- flwr run . end to end (slow) -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tagged_pids(tag: str) -> list[int]:
-    """Live (non-zombie) processes whose environment carries ``tag``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if tag.encode() not in (entry / "environ").read_bytes():
-                continue
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:  # gone, or not ours to read
-            continue
-        if state != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def _stop(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 class FlwrEnv:
-    """A private Flower home and local SuperLink for ``flwr`` CLI calls."""
+    """``flwr`` CLI calls on a private local SuperLink (:class:`LocalFlwrRuntime`: its own
+    Flower home, free ports, every process tagged and stopped by PID)."""
 
-    def __init__(self, flwr: str, root: Path) -> None:
-        self.flwr = flwr
-        self.root = root
-        self.home = root / "flwr-home"
-        self.tag = f"FLWR_DISTREAL_TEST_TAG={uuid.uuid4().hex}"
-        self.env = dict(
-            os.environ,
-            FLWR_HOME=str(self.home),
-            FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
-            FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
-            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-            FLWR_DISABLE_UPDATE_CHECK="1",
-            RAY_TMPDIR=str(root / "ray"),
-            RAY_USAGE_STATS_ENABLED="0",
-            PATH=f"{Path(flwr).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        )
-        key, value = self.tag.split("=")
-        self.env[key] = value
-        (root / "ray").mkdir()
-
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [self.flwr, *args], env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout
-        )
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+        self.root = runtime.root
+        self.home = runtime.home
+        self.tag = runtime.tag
 
     def run(self, num_supernodes: int, run_config: str) -> tuple[int, str]:
         """``flwr run <repo> local`` streaming its logs until the run ends; (run id, output)."""
+        self.runtime.start_superlink()
         pyproject = PYPROJECT.read_bytes()
-        res = self.cli(
+        res = self.runtime.cli(
             "run", str(REPO), "local", "--federation-config", f"num-supernodes={num_supernodes}",
             "--run-config", run_config, "--stream", timeout=RUN_TIMEOUT_S,
         )
@@ -254,39 +191,25 @@ class FlwrEnv:
         return int(started[0].split()[-1]), out
 
     def status(self, run_id: int) -> dict:
-        res = self.cli("ls", "local", "--run-id", str(run_id), "--format", "json")
-        assert res.returncode == 0, res.stdout + res.stderr
-        payload = json.loads(res.stdout[res.stdout.index("{"):])
-        (run,) = [r for r in payload["runs"] if r["run-id"] == str(run_id)]
-        return run
-
-    def stop_all(self) -> list[int]:
-        """Stop every process that carries this env's tag; return the PIDs that survived."""
-        pids = _tagged_pids(self.tag)
-        _stop(pids, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while (left := _tagged_pids(self.tag)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        _stop(left, signal.SIGKILL)
-        time.sleep(0.5)
-        return _tagged_pids(self.tag)
+        return self.runtime.status(run_id)
 
 
 @pytest.fixture(scope="module")
 def flwr_env() -> Iterator[FlwrEnv]:
-    flwr = _flwr_cli()
-    if flwr is None:
-        pytest.skip("the flwr CLI is not installed")
+    from flwr_distreal.local_runtime import FlwrRunError, LocalFlwrRuntime
+
     if not Path("/proc/self/environ").exists():
         pytest.skip("finding the processes flwr starts needs /proc (Linux)")
-    root = Path(tempfile.mkdtemp(prefix="fdr-flwr-"))  # short: Ray's socket paths must fit
-    env = FlwrEnv(flwr, root)
     try:
-        yield env
+        runtime = LocalFlwrRuntime()
+    except FlwrRunError as err:
+        pytest.skip(str(err))
+    root = runtime.root
+    try:
+        yield FlwrEnv(runtime)
     finally:
-        survivors = env.stop_all()
+        survivors = runtime.stop()
         pgrep = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True) if shutil.which("pgrep") else None
-        shutil.rmtree(root, ignore_errors=True)
         assert not survivors, f"processes left running: {survivors}"
         if pgrep is not None:
             assert pgrep.stdout.strip() == "", f"processes still using {root}: {pgrep.stdout}"
@@ -314,7 +237,7 @@ def test_flwr_run_completes_and_writes_metrics(flwr_env: FlwrEnv) -> None:
     assert (out_dir / "accuracy.png").stat().st_size > 0
     # the local SuperLink runs from this session's private Flower home
     assert (flwr_env.home / "local-superlink" / "state.db").is_file()
-    assert _tagged_pids(flwr_env.tag), "no SuperLink found with the test's tag: cleanup would miss it"
+    assert flwr_env.runtime.pids(), "no SuperLink found with the test's tag: cleanup would miss it"
 
 
 @pytest.mark.slow

@@ -198,7 +198,7 @@ def test_hydra_main_subprocess(tmp_path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Done: final accuracy") == 2
