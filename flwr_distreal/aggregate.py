@@ -584,14 +584,13 @@ def update_norms(global_arrays: Sequence[NDArray], client_arrays: Sequence[NDArr
         One norm per floating array of ``global_arrays``, in order; the
         whole-model norm is ``sqrt(sum(norms**2))``.
     """
-    out = []
+    out: list[float] = []
     for g, c in zip(global_arrays, client_arrays):
-        g = np.asarray(g)
-        if g.dtype.kind != "f":
+        if np.asarray(g).dtype.kind != "f":
             continue
-        d = np.asarray(c, dtype=np.float64).ravel() - g.astype(np.float64, copy=False).ravel()
-        out.append(math.sqrt(float(np.dot(d, d))))
-    return np.asarray(out, dtype=np.float64)
+        d = np.subtract(c, g, dtype=np.float64).ravel()  # cast on the fly, no float32 overflow
+        out.append(float(d @ d))
+    return np.sqrt(np.asarray(out, dtype=np.float64))
 
 
 def scale_update(

@@ -650,7 +650,8 @@ class LocalDeployment:
         log_path : path, optional
             Where the streamed logs go (default: ``logs/run-*.log`` in the working folder).
         timeout : float, optional
-            Seconds before ``flwr run`` is stopped and :class:`FlwrRunError` raised.
+            Seconds for the whole run (``flwr run`` and the run itself) before
+            :class:`FlwrRunError` is raised; the run itself is then stopped with the deployment.
         on_poll : callable, optional
             Called every ``poll_s`` seconds while the run goes.
 
@@ -694,15 +695,29 @@ class LocalDeployment:
             on_poll()
         text = log_file.read_text(errors="replace")
         started = [line for line in text.splitlines() if "Successfully started run" in line]
-        if proc.returncode != 0 or not started:
+        if not started:
             raise FlwrRunError(f"flwr run failed (exit {proc.returncode}); logs: {log_file}\n{_tail(log_file, 20)}")
         run_id = int(started[0].split()[-1])
-        # the stream ends when the run does; its final status may take a moment to be written
-        deadline = time.monotonic() + 30
-        status = self.status(run_id)
-        while not str(status.get("status", "")).startswith("finished") and time.monotonic() < deadline:
-            time.sleep(1.0)
-            status = self.status(run_id)
+        # The stream ends when the run does, or earlier if it broke (a busy SuperLink can drop it):
+        # the run goes on in the SuperLink, so wait for Flower's final status.
+        status: dict[str, Any] = {}
+        while True:
+            try:
+                status = self.status(run_id)
+            except (FlwrRunError, subprocess.TimeoutExpired):
+                status = {}
+            if str(status.get("status", "")).startswith("finished"):
+                break
+            if self.superlink is None or self.superlink.poll() is not None:
+                raise FlwrRunError(f"the SuperLink exited during run {run_id}\n{self.log_tails()}")
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise FlwrRunError(
+                    f"run {run_id} did not finish within {timeout:g} s (status {status.get('status')!r}); "
+                    f"logs: {log_file}\n{_tail(log_file)}\n{self.log_tails()}"
+                )
+            if on_poll is not None:
+                on_poll()
+            time.sleep(max(poll_s, 2.0))
         return FlwrRunResult(run_id, str(status.get("status", "")), str(status.get("status-details", "")), log_file)
 
     # -- stop --------------------------------------------------------------------------------------

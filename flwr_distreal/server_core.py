@@ -165,7 +165,8 @@ class RoundOutcome:
     metrics : dict[str, int | float]
         ``received``, ``failures``, ``stragglers``, ``refused``, ``clipped`` (accepted replies
         whose claim or update the gate clipped), ``accepted``, ``mean_macs`` and
-        ``mean_utilisation`` (over the accepted replies; NaN over none).
+        ``mean_utilisation`` (over the accepted replies, with the MACs they are weighted by,
+        clipped where clipped; NaN over none).
     accepted : list[Accepted]
         The accepted replies, in combination order.
     """
@@ -396,11 +397,40 @@ class RoundBounds:
         a trained model by ten times its own norm; this catches ``1e30`` weights in a round
         of one, but could refuse an honest first update of a model initialised near zero).
 
-    Why these choices for DISTREAL
-    ------------------------------
-    Sub-networks legitimately move by different amounts: a device that trained 2
-    mini-batches moves less than one that trained 40, and per-batch dropout changes which
-    weights move. The norm of ``b`` SGD steps grows between ``sqrt(b)`` (noisy steps) and
+    Parameters
+    ----------
+    update_bound : float | None, optional
+        ``k`` (> 1) of the update bounds; None disables them. Defaults to 10.
+    on_outlier : {"refuse", "clip"}, optional
+        What to do with an outlier update. Defaults to "refuse".
+    update_norm : {"model", "layer"}, optional
+        Whole-model norm, or every floating array's norm against that array's median.
+        Defaults to "model".
+    claim_bound : float | None, optional
+        ``m`` (> 1) of the claim bound (MACs claims and the batches that normalise the
+        update norms); None disables it. Defaults to 10.
+    on_claim_outlier : {"refuse", "clip"}, optional
+        What to do with a claim above ``m`` times the median. Defaults to "clip".
+    robust : {"clip-to-median", "median", "trimmed-mean"} | None, optional
+        Robust aggregation. Defaults to None.
+    trim_beta : float, optional
+        Fraction trimmed at each end by ``robust="trimmed-mean"``, in (0, 0.5). Defaults to
+        0.2.
+    history : int, optional
+        Rounds whose medians are the reference of a tiny round (>= 1). Defaults to 5.
+    min_replies : int, optional
+        Positive values a round's median needs to be a reference (>= 3). Defaults to 3.
+
+    Raises
+    ------
+    ValueError
+        If an argument is out of range.
+
+    Notes
+    -----
+    Why these choices for DISTREAL: sub-networks legitimately move by different amounts, a
+    device that trained 2 mini-batches less than one that trained 40, and per-batch dropout
+    changes which weights move. The norm of ``b`` SGD steps grows between ``sqrt(b)`` (noisy steps) and
     ``b`` (coherent drift); dividing by ``sqrt(b)`` leaves a legitimate 2-vs-40 gap of at
     most ``sqrt(20) = 4.5``, and none for noisy steps. (Dividing by ``b`` has the same worst
     case the other way round; by the MACs, it would also reward heavy dropout.) Measured
@@ -432,35 +462,6 @@ class RoundBounds:
         (:func:`flwr_distreal.aggregate.weighted_median_update`,
         :func:`~flwr_distreal.aggregate.trimmed_mean_update`), still weighted by the MACs
         (DISTREAL) or examples (FedAvg), for rules without per-weight masks.
-
-    Parameters
-    ----------
-    update_bound : float | None, optional
-        ``k`` (> 1) of the update bounds; None disables them. Defaults to 10.
-    on_outlier : {"refuse", "clip"}, optional
-        What to do with an outlier update. Defaults to "refuse".
-    update_norm : {"model", "layer"}, optional
-        Whole-model norm, or every floating array's norm against that array's median.
-        Defaults to "model".
-    claim_bound : float | None, optional
-        ``m`` (> 1) of the claim bound (MACs claims and the batches that normalise the
-        update norms); None disables it. Defaults to 10.
-    on_claim_outlier : {"refuse", "clip"}, optional
-        What to do with a claim above ``m`` times the median. Defaults to "clip".
-    robust : {"clip-to-median", "median", "trimmed-mean"} | None, optional
-        Robust aggregation. Defaults to None.
-    trim_beta : float, optional
-        Fraction trimmed at each end by ``robust="trimmed-mean"``, in (0, 0.5). Defaults to
-        0.2.
-    history : int, optional
-        Rounds whose medians are the reference of a tiny round (>= 1). Defaults to 5.
-    min_replies : int, optional
-        Positive values a round's median needs to be a reference (>= 3). Defaults to 3.
-
-    Raises
-    ------
-    ValueError
-        If an argument is out of range.
     """
 
     def __init__(
@@ -585,25 +586,26 @@ class RoundBounds:
                 b = min(b, m * bmed)
             item[1] = b
 
-        # 3. update norms
-        g_norm = _model_norm(global_arrays)
+        # 3. update norms (only when a bound or clip-to-median needs them); a reply of zero
+        #    weight cannot move the model and is neither bounded nor part of the medians
         def weightless(a: Accepted) -> bool:
             return not float(a.macs or 0.0) > 0 if claims else id(a) in zero_weight
 
         passive = [a for a, _ in items if weightless(a)]
         items = [item for item in items if not weightless(item[0])]
-        norms = [update_norms(global_arrays, a.reply.arrays) for a, _ in items]
         k = self.update_bound
+        if k is None and self.robust != "clip-to-median":
+            return self._finish(out, [a for a, _ in items], passive, None, claims)
         kept = []
-        for (a, b), layer in zip(items, norms):
-            total = float(np.sqrt(np.sum(layer**2)))
-            if not math.isfinite(total):
+        for a, b in items:
+            layer = update_norms(global_arrays, a.reply.arrays)
+            if not math.isfinite(float(np.sqrt(np.sum(layer**2)))):
                 out.refused.append((a, RefusalReason.OUTLIER_UPDATE, "update norm overflows float64"))
                 continue
             kept.append([a, b, layer])
         items = kept
         if k is not None and items:
-            items = self._bound_updates(global_arrays, items, g_norm, k, out)
+            items = self._bound_updates(global_arrays, items, k, out)
 
         # 4. robust: clip every update to the median normalised norm
         if self.robust == "clip-to-median" and items:
@@ -620,33 +622,46 @@ class RoundBounds:
                         a.macs,
                         (*a.clipped, "clip-to-median"),
                     )
-                    out.clips.append((a, "clip-to-median", f"normalised update norm {si:.4g} clipped to {where} {ref:.4g}"))
+                    out.clips.append(
+                        (a, "clip-to-median", f"normalised update norm {si:.4g} clipped to {where} {ref:.4g}")
+                    )
                     item[0], item[2] = a, layer * f
 
         # 5. history: this round's medians, the reference of later tiny rounds
-        if items:
-            normalised = np.stack([layer / math.sqrt(b) for _, b, layer in items])
+        normalised = np.stack([layer / math.sqrt(b) for _, b, layer in items]) if items else None
+        return self._finish(out, [a for a, _, _ in items], passive, normalised, claims)
+
+    def _finish(
+        self,
+        out: Screened,
+        accepted: list[Accepted],
+        passive: list[Accepted],
+        normalised: np.ndarray | None,
+        claims: bool,
+    ) -> Screened:
+        """Record the round's medians (of the accepted replies) and order the accepted."""
+        if normalised is not None:
             model_median = _median_or_none(np.sqrt(np.sum(normalised**2, axis=1)), 1)
             if model_median is not None:
                 self._model_history.append(model_median)
             self._layer_history.append(np.median(normalised, axis=0))
-            if claims:
-                c = _median_or_none([float(a.macs or 0.0) for a, _, _ in items], 1)
-                if c is not None:
-                    self._claim_history.append(c)
-        out.accepted = sorted([a for a, _, _ in items] + passive, key=lambda a: reply_order(a.reply))
+        if claims:
+            c = _median_or_none([float(a.macs or 0.0) for a in accepted], 1)
+            if c is not None:
+                self._claim_history.append(c)
+        out.accepted = sorted(accepted + passive, key=lambda a: reply_order(a.reply))
         return out
 
     def _bound_updates(
         self,
         global_arrays: Sequence[np.ndarray],
         items: list[list[Any]],
-        g_norm: float,
         k: float,
         out: Screened,
     ) -> list[list[Any]]:
         """Refuse or clip the outlier updates of ``items`` (``[accepted, batches, layer norms]``)."""
         layer_mode = self.update_norm == "layer"
+        g_norm: float | None = None
         refs: list[float | None] = []
         ref: float | None = None
         where = ""
@@ -682,7 +697,9 @@ class RoundBounds:
                     f"{k:g} x {where} {ref:.4g}"
                 )
             no_reference = all(r is None for r in refs) if layer_mode else ref is None
-            if no_reference and g_norm > 0 and total > k * g_norm:
+            if no_reference and g_norm is None:
+                g_norm = _model_norm(global_arrays)
+            if no_reference and g_norm and total > k * g_norm:
                 factors = np.minimum(factors, k * g_norm / total)
                 reasons.append(f"update norm {total:.4g} exceeds {k:g} x the global model's norm {g_norm:.4g}")
             if not reasons:
@@ -925,8 +942,11 @@ class ReplyGate(ABC):
                 server_round, a.reply.node, self.partition_id_key, device(a.reply), code, message,
             )
         accepted = screened.accepted
-        resource = fit_metrics_aggregation(
-            [(a.reply.num_examples, a.reply.metrics) for a in accepted],  # type: ignore[misc]
+        resource = fit_metrics_aggregation(  # over the MACs weighted by (clipped claims clipped)
+            [
+                (a.reply.num_examples, a.reply.metrics if a.macs is None else {**a.reply.metrics, self.macs_key: a.macs})
+                for a in accepted
+            ],  # type: ignore[misc]
             macs_key=self.macs_key,
             straggler_key=self.straggler_key,
             available_macs_key=self.available_macs_key,

@@ -29,8 +29,8 @@ from flwr_distreal.deploy import (  # noqa: E402
 )
 from flwr_distreal.local_runtime import tagged_pids  # noqa: E402
 
-#: Seconds a 2-round run may take (far more than it needs on 2 idle cores: ~1 min).
-RUN_TIMEOUT_S = 420
+#: Seconds a 2-round run may take (far more than it needs on 2 idle cores).
+RUN_TIMEOUT_S = 480
 #: Flower's exit code of a SuperNode that cannot connect (``ExitCode.SUPERNODE_CONNECTION_ERROR``);
 #: it is logged (the process itself exits with status 1).
 SUPERNODE_CONNECTION_ERROR = 305
