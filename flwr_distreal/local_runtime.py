@@ -146,7 +146,11 @@ class LocalFlwrRuntime:
 
     def __init__(self, root: str | os.PathLike | None = None, *, install_dependencies: bool = False) -> None:
         self._own_root = root is None
-        self.root = Path(tempfile.mkdtemp(prefix="fdr-")) if root is None else Path(root)
+        if root is None:
+            # Ray's Unix socket paths under root must fit 107 bytes: a long TMPDIR would not do
+            base = tempfile.gettempdir()
+            root = tempfile.mkdtemp(prefix="fdr-", dir=base if len(base) <= 40 or not Path("/tmp").is_dir() else "/tmp")
+        self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.home = self.root / "flwr-home"
         self.tag = uuid.uuid4().hex

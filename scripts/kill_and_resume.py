@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,8 +64,8 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     interrupted, uninterrupted = out / "interrupted", out / "uninterrupted"
-    tmp = out / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="kr", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = dict(os.environ, TMPDIR=str(tmp))  # the runner's SuperLink and Ray live under here
 
     print(f"1. interrupted run, kill -9 once {args.kill_at} rounds are recorded", flush=True)

@@ -191,17 +191,19 @@ def test_tls_auth_admits_registered_and_refuses_unregistered(deployment_factory)
 
     intruder = dep.add_supernode(
         {"partition-id": 0, "num-partitions": 1}, register=False, name="intruder", wait=False,
-        extra_args=["--max-retries", "1"],
+        extra_args=["--max-retries", "0"],
     )
+    # while the intruder starts: `flwr supernode ls` over TLS sees the registered SuperNode online
+    nodes = dep.nodes()
+    assert [(int(n["node-id"]), n["status"]) for n in nodes] == [(member.node_id, "online")]
+
     assert intruder.process is not None
     code = intruder.process.wait(timeout=120)
     text = intruder.log_path.read_text(errors="replace")
     assert code != 0, text
     assert f"Exit Code: {SUPERNODE_CONNECTION_ERROR}" in text and "Failed to activate SuperNode" in text, text
     assert intruder.connected_id() is None
-
-    nodes = dep.nodes()  # `flwr supernode ls` over TLS
-    assert [(int(n["node-id"]), n["status"]) for n in nodes] == [(member.node_id, "online")]
+    assert "No SuperNode found with the given public key" in (dep.logs / "superlink.log").read_text(errors="replace")
     _assert_all_gone(dep)
 
 
