@@ -191,7 +191,8 @@ class Experiment:
             if cfg.strategy.name == "distreal":
                 trainer = MeasuredDistrealTrainer(
                     model, loader, device_id, self.lut, policy="deadline", time_table=cfg.resources.time_table,
-                    table_path=cfg.resources.table_path, stop_at_deadline=cfg.strategy.stop_at_deadline,
+                    table_path=cfg.resources.table_path or self.default_table_path(device_id),
+                    stop_at_deadline=cfg.strategy.stop_at_deadline,
                     **timing, **common,
                 )
                 trainer.calibrate()  # now, when the node is set up, not inside round 1's deadline
@@ -203,6 +204,14 @@ class Experiment:
                 stop_at_deadline=cfg.strategy.stop_at_deadline, **common
             )
         return BaselineTrainer(model, loader, device_id, self.resources, **common)
+
+    def default_table_path(self, device_id: int) -> Path:
+        """Where a device caches its measured step-time table when ``resources.table_path`` is not
+        set: ``$XDG_CACHE_HOME/flwr_distreal/`` (``~/.cache``). A SuperNode starts a fresh ClientApp
+        process every round, so without a cache it would time its vectors every round. The table
+        is refused and re-measured when model, LUT, batch size, threads, torch or host differ."""
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flwr_distreal"
+        return cache / f"steptimes_{self.model_name}_{self.cfg.batch_size}_device{int(device_id)}.json"
 
     def node_data(self, node_config: Mapping[str, Any]) -> tuple[FederatedData, int]:
         """A real node's data in a deployment, from its node config, and its device index.

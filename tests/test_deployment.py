@@ -211,7 +211,7 @@ def test_tls_auth_admits_registered_and_refuses_unregistered(deployment_factory)
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("FLWR_DISTREAL_DEPLOY_TLS_RUN") != "1",
-    reason="a second full run (~1 min); set FLWR_DISTREAL_DEPLOY_TLS_RUN=1",
+    reason="a second full run (about as long as the insecure one); set FLWR_DISTREAL_DEPLOY_TLS_RUN=1",
 )
 def test_tls_auth_deployment_runs(deployment_factory, tmp_path: Path) -> None:
     """The full run over TLS with SuperNode authentication (the ServerApp's SuperExec reaches the
