@@ -63,7 +63,7 @@ def test_groups_have_the_documented_options() -> None:
     assert set(_options("dataset")) >= {"digits", "femnist", "femnist_leaf", "cifar10", "cifar100", "mnist", "npz"}
     assert set(_options("model")) >= {"femnist_cnn", "densenet_bc_40", "densenet_bc_100"}
     assert set(_options("strategy")) == {"distreal", "full", "small", "feddropout", "heterofl"}
-    assert set(_options("resources")) == {"full", "constant", "timevarying", "trace"}
+    assert set(_options("resources")) == {"full", "constant", "timevarying", "trace", "measured"}
 
 
 def test_default_config_matches_config_yaml() -> None:
