@@ -5,7 +5,7 @@
 its own data), then ``flwr run <app> <connection>`` against the SuperLink. Optionally with TLS
 (a throw-away CA and server certificate made here) and SuperNode authentication (an EC key pair
 per SuperNode, registered with ``flwr supernode register``). It is the CI check of the
-"Deploy on real devices" instructions (``docs/deploy.md``) and the engine of
+"Deploy on real devices" instructions (README.md) and the engine of
 ``scripts/deploy_local.py``.
 
 Flower 1.41 specifics this module relies on (read from Flower's sources):

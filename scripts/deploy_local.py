@@ -43,7 +43,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, str]:
     parser.add_argument("--tls", action="store_true", help="TLS with a throw-away CA and server certificate")
     parser.add_argument(
         "--certs", type=Path, default=None, metavar="DIR",
-        help="with --tls: use DIR/ca.crt, DIR/server.pem, DIR/server.key (made as in docs/deploy.md; the "
+        help="with --tls: use DIR/ca.crt, DIR/server.pem, DIR/server.key (made as in the README's Deploy section; the "
         "server certificate must name 127.0.0.1) instead of a throw-away CA",
     )
     parser.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
