@@ -392,23 +392,6 @@ class RecordingMessageStrategy(Strategy):
         return self.inner.aggregate_evaluate(server_round + self.offset, replies)
 
 
-def _rng_state(rng: Any) -> list:
-    version, internal, gauss = rng.getstate()
-    return [version, list(internal), gauss]
-
-
-def strategy_state(strategy: Strategy) -> dict[str, Any]:
-    """The state of a strategy of :mod:`flwr_distreal.serverapp` that a resumed run needs: its
-    seeded sampling generators (node properties are asked again: node ids change on restart)."""
-    return {name: _rng_state(getattr(strategy, name)) for name in ("_train_rng", "_evaluate_rng") if hasattr(strategy, name)}
-
-
-def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
-    """Restore :func:`strategy_state` into a freshly built strategy."""
-    for name, (version, internal, gauss) in state.items():
-        getattr(strategy, name).setstate((version, tuple(internal), gauss))
-
-
 client_app = _client_app()
 server_app = ServerApp()
 
@@ -446,7 +429,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     keys, arrays = (ckpt.keys, ckpt.arrays) if ckpt else exp.initial_arrays()
     strategy = exp.make_message_strategy()
     if ckpt:
-        load_strategy_state(strategy, ckpt.strategy)
+        strategy.load_sampling_state(ckpt.strategy)
         log(INFO, "resuming from %s after round %s of %s", out / "checkpoint.npz", done, cfg.rounds)
     config = dataclasses.asdict(cfg)
 
@@ -454,7 +437,8 @@ def _server_main(grid: Grid, context: Context) -> None:
         if server_round == 0:  # the initial model: not a round of the run
             return None
         rnd = server_round + done
-        loss, accuracy, n = exp.evaluate(arrays_from_record(record, keys))
+        global_arrays = arrays_from_record(record, keys)
+        loss, accuracy, n = exp.evaluate(global_arrays)
         recorder.on_evaluate(rnd, loss, {"accuracy": accuracy})
         if not math.isfinite(loss):
             raise RunFailedError(
@@ -462,9 +446,8 @@ def _server_main(grid: Grid, context: Context) -> None:
                 "clipping); the run stops here"
             )
         if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds:
-            state = strategy_state(strategy)
             save_checkpoint(
-                out, Checkpoint(rnd, keys, arrays_from_record(record, keys), config, recorder.rows, state)
+                out, Checkpoint(rnd, keys, global_arrays, config, recorder.rows, strategy.sampling_state())
             )
         return MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": n})
 

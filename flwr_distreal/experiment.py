@@ -43,7 +43,7 @@ from .macs import count_macs
 from .models import build_model
 from .resources import ResourceModel, r_max_for, step_macs
 from .schedule import batch_sizes
-from .training import BaselineTrainer, DeviceTrainer, DistrealTrainer, evaluate_model, get_weights
+from .training import BaselineTrainer, DeviceTrainer, DistrealTrainer, evaluate_model, get_weights, set_weights
 
 from flwr.common import Context, FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
@@ -276,13 +276,12 @@ class Experiment:
         if not hasattr(self, "_eval_model"):
             self._eval_model = self.build_model()
             self._eval_loader = self.data.test_loader(self.cfg.eval_batch_size)
-        model = self._eval_model
-        model.load_state_dict({k: torch.from_numpy(a.copy()) for k, a in zip(model.state_dict(), arrays)})
-        return evaluate_model(model, self._eval_loader)
+        set_weights(self._eval_model, arrays)
+        return evaluate_model(self._eval_model, self._eval_loader)
 
-    def strategy_kwargs(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Arguments of the strategy classes, common to both APIs: the method's own and, for the
-        submodel baselines, the round-start assignment's."""
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """Arguments of the strategy classes, common to both APIs: DISTREAL's claim bounds, or the
+        submodel baselines' round-start assignment."""
         cfg = self.cfg
         name = cfg.strategy.name
         own: dict[str, Any] = {}
@@ -306,7 +305,7 @@ class Experiment:
             )
             if name == "heterofl":
                 own.update(shrink=cfg.strategy.shrink, levels=cfg.strategy.levels)
-        return own, {}
+        return own
 
     def train_config(self) -> dict[str, Any]:
         """What every node gets in its train config besides the strategy's keys: the round
@@ -361,7 +360,7 @@ class Experiment:
             evaluate_fn=evaluate_fn,
             initial_parameters=ndarrays_to_parameters(arrays),
         )
-        own, _ = self.strategy_kwargs()
+        own = self.strategy_kwargs()
         classes = {
             "distreal": Distreal, "full": FullResources, "small": SmallNetwork,
             "feddropout": FederatedDropout, "heterofl": HeteroFL,
@@ -384,7 +383,7 @@ class Experiment:
         )
         if cfg.deployment:  # real nodes: wait for min_nodes, train every connected node
             common.update(fraction_train=1.0, min_train_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes)
-        own, _ = self.strategy_kwargs()
+        own = self.strategy_kwargs()
         if cfg.strategy.name in ("distreal", "full", "small"):
             own["seed"] = cfg.seed
         classes = {

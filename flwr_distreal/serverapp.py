@@ -195,6 +195,24 @@ class _CoreFedAvg(FedAvg):
         """Train metric with the MACs the device could have spent."""
         return self.core.available_macs_key
 
+    def sampling_state(self) -> dict[str, list]:
+        """The state of the seeded node draws (JSON-able), for a checkpoint: a resumed run draws
+        the nodes an uninterrupted one would. Node properties are not part of it (node ids
+        change on restart; they are asked again)."""
+        return {
+            name: [version, list(internal), gauss]
+            for name, (version, internal, gauss) in (
+                ("train", self._train_rng.getstate()),
+                ("evaluate", self._evaluate_rng.getstate()),
+            )
+        }
+
+    def load_sampling_state(self, state: Mapping[str, list]) -> None:
+        """Restore :meth:`sampling_state`."""
+        for name, rng in (("train", self._train_rng), ("evaluate", self._evaluate_rng)):
+            version, internal, gauss = state[name]
+            rng.setstate((version, tuple(internal), gauss))
+
     def summary(self) -> None:
         """Log the sampling and gate settings, then Flower's FedAvg summary."""
         flwr_log(INFO, "\t├──> Seeded sampling: seed %s, by %r", self.seed, self.partition_id_key)

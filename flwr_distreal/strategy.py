@@ -57,12 +57,9 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-import torch
 from flwr.common import (
     FitIns,
     FitRes,
-    NDArray,
     NDArrays,
     Parameters,
     Scalar,
@@ -72,12 +69,13 @@ from flwr.common import (
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import contract as C
 from .aggregate import OnExcess
 from .client_manager import fetch_properties
 from .contract import decode_subsets, encode_subsets, is_number
+from .training import evaluate_model, set_weights
 from .dropout import DropoutModel
 from .server_core import (
     AvailabilityFn,
@@ -163,37 +161,12 @@ def make_evaluate_fn(
             state["model"] = model.to(device)
             state["loader"] = test_loader_factory()
         model = state["model"]
-        _load_arrays(model, parameters_ndarrays)
-        model.set_dropout(None)
-        model.set_fixed_subsets(None)
-        model.eval()
-        total_loss, correct, n = 0.0, 0, 0
-        with torch.no_grad():
-            for inputs, labels in state["loader"]:
-                inputs, labels = inputs.to(device), labels.to(device)
-                logits = model(inputs)
-                total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-                correct += int((logits.argmax(dim=1) == labels).sum())
-                n += int(labels.shape[0])
-        if n == 0:
-            raise ValueError("the test loader yielded no samples")
-        log.info(
-            "round %s: server-side test accuracy %.4f, loss %.4f", server_round, correct / n, total_loss / n
-        )
-        return total_loss / n, {"accuracy": correct / n, "num_examples": n}
+        set_weights(model, parameters_ndarrays)
+        loss, accuracy, n = evaluate_model(model, state["loader"], device)
+        log.info("round %s: server-side test accuracy %.4f, loss %.4f", server_round, accuracy, loss)
+        return loss, {"accuracy": accuracy, "num_examples": n}
 
     return evaluate_fn
-
-
-def _load_arrays(model: nn.Module, arrays: Sequence[NDArray]) -> None:
-    """Load ``state_dict``-ordered arrays into a model."""
-    keys = list(model.state_dict().keys())
-    if len(arrays) != len(keys):
-        raise ValueError(
-            f"got {len(arrays)} arrays for a model with {len(keys)} state_dict entries: "
-            "wrong model for these parameters?"
-        )
-    model.load_state_dict({k: torch.from_numpy(np.array(a, copy=True)) for k, a in zip(keys, arrays)})
 
 
 

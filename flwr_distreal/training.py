@@ -79,7 +79,10 @@ def set_weights(model: torch.nn.Module, arrays: NDArrays) -> None:
     """Load arrays (``state_dict`` order) into the model, refusing a mismatch."""
     state = model.state_dict()
     if len(arrays) != len(state):
-        raise ValueError(f"got {len(arrays)} arrays for a model with {len(state)} state entries")
+        raise ValueError(
+            f"got {len(arrays)} arrays for a model with {len(state)} state entries: one array for each "
+            "of its state_dict entries, in order (wrong model for these parameters?)"
+        )
     new = {}
     for (key, ref), arr in zip(state.items(), arrays):
         if tuple(arr.shape) != tuple(ref.shape):
