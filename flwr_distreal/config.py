@@ -31,7 +31,13 @@ RESOURCE_KINDS = ("full", "constant", "timevarying", "trace", "measured")
 TIME_TABLES = ("measure", "proportional")
 #: How a run executes: the Message-API app through ``flwr run`` (Flower's supported way), or the
 #: legacy NumPyClient/Strategy pair on the deprecated ``run_simulation``.
-RUNTIMES = ("flwr-run", "legacy")
+RUNTIMES = ("flwr-run", "legacy", "inprocess")
+#: Round-based learning-rate schedules (:mod:`flwr_distreal.recipe`).
+LR_SCHEDULES = ("constant", "cosine", "step")
+#: Where a run's torch work happens: ``auto`` picks CUDA when available.
+DEVICES = ("auto", "cpu", "cuda")
+#: What the server evaluates the global model on each round.
+EVALUATE_ON = ("test", "validation")
 
 
 class ConfigError(ValueError):
@@ -170,6 +176,14 @@ class RunConfig:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+    clip_norm: Optional[float] = None
+    lr_schedule: str = "constant"
+    lr_min: float = 0.0
+    lr_step_rounds: int = 50
+    lr_gamma: float = 0.1
+    device: str = "auto"
+    validation_fraction: float = 0.0
+    evaluate_on: str = "test"
     batch_size: int = 32
     local_epochs: int = 1
     lut: Optional[str] = None
@@ -205,6 +219,24 @@ class RunConfig:
             raise ConfigError(f"deadline must be > 0, got {self.deadline}")
         if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
             raise ConfigError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {self.lr}, {self.momentum}, {self.weight_decay}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"clip_norm must be > 0 (or null: no clipping), got {self.clip_norm}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 <= self.lr_min <= self.lr:
+            raise ConfigError(f"lr_min must be in [0, lr={self.lr}], got {self.lr_min}")
+        if self.lr_step_rounds < 1 or not 0 < self.lr_gamma <= 1:
+            raise ConfigError(
+                f"need lr_step_rounds >= 1 and 0 < lr_gamma <= 1, got {self.lr_step_rounds}, {self.lr_gamma}"
+            )
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.evaluate_on not in EVALUATE_ON:
+            raise ConfigError(f"evaluate_on must be one of {list(EVALUATE_ON)}, got {self.evaluate_on!r}")
+        if self.evaluate_on == "validation" and self.validation_fraction == 0:
+            raise ConfigError("evaluate_on=validation needs validation_fraction > 0 (the part of each device's data held out)")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0 (numpy's SeedSequence refuses negative seeds), got {self.seed}")
         if self.checkpoint_every < 1:
