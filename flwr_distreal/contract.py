@@ -38,7 +38,11 @@ Train metrics (client to server)
 ``available_macs``
     What the device could have computed in the round, in the unit of ``macs``.
 ``sim_time``, ``utilisation``, ``mean_dropout``, ``train_loss``, ``incomplete``
-    For the record.
+    For the record. ``train_loss`` is NaN when the device trained nothing, or when a step's
+    loss was not finite (training stopped there; ``incomplete`` counts the batches left).
+``lr``
+    The learning rate of the round's local steps (the run's recipe, see
+    :mod:`flwr_distreal.recipe`), for the record.
 ``partition-id``
     The device (partition) the reply comes from: replies are aggregated in device order and
     every refusal names it.
@@ -80,6 +84,7 @@ __all__ = [
     "DROPOUT_RATE",
     "FIXED_SUBSETS",
     "INCOMPLETE",
+    "LR",
     "MACS",
     "MEAN_DROPOUT",
     "NUM_BATCHES",
@@ -126,6 +131,7 @@ UTILISATION = "utilisation"
 MEAN_DROPOUT = "mean_dropout"
 TRAIN_LOSS = "train_loss"
 INCOMPLETE = "incomplete"
+LR = "lr"
 
 # -- properties (and a train metric) -----------------------------------------------------------
 PARTITION_ID = "partition-id"

@@ -168,6 +168,8 @@ class Experiment:
             The data the device's partition comes from; the run's dataset by default (a real
             node's own data in a deployment, see :meth:`node_data`).
         """
+        from .recipe import Recipe, resolve_device
+
         cfg = self.cfg
         torch.set_num_threads(cfg.torch_threads)
         data = self.data if data is None else data
@@ -176,12 +178,11 @@ class Experiment:
         own = data is self.data
         common = dict(
             r_max=self.r_max[device_id] if own else self.r_max_for_samples(len(data.partitions[device_id])),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
+            recipe=Recipe.from_config(cfg),  # one recipe for DISTREAL and every baseline
             local_epochs=cfg.local_epochs,
             step_macs_factor=self.factor,
             skip_straggler_training=cfg.skip_straggler_training,
+            torch_device=resolve_device(cfg.device),
             seed=cfg.seed,
         )
         if self.measured:
@@ -274,10 +275,13 @@ class Experiment:
     def evaluate(self, arrays: list) -> tuple[float, float, int]:
         """Server-side evaluation of the full model on the test split: (loss, accuracy, n)."""
         if not hasattr(self, "_eval_model"):
-            self._eval_model = self.build_model()
+            from .recipe import resolve_device
+
+            self._eval_device = resolve_device(self.cfg.device)
+            self._eval_model = self.build_model().to(self._eval_device)
             self._eval_loader = self.data.test_loader(self.cfg.eval_batch_size)
         set_weights(self._eval_model, arrays)
-        return evaluate_model(self._eval_model, self._eval_loader)
+        return evaluate_model(self._eval_model, self._eval_loader, device=self._eval_device)
 
     def strategy_kwargs(self) -> dict[str, Any]:
         """Arguments of the strategy classes, common to both APIs: DISTREAL's claim bounds, or the

@@ -20,14 +20,23 @@ Both plan the round on the simulated clock first (see :mod:`flwr_distreal.schedu
 with ``skip_straggler_training`` (default), do not spend wall time training an update the
 server will discard anyway. Arrays are the ``state_dict()`` values in order.
 
+Every trainer kind (these two and the wall-clock ones of :mod:`flwr_distreal.wallclock`) trains
+with the run's :class:`~flwr_distreal.recipe.Recipe` through one step helper, :class:`LocalStep`:
+the round's learning rate from the schedule, SGD with the recipe's momentum and weight decay
+(in a :class:`~flwr_distreal.dropout.DroppedWeightGuard`), and gradient-norm clipping between the
+backward pass and the optimiser step. A step whose loss is not finite ends the round's training:
+the device reports the steps before it, ``train_loss`` NaN and ``incomplete`` for the rest.
+
 Train metrics: see :mod:`flwr_distreal.contract` (``macs``, ``num_batches``, ``sim_time``,
-``straggler``, ``mean_dropout``, ``available_macs``, ``utilisation``, ``train_loss``,
+``straggler``, ``mean_dropout``, ``available_macs``, ``utilisation``, ``train_loss``, ``lr``,
 ``partition-id``, ``incomplete``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +50,7 @@ from . import contract as C
 from .dropout import DroppedWeightGuard, DropoutModel
 from .lut import LUT
 from .macs import count_macs, macs_of_counts
+from .recipe import Recipe
 from .resources import ResourceModel
 from .schedule import POLICIES, RoundPlan, batch_sizes, plan_distreal_round, plan_fixed_round
 
@@ -48,8 +58,10 @@ __all__ = [
     "BaselineTrainer",
     "DeviceTrainer",
     "DistrealTrainer",
+    "LocalStep",
     "TrainResult",
     "evaluate_model",
+    "forward_backward",
     "get_weights",
     "set_weights",
 ]
@@ -118,6 +130,102 @@ def evaluate_model(
     return total_loss / n, correct / n, n
 
 
+def forward_backward(
+    model: DropoutModel, opt: Any, x: torch.Tensor, y: torch.Tensor, vector: Any
+) -> torch.Tensor:
+    """A local step up to (not including) the optimiser step: set the step's dropout vector,
+    forward, cross-entropy, clear the gradients, backward. Returns the detached loss.
+
+    Parameters
+    ----------
+    model : DropoutModel
+        The model, in training mode.
+    opt : LocalStep or optimiser
+        Anything with ``zero_grad()``.
+    x, y : Tensor
+        The mini-batch, on the model's device.
+    vector : array-like or None
+        The dropout vector of the step (``None``: no random dropout).
+    """
+    model.set_dropout(vector)
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    return loss.detach()
+
+
+class LocalStep:
+    """One local SGD step under a :class:`~flwr_distreal.recipe.Recipe`: the single place where
+    every trainer kind (DISTREAL, the baselines, and their wall-clock versions) trains.
+
+    Built once per round: SGD at the round's learning rate ``recipe.lr_at(server_round)`` with
+    the recipe's momentum and weight decay, wrapped in a :class:`DroppedWeightGuard`. A step is
+    :meth:`forward_backward` then :meth:`step` (clip the gradient norm to ``clip_norm`` when
+    set, then the optimiser step); calling the object does both, skipping the update when the
+    loss is not finite. It has the ``zero_grad``/``step``/``param_groups`` of an optimiser, so
+    the wall-clock calibration times the very same step.
+
+    Parameters
+    ----------
+    model : DropoutModel
+        The model it trains.
+    recipe : Recipe
+        The run's training recipe.
+    server_round : int (default: 1)
+        The round (1-based): picks the learning rate.
+
+    Attributes
+    ----------
+    lr : float
+        The round's learning rate.
+    last_grad_norm : float or None
+        Global L2 norm of the last step's gradient before clipping (``None`` without clipping).
+    """
+
+    def __init__(self, model: DropoutModel, recipe: Recipe, server_round: int = 1) -> None:
+        self.model = model
+        self.recipe = recipe
+        self.lr = recipe.lr_at(server_round)
+        self.clip_norm = recipe.clip_norm
+        self.optimizer = DroppedWeightGuard(
+            torch.optim.SGD(model.parameters(), lr=self.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay),
+            model,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        self.last_grad_norm: float | None = None
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The optimiser's parameter groups."""
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        """Clear the gradients."""
+        self.optimizer.zero_grad()
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, vector: Any) -> torch.Tensor:
+        """Set ``vector``, forward, backward (no update); returns the detached loss."""
+        return forward_backward(self.model, self, x, y, vector)
+
+    def step(self) -> None:
+        """Clip the gradient's global norm to ``clip_norm`` (when set), then update."""
+        if self.clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+            self.last_grad_norm = float(norm)
+        self.optimizer.step()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, vector: Any) -> float:
+        """One whole step; returns its loss. A non-finite loss clears the gradients and does not
+        update (the caller ends the round)."""
+        loss = float(self.forward_backward(x, y, vector))
+        if not math.isfinite(loss):
+            self.zero_grad()
+            return loss
+        self.step()
+        return loss
+
+
 class DeviceTrainer:
     """One device's local training: data, simulated clock, training a plan, metrics.
 
@@ -133,17 +241,29 @@ class DeviceTrainer:
         resources: ResourceModel | None,
         *,
         r_max: float | None = None,
-        lr: float = 0.05,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
+        recipe: Recipe | None = None,
+        lr: float | None = None,
+        momentum: float | None = None,
+        weight_decay: float | None = None,
         local_epochs: int = 1,
         step_macs_factor: float = 3.0,
         skip_straggler_training: bool = True,
         torch_device: str = "cpu",
         seed: int | None = None,
     ) -> None:
-        if lr <= 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
+        if recipe is None:
+            lr = 0.05 if lr is None else lr
+            momentum = 0.0 if momentum is None else momentum
+            weight_decay = 0.0 if weight_decay is None else weight_decay
+            if not lr > 0 or not momentum >= 0 or not weight_decay >= 0:
+                raise ValueError(
+                    f"need lr > 0, momentum >= 0, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}"
+                )
+            recipe = Recipe.constant(lr, momentum, weight_decay)
+        elif not isinstance(recipe, Recipe):
+            raise ValueError(f"recipe must be a Recipe, got {type(recipe).__name__}")
+        elif lr is not None or momentum is not None or weight_decay is not None:
+            raise ValueError("pass lr, momentum and weight_decay either in the recipe or as arguments, not both")
         if local_epochs < 1:
             raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
         self.model = model.to(torch_device)
@@ -151,7 +271,7 @@ class DeviceTrainer:
         self.device_id = int(device_id)
         self.resources = resources
         self.r_max = r_max
-        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self.recipe = recipe
         self.local_epochs = int(local_epochs)
         self.step_macs_factor = float(step_macs_factor)
         self.skip_straggler_training = bool(skip_straggler_training)
@@ -161,6 +281,25 @@ class DeviceTrainer:
         self.sizes = batch_sizes(
             self.num_samples, int(train_loader.batch_size or 1), self.local_epochs, bool(train_loader.drop_last)
         )
+
+    @property
+    def lr(self) -> float:
+        """The recipe's learning rate of round 1."""
+        return self.recipe.lr
+
+    @property
+    def momentum(self) -> float:
+        """The recipe's SGD momentum."""
+        return self.recipe.momentum
+
+    @property
+    def weight_decay(self) -> float:
+        """The recipe's SGD weight decay."""
+        return self.recipe.weight_decay
+
+    def local_step(self, server_round: int, model: DropoutModel | None = None) -> LocalStep:
+        """The round's step helper for this device's model (or ``model``, e.g. a calibration copy)."""
+        return LocalStep(self.model if model is None else model, self.recipe, server_round)
 
     # -- the round ---------------------------------------------------------------------------
     def get_weights(self) -> NDArrays:
@@ -198,9 +337,13 @@ class DeviceTrainer:
         plan = self.plan(server_round, config)
         loss = float("nan")
         if not (plan.straggler and self.skip_straggler_training):
-            loss = self.train(plan)
+            loss, done = self.train(plan, server_round)
+            if done < len(plan.vectors):  # a non-finite loss ended the round: report what was trained
+                plan = _truncated(plan, done)
         self.model.set_fixed_subsets(None)
-        return TrainResult(get_weights(self.model), int(sum(plan.batch_sizes)), self.metrics(plan, loss))
+        metrics = self.metrics(plan, loss)
+        metrics[C.LR] = self.recipe.lr_at(server_round)
+        return TrainResult(get_weights(self.model), int(sum(plan.batch_sizes)), metrics)
 
     # -- overridable hooks -----------------------------------------------------------------
     def reseed(self, server_round: int) -> None:
@@ -227,28 +370,34 @@ class DeviceTrainer:
     def prepare(self, config: Mapping[str, Scalar]) -> None:
         """Set the model up for the round (fixed subsets for baselines)."""
 
-    def train(self, plan: RoundPlan) -> float:
-        """Train the planned mini-batches; returns the mean training loss."""
+    def train(self, plan: RoundPlan, server_round: int = 1) -> tuple[float, int]:
+        """Train the planned mini-batches with the round's :class:`LocalStep`.
+
+        Returns
+        -------
+        tuple[float, int]
+            The mean training loss (NaN when a step's loss was not finite) and the mini-batches
+            trained: all of the plan's, or those before the first non-finite loss (that step
+            does not update the model and ends the round).
+        """
         model = self.model
         model.train()
-        opt = DroppedWeightGuard(
-            torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay),
-            model,
-        )
+        step = self.local_step(server_round)
         losses: list[float] = []
         batches = self._batches()
-        for vector in plan.vectors:
+        for vector in plan.vectors:  # None: no random dropout (full model or fixed subsets)
             x, y = next(batches)
-            x, y = x.to(self.torch_device), y.to(self.torch_device)
-            model.set_dropout(vector)  # None: no random dropout (full model or fixed subsets)
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+            loss = step(x.to(self.torch_device), y.to(self.torch_device), vector)
+            if not math.isfinite(loss):
+                log.warning(
+                    "Device %s, round %s: the loss of mini-batch %s is %s; training stops here",
+                    self.device_id, server_round, len(losses), loss,
+                )
+                model.set_dropout(None)
+                return float("nan"), len(losses)
+            losses.append(loss)
         model.set_dropout(None)
-        return float(np.mean(losses)) if losses else float("nan")
+        return (float(np.mean(losses)) if losses else float("nan")), len(losses)
 
     def _batches(self) -> Iterable:
         for _ in range(self.local_epochs):
@@ -276,6 +425,19 @@ class DeviceTrainer:
         }
 
 
+def _truncated(plan: RoundPlan, done: int) -> RoundPlan:
+    """``plan`` cut to its first ``done`` mini-batches (``incomplete`` counts the rest; the
+    timing stays the planned one)."""
+    planned = plan.planned_batches if plan.planned_batches >= 0 else len(plan.vectors)
+    return dataclasses.replace(
+        plan,
+        vectors=list(plan.vectors[:done]),
+        forward_macs=list(plan.forward_macs[:done]),
+        batch_sizes=list(plan.batch_sizes[:done]),
+        planned_batches=planned,
+    )
+
+
 class DistrealTrainer(DeviceTrainer):
     """DISTREAL device (Algorithm 1 of Rapp et al., AAAI 2022).
 
@@ -301,9 +463,14 @@ class DistrealTrainer(DeviceTrainer):
         This device's upper availability bound (MACs/s), if it differs from the model's.
     policy : {"paper", "deadline"}
         Per-batch budget rule.
-    lr, momentum, weight_decay : float
-        Local SGD settings (the paper: plain SGD). With momentum or weight decay, weights
-        dropped in a step keep their value and optimiser state (:class:`DroppedWeightGuard`).
+    recipe : Recipe, optional
+        How to train (:mod:`flwr_distreal.recipe`): learning rate and its schedule over the
+        rounds, momentum, weight decay, gradient-norm clipping. With momentum or weight decay,
+        weights dropped in a step keep their value and optimiser state
+        (:class:`DroppedWeightGuard`).
+    lr, momentum, weight_decay : float, optional
+        Without ``recipe``: a constant recipe of these (defaults 0.05, 0, 0: the paper's plain
+        SGD). Not together with ``recipe``.
     local_epochs : int
         Passes over the local data per round.
     step_macs_factor : float

@@ -107,16 +107,17 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import contract as C
-from .dropout import DroppedWeightGuard, DropoutModel
+from .dropout import DropoutModel
 from .lut import LUT
 from .macs import count_macs, macs_of_counts
+from .recipe import Recipe
 from .resources import RoundResult, step_macs
 from .schedule import POLICIES, RoundPlan
-from .training import BaselineTrainer, DistrealTrainer, NDArrays, Scalar, TrainResult, get_weights
+from .training import BaselineTrainer, DistrealTrainer, LocalStep, NDArrays, Scalar, TrainResult, get_weights
+from .training import forward_backward as _forward_backward
 
 __all__ = [
     "ROUND_DEADLINE_AT",
@@ -319,19 +320,9 @@ class ThroughputEstimator:
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward_backward(model: DropoutModel, opt: Any, x: torch.Tensor, y: torch.Tensor, vector: Any) -> torch.Tensor:
-    """One step up to (not including) the optimiser step; returns the detached loss."""
-    model.set_dropout(vector)
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    return loss.detach()
-
-
-def _sgd(model: DropoutModel, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0) -> DroppedWeightGuard:
-    return DroppedWeightGuard(
-        torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay), model
-    )
+def _sgd(model: DropoutModel, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0) -> LocalStep:
+    """Default calibration step: plain SGD (the trainers pass their own recipe's step)."""
+    return LocalStep(model, Recipe.constant(lr, momentum, weight_decay))
 
 
 def _sync(torch_device: str | torch.device) -> None:
@@ -457,8 +448,8 @@ class StepTimeTable:
         batch_size : int
             The round's mini-batch size.
         make_optimizer : callable, optional
-            ``model -> optimiser`` as the trainer builds it (default plain SGD in a
-            :class:`~flwr_distreal.dropout.DroppedWeightGuard`).
+            ``model -> step`` as the trainer builds it (its recipe's
+            :class:`~flwr_distreal.training.LocalStep`, clipping included; default plain SGD).
         repeats : int (default: 3)
             Timed steps per point.
         warmup : int (default: 1)
@@ -879,8 +870,9 @@ class _MeasuredMixin:
         if ref is not None and self.estimator.throughput is None:
             self.estimator.reset(initial=ref)
 
-    def _make_optimizer(self, model: DropoutModel) -> DroppedWeightGuard:
-        return _sgd(model, self.lr, self.momentum, self.weight_decay)  # type: ignore[attr-defined]
+    def _make_optimizer(self, model: DropoutModel) -> LocalStep:
+        """The recipe's step on ``model`` (the calibration times the step the rounds take)."""
+        return self.local_step(getattr(self, "_server_round", 1), model)  # type: ignore[attr-defined]
 
     def _calibration_lut(self) -> LUT:  # pragma: no cover - subclasses
         raise NotImplementedError
@@ -951,7 +943,7 @@ class _MeasuredMixin:
         """
         model = self.model
         model.train()
-        opt = self._make_optimizer(model)
+        opt = self._make_optimizer(model)  # the round's LocalStep: lr from the schedule, clipping
         sizes: list[int] = self.sizes  # type: ignore[attr-defined]
         est0 = self.estimator.throughput
         changes0 = self.estimator.changes
@@ -987,7 +979,16 @@ class _MeasuredMixin:
                 )
                 prev_end = t_fb
                 break
-            opt.step()
+            if not math.isfinite(float(loss)):
+                opt.zero_grad()
+                losses.append(math.nan)
+                log.warning(
+                    "Device %s: the loss of step %s is %s; training stops here",
+                    self.device_id, j, float(loss),  # type: ignore[attr-defined]
+                )
+                prev_end = t_fb
+                break
+            opt.step()  # clip (recipe.clip_norm) and update
             t_end = self._now()
             rate = self.estimator.update(t_end - t_start, cost)
             losses.append(float(loss))
@@ -1060,6 +1061,7 @@ class _MeasuredMixin:
         plan = RoundPlan(vectors, [r.forward_macs for r in done], result, sizes, planned_batches=planned)
         loss = float(np.mean(losses)) if losses else float("nan")
         metrics = self.metrics(plan, loss)  # type: ignore[attr-defined]
+        metrics[C.LR] = self.recipe.lr_at(self._server_round)  # type: ignore[attr-defined]
         metrics.pop(C.SIM_TIME, None)
         busy = sum(max(0.0, min(r.end, window) - r.start) for r in done)
         change_idx = self._change_steps[-1] if self._change_steps else None
@@ -1093,7 +1095,8 @@ class _MeasuredMixin:
         self.round_start = start
         deadline = self.round_deadline(config, start)
         self.load(arrays)  # type: ignore[attr-defined]
-        self.reseed(int(config.get(C.SERVER_ROUND, 1)))  # type: ignore[attr-defined]
+        self._server_round = int(config.get(C.SERVER_ROUND, 1))
+        self.reseed(self._server_round)  # type: ignore[attr-defined]
         self._change_steps: list[int] = []
         self._round_changes = 0
         return start, deadline
@@ -1135,8 +1138,8 @@ class MeasuredDistrealTrainer(_MeasuredMixin, DistrealTrainer):
     stop_at_deadline : bool (default: True)
         False: keep training the fastest vector after the deadline and report a straggler.
     **kwargs
-        lr, momentum, weight_decay, local_epochs, step_macs_factor, torch_device, seed (as
-        :class:`~flwr_distreal.training.DeviceTrainer`); ``resources`` is not used.
+        recipe (or lr, momentum, weight_decay), local_epochs, step_macs_factor, torch_device, seed
+        (as :class:`~flwr_distreal.training.DeviceTrainer`); ``resources`` is not used.
     """
 
     def __init__(
