@@ -56,6 +56,7 @@ __all__ = [
     "TrainerCache",
     "arrays_from_record",
     "build_client_app",
+    "forget_run",
     "make_evaluate_handler",
     "make_query_handler",
     "make_train_handler",
@@ -71,6 +72,21 @@ Handler = Callable[[Message, Context], Message]
 #: process find their trainers here.
 _PROCESS_TRAINERS: dict[str, OrderedDict[tuple[int, int], DeviceTrainer]] = {}
 _PROCESS_LOCK = threading.Lock()
+
+
+def forget_run(run_id: int) -> int:
+    """Drop this process's trainers of run ``run_id`` (every cache); returns how many.
+
+    A process that runs many runs one after another (the in-process runtime of a sweep) frees
+    each run's models and data this way when the run ends.
+    """
+    dropped = 0
+    with _PROCESS_LOCK:
+        for trainers in _PROCESS_TRAINERS.values():
+            for key in [k for k in trainers if k[0] == int(run_id)]:
+                del trainers[key]
+                dropped += 1
+    return dropped
 
 
 class TrainerCache:

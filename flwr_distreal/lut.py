@@ -33,6 +33,9 @@ import numpy as np
 from .dropout import MAX_RATE, DropoutModel
 from .macs import count_macs
 
+#: Where the LUTs this project's DSE produced for the reference models are shipped.
+SHIPPED_DIR = Path(__file__).resolve().parent / "luts"
+
 __all__ = ["LUT", "LUTError", "BudgetError", "LUT_FORMAT", "LUT_VERSION"]
 
 LUT_FORMAT = "flwr-distreal-lut"
@@ -157,6 +160,38 @@ class LUT:
         )
 
     from_front = from_vectors
+
+    @classmethod
+    def learned(cls, model: DropoutModel) -> "LUT":
+        """The LUT this project's DSE produced for ``model``'s architecture (shipped in
+        ``flwr_distreal/luts/<model>.json``; ``luts/README.md`` gives the command that regenerates
+        each and its revalidation).
+
+        The dropout vectors are per convolutional layer, so a LUT learned with another classifier
+        size (e.g. FEMNIST's 62 classes, used for a 10-class dataset) fits the same architecture:
+        its vectors are kept and their MACs recomputed exactly for ``model``
+        (``meta["recosted_from_classes"]`` says so).
+
+        Raises
+        ------
+        LUTError
+            If no LUT is shipped for the model, or its layers do not match the model's.
+        """
+        path = SHIPPED_DIR / f"{model.model_name}.json"
+        if not path.is_file():
+            shipped = sorted(p.stem for p in SHIPPED_DIR.glob("*.json"))
+            raise LUTError(
+                f"no learned LUT is shipped for model {model.model_name!r} (shipped: {shipped}); run the DSE "
+                f"(python -m flwr_distreal.dse model=<name> dataset=<data>) and pass lut=<its lut.json>, or use lut=uniform"
+            )
+        lut = cls.load(path)
+        if list(lut.layer_names) != list(model.dropout_layer_names):
+            raise LUTError(f"the shipped LUT {path} does not match the dropout layers of {model.model_name!r}")
+        if lut.num_classes is not None and lut.num_classes != model.num_classes:
+            meta = {**lut.meta, "recosted_from_classes": lut.num_classes}
+            return cls.from_vectors(model, lut.vectors, meta=meta)
+        lut.check_model(model)
+        return lut
 
     @classmethod
     def uniform(cls, model: DropoutModel, rates: Iterable[float] | None = None) -> "LUT":

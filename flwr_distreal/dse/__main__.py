@@ -157,6 +157,9 @@ def _check_paths_and_device(d: DSEConfig, task: str, output: Path, snapshot_path
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Execute the command for a composed config; returns a small summary (for tests)."""
     _validate_top(cfg)
+    from ..allocator import keep_freed_memory
+
+    keep_freed_memory()
     d: DSEConfig = OmegaConf.to_object(cfg.dse)  # type: ignore[assignment]
     mcfg: ModelConfig = OmegaConf.to_object(cfg.model)  # type: ignore[assignment]
     dcfg: DatasetConfig = OmegaConf.to_object(cfg.dataset)  # type: ignore[assignment]
