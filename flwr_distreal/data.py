@@ -20,12 +20,16 @@ on it unchanged). :func:`load_federated` dispatches by name. :func:`distort` imp
 the DSE's distorted copy of the data (brightness, contrast and saturation scaled by 0.5,
 section "Convergence Speed" of the paper's DSE).
 
+:meth:`FederatedData.split_validation` holds out a seeded part of every device's training
+data as a validation split (what learning-rate tuning judges by, never the test set).
+
 Nothing here imports Flower or Hydra. ``flwr_datasets`` and ``torchvision`` are imported
 lazily, only for downloads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import inspect
 import json
@@ -284,6 +288,10 @@ class FederatedData:
         Per-channel std the images were normalised with.
     device_names : list[str] | None
         Natural ids of the devices (e.g. FEMNIST writer ids), aligned with ``partitions``.
+    validation_partitions : list[TensorDataset] | None
+        The samples held out of each device's training data as the validation split (aligned
+        with ``partitions``, possibly empty), made by :meth:`split_validation`; None when the
+        dataset has no validation split. ``partitions`` then hold only the remaining samples.
     """
 
     name: str
@@ -295,6 +303,7 @@ class FederatedData:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     device_names: list[str] | None = field(default=None)
+    validation_partitions: list[TensorDataset] | None = field(default=None)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
@@ -319,6 +328,16 @@ class FederatedData:
             raise DataError(
                 f"{self.name}: {len(self.device_names)} device names for {len(self.partitions)} partitions"
             )
+        if self.validation_partitions is not None:
+            if len(self.validation_partitions) != len(self.partitions):
+                raise DataError(
+                    f"{self.name}: {len(self.validation_partitions)} validation partitions for "
+                    f"{len(self.partitions)} partitions"
+                )
+            for i, part in enumerate(self.validation_partitions):
+                self._check_split(part, f"validation partition {i}", allow_empty=True)
+            if sum(len(p) for p in self.validation_partitions) == 0:
+                raise DataError(f"{self.name}: the validation split is empty")
 
     def _check_split(self, ds: TensorDataset, what: str, allow_empty: bool) -> None:
         if not isinstance(ds, TensorDataset) or len(ds.tensors) != 2:
@@ -418,11 +437,95 @@ class FederatedData:
             raise DataError(f"batch_size must be an int >= 1, got {batch_size!r}")
         return DataLoader(self.test, batch_size=batch_size, shuffle=False)
 
+    def split_validation(self, fraction: float, seed: int = 0) -> FederatedData:
+        """Hold out part of every device's training data as a validation split.
+
+        Device ``i`` with ``n`` samples gives ``round(fraction * n)`` of them (Python's
+        rounding, halves to even), drawn uniformly at random with a generator seeded from
+        ``(seed, i)``, but always keeps at least one sample for training (a device with one
+        sample keeps it). The held-out samples of all devices, pooled, are the validation
+        split (:attr:`validation`, :meth:`validation_loader`); the returned dataset's
+        ``partitions`` (and so :meth:`train_loader`, :meth:`partition_sizes`) hold only the
+        remaining samples, in their original order. The test set is shared, untouched.
+
+        Parameters
+        ----------
+        fraction : float
+            Part of each device's samples to hold out, in ``(0, 1)``.
+        seed : int (default: 0)
+            Seed of the draws (the run's seed, so that server and clients agree).
+
+        Returns
+        -------
+        FederatedData
+            A new dataset; this one is left unchanged.
+
+        Raises
+        ------
+        DataError
+            If ``fraction`` is not in ``(0, 1)``, ``seed`` is negative, this dataset already has
+            a validation split, or no device holds out a single sample.
+        """
+        try:
+            f = float(fraction)
+        except (TypeError, ValueError):
+            raise DataError(f"validation_fraction must be a number in (0, 1), got {fraction!r}") from None
+        if isinstance(fraction, bool) or not 0 < f < 1:
+            raise DataError(f"validation_fraction must be in (0, 1), got {fraction!r}")
+        s = _check_int("seed", seed, 0)
+        if self.validation_partitions is not None:
+            raise DataError(f"{self.name} already has a validation split; split the original dataset once")
+        train_parts: list[TensorDataset] = []
+        held_parts: list[TensorDataset] = []
+        for i, part in enumerate(self.partitions):
+            x, y = part.tensors
+            n = int(x.shape[0])
+            k = min(int(round(f * n)), n - 1)
+            order = np.random.default_rng([s, i]).permutation(n)
+            held = torch.as_tensor(np.sort(order[:k]), dtype=torch.int64)
+            kept = torch.as_tensor(np.sort(order[k:]), dtype=torch.int64)
+            train_parts.append(TensorDataset(x[kept], y[kept]))
+            held_parts.append(TensorDataset(x[held], y[held]))
+        if sum(len(p) for p in held_parts) == 0:
+            raise DataError(
+                f"validation_fraction={f} holds out no sample of {self.name} (its largest device has "
+                f"{max(self.partition_sizes())} samples); use a larger validation_fraction"
+            )
+        return dataclasses.replace(self, partitions=train_parts, validation_partitions=held_parts)
+
+    @property
+    def validation(self) -> TensorDataset | None:
+        """The validation split: every device's held-out samples, pooled in device order
+        (None without :meth:`split_validation`)."""
+        if self.validation_partitions is None:
+            return None
+        xs = [p.tensors[0] for p in self.validation_partitions]
+        ys = [p.tensors[1] for p in self.validation_partitions]
+        return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+    def validation_loader(self, batch_size: int = 512) -> DataLoader:
+        """A DataLoader over the validation split (no shuffling, no augmentation).
+
+        Raises
+        ------
+        DataError
+            If the dataset has no validation split (see :meth:`split_validation`).
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        validation = self.validation
+        if validation is None:
+            raise DataError(f"{self.name} has no validation split; set validation_fraction > 0")
+        return DataLoader(validation, batch_size=batch_size, shuffle=False)
+
     def summary(self) -> str:
         """One line describing the dataset."""
         sizes = np.asarray(self.partition_sizes())
+        held = ""
+        if self.validation_partitions is not None:
+            held = f" (+{sum(len(p) for p in self.validation_partitions)} held out for validation)"
         return (
-            f"{self.name}: {self.num_devices} devices, {int(sizes.sum())} train samples "
+            f"{self.name}: {self.num_devices} devices, {int(sizes.sum())} train samples{held} "
             f"({sizes.mean():.1f} +- {sizes.std():.1f} per device), {len(self.test)} test samples, "
             f"{self.num_classes} classes, input {self.input_shape}"
         )

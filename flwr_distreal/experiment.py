@@ -75,6 +75,8 @@ class Experiment:
         self.cfg = cfg
         kwargs = cfg.dataset.loader_kwargs(cfg.seed)
         self.data = _load_data(cfg.dataset.name, json.dumps(kwargs, sort_keys=True))
+        if cfg.validation_fraction > 0:  # seeded by the run's seed: server and clients hold out the same samples
+            self.data = self.data.split_validation(cfg.validation_fraction, cfg.seed)  # r_max from what remains
         self.num_devices = self.data.num_devices
         self.measured = cfg.resources.kind == "measured"
         if cfg.deployment and cfg.strategy.name in ("feddropout", "heterofl") and cfg.resources.kind not in (
@@ -273,13 +275,21 @@ class Experiment:
         return list(model.state_dict().keys()), get_weights(model)
 
     def evaluate(self, arrays: list) -> tuple[float, float, int]:
-        """Server-side evaluation of the full model on the test split: (loss, accuracy, n)."""
+        """Server-side evaluation of the full model: (loss, accuracy, n), on the test split, or on
+        the validation split (the held-out training samples) with ``evaluate_on=validation``."""
         if not hasattr(self, "_eval_model"):
             from .recipe import resolve_device
 
             self._eval_device = resolve_device(self.cfg.device)
             self._eval_model = self.build_model().to(self._eval_device)
-            self._eval_loader = self.data.test_loader(self.cfg.eval_batch_size)
+            if self.cfg.evaluate_on == "validation":
+                self._eval_loader = self.data.validation_loader(self.cfg.eval_batch_size)
+                log.info(
+                    "evaluating on the validation split (%d samples): metrics.csv's accuracy and loss are "
+                    "validation accuracy and loss", len(self._eval_loader.dataset),
+                )
+            else:
+                self._eval_loader = self.data.test_loader(self.cfg.eval_batch_size)
         set_weights(self._eval_model, arrays)
         return evaluate_model(self._eval_model, self._eval_loader, device=self._eval_device)
 
