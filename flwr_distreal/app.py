@@ -172,6 +172,8 @@ def run_config_from_flower(run_config: dict[str, Any]) -> RunConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from .tune import register_resolvers
+
     if not (CONF_DIR / "config.yaml").is_file():
         raise FileNotFoundError(
             f"Hydra config {CONF_DIR / 'config.yaml'} not found: the app needs the conf/ folder next to "
@@ -193,6 +195,7 @@ def run_config_from_flower(run_config: dict[str, Any]) -> RunConfig:
             raise FileNotFoundError(f"run-config {CONFIG_FILE_KEY!r}: no such file {path}")
         return to_run_config(OmegaConf.load(path))
     register_configs()
+    register_resolvers()  # lr: ${tuned_lr:<setting>}
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)

@@ -16,10 +16,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from .config import register_configs, to_run_config
+from .tune import register_resolvers
 
 log = logging.getLogger(__name__)
 
 register_configs()
+register_resolvers()  # lr: ${tuned_lr:<setting>} (conf/tuned/)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
