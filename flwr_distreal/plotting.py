@@ -3,23 +3,52 @@
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_runs", "read_metrics"]
+__all__ = ["plot_bands", "plot_runs", "read_metrics"]
+
+
+def _number(value: str | None) -> float:
+    """A CSV cell as a float: NaN when empty or not a number (a text column)."""
+    try:
+        return float(value) if value not in ("", None) else math.nan
+    except ValueError:
+        return math.nan
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    """Read a run's ``metrics.csv`` into rows of floats."""
+    """Read a run's ``metrics.csv`` into rows of floats.
+
+    Parameters
+    ----------
+    path : path
+        The file.
+
+    Returns
+    -------
+    list of dict
+        One row per round; empty or non-numeric cells are NaN. A file with only its header (a
+        run that stopped before its first round) gives ``[]``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no file at ``path``.
+    ValueError
+        If the file has no ``round`` or ``accuracy`` column.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}")
-    with path.open() as f:
-        rows = [{k: float(v) if v not in ("", None) else float("nan") for k, v in r.items()} for r in csv.DictReader(f)]
-    if not rows or "accuracy" not in rows[0]:
-        raise ValueError(f"{path} is not a flwr-distreal metrics.csv (no accuracy column)")
-    return rows
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"round", "accuracy"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path} is not a flwr-distreal metrics.csv (no {', '.join(sorted(missing))} column)")
+        return [{k: _number(v) for k, v in r.items() if k is not None} for r in reader]
 
 
 def plot_runs(
@@ -62,6 +91,72 @@ def plot_runs(
     ax2.grid(alpha=0.3)
     if title:
         ax1.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+#: One curve with its band: rounds, mean and standard deviation per round.
+Band = tuple[Sequence[float], Sequence[float], Sequence[float]]
+
+
+def plot_bands(
+    accuracy: Mapping[str, Band],
+    path: str | Path,
+    title: str = "",
+    stragglers: Mapping[str, Band] | None = None,
+) -> Path:
+    """Mean curves with +- one s.d. bands: accuracy over rounds (top) and, when given,
+    stragglers per round (bottom); one colour per label in both panels.
+
+    Parameters
+    ----------
+    accuracy : mapping of label to (rounds, mean, sd)
+        The accuracy curves (fractions; plotted in percent).
+    path : path
+        Output image (PNG, PDF, ...).
+    title : str
+        Figure title.
+    stragglers : mapping of label to (rounds, mean, sd), optional
+        Stragglers per round, same labels.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if stragglers:
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    else:
+        fig, ax1 = plt.subplots(figsize=(7, 4.5))
+        ax2 = None
+    colours = {label: f"C{i % 10}" for i, label in enumerate(accuracy)}
+    for label, (rounds, mean, sd) in accuracy.items():
+        x, m, s = np.asarray(rounds, float), 100 * np.asarray(mean, float), 100 * np.nan_to_num(np.asarray(sd, float))
+        ax1.plot(x, m, color=colours[label], label=label, lw=1.4)
+        ax1.fill_between(x, m - s, m + s, color=colours[label], alpha=0.2, lw=0)
+    ax1.set_ylabel("test accuracy (%)")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    if ax2 is not None:
+        for label, (rounds, mean, sd) in (stragglers or {}).items():
+            x, m, s = np.asarray(rounds, float), np.asarray(mean, float), np.nan_to_num(np.asarray(sd, float))
+            ax2.plot(x, m, color=colours.get(label), lw=1.0)
+            ax2.fill_between(x, m - s, m + s, color=colours.get(label), alpha=0.2, lw=0)
+        ax2.set_ylabel("stragglers")
+        ax2.grid(alpha=0.3)
+    (ax2 or ax1).set_xlabel("round")
+    if title:
+        ax1.set_title(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
