@@ -4,7 +4,9 @@
     python -m flwr_distreal.main -m strategy=distreal,feddropout,heterofl resources.lam=0.5,1,2,4 seed=0,1,2
 
 Each run writes, into its Hydra output directory, the resolved ``config.yaml``,
-``metrics.csv`` (one row per round) and ``accuracy.png``.
+``metrics.csv`` (one row per round) and ``accuracy.png``. The console shows one line per round
+and the run's summary (``conf/hydra/job_logging/distreal.yaml``); the job's ``main.log`` keeps
+every log record, Flower's included, once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from .callbacks import route_flower_logs
 from .config import register_configs, to_run_config
 from .tune import register_resolvers
 
@@ -27,6 +30,7 @@ register_resolvers()  # lr: ${tuned_lr:<setting>} (conf/tuned/)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Validate the composed config, run the simulation, return the final accuracy."""
+    route_flower_logs()  # Flower's records through the job's handlers only (no duplicate lines)
     run_cfg = to_run_config(cfg)  # range checks run here, before round 1
     from .experiment import run_experiment, summary_line
 
