@@ -729,7 +729,7 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
 
     return dataclasses.replace(
         cfg,
-        lut=absolute(cfg.lut),
+        lut=cfg.lut if cfg.lut in ("learned", "uniform") else absolute(cfg.lut),  # keywords, not files
         dataset=dataclasses.replace(cfg.dataset, root=absolute(cfg.dataset.root), path=absolute(cfg.dataset.path)),
         resources=dataclasses.replace(cfg.resources, trace_path=absolute(cfg.resources.trace_path)),
     )
