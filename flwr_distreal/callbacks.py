@@ -267,6 +267,7 @@ class SweepReport(Callback):
         if status is not None and getattr(status, "name", "") == "FAILED":
             error = getattr(job_return, "_return_value", None)
             failed = f"{type(error).__name__}: {error}" if error is not None else "failed"
+            failed = failed if len(failed) <= 160 else failed[:157] + "..."  # the traceback has it all
         log.info("%s", progress_line(len(self.durations), self.total, job, seconds, self.durations, failed))
         sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
         if sweep_dir is not None:

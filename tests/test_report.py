@@ -333,12 +333,15 @@ def test_sweep_callback_prints_progress_and_writes_the_report_after_the_last_job
         cb.on_job_start(cfg)
         ret = JobReturn()
         ret.status = JobStatus.FAILED if i == 4 else JobStatus.COMPLETED
-        ret._return_value = RuntimeError("loss is NaN") if i == 4 else 0.9
+        ret._return_value = RuntimeError("loss is NaN") if i == 4 else ValueError("x" * 500) if i == 5 else 0.9
+        if i == 5:
+            ret.status = JobStatus.FAILED
         assert not (sweep / "report").exists()  # not before the last job
         cb.on_job_end(cfg, ret)
     lines = [r.getMessage() for r in caplog.records if r.name == "flwr_distreal.callbacks"]
     assert lines[0].startswith(f"[1/18] {jobs[0].name} finished in ")
     assert lines[4].startswith(f"[5/18] {jobs[4].name} FAILED after ") and "(RuntimeError: loss is NaN)" in lines[4]
+    assert f"(ValueError: {'x' * 145}...)" in lines[5] and len(lines[5]) < 260  # long errors cut short
     assert lines[17].startswith(f"[18/18] {jobs[17].name} finished in ") and lines[17].endswith("sweep done")
     assert (sweep / "report" / "final_accuracy.csv").is_file()
     assert any("sweep report:" in line for line in lines)
