@@ -330,3 +330,29 @@ def test_a_failed_run_scores_nothing_and_is_not_rerun(shifted_npz: Path, tmp_pat
     assert calls == [0.005, 0.2]  # the recorded failure is reused like a finished run
     with pytest.raises(TuneError, match=r"every run of \['full'\] failed"):
         run_tuning(_settings(tmp_path / "b", lrs=[0.2]), _base(shifted_npz), echo=lines.append)
+
+
+def test_lut_variants_are_tuned_apart_and_resolved(shifted_npz: Path, tmp_path: Path, monkeypatch) -> None:
+    def fake_run(cfg, folder):  # the learned LUT does best at the small lr, the uniform one at the large lr
+        experiment.start_output(Path(folder), cfg)
+        good = (cfg.lut == "learned") == (cfg.lr == 0.005)
+        with (Path(folder) / "metrics.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([["round", "accuracy"], *([r, 0.8 if good else 0.4] for r in range(1, cfg.rounds + 1))])
+        return experiment._read_metrics(Path(folder) / "metrics.csv")
+
+    monkeypatch.setattr(experiment, "run_experiment", fake_run)
+    settings = _settings(tmp_path, strategies=["distreal", "distreal@lut=uniform"])
+    results = run_tuning(settings, _base(shifted_npz), echo=lambda line: None)
+    assert (results["distreal"]["lr"], results["distreal@lut=uniform"]["lr"]) == (0.005, 0.2)
+    assert results["distreal@lut=uniform"]["match"] == {"strategy.name": "distreal", "lut": "uniform"}
+    assert (tmp_path / "runs" / "distreal@lut=uniform" / "lr0.2_seed0" / "metrics.csv").is_file()
+    lr = f"lr=${{tuned_lr:{tmp_path / 'unit.yaml'}}}"
+    assert to_run_config(_compose(["strategy=distreal", "lut=uniform", lr])).lr == 0.2
+    assert to_run_config(_compose(["strategy=distreal", "lut=learned", lr])).lr == 0.005
+
+
+def test_absolute_paths_keep_the_lut_keywords(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for lut, expected in (("uniform", "uniform"), ("learned", "learned"), ("my.json", str(tmp_path / "my.json"))):
+        cfg = to_run_config(_compose(["strategy=distreal", f"lut={lut}"]))
+        assert experiment.with_absolute_paths(cfg).lut == expected
