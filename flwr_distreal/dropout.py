@@ -19,7 +19,14 @@ multiplies those inputs by ``C / k`` so that it sees the full model's input in e
 The factor is folded into the (small) sliced weight of the *consuming* convolution or linear
 layer, i.e. it is applied **after** any BatchNorm and ReLU that sit between producer and
 consumer. BatchNorm therefore always sees unscaled values, and its running statistics stay
-those of the full model that is used, never dropped, at inference.
+those of the full model that is used, never dropped, at inference. The scaling is a switch
+(:meth:`DropoutModel.set_inverted_scaling`, on by default): with it off, kept channels are
+passed unscaled, as a repacked narrower network (the submodel baselines' convention, see the
+README's "Baseline conventions") computes them.
+
+Static BatchNorm (HeteroFL's sBN, :meth:`DropoutModel.set_static_bn`): in training, BatchNorm
+normalises with the batch's statistics and leaves its running statistics untouched;
+:func:`recompute_bn_statistics` recomputes them afterwards by a cumulative pass over data.
 
 Switching the vector between mini-batches only changes a few Python integers
 (:meth:`DropoutModel.set_dropout`), so it costs almost nothing.
@@ -53,6 +60,7 @@ __all__ = [
     "DroppedWeightGuard",
     "kept_count",
     "parameter_masks",
+    "recompute_bn_statistics",
     "validate_vector",
 ]
 
@@ -249,6 +257,8 @@ class DropoutConv2d(nn.Conv2d):
         self.last_kept: Tensor | None = None
         self.generator: torch.Generator | None = None
         self.execution: ExecutionMode = "compact"
+        #: Whether consumers of ``k`` of this layer's filters scale them by ``C / k``.
+        self.inverted_scaling: bool = True
         self._scale_cache: dict[int, Tensor] = {}
 
     def extra_repr(self) -> str:
@@ -298,7 +308,8 @@ class DropoutConv2d(nn.Conv2d):
         y = F.conv2d(x.tensor, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         if kept is None:
             return Compact(y, None, None, self.out_channels)
-        return Compact(y, kept, self._out_scale(kept.numel()), self.out_channels)
+        scale = self._out_scale(kept.numel()) if self.inverted_scaling else None
+        return Compact(y, kept, scale, self.out_channels)
 
     def _forward_masked(self, x: Compact, kept: Tensor | None) -> Compact:
         """Reference implementation: compute every filter, multiply dropped ones by zero."""
@@ -313,7 +324,8 @@ class DropoutConv2d(nn.Conv2d):
         mask = y.new_zeros(self.out_channels)
         mask[kept] = 1.0
         y = y * mask.view(1, -1, 1, 1)
-        return Compact(y, None, mask * (self.out_channels / kept.numel()), self.out_channels)
+        scale = mask * (self.out_channels / kept.numel()) if self.inverted_scaling else mask
+        return Compact(y, None, scale, self.out_channels)
 
 
 class CompactBatchNorm2d(nn.BatchNorm2d):
@@ -321,7 +333,9 @@ class CompactBatchNorm2d(nn.BatchNorm2d):
 
     Batch statistics, affine parameters and running statistics are taken for the alive
     channels only; in training mode the running statistics are written back for those
-    channels only, so statistics of dropped channels stay as they were.
+    channels only, so statistics of dropped channels stay as they were. With ``static_stats``
+    (HeteroFL's static BatchNorm) training normalises with the batch's statistics and never
+    updates the running statistics (nor ``num_batches_tracked``); evaluation is unchanged.
 
     Parameters
     ----------
@@ -334,14 +348,20 @@ class CompactBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, num_features: int, sources: Sequence[Source] | None = None, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
         self.sources: tuple[Source, ...] = tuple(sources) if sources is not None else ((-1, num_features),)
+        #: Static BatchNorm: training uses batch statistics and leaves the running ones alone.
+        self.static_stats: bool = False
 
     def forward(self, x: Compact) -> Compact:  # type: ignore[override]
-        if x.idx is None:
+        if x.idx is None and not (self.training and self.static_stats):
             return Compact(super().forward(x.tensor), None, x.scale, x.channels)
         idx = x.idx
-        weight = self.weight.index_select(0, idx) if self.weight is not None else None
-        bias = self.bias.index_select(0, idx) if self.bias is not None else None
-        if self.training and self.track_running_stats:
+        weight, bias = self.weight, self.bias
+        if idx is not None:
+            weight = weight.index_select(0, idx) if weight is not None else None
+            bias = bias.index_select(0, idx) if bias is not None else None
+        if self.training and self.static_stats:
+            y = F.batch_norm(x.tensor, None, None, weight, bias, True, 0.0, self.eps)
+        elif self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             momentum = (
                 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -530,6 +550,72 @@ class DropoutModel(nn.Module):
         for m in self.dropout_layers:
             m.generator = gen
 
+    def set_inverted_scaling(self, on: bool) -> None:
+        """Switch the inverted-dropout scaling of every dropout layer.
+
+        On (the default), a layer that reads ``k`` of a producer's ``C`` channels multiplies
+        them by ``C / k`` (folded into its sliced weight, after any BatchNorm between them), so
+        that it sees the full model's input in expectation; this applies to random per-batch
+        dropout (DISTREAL) and to fixed subsets (:meth:`set_fixed_subsets`) alike. Off, kept
+        channels are passed unscaled: the submodel is trained as the narrower network it is.
+        Inference never drops and is unaffected.
+
+        Parameters
+        ----------
+        on : bool
+            True to scale by ``C / k``, False to pass kept channels unscaled.
+
+        Raises
+        ------
+        ValueError
+            If ``on`` is not a bool.
+        """
+        if not isinstance(on, (bool, np.bool_)):
+            raise ValueError(f"inverted scaling must be True or False, got {on!r}")
+        for m in self.dropout_layers:
+            m.inverted_scaling = bool(on)
+
+    @property
+    def inverted_scaling(self) -> bool:
+        """Whether kept channels are scaled by ``C / k`` (see :meth:`set_inverted_scaling`)."""
+        return all(m.inverted_scaling for m in self.dropout_layers)
+
+    @property
+    def batchnorm_layers(self) -> list[CompactBatchNorm2d]:
+        """The model's BatchNorm layers, in module order (empty for models without BN)."""
+        return [m for m in self.modules() if isinstance(m, CompactBatchNorm2d)]
+
+    def set_static_bn(self, on: bool) -> int:
+        """Switch static BatchNorm (HeteroFL's sBN, Diao et al. 2021) in every BN layer.
+
+        On, a training forward normalises with the batch's statistics and leaves the running
+        statistics and ``num_batches_tracked`` untouched, so a local round never changes them;
+        :func:`recompute_bn_statistics` recomputes them before evaluation. Off (the default),
+        training updates the running statistics with the layer's momentum.
+
+        Parameters
+        ----------
+        on : bool
+            True for static BatchNorm.
+
+        Returns
+        -------
+        int
+            The number of BatchNorm layers switched (0: the model has none and the switch
+            changes nothing).
+
+        Raises
+        ------
+        ValueError
+            If ``on`` is not a bool.
+        """
+        if not isinstance(on, (bool, np.bool_)):
+            raise ValueError(f"static BatchNorm must be True or False, got {on!r}")
+        layers = self.batchnorm_layers
+        for m in layers:
+            m.static_stats = bool(on)
+        return len(layers)
+
     def set_execution(self, mode: ExecutionMode) -> None:
         """Choose ``"compact"`` (default, computes kept filters only) or ``"mask"`` (reference:
         computes everything and multiplies dropped filters by zero; saves nothing)."""
@@ -600,7 +686,7 @@ def parameter_masks(
 ) -> dict[str, np.ndarray]:
     """Which entries of each state-dict tensor a submodel with the given kept filters trains.
 
-    Used for per-weight averaging by the Federated Dropout and HeteroFL baselines.
+    Used by the Federated Dropout and HeteroFL baselines' aggregation rules (both need the masks).
 
     Parameters
     ----------
@@ -633,6 +719,80 @@ def parameter_masks(
                 masks[key] = np.ones(tuple(tensor.shape), dtype=bool)
     state_keys = list(model.state_dict().keys())
     return {k: masks[k] for k in state_keys}
+
+
+def recompute_bn_statistics(
+    model: DropoutModel,
+    batches: Iterable[Tensor | Sequence[Tensor]],
+    device: str | torch.device | None = None,
+) -> int:
+    """Recompute the running statistics of every BatchNorm layer of the full model from data.
+
+    HeteroFL's static BatchNorm (Diao, Ding and Tarokh, ICLR 2021, section 3, "Static Batch
+    Normalization"; repository ``src/train_classifier_fed.py``, ``stats``): the running
+    statistics are reset and then accumulated by a cumulative moving average (momentum
+    ``None``: every batch counts equally) over one pass of training-mode forwards of the full
+    model (no dropout, no fixed subsets), without gradients. The running mean of a layer is thus the mean of its per-batch means,
+    and its running variance the mean of its per-batch unbiased variances. Each layer's
+    momentum, its static flag and the model's training mode are restored afterwards; the
+    model's dropout vector and fixed subsets are cleared (as for evaluation).
+
+    Parameters
+    ----------
+    model : DropoutModel
+        The model whose BatchNorm statistics are recomputed in place.
+    batches : iterable
+        Input batches: tensors, or ``(inputs, labels, ...)`` tuples (only ``inputs`` is used),
+        e.g. one or more DataLoaders chained.
+    device : str or torch.device, optional
+        Where the inputs go; defaults to the device of the model's first parameter.
+
+    Returns
+    -------
+    int
+        The number of samples the statistics were computed from (0 when the model has no
+        BatchNorm layer: then nothing is read and nothing changes).
+
+    Raises
+    ------
+    ValueError
+        If the model has BatchNorm layers but ``batches`` yields no sample.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    if device is None:
+        device = next(model.parameters()).device
+    saved = [(m, m.momentum, getattr(m, "static_stats", False), m.track_running_stats) for m in layers]
+    was_training = model.training
+    model.set_dropout(None)
+    model.set_fixed_subsets(None)
+    seen = 0
+    try:
+        for m in layers:
+            m.track_running_stats = True
+            m.reset_running_stats()
+            m.momentum = None
+            if isinstance(m, CompactBatchNorm2d):
+                m.static_stats = False
+        model.train()
+        with torch.no_grad():
+            for batch in batches:
+                inputs = batch if isinstance(batch, Tensor) else batch[0]
+                if inputs.shape[0] == 0:
+                    continue
+                model(inputs.to(device))
+                seen += int(inputs.shape[0])
+    finally:
+        for m, momentum, static, track in saved:
+            m.momentum = momentum
+            m.track_running_stats = track
+            if isinstance(m, CompactBatchNorm2d):
+                m.static_stats = static
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("recompute_bn_statistics: the batches yielded no sample")
+    return seen
 
 
 class DroppedWeightGuard:
