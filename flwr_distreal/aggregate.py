@@ -10,9 +10,11 @@ Functions
 mac_weighted_update
     Algorithm 2 of the paper: the server averages the clients' weight updates
     weighted by the multiply-accumulate operations (MACs) each client reports.
-masked_average
-    Per-entry averaging over the clients that trained an entry, for the
-    submodel baselines (Federated Dropout, HeteroFL).
+masked_average, zero_padded_average
+    The submodel baselines' (Federated Dropout, HeteroFL) two rules, named in
+    :data:`SUBMODEL_RULES`: ``per_weight`` averages every entry over the clients
+    whose submodel holds it; ``all_clients`` is FedAvg over the zero-padded
+    updates (a client that did not train an entry counts with a zero update).
 validate_arrays, validate_reply
     The one validation gate a reply passes before it is aggregated. A refused
     reply gets a typed :class:`RefusalReason` and a message naming the problem.
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "OnExcess",
     "RefusalReason",
+    "SUBMODEL_RULES",
+    "SubmodelAggregation",
     "ValidationResult",
     "mac_weighted_update",
     "masked_average",
@@ -61,6 +65,7 @@ __all__ = [
     "validate_reply",
     "weighted_average",
     "weighted_median_update",
+    "zero_padded_average",
 ]
 
 #: Allowed values of ``on_excess``: refuse a reply whose MACs exceed the maximum a
@@ -291,21 +296,79 @@ def weighted_average(
     return mac_weighted_update(global_arrays, client_arrays_list, weights)
 
 
+def _check_submodel_inputs(
+    name: str,
+    global_arrays: Sequence[NDArray],
+    client_arrays_list: Sequence[Sequence[NDArray]],
+    masks_list: Sequence[Sequence[NDArray | None]],
+    weights: Sequence[float] | None,
+) -> NDArray[np.float64]:
+    """Validate the inputs of a submodel rule; return the per-client weights."""
+    n = len(client_arrays_list)
+    if n == 0:
+        raise ValueError(f"{name} needs at least one client")
+    if len(masks_list) != n:
+        raise ValueError(f"got {len(masks_list)} mask lists for {n} clients")
+    w = np.ones(n) if weights is None else _check_weights(weights, n, "weights")
+    _check_numeric(global_arrays)
+    for i, (arrays, masks) in enumerate(zip(client_arrays_list, masks_list)):
+        _check_same_structure(global_arrays, arrays, i)
+        if len(masks) != len(global_arrays):
+            raise ValueError(
+                f"client {i} has {len(masks)} masks, expected {len(global_arrays)}"
+            )
+        for j, (g, m) in enumerate(zip(global_arrays, masks)):
+            if m is None:
+                continue
+            m_arr = np.asarray(m)
+            if m_arr.dtype != np.bool_:
+                raise ValueError(f"client {i} mask {j} has dtype {m_arr.dtype}, expected bool")
+            if m_arr.shape != np.shape(g):
+                raise ValueError(
+                    f"client {i} mask {j} has shape {m_arr.shape}, expected {np.shape(g)}"
+                )
+    return w
+
+
+def _masked_sums(
+    g64: NDArray[np.float64],
+    j: int,
+    w: NDArray[np.float64],
+    client_arrays_list: Sequence[Sequence[NDArray]],
+    masks_list: Sequence[Sequence[NDArray | None]],
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """For array ``j``: ``sum_i w_i m_i (theta_i - g)`` and ``sum_i w_i m_i``, entry by entry."""
+    num = np.zeros_like(g64)
+    den = np.zeros_like(g64)
+    for w_i, arrays, masks in zip(w, client_arrays_list, masks_list):
+        if w_i == 0.0:
+            continue
+        m = masks[j]
+        coeff = np.full(g64.shape, w_i) if m is None else w_i * np.asarray(m, np.float64)
+        num += coeff * (np.asarray(arrays[j], dtype=np.float64) - g64)
+        den += coeff
+    return num, den
+
+
 def masked_average(
     global_arrays: Sequence[NDArray],
     client_arrays_list: Sequence[Sequence[NDArray]],
     masks_list: Sequence[Sequence[NDArray | None]],
     weights: Sequence[float] | None = None,
 ) -> list[NDArray]:
-    """Average every entry over the clients that trained it (submodel baselines).
+    """Average every entry over the clients that trained it (rule ``per_weight``).
 
     For each entry ``e``:
     ``theta_t[e] = sum_i w_i m_i[e] theta_i[e] / sum_i w_i m_i[e]`` where
     ``m_i[e]`` is 1 if client ``i``'s submodel trained entry ``e`` and 0 otherwise.
     An entry that no client trained (every ``w_i m_i[e]`` is zero) keeps its
-    global value. This is the per-weight averaging of Federated Dropout
-    (Caldas et al. 2018) and HeteroFL (Diao et al. 2021), as used for the
-    baselines of the paper's evaluation.
+    global value. This is the per-parameter averaging of HeteroFL (Diao, Ding
+    and Tarokh 2021; repository ``src/fed.py``, ``Federation.combine``: a count
+    per parameter) and of the DISTREAL authors' Federated Dropout and HeteroFL
+    baselines (repository k1l1/SLT, ``algorithms/fd.py``, ``model_averaging``);
+    both count every client once, here ``w_i`` weights them (by examples in the
+    baselines, as FedAvg). An entry held by few clients moves by their mean
+    update, not by the federation's: see :func:`zero_padded_average`.
 
     Parameters
     ----------
@@ -334,45 +397,66 @@ def masked_average(
         disagree, a weight is negative or non-finite, or an array or mask has the
         wrong count or shape, or a mask is not boolean.
     """
-    n = len(client_arrays_list)
-    if n == 0:
-        raise ValueError("masked_average needs at least one client")
-    if len(masks_list) != n:
-        raise ValueError(f"got {len(masks_list)} mask lists for {n} clients")
-    w = np.ones(n) if weights is None else _check_weights(weights, n, "weights")
-    _check_numeric(global_arrays)
-    for i, (arrays, masks) in enumerate(zip(client_arrays_list, masks_list)):
-        _check_same_structure(global_arrays, arrays, i)
-        if len(masks) != len(global_arrays):
-            raise ValueError(
-                f"client {i} has {len(masks)} masks, expected {len(global_arrays)}"
-            )
-        for j, (g, m) in enumerate(zip(global_arrays, masks)):
-            if m is None:
-                continue
-            m_arr = np.asarray(m)
-            if m_arr.dtype != np.bool_:
-                raise ValueError(f"client {i} mask {j} has dtype {m_arr.dtype}, expected bool")
-            if m_arr.shape != np.shape(g):
-                raise ValueError(
-                    f"client {i} mask {j} has shape {m_arr.shape}, expected {np.shape(g)}"
-                )
-
+    w = _check_submodel_inputs("masked_average", global_arrays, client_arrays_list, masks_list, weights)
     new_arrays: list[NDArray] = []
     for j, g in enumerate(global_arrays):
         g64 = np.asarray(g, dtype=np.float64)
-        num = np.zeros_like(g64)
-        den = np.zeros_like(g64)
-        for w_i, arrays, masks in zip(w, client_arrays_list, masks_list):
-            if w_i == 0.0:
-                continue
-            m = masks[j]
-            coeff = np.full(g64.shape, w_i) if m is None else w_i * np.asarray(m, np.float64)
-            num += coeff * (np.asarray(arrays[j], dtype=np.float64) - g64)
-            den += coeff
+        num, den = _masked_sums(g64, j, w, client_arrays_list, masks_list)
         delta = np.divide(num, den, out=np.zeros_like(g64), where=den > 0)
         new_arrays.append(_cast_like(g64 + delta, g))
     return new_arrays
+
+
+def zero_padded_average(
+    global_arrays: Sequence[NDArray],
+    client_arrays_list: Sequence[Sequence[NDArray]],
+    masks_list: Sequence[Sequence[NDArray | None]],
+    weights: Sequence[float] | None = None,
+) -> list[NDArray]:
+    """FedAvg over zero-padded submodel updates (rule ``all_clients``).
+
+    Every accepted client counts for every entry: a client whose submodel did not
+    train entry ``e`` contributes the global value unchanged (a zero update). For
+    each entry ``e``:
+    ``theta_t[e] = g[e] + sum_i w_i m_i[e] (theta_i[e] - g[e]) / sum_i w_i``,
+    i.e. the weighted mean of the clients' models once each has been mapped back
+    into the global model (entries outside its submodel filled with the global
+    values). An entry trained by a fraction ``f`` of the weight moves by ``f``
+    times the mean update of those that trained it (:func:`masked_average` moves
+    it by the whole mean update).
+
+    Parameters
+    ----------
+    global_arrays, client_arrays_list, masks_list, weights
+        As for :func:`masked_average`.
+
+    Returns
+    -------
+    list[NDArray]
+        The aggregated model, same order, shapes and dtypes as ``global_arrays``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`masked_average`, or if all weights are zero.
+    """
+    w = _check_submodel_inputs("zero_padded_average", global_arrays, client_arrays_list, masks_list, weights)
+    total = float(w.sum())
+    if total <= 0.0:
+        raise ValueError("all weights are zero: nothing to weight the updates by")
+    new_arrays: list[NDArray] = []
+    for j, g in enumerate(global_arrays):
+        g64 = np.asarray(g, dtype=np.float64)
+        num, _ = _masked_sums(g64, j, w, client_arrays_list, masks_list)
+        new_arrays.append(_cast_like(g64 + num / total, g))
+    return new_arrays
+
+
+#: How the submodel baselines combine the accepted replies, by the name of the
+#: ``aggregation`` option: ``per_weight`` (:func:`masked_average`) or
+#: ``all_clients`` (:func:`zero_padded_average`).
+SUBMODEL_RULES = {"per_weight": masked_average, "all_clients": zero_padded_average}
+SubmodelAggregation = Literal["per_weight", "all_clients"]
 
 
 # ------------------------------------------------------------------------ validation

@@ -25,7 +25,8 @@ Pieces
     far above the round's, is refused or clipped; optional robust aggregation.
 :class:`DistrealCore`, :class:`FedAvgCore`, :class:`SubmodelCore`
     The aggregation rules: Algorithm 2 of Rapp et al. (AAAI 2022), weighted by the MACs each
-    client spent; FedAvg weighted by examples; the submodel baselines' per-weight average.
+    client spent; FedAvg weighted by examples; the submodel baselines' ``per_weight`` or
+    ``all_clients`` rule (:data:`flwr_distreal.aggregate.SUBMODEL_RULES`).
 :class:`FederatedDropoutPlanner`, :class:`HeteroFLPlanner`
     The submodel baselines' round-start choices from the forward budget a device's
     availability allows at round start (see :meth:`SubmodelCore.forward_budget`).
@@ -50,11 +51,12 @@ import torch
 
 from . import contract as C
 from .aggregate import (
+    SUBMODEL_RULES,
     OnExcess,
     RefusalReason,
+    SubmodelAggregation,
     ValidationResult,
     mac_weighted_update,
-    masked_average,
     scale_update,
     trimmed_mean_update,
     update_norms,
@@ -1391,16 +1393,20 @@ class HeteroFLPlanner(SubmodelPlanner):
 
 
 class SubmodelCore(ReplyGate):
-    """The submodel baselines' round: plan at round start, then per-weight averaging.
+    """The submodel baselines' round: plan at round start, then the submodel rule.
 
     At round start (:meth:`plan_round`) every selected node's device gets a forward budget
     from its availability at the round's start time (:meth:`forward_budget`) and the planner
     chooses its submodel; the node's train config carries ``device-id``, ``fixed-subsets``,
     ``submodel-macs`` and the planner's keys. A reply is refused when no submodel was assigned
     to its node this round, when it reports another device than the one assigned, or when its
-    arrays do not match the broadcast model. Accepted replies are averaged per weight over the
-    clients whose submodel trained it (:func:`flwr_distreal.aggregate.masked_average`, weighted
-    by examples, masks of :func:`flwr_distreal.dropout.parameter_masks`, cached per level).
+    arrays do not match the broadcast model. Accepted replies are combined, weighted by examples,
+    with the ``aggregation`` rule over the masks of the weights each submodel trained
+    (:func:`flwr_distreal.dropout.parameter_masks`, cached per level): ``per_weight`` averages
+    every weight over the clients whose submodel holds it
+    (:func:`flwr_distreal.aggregate.masked_average`); ``all_clients`` counts every accepted
+    client for every weight, one that did not train a weight with a zero update
+    (:func:`flwr_distreal.aggregate.zero_padded_average`).
 
     Parameters
     ----------
@@ -1415,8 +1421,11 @@ class SubmodelCore(ReplyGate):
     bounds : RoundBounds | None, optional
         The round-level bounds (no claims: the rule weights by examples); None (default) uses
         ``RoundBounds()``. ``robust="median"`` and ``"trimmed-mean"`` are not available: the
-        per-weight average over the clients that trained a weight has no coordinate-wise twin
+        submodel rules over the clients that trained a weight have no coordinate-wise twin
         here; ``"clip-to-median"`` is.
+    aggregation : {"per_weight", "all_clients"}, optional
+        The rule combining the accepted replies (see above). Defaults to ``"per_weight"``
+        (HeteroFL's and the DISTREAL authors' baselines; README, "Baseline conventions").
     **keys : str
         Metric keys, see :class:`ReplyGate`.
 
@@ -1424,7 +1433,8 @@ class SubmodelCore(ReplyGate):
     ------
     ValueError
         If ``availability_fn`` is not callable, ``round_duration`` or ``step_macs_factor`` is
-        not a positive finite number, or ``bounds.robust`` is a coordinate-wise rule.
+        not a positive finite number, ``bounds.robust`` is a coordinate-wise rule, or
+        ``aggregation`` is not a rule of :data:`flwr_distreal.aggregate.SUBMODEL_RULES`.
     """
 
     def __init__(
@@ -1435,13 +1445,14 @@ class SubmodelCore(ReplyGate):
         round_duration: float,
         step_macs_factor: float = 3.0,
         bounds: RoundBounds | None = None,
+        aggregation: SubmodelAggregation = "per_weight",
         **keys: str,
     ) -> None:
-        self.check_args(availability_fn, round_duration, step_macs_factor)
+        self.check_args(availability_fn, round_duration, step_macs_factor, aggregation)
         if bounds is not None and bounds.robust in ("median", "trimmed-mean"):
             raise ValueError(
-                f"robust={bounds.robust!r} is not available for the submodel baselines (per-weight "
-                "masked averaging); use robust='clip-to-median' or None"
+                f"robust={bounds.robust!r} is not available for the submodel baselines (masked "
+                "averaging rules); use robust='clip-to-median' or None"
             )
         super().__init__(bounds=bounds, **keys)
         self.planner = planner
@@ -1451,18 +1462,23 @@ class SubmodelCore(ReplyGate):
         self.availability_fn = availability_fn
         self.round_duration = float(round_duration)
         self.step_macs_factor = float(step_macs_factor)
+        self.aggregation: SubmodelAggregation = aggregation
         self.assignments: dict[str, Assignment] = {}
         self._mask_cache: dict[str, list[np.ndarray]] = {}
 
     @staticmethod
-    def check_args(availability_fn: object, round_duration: object, step_macs_factor: object) -> None:
-        """Raise ValueError unless the round timing is positive and finite and
-        ``availability_fn`` is callable."""
+    def check_args(
+        availability_fn: object, round_duration: object, step_macs_factor: object, aggregation: object = "per_weight"
+    ) -> None:
+        """Raise ValueError unless the round timing is positive and finite, ``availability_fn``
+        is callable and ``aggregation`` names a submodel rule."""
         for name, value in (("round_duration", round_duration), ("step_macs_factor", step_macs_factor)):
             if not is_number(value) or not (math.isfinite(float(value)) and float(value) > 0):  # type: ignore[arg-type]
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         if not callable(availability_fn):
             raise ValueError("availability_fn must be a callable (device_id, t) -> MACs per second")
+        if not isinstance(aggregation, str) or aggregation not in SUBMODEL_RULES:
+            raise ValueError(f"aggregation must be one of {list(SUBMODEL_RULES)}, got {aggregation!r}")
 
     # -- round start -------------------------------------------------------------------
     def round_start(self, server_round: int) -> float:
@@ -1586,10 +1602,11 @@ class SubmodelCore(ReplyGate):
         return masks
 
     def combine(self, global_arrays: Arrays, accepted: list[Accepted]) -> Arrays | None:
-        """Per-weight average over the clients that trained each weight, weighted by examples."""
+        """The ``aggregation`` rule over the accepted replies' submodels, weighted by examples."""
         weights = [a.reply.num_examples for a in accepted]
         if sum(weights) <= 0:
             log.warning("every accepted reply reports zero examples: nothing to weight by")
             return None
         masks = [self.masks(self.assignments[a.reply.node]) for a in accepted]
-        return masked_average(global_arrays, [a.reply.arrays for a in accepted], masks, weights)
+        rule = SUBMODEL_RULES[self.aggregation]
+        return rule(global_arrays, [a.reply.arrays for a in accepted], masks, weights)

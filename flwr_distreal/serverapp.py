@@ -81,7 +81,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from . import contract as C
-from .aggregate import OnExcess, RefusalReason, ValidationResult
+from .aggregate import OnExcess, RefusalReason, SubmodelAggregation, ValidationResult
 from .contract import is_number, metric_values
 from .dropout import DropoutModel
 from .server_core import (
@@ -749,8 +749,9 @@ class SubmodelStrategy(_CoreFedAvg):
     At round start every drawn node's device gets a forward budget from its availability at
     the round's start time, and the planner chooses its submodel
     (:class:`flwr_distreal.server_core.SubmodelCore`); the node's own train config carries it.
-    Replies are averaged per weight over the clients that trained it, weighted by
-    ``weighted_by_key`` (default ``"num-examples"``).
+    Replies are combined with the ``aggregation`` rule (``per_weight``: every weight averaged
+    over the clients that trained it; ``all_clients``: FedAvg over the zero-padded updates),
+    weighted by ``weighted_by_key`` (default ``"num-examples"``).
 
     Parameters
     ----------
@@ -771,6 +772,9 @@ class SubmodelStrategy(_CoreFedAvg):
         property.
     seed : int, optional
         Seed of the node sampling and the random submodel choices. Defaults to 0.
+    aggregation : {"per_weight", "all_clients"}, optional
+        The submodel rule (:data:`flwr_distreal.aggregate.SUBMODEL_RULES`). Defaults to
+        ``"per_weight"``.
     update_bound, on_outlier, update_norm : optional
         The round's update bounds, as in :class:`Distreal` (defaults 10, "refuse", "model").
     robust : {"clip-to-median"} | None, optional
@@ -805,6 +809,7 @@ class SubmodelStrategy(_CoreFedAvg):
         step_macs_factor: float = 3.0,
         round_samples_fn: Callable[[int], int] | None = None,
         seed: int = 0,
+        aggregation: SubmodelAggregation = "per_weight",
         update_bound: float | None = 10.0,
         on_outlier: OnOutlier = "refuse",
         update_norm: UpdateNorm = "model",
@@ -819,7 +824,7 @@ class SubmodelStrategy(_CoreFedAvg):
     ) -> None:
         from .models import build_model
 
-        SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor)
+        SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor, aggregation)
         _check_minimums(fedavg_kwargs)
         bounds = RoundBounds(
             update_bound=update_bound, on_outlier=on_outlier, update_norm=update_norm, claim_bound=None, robust=robust
@@ -831,6 +836,7 @@ class SubmodelStrategy(_CoreFedAvg):
             round_duration=round_duration,
             step_macs_factor=step_macs_factor,
             bounds=bounds,
+            aggregation=aggregation,
             macs_key=macs_key,
             straggler_key=straggler_key,
             available_macs_key=available_macs_key,
@@ -854,6 +860,11 @@ class SubmodelStrategy(_CoreFedAvg):
     def model(self) -> DropoutModel:
         """The full model (for MACs and masks)."""
         return self.core.model
+
+    @property
+    def aggregation(self) -> SubmodelAggregation:
+        """The submodel rule: ``"per_weight"`` or ``"all_clients"``."""
+        return self.core.aggregation
 
     def _required_properties(self) -> list[str]:
         keys = [self.partition_id_key]
@@ -884,10 +895,11 @@ class SubmodelStrategy(_CoreFedAvg):
         flwr_log(INFO, "\t│\t├── Model: %s (%s dropout layers)", self.model_name, len(self.core.widths))
         flwr_log(
             INFO,
-            "\t│\t└── Round duration: %g s, step MACs factor %g",
+            "\t│\t├── Round duration: %g s, step MACs factor %g",
             self.core.round_duration,
             self.core.step_macs_factor,
         )
+        flwr_log(INFO, "\t│\t└── Aggregation: %s", self.core.aggregation)
         super().summary()
 
 
@@ -924,7 +936,7 @@ class FederatedDropout(SubmodelStrategy):
         return FederatedDropoutPlanner(model, rate_for_budget=rate_for_budget, rates=rates, seed=seed)
 
     def __repr__(self) -> str:
-        return f"FederatedDropout(model_name={self.model_name!r}, seed={self.seed})"
+        return f"FederatedDropout(model_name={self.model_name!r}, seed={self.seed}, aggregation={self.aggregation!r})"
 
 
 class HeteroFL(SubmodelStrategy):
@@ -962,5 +974,5 @@ class HeteroFL(SubmodelStrategy):
     def __repr__(self) -> str:
         return (
             f"HeteroFL(model_name={self.model_name!r}, shrink={self.planner.shrink}, "
-            f"levels={self.planner.levels})"
+            f"levels={self.planner.levels}, aggregation={self.aggregation!r})"
         )

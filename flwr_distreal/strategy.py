@@ -25,10 +25,12 @@ SmallNetwork
 FederatedDropout
     Caldas et al. (2018), extended as in the paper: one dropout rate for all
     layers per device, chosen by the server at round start from the device's
-    availability; a random filter subset fixed for the round; per-weight averaging.
+    availability; a random filter subset fixed for the round; the ``aggregation``
+    rule (per-weight by default).
 HeteroFL
     Diao et al. (2021): width levels ``s**(p-1)``, the first channels of every
-    layer, a level per device chosen at round start; per-weight averaging.
+    layer, a level per device chosen at round start; the ``aggregation`` rule
+    (per-weight by default).
 
 What a client sends and receives
 --------------------------------
@@ -72,7 +74,7 @@ from flwr.server.strategy import FedAvg
 from torch import Tensor
 
 from . import contract as C
-from .aggregate import OnExcess
+from .aggregate import OnExcess, SubmodelAggregation
 from .client_manager import fetch_properties
 from .contract import decode_subsets, encode_subsets, is_number
 from .training import evaluate_model, set_weights
@@ -610,10 +612,11 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
     budget per sample, and lets the planner choose a submodel (kept filters per
     dropout layer). The client receives the subset in ``"fixed-subsets"`` and trains
     it for the whole round, so a drop in resources mid-round makes it a straggler.
-    Aggregation averages every weight over the clients whose submodel trained it
-    (:func:`flwr_distreal.aggregate.masked_average`, weighted by examples), with the
-    masks of :func:`flwr_distreal.dropout.parameter_masks` for the assigned subsets.
-    The round logic is :class:`flwr_distreal.server_core.SubmodelCore`.
+    Aggregation combines the replies, weighted by examples, with the ``aggregation``
+    rule (``per_weight``: every weight averaged over the clients whose submodel trained
+    it; ``all_clients``: FedAvg over the zero-padded updates), with the masks of
+    :func:`flwr_distreal.dropout.parameter_masks` for the assigned subsets. The round
+    logic is :class:`flwr_distreal.server_core.SubmodelCore`.
 
     The budget assumes the availability at round start lasts the whole round:
     ``availability_fn(device, t0) * round_duration / (step_macs_factor * round_samples)``
@@ -648,6 +651,9 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
         partition id).
     seed : int, optional
         Seed for the random parts of the assignment. Defaults to 0.
+    aggregation : {"per_weight", "all_clients"}, optional
+        The submodel rule (:data:`flwr_distreal.aggregate.SUBMODEL_RULES`). Defaults to
+        ``"per_weight"``.
     update_bound, on_outlier, update_norm : optional
         The round's update bounds, as in :class:`Distreal` (defaults 10, "refuse",
         "model").
@@ -686,6 +692,7 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
         round_samples_fn: Callable[[int], int] | None = None,
         device_id_fn: Callable[[ClientProxy], int] | None = None,
         seed: int = 0,
+        aggregation: SubmodelAggregation = "per_weight",
         update_bound: float | None = 10.0,
         on_outlier: OnOutlier = "refuse",
         update_norm: UpdateNorm = "model",
@@ -700,7 +707,7 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
     ) -> None:
         from .models import build_model
 
-        SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor)
+        SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor, aggregation)
         _check_minimums(fedavg_kwargs)
         bounds = RoundBounds(
             update_bound=update_bound, on_outlier=on_outlier, update_norm=update_norm, claim_bound=None, robust=robust
@@ -712,6 +719,7 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
             round_duration=round_duration,
             step_macs_factor=step_macs_factor,
             bounds=bounds,
+            aggregation=aggregation,
             macs_key=macs_key,
             straggler_key=straggler_key,
             available_macs_key=available_macs_key,
@@ -760,6 +768,11 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
     def partition_id_key(self) -> str:
         """Property and fit-metric key with the device id."""
         return self.core.partition_id_key
+
+    @property
+    def aggregation(self) -> SubmodelAggregation:
+        """The submodel rule: ``"per_weight"`` or ``"all_clients"``."""
+        return self.core.aggregation
 
     def round_start(self, server_round: int) -> float:
         """Simulated time at which round ``server_round`` starts, ``(server_round - 1) * T``."""
@@ -820,8 +833,8 @@ class FederatedDropout(SubmodelStrategy):
     random subset of ``kept_count(rate, C)`` filters per layer, fixed for the
     whole round and seeded by ``(seed, server_round, device_id)``
     (:class:`flwr_distreal.server_core.FederatedDropoutPlanner`). Clients get
-    ``"dropout-rate"`` and ``"fixed-subsets"``; aggregation averages every weight
-    over the clients that trained it.
+    ``"dropout-rate"`` and ``"fixed-subsets"``; aggregation by the ``aggregation``
+    rule of :class:`SubmodelStrategy`.
 
     Parameters
     ----------
@@ -861,7 +874,7 @@ class FederatedDropout(SubmodelStrategy):
         return self.core.planner.rate_for_budget  # type: ignore[attr-defined, no-any-return]
 
     def __repr__(self) -> str:
-        return f"FederatedDropout(model_name={self.model_name!r}, seed={self.seed})"
+        return f"FederatedDropout(model_name={self.model_name!r}, seed={self.seed}, aggregation={self.aggregation!r})"
 
 
 # ---------------------------------------------------------------------------- HeteroFL
@@ -875,8 +888,8 @@ class HeteroFL(SubmodelStrategy):
     the widest level whose forward MACs fit its budget (see
     :class:`SubmodelStrategy`), or the narrowest level when none fits
     (:class:`flwr_distreal.server_core.HeteroFLPlanner`). Clients get
-    ``"width-level"``, ``"width"`` and ``"fixed-subsets"``; aggregation averages every
-    weight over the clients that trained it.
+    ``"width-level"``, ``"width"`` and ``"fixed-subsets"``; aggregation by the
+    ``aggregation`` rule of :class:`SubmodelStrategy`.
 
     Parameters
     ----------
@@ -935,4 +948,7 @@ class HeteroFL(SubmodelStrategy):
         return self._planner.level_for_budget(budget)
 
     def __repr__(self) -> str:
-        return f"HeteroFL(model_name={self.model_name!r}, shrink={self.shrink}, levels={self.levels})"
+        return (
+            f"HeteroFL(model_name={self.model_name!r}, shrink={self.shrink}, levels={self.levels}, "
+            f"aggregation={self.aggregation!r})"
+        )
