@@ -9,24 +9,33 @@ the config is composed, and the range checks in ``__post_init__`` run when
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .aggregate import SUBMODEL_RULES
+
 __all__ = [
+    "STRATEGY_SCHEMAS",
     "DatasetConfig",
+    "DistrealStrategyConfig",
+    "FedDropoutStrategyConfig",
+    "FullStrategyConfig",
+    "HeteroFLStrategyConfig",
     "ModelConfig",
     "ResourcesConfig",
     "RunConfig",
+    "SmallStrategyConfig",
     "StrategyConfig",
     "register_configs",
+    "strategy_schema",
     "to_run_config",
     "unknown_keys",
 ]
 
-STRATEGIES = ("distreal", "full", "small", "feddropout", "heterofl")
 RESOURCE_KINDS = ("full", "constant", "timevarying", "trace", "measured")
 TIME_TABLES = ("measure", "proportional")
 #: How a run executes: the Message-API app through ``flwr run`` (Flower's supported way), or the
@@ -38,6 +47,8 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 #: What the server evaluates the global model on each round.
 EVALUATE_ON = ("test", "validation")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -89,25 +100,173 @@ class ModelConfig:
 
 @dataclass
 class StrategyConfig:
-    """Which method runs: ``distreal`` or a baseline (``full``, ``small``, ``feddropout``,
-    ``heterofl``), and its options."""
+    """Base schema of the ``strategy`` group: which method runs.
+
+    Every strategy has its own schema extending this one with its options (one
+    :data:`STRATEGY_SCHEMAS` entry per ``name``): :class:`DistrealStrategyConfig`,
+    :class:`FullStrategyConfig`, :class:`SmallStrategyConfig`,
+    :class:`FedDropoutStrategyConfig`, :class:`HeteroFLStrategyConfig`. A key of another
+    strategy is refused, naming the key and the valid keys of this one.
+    """
 
     name: str = MISSING
+
+    def __post_init__(self) -> None:
+        schema = STRATEGY_SCHEMAS.get(self.name)
+        if schema is None:
+            raise ConfigError(f"strategy.name must be one of {list(STRATEGY_SCHEMAS)}, got {self.name!r}")
+        if type(self) is not schema:
+            raise ConfigError(
+                f"strategy.name={self.name!r} takes the options of {schema.__name__}, not of {type(self).__name__}"
+            )
+
+    def apply_to(self, model: Any) -> None:
+        """Set this strategy's model-level switches on a freshly built model (a
+        :class:`~flwr_distreal.dropout.DropoutModel`); none by default."""
+
+    def bn_recompute_devices(self) -> int:
+        """How many devices' training data the server recomputes BatchNorm statistics from
+        before each evaluation (0: none, the global model's own statistics are used)."""
+        return 0
+
+
+def _check_choice(key: str, value: object, choices: typing.Iterable[str]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"strategy.{key} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class DistrealStrategyConfig(StrategyConfig):
+    """DISTREAL (Rapp et al., AAAI 2022).
+
+    ``policy``: the per-batch budget rule (``paper``: r(t) * T / B, the paper's D[r];
+    ``deadline``: time left * r(t) / batches left). ``stop_at_deadline``: stop at the deadline
+    and send the completed steps, weighted by their MACs. ``on_excess``: ``refuse`` or ``clip``
+    a reply that claims more MACs than possible. ``inverted_scaling``: a layer that reads ``k``
+    of a producer's ``C`` channels under the per-batch random dropout multiplies them by
+    ``C / k`` (standard inverted dropout; on by default).
+    """
+
+    name: str = "distreal"
     policy: str = "paper"
     stop_at_deadline: bool = True
     on_excess: str = "refuse"
-    shrink: float = 0.7
-    levels: int = 5
+    inverted_scaling: bool = True
 
     def __post_init__(self) -> None:
-        if self.name not in STRATEGIES:
-            raise ConfigError(f"strategy.name must be one of {list(STRATEGIES)}, got {self.name!r}")
-        if self.policy not in ("paper", "deadline"):
-            raise ConfigError(f"strategy.policy must be 'paper' or 'deadline', got {self.policy!r}")
-        if self.on_excess not in ("refuse", "clip"):
-            raise ConfigError(f"strategy.on_excess must be 'refuse' or 'clip', got {self.on_excess!r}")
-        if not 0 < self.shrink < 1 or self.levels < 1:
-            raise ConfigError(f"need 0 < strategy.shrink < 1 and strategy.levels >= 1, got {self.shrink}, {self.levels}")
+        super().__post_init__()
+        _check_choice("policy", self.policy, ("paper", "deadline"))
+        _check_choice("on_excess", self.on_excess, ("refuse", "clip"))
+
+    def apply_to(self, model: Any) -> None:
+        """Switch the model's inverted-dropout scaling."""
+        model.set_inverted_scaling(self.inverted_scaling)
+
+
+@dataclass
+class FullStrategyConfig(StrategyConfig):
+    """Full resources: FedAvg on the full model, no resource limits (no options)."""
+
+    name: str = "full"
+
+
+@dataclass
+class SmallStrategyConfig(StrategyConfig):
+    """Small network: FedAvg on the model's small variant (``model.small``; no options)."""
+
+    name: str = "small"
+
+
+@dataclass
+class SubmodelStrategyConfig(StrategyConfig):
+    """Options shared by the submodel baselines (Federated Dropout, HeteroFL).
+
+    ``inverted_scaling``: a consumer of ``k`` of a producer's ``C`` channels of the assigned
+    submodel multiplies them by ``C / k``; off, the submodel trains as the narrower network it
+    is. ``aggregation``: ``per_weight`` (every weight averaged over the clients whose submodel
+    holds it, weighted by examples) or ``all_clients`` (FedAvg over the zero-padded updates: a
+    client that did not train a weight counts with the global value). The defaults of each
+    baseline and their sources: README, "Baseline conventions".
+    """
+
+    inverted_scaling: bool = True
+    aggregation: str = "per_weight"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("aggregation", self.aggregation, SUBMODEL_RULES)
+
+    def apply_to(self, model: Any) -> None:
+        """Switch the model's inverted-dropout scaling."""
+        model.set_inverted_scaling(self.inverted_scaling)
+
+
+@dataclass
+class FedDropoutStrategyConfig(SubmodelStrategyConfig):
+    """Federated Dropout (Caldas et al. 2018), extended as in the paper; see
+    :class:`SubmodelStrategyConfig`. Defaults: unscaled submodels, per-weight averaging."""
+
+    name: str = "feddropout"
+    inverted_scaling: bool = False
+
+
+@dataclass
+class HeteroFLStrategyConfig(SubmodelStrategyConfig):
+    """HeteroFL (Diao, Ding and Tarokh, ICLR 2021); see :class:`SubmodelStrategyConfig`.
+
+    ``shrink``: the shrinking ratio ``s`` in (0, 1) (0.7, the DISTREAL paper's choice);
+    ``levels``: width levels ``s**(p-1)``, ``p = 1 .. levels``. ``static_bn``: HeteroFL's
+    static BatchNorm (sBN): local training normalises with batch statistics and leaves the
+    running statistics alone, and before each server-side evaluation the global model's
+    statistics are recomputed by a cumulative pass over the training data of ``bn_devices``
+    devices (a seeded sample, fixed for the run). A model without BatchNorm (``femnist_cnn``)
+    accepts the key, and it changes nothing (logged once).
+    """
+
+    name: str = "heterofl"
+    shrink: float = 0.7
+    levels: int = 5
+    inverted_scaling: bool = True
+    static_bn: bool = True
+    bn_devices: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.shrink < 1:
+            raise ConfigError(f"strategy.shrink must be in (0, 1), got {self.shrink}")
+        if self.levels < 1:
+            raise ConfigError(f"strategy.levels must be >= 1, got {self.levels}")
+        if self.bn_devices < 1:
+            raise ConfigError(f"strategy.bn_devices must be >= 1, got {self.bn_devices}")
+
+    def apply_to(self, model: Any) -> None:
+        """Switch the model's inverted-dropout scaling and static BatchNorm."""
+        super().apply_to(model)
+        if model.set_static_bn(self.static_bn) == 0 and self.static_bn:
+            name = getattr(model, "model_name", "") or type(model).__name__
+            if name not in _NO_BN_LOGGED:
+                _NO_BN_LOGGED.add(name)
+                log.info("strategy.static_bn=true: model %s has no BatchNorm layer, so the key changes nothing", name)
+
+    def bn_recompute_devices(self) -> int:
+        """``bn_devices`` with static BatchNorm, else 0."""
+        return self.bn_devices if self.static_bn else 0
+
+
+#: Models already reported as lacking BatchNorm (the static-BN note is logged once per model).
+_NO_BN_LOGGED: set[str] = set()
+
+#: The strategy registry: ``strategy.name`` -> its schema (stored in Hydra's ConfigStore as
+#: ``strategy/base_<name>``, which ``conf/strategy/<name>.yaml`` extends).
+STRATEGY_SCHEMAS: dict[str, type[StrategyConfig]] = {
+    "distreal": DistrealStrategyConfig,
+    "full": FullStrategyConfig,
+    "small": SmallStrategyConfig,
+    "feddropout": FedDropoutStrategyConfig,
+    "heterofl": HeteroFLStrategyConfig,
+}
+STRATEGIES = tuple(STRATEGY_SCHEMAS)
 
 
 @dataclass
@@ -261,11 +420,14 @@ def register_configs() -> None:
     cs.store(name="base_run", node=RunConfig)
     cs.store(group="dataset", name="base_dataset", node=DatasetConfig)
     cs.store(group="model", name="base_model", node=ModelConfig)
-    cs.store(group="strategy", name="base_strategy", node=StrategyConfig)
+    for name, schema in STRATEGY_SCHEMAS.items():
+        cs.store(group="strategy", name=f"base_{name}", node=schema)
     cs.store(group="resources", name="base_resources", node=ResourcesConfig)
 
 
-def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
+def unknown_keys(
+    node: DictConfig, schema: type, prefix: str = "", *, schemas: typing.Mapping[str, type] | None = None
+) -> list[str]:
     """Dotted paths of the keys of ``node`` that the dataclass ``schema`` (recursively) lacks.
 
     Hydra's ``+key=value`` adds keys even to schema-typed nodes, where they would otherwise be
@@ -279,41 +441,80 @@ def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
         The dataclass that types ``node``; nested dataclass fields are checked recursively.
     prefix : str, optional
         Prepended to every path (e.g. ``"dse."``).
+    schemas : Mapping[str, type], optional
+        Schemas that replace a field's declared type, by dotted path (``{"strategy":
+        HeteroFLStrategyConfig}``: the strategy node is checked against its own strategy's keys).
     """
+    schemas = schemas or {}
     hints = typing.get_type_hints(schema)
     out: list[str] = []
     for key in node.keys():
+        path = f"{prefix}{key}"
         if key not in hints:
-            out.append(f"{prefix}{key}")
-        elif dataclasses.is_dataclass(hints[key]) and isinstance(node.get(key), DictConfig):
-            out += unknown_keys(node[key], hints[key], f"{prefix}{key}.")
+            out.append(path)
+            continue
+        sub = schemas.get(path, hints[key])
+        if dataclasses.is_dataclass(sub) and isinstance(node.get(key), DictConfig):
+            out += unknown_keys(node[key], sub, f"{path}.", schemas=schemas)
     return out
 
 
-def _refuse_unknown_keys(cfg: DictConfig) -> None:
+def strategy_schema(cfg: DictConfig) -> type[StrategyConfig] | None:
+    """The schema of the composed config's strategy, picked by ``strategy.name`` from
+    :data:`STRATEGY_SCHEMAS` (None when the config has no strategy name yet).
+
+    Raises
+    ------
+    ConfigError
+        If ``strategy.name`` names no strategy.
+    """
+    node = cfg.get("strategy") if isinstance(cfg, DictConfig) else None
+    if not isinstance(node, DictConfig) or "name" not in node or OmegaConf.is_missing(node, "name"):
+        return None
+    name = node.name
+    if name not in STRATEGY_SCHEMAS:
+        raise ConfigError(f"strategy.name must be one of {list(STRATEGY_SCHEMAS)}, got {name!r}")
+    return STRATEGY_SCHEMAS[name]
+
+
+def _refuse_unknown_keys(cfg: DictConfig, strategy: type[StrategyConfig] | None) -> None:
     """Refuse keys that no schema has, naming the valid keys of their place."""
-    unknown = unknown_keys(cfg, RunConfig)
+    schemas = {"strategy": strategy} if strategy is not None else {}
+    unknown = unknown_keys(cfg, RunConfig, schemas=schemas)
     if unknown:
         parent, _, key = unknown[0].rpartition(".")
-        schema: Any = RunConfig
+        place: Any = RunConfig
+        path = ""
         for part in filter(None, parent.split(".")):
-            schema = typing.get_type_hints(schema)[part]
-        valid = sorted(f.name for f in dataclasses.fields(schema))
-        where = f"of {parent}" if parent else "at the top level"
+            path = f"{path}.{part}" if path else part
+            place = schemas.get(path, typing.get_type_hints(place)[part])
+        valid = sorted(f.name for f in dataclasses.fields(place))
+        if parent == "strategy" and strategy is not None:
+            where = f"of strategy={cfg.strategy.name}"
+        else:
+            where = f"of {parent}" if parent else "at the top level"
         raise ConfigError(f"unknown key {unknown[0]!r}; valid keys {where}: {valid}")
 
 
 def to_run_config(cfg: DictConfig | dict) -> RunConfig:
     """Convert a composed config into a validated :class:`RunConfig`.
 
+    The strategy node is typed by its own schema, picked by ``strategy.name`` from
+    :data:`STRATEGY_SCHEMAS`, so ``run.strategy`` is, e.g., a :class:`HeteroFLStrategyConfig`.
+
     Raises
     ------
     ConfigError
-        If a value is out of range (the message names the key).
+        If a value is out of range, ``strategy.name`` names no strategy, or a key is not in its
+        place's schema, e.g. a key of another strategy (the message names the key and the
+        valid keys there).
     """
     if isinstance(cfg, dict):
         cfg = OmegaConf.create(cfg)
-    _refuse_unknown_keys(cfg)
+    strategy = strategy_schema(cfg)
+    _refuse_unknown_keys(cfg, strategy)
     schema = OmegaConf.structured(RunConfig)
+    if strategy is not None:
+        schema.strategy = OmegaConf.structured(strategy)  # the strategy's own schema, by its name
     merged = OmegaConf.merge(schema, cfg)
     return OmegaConf.to_object(merged)  # type: ignore[return-value]

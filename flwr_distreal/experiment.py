@@ -32,12 +32,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from .checks import check_classes, check_trace_devices, warn_unused_lut
 from .config import ConfigError, RunConfig, to_run_config
 from .data import FederatedData, load_federated
+from .dropout import recompute_bn_statistics
 from .lut import LUT
 from .macs import count_macs
 from .models import build_model
@@ -136,8 +138,11 @@ class Experiment:
 
     # -- models and LUT --------------------------------------------------------------------
     def build_model(self):
-        """A fresh model of the run's architecture (the small one for ``strategy=small``)."""
-        return build_model(self.model_name, self.num_classes)
+        """A fresh model of the run's architecture (the small one for ``strategy=small``), with the
+        strategy's model-level switches set (inverted scaling, static BatchNorm)."""
+        model = build_model(self.model_name, self.num_classes)
+        self.cfg.strategy.apply_to(model)
+        return model
 
     def _load_lut(self, model) -> LUT:
         """The configured LUT file (checked against the model), or a fine uniform LUT."""
@@ -291,7 +296,18 @@ class Experiment:
             else:
                 self._eval_loader = self.data.test_loader(self.cfg.eval_batch_size)
         set_weights(self._eval_model, arrays)
+        if self.cfg.strategy.bn_recompute_devices():  # HeteroFL's static BN: statistics from training data
+            recompute_bn_statistics(self._eval_model, self.bn_batches(), device=self._eval_device)
         return evaluate_model(self._eval_model, self._eval_loader, device=self._eval_device)
+
+    def bn_batches(self):
+        """The batches the server recomputes BatchNorm statistics from before evaluating (static
+        BN): the training data, unshuffled and unaugmented, in the run's batch size, of
+        ``strategy.bn_devices`` devices drawn once from the run's seed."""
+        k = min(self.cfg.strategy.bn_recompute_devices(), self.num_devices)
+        rng = np.random.default_rng([self.cfg.seed, 0xB4])
+        for device in sorted(rng.choice(self.num_devices, size=k, replace=False).tolist()):
+            yield from self.data.train_loader(device, self.cfg.batch_size, shuffle=False, augment=False)
 
     def strategy_kwargs(self) -> dict[str, Any]:
         """Arguments of the strategy classes, common to both APIs: DISTREAL's claim bounds, or the
@@ -317,6 +333,7 @@ class Experiment:
                 step_macs_factor=self.factor,
                 seed=cfg.seed,
             )
+            own["aggregation"] = cfg.strategy.aggregation
             if name == "heterofl":
                 own.update(shrink=cfg.strategy.shrink, levels=cfg.strategy.levels)
         return own

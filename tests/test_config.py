@@ -16,8 +16,12 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from flwr_distreal.config import (
+    STRATEGY_SCHEMAS,
     ConfigError,
     DatasetConfig,
+    DistrealStrategyConfig,
+    FedDropoutStrategyConfig,
+    HeteroFLStrategyConfig,
     ModelConfig,
     ResourcesConfig,
     RunConfig,
@@ -86,7 +90,7 @@ def test_every_group_option_composes_and_converts(group, option) -> None:
     cfg = _compose([f"{group}={option}", *NEEDS.get((group, option), [])])
     run = to_run_config(cfg)
     node = getattr(run, group)
-    assert type(node) is GROUPS[group]
+    assert type(node) is (STRATEGY_SCHEMAS[option] if group == "strategy" else GROUPS[group])
     for key, value in _yaml_values(group, option).items():
         if value == "???":  # left open by the YAML: filled by NEEDS or the schema default
             continue
@@ -162,7 +166,7 @@ def test_unknown_key_with_plus_is_accepted_by_hydra() -> None:
     """Real behaviour: Hydra's ``+key=value`` adds keys even to the typed (structured) nodes."""
     cfg = _compose(["+foo=1", "+strategy.polcy=paper"])
     assert cfg.foo == 1 and cfg.strategy.polcy == "paper"
-    assert OmegaConf.get_type(cfg) is RunConfig and OmegaConf.get_type(cfg.strategy) is StrategyConfig
+    assert OmegaConf.get_type(cfg) is RunConfig and OmegaConf.get_type(cfg.strategy) is DistrealStrategyConfig
 
 
 def test_to_run_config_refuses_keys_outside_the_schema() -> None:
@@ -183,11 +187,14 @@ def test_to_run_config_refuses_keys_outside_the_schema() -> None:
         (["lr=0"], r"lr > 0"),
         (["momentum=-0.5"], r"momentum >= 0"),
         (["num_cpus_per_client=0"], r"num_cpus_per_client must be > 0"),
-        (["strategy.policy=fast"], r"strategy.policy must be 'paper' or 'deadline', got 'fast'"),
+        (["strategy.policy=fast"], r"strategy.policy must be one of \['paper', 'deadline'\], got 'fast'"),
         (["strategy.name=fedprox"], r"strategy.name must be one of .*'distreal'"),
-        (["strategy.on_excess=ignore"], r"strategy.on_excess must be 'refuse' or 'clip'"),
+        (["strategy.on_excess=ignore"], r"strategy.on_excess must be one of \['refuse', 'clip'\]"),
         (["strategy=heterofl", "strategy.shrink=1.5"], r"strategy.shrink"),
-        (["strategy=heterofl", "strategy.levels=0"], r"strategy.levels >= 1"),
+        (["strategy=heterofl", "strategy.levels=0"], r"strategy.levels must be >= 1, got 0"),
+        (["strategy=heterofl", "strategy.bn_devices=0"], r"strategy.bn_devices must be >= 1, got 0"),
+        (["strategy=heterofl", "strategy.aggregation=mean"], r"strategy.aggregation must be one of \['per_weight', 'all_clients'\], got 'mean'"),
+        (["strategy=feddropout", "strategy.aggregation=sum"], r"strategy.aggregation must be one of"),
         (["resources.lam=-1"], r"resources.lam must be >= 0, got -1"),
         (["resources.variability=0.5"], r"resources.variability must be >= 1"),
         (["resources.kind=sometimes"], r"resources.kind must be one of"),
@@ -200,6 +207,86 @@ def test_out_of_range_values_are_refused_naming_the_key(overrides, match) -> Non
     with pytest.raises(ConfigError, match=match) as info:
         to_run_config(cfg)
     assert isinstance(info.value, ValueError)
+
+
+# ------------------------------------------------------------- one schema per strategy
+
+
+def test_every_strategy_has_its_schema_in_the_registry_and_its_yaml() -> None:
+    assert set(STRATEGY_SCHEMAS) == set(_options("strategy"))
+    for name, schema in STRATEGY_SCHEMAS.items():
+        assert issubclass(schema, StrategyConfig) and schema().name == name
+        defaults = OmegaConf.load(CONF / "strategy" / f"{name}.yaml").defaults
+        assert list(defaults) == [f"base_{name}"]  # each YAML extends its own schema
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("distreal", dict(policy="deadline", stop_at_deadline=True, on_excess="refuse", inverted_scaling=True)),
+        ("full", {}),
+        ("small", {}),
+        ("feddropout", dict(inverted_scaling=False, aggregation="per_weight")),
+        (
+            "heterofl",
+            dict(shrink=0.7, levels=5, inverted_scaling=True, aggregation="per_weight", static_bn=True, bn_devices=10),
+        ),
+    ],
+)
+def test_each_strategy_composes_with_its_documented_defaults(name, expected) -> None:
+    run = to_run_config(_compose([f"strategy={name}"]))
+    assert type(run.strategy) is STRATEGY_SCHEMAS[name]
+    fields = {k: v for k, v in dataclasses.asdict(run.strategy).items() if k != "name"}
+    assert fields == expected
+    # the schema defaults agree with the YAML, except DISTREAL's policy (the YAML picks deadline)
+    schema_defaults = {k: v for k, v in dataclasses.asdict(STRATEGY_SCHEMAS[name]()).items() if k != "name"}
+    assert {**schema_defaults, **({"policy": "deadline"} if name == "distreal" else {})} == expected
+
+
+FOREIGN = [
+    ("heterofl", "policy", "paper"),
+    ("feddropout", "shrink", "0.5"),
+    ("feddropout", "static_bn", "true"),
+    ("full", "inverted_scaling", "false"),
+    ("small", "aggregation", "all_clients"),
+    ("distreal", "aggregation", "all_clients"),
+]
+
+
+@pytest.mark.parametrize(("name", "key", "value"), FOREIGN)
+def test_an_option_of_another_strategy_is_refused_at_composition(name, key, value) -> None:
+    with pytest.raises(ConfigCompositionException, match=f"Could not override 'strategy.{key}'") as info:
+        _compose([f"strategy={name}", f"strategy.{key}={value}"])
+    cause = str(info.value.__cause__)
+    assert f"Key '{key}' not in '{STRATEGY_SCHEMAS[name].__name__}'" in cause
+
+
+@pytest.mark.parametrize(("name", "key", "value"), FOREIGN)
+def test_an_option_of_another_strategy_added_with_plus_is_refused_naming_the_valid_keys(name, key, value) -> None:
+    cfg = _compose([f"strategy={name}", f"+strategy.{key}={value}"])
+    valid = sorted(f.name for f in dataclasses.fields(STRATEGY_SCHEMAS[name]))
+    with pytest.raises(ConfigError) as info:
+        to_run_config(cfg)
+    assert str(info.value) == f"unknown key 'strategy.{key}'; valid keys of strategy={name}: {valid}"
+    # the same from a resolved config (config-file, simulation workers)
+    with pytest.raises(ConfigError, match=f"unknown key 'strategy.{key}'"):
+        to_run_config(OmegaConf.to_container(cfg))
+
+
+def test_renaming_the_strategy_keeps_the_other_strategys_options_out() -> None:
+    """``strategy.name=heterofl`` on the distreal node: the node is checked against HeteroFL's
+    schema, so DISTREAL's options are refused, naming the first."""
+    with pytest.raises(ConfigError, match=r"unknown key 'strategy.policy'; valid keys of strategy=heterofl: \['aggregation', "):
+        to_run_config(_compose(["strategy.name=heterofl"]))
+    ok = to_run_config({**OmegaConf.to_container(_compose(["rounds=2"])), "strategy": {"name": "heterofl"}})
+    assert ok.strategy == HeteroFLStrategyConfig()
+
+
+def test_a_schema_refuses_another_strategys_name() -> None:
+    with pytest.raises(ConfigError, match="strategy.name='heterofl' takes the options of HeteroFLStrategyConfig"):
+        DistrealStrategyConfig(name="heterofl")
+    with pytest.raises(ConfigError, match="strategy.name must be one of"):
+        FedDropoutStrategyConfig(name="fedprox")
 
 
 def test_npz_path_left_open_is_refused_before_the_run() -> None:
