@@ -658,6 +658,7 @@ def _plot(settings: TuneSettings, results: dict[str, dict[str, Any]], path: Path
     ax.set_xscale("log")
     ax.set_xticks(settings.grid)
     ax.set_xticklabels([f"{v:g}" for v in settings.grid])
+    ax.minorticks_off()  # only the grid's lrs on the axis
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"validation accuracy (last {settings.last_k} rounds)")
     ax.set_title(f"lr tuning: {settings.setting} (star: chosen)")
@@ -824,6 +825,9 @@ def main() -> None:
     def _main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from .callbacks import route_flower_logs
+
+        route_flower_logs()  # Flower's records through the job's handlers only (no duplicate lines)
         task = list(HydraConfig.get().overrides.task)
         settings = settings_from(cfg.tune)
         command = " ".join(["python -m flwr_distreal.tune", *(shlex.quote(o) for o in task)])
