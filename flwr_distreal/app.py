@@ -98,6 +98,8 @@ _VALUES = {
     "min-nodes": "min_nodes",
     "round-timeout": "round_timeout",
     "resume": "resume",
+    "clip-norm": "clip_norm",
+    "device": "device",
 }
 #: Run-config key with a whole resolved config (YAML), written by the Hydra runner.
 CONFIG_FILE_KEY = "config-file"
@@ -325,14 +327,24 @@ def check_partition(node_config: dict[str, Any], num_devices: int, dataset: str)
 
 
 def _experiment(context: Context) -> tuple[RunConfig, Experiment]:
-    """The run's validated config and its (per-process cached) experiment."""
-    return _experiment_cached(json.dumps(dict(context.run_config), sort_keys=True))
+    """The run's validated config and its (per-process cached) experiment, keyed by the run
+    config and, with ``config-file``, by that file's contents (one process may run several runs
+    whose config files share a path: the in-process runtime of a sweep)."""
+    run_config = dict(context.run_config)
+    contents = ""
+    if run_config.get(CONFIG_FILE_KEY):
+        try:
+            contents = Path(str(run_config[CONFIG_FILE_KEY])).read_text()
+        except OSError:
+            contents = ""  # composing reports the missing file
+    return _experiment_cached(json.dumps(run_config, sort_keys=True), contents)
 
 
 @functools.lru_cache(maxsize=2)
-def _experiment_cached(run_config_json: str) -> tuple[RunConfig, Experiment]:
+def _experiment_cached(run_config_json: str, config_file_contents: str = "") -> tuple[RunConfig, Experiment]:
     """Compose once per run config and process: the ClientApp handles every message of every
-    round, and a Hydra composition per message would be repeated work."""
+    round, and a Hydra composition per message would be repeated work. ``config_file_contents``
+    only keys the cache."""
     from .experiment import _experiment_for
 
     cfg = run_config_from_flower(json.loads(run_config_json))
@@ -430,6 +442,7 @@ def _server_main(grid: Grid, context: Context) -> None:
             cfg.strategy.name, cfg.dataset.name, exp.num_devices, cfg.clients_per_round, cfg.rounds, out,
         )
     keys, arrays = (ckpt.keys, ckpt.arrays) if ckpt else exp.initial_arrays()
+    recorder.set_global(arrays)  # the reference of the first round's update norm
     strategy = exp.make_message_strategy()
     if ckpt:
         strategy.load_sampling_state(ckpt.strategy)
@@ -442,7 +455,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         rnd = server_round + done
         global_arrays = arrays_from_record(record, keys)
         loss, accuracy, n = exp.evaluate(global_arrays)
-        recorder.on_evaluate(rnd, loss, {"accuracy": accuracy})
+        recorder.on_evaluate(rnd, loss, {"accuracy": accuracy}, global_arrays)
         if not math.isfinite(loss):
             raise RunFailedError(
                 f"round {rnd}: the test loss is {loss}: the global model diverged (try a smaller lr or gradient "

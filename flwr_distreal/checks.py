@@ -191,8 +191,8 @@ def warn_unused_lut(strategy_name: str, lut: str | os.PathLike | None, key: str 
     str or None
         The logged warning, or ``None`` when there is nothing to warn about.
     """
-    if not lut or strategy_name in LUT_STRATEGIES:
-        return None
+    if not lut or strategy_name in LUT_STRATEGIES or str(lut) in ("learned", "uniform"):
+        return None  # the named LUTs are defaults, not something a user pointed at
     message = (
         f"{key}={lut} is ignored: strategy={strategy_name} does not select dropout vectors from a LUT "
         f"(only {', '.join(LUT_STRATEGIES)} does)"

@@ -335,7 +335,7 @@ class RunConfig:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
-    clip_norm: Optional[float] = None
+    clip_norm: Optional[float] = 1.0
     lr_schedule: str = "constant"
     lr_min: float = 0.0
     lr_step_rounds: int = 50
@@ -345,7 +345,7 @@ class RunConfig:
     evaluate_on: str = "test"
     batch_size: int = 32
     local_epochs: int = 1
-    lut: Optional[str] = None
+    lut: Optional[str] = "learned"
     skip_straggler_training: bool = True
     eval_batch_size: int = 512
     num_cpus_per_client: float = 1.0
@@ -396,6 +396,12 @@ class RunConfig:
             raise ConfigError(f"evaluate_on must be one of {list(EVALUATE_ON)}, got {self.evaluate_on!r}")
         if self.evaluate_on == "validation" and self.validation_fraction == 0:
             raise ConfigError("evaluate_on=validation needs validation_fraction > 0 (the part of each device's data held out)")
+        if not self.lut:
+            raise ConfigError(
+                "lut must name the LUT DISTREAL selects from: learned (the DSE's LUT shipped for the model), "
+                "uniform (equal rates in every layer), or a LUT file's path; got "
+                f"{self.lut!r} (null used to mean uniform: say lut=uniform)"
+            )
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0 (numpy's SeedSequence refuses negative seeds), got {self.seed}")
         if self.checkpoint_every < 1:

@@ -6,7 +6,7 @@ the resource model (with ``r_max`` per device such that the full model finishes 
 local training exactly at the deadline), the devices' trainers, the strategy (DISTREAL or a
 baseline, Message API or legacy) and records one metrics row per round.
 
-Two runtimes (``runtime`` in the config):
+Three runtimes (``runtime`` in the config):
 
 ``flwr-run`` (default)
     The Message-API app of :mod:`flwr_distreal.app` through ``flwr run`` on a private local
@@ -16,6 +16,10 @@ Two runtimes (``runtime`` in the config):
     The legacy pair (:class:`~flwr_distreal.strategy.Distreal` and
     :class:`~flwr_distreal.client.DistrealClient`, ...) on ``flwr.simulation.run_simulation``,
     kept for users of the legacy API. A seeded run gives the same per-round metrics on both.
+``inprocess``
+    The same Message-API app with its messages delivered in this process, clients one after
+    another (:mod:`flwr_distreal.inprocess`): for sweeps on small machines; the same per-round
+    metrics as ``flwr run``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from .allocator import keep_freed_memory
 from .checks import check_classes, check_trace_devices, warn_unused_lut
 from .config import ConfigError, RunConfig, to_run_config
 from .data import FederatedData, load_federated
@@ -74,6 +79,7 @@ class Experiment:
     """
 
     def __init__(self, cfg: RunConfig) -> None:
+        keep_freed_memory()  # server, clients and in-process runs: no page-fault storm per forward pass
         self.cfg = cfg
         kwargs = cfg.dataset.loader_kwargs(cfg.seed)
         self.data = _load_data(cfg.dataset.name, json.dumps(kwargs, sort_keys=True))
@@ -145,10 +151,25 @@ class Experiment:
         return model
 
     def _load_lut(self, model) -> LUT:
-        """The configured LUT file (checked against the model), or a fine uniform LUT."""
-        if self.cfg.lut:
-            return LUT.load(self.cfg.lut, model)
-        return LUT.uniform(model, UNIFORM_RATES)
+        """DISTREAL's LUT (``lut``): ``learned``, the DSE's LUT shipped for the model
+        (:meth:`LUT.learned`); ``uniform``, equal rates in every layer; or a LUT file (checked
+        against the model). Logs which one the run uses."""
+        spec = str(self.cfg.lut)
+        if spec == "uniform":
+            lut, source = LUT.uniform(model, UNIFORM_RATES), "uniform (the same rate in every layer, 0 to 0.5)"
+        elif spec == "learned":
+            lut = LUT.learned(model)
+            source = f"learned (flwr_distreal/luts/{model.model_name}.json"
+            if "recosted_from_classes" in lut.meta:
+                source += f", learned with {lut.meta['recosted_from_classes']} classes, MACs recomputed for {model.num_classes}"
+            source += ")"
+        else:
+            lut, source = LUT.load(spec, model), spec
+        log.info(
+            "DISTREAL LUT: %s; %d vectors, %.3g to %.3g M MACs", source, len(lut), lut.min_macs / 1e6, lut.max_macs / 1e6
+        )
+        self.lut_source = source
+        return lut
 
     def availability(self, device_id: int, t: float) -> float:
         """Resource availability of a device at simulated time ``t`` (MACs per second); in the
@@ -429,18 +450,34 @@ class NodeConfigError(ValueError):
 
 
 class MetricsRecorder:
-    """Collects one row per round and writes ``metrics.csv`` as the run goes."""
+    """Collects one row per round and writes ``metrics.csv`` as the run goes.
+
+    Columns: the server's evaluation (``accuracy``, ``loss``: on the test split, or on the
+    validation split with ``evaluate_on=validation``), the round's replies (``received``,
+    ``failures``, ``stragglers``, ``refused``, ``clipped``, and ``accepted``: the clients
+    aggregated), resources (``mean_macs``, ``mean_utilisation``), the recipe's ``lr`` of the round,
+    ``update_norm`` (L2 norm of the aggregated update: the new global model minus the previous one,
+    over floating-point entries) and the clocks (``sim_time``, ``wall_time``).
+    """
 
     FIELDS = [
         "round", "accuracy", "loss", "received", "failures", "stragglers", "refused", "clipped", "accepted",
-        "mean_macs", "mean_utilisation", "sim_time", "wall_time",
+        "mean_macs", "mean_utilisation", "lr", "update_norm", "sim_time", "wall_time",
     ]
 
-    def __init__(self, path: Path | None, deadline: float, rows: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        deadline: float,
+        rows: list[dict[str, Any]] | None = None,
+        lr_fn: Callable[[int], float] | None = None,
+    ) -> None:
         self.path = path
         self.deadline = deadline
+        self.lr_fn = lr_fn
         self.rows: list[dict[str, Any]] = [dict(r) for r in rows or []]
         self._fit: dict[int, dict[str, Scalar]] = {}
+        self._previous: list | None = None
         # a resumed run's wall time goes on from where the checkpoint left it
         self._start = time.perf_counter() - (float(self.rows[-1]["wall_time"]) if self.rows else 0.0)
         if path is not None:
@@ -455,8 +492,29 @@ class MetricsRecorder:
     def on_fit(self, server_round: int, metrics: dict[str, Scalar]) -> None:
         self._fit[server_round] = dict(metrics)
 
-    def on_evaluate(self, server_round: int, loss: float, metrics: dict[str, Scalar]) -> None:
+    def set_global(self, arrays: list) -> None:
+        """The global model the next round starts from (the reference of its ``update_norm``)."""
+        self._previous = [np.array(a, copy=True) for a in arrays]
+
+    def _update_norm(self, arrays: list | None) -> float:
+        if arrays is None or self._previous is None or len(arrays) != len(self._previous):
+            return math.nan
+        total = 0.0
+        for new, old in zip(arrays, self._previous):
+            new, old = np.asarray(new), np.asarray(old)
+            if np.issubdtype(new.dtype, np.floating):
+                total += float(np.sum((new.astype(np.float64) - old.astype(np.float64)) ** 2))
+        return math.sqrt(total)
+
+    def on_evaluate(
+        self, server_round: int, loss: float, metrics: dict[str, Scalar], arrays: list | None = None
+    ) -> None:
+        """Record round ``server_round`` (its evaluation, and the round's train metrics); ``arrays``:
+        the round's new global model, for ``update_norm``."""
         fit = self._fit.get(server_round, {})
+        update_norm = self._update_norm(arrays)
+        if arrays is not None:
+            self.set_global(arrays)
         row = {
             "round": server_round,
             "accuracy": float(metrics.get("accuracy", math.nan)),
@@ -469,6 +527,8 @@ class MetricsRecorder:
             "accepted": fit.get("accepted", 0),
             "mean_macs": fit.get("mean_macs", math.nan),
             "mean_utilisation": fit.get("mean_utilisation", math.nan),
+            "lr": self.lr_fn(server_round) if self.lr_fn is not None else math.nan,
+            "update_norm": update_norm,
             "sim_time": server_round * self.deadline,
             "wall_time": round(time.perf_counter() - self._start, 3),
         }
@@ -512,9 +572,16 @@ class RecordingStrategy(Strategy):
         return self.inner.aggregate_evaluate(server_round, results, failures)
 
     def evaluate(self, server_round: int, parameters: Parameters):
+        from flwr.common import parameters_to_ndarrays
+
         out = self.inner.evaluate(server_round, parameters)
-        if out is not None and server_round >= 1:
-            self.recorder.on_evaluate(server_round, out[0], out[1])
+        if out is None:
+            return out
+        arrays = parameters_to_ndarrays(parameters)
+        if server_round >= 1:
+            self.recorder.on_evaluate(server_round, out[0], out[1], arrays)
+        else:  # the initial model: the reference of round 1's update
+            self.recorder.set_global(arrays)
         return out
 
 
@@ -592,7 +659,10 @@ def start_output(out: Path | None, cfg: RunConfig, rows: list[dict[str, Any]] | 
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
-    return MetricsRecorder(out / "metrics.csv" if out is not None else None, cfg.deadline, rows)
+    from .recipe import Recipe
+
+    lr_fn = Recipe.from_config(cfg).lr_at
+    return MetricsRecorder(out / "metrics.csv" if out is not None else None, cfg.deadline, rows, lr_fn)
 
 
 def summary_line(cfg: RunConfig, rows: list[dict[str, Any]]) -> str:
@@ -649,6 +719,8 @@ def run_experiment(cfg: RunConfig, output_dir: str | os.PathLike | None = None) 
     """
     if cfg.runtime == "legacy":
         return run_legacy_simulation(cfg, output_dir)
+    if cfg.runtime == "inprocess":
+        return run_inprocess(cfg, output_dir)
     return run_with_flwr(cfg, output_dir)
 
 
@@ -660,6 +732,53 @@ def _log_start(cfg: RunConfig, exp: Experiment, runtime: str) -> None:
     )
 
 
+class _AppRun:
+    """What both app runtimes (``flwr run`` and in-process) prepare before the ServerApp starts: the
+    checked config with absolute paths, the output directory with ``config.yaml`` (the ServerApp
+    composes nothing: it reads this file), and a printer of one line per finished round."""
+
+    def __init__(self, cfg: RunConfig, output_dir: str | os.PathLike | None, runtime: str) -> None:
+        import tempfile
+
+        self.cfg = cfg = with_absolute_paths(cfg)  # the app may run in another working directory
+        self.exp = _experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))  # refuse bad input here
+        _log_start(cfg, self.exp, runtime)
+        self.tmp = Path(tempfile.mkdtemp(prefix="fdr-run-")) if output_dir is None else None
+        self.out = Path(output_dir if output_dir is not None else self.tmp).expanduser().resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        check_run_dir(self.out, cfg)  # refuse before anything starts (the app checks again)
+        self.config_file = self.out / "config.yaml"
+        self.config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
+        self.metrics = self.out / "metrics.csv"
+        self.run_config = {"config-file": str(self.config_file), "output-dir": str(self.out)}
+        self._shown = len(_read_metrics(self.metrics))
+
+    def progress(self) -> None:
+        """Print a line for each round finished since the last call (every ``rounds // 50``-th
+        round of a long run)."""
+        rows = _read_metrics(self.metrics)
+        every = max(1, self.cfg.rounds // 50)  # at most ~50 lines per run, and always the last round
+        for row in rows[self._shown:]:
+            if int(row["round"]) % every and int(row["round"]) != self.cfg.rounds:
+                continue
+            print(
+                f"  [{self.cfg.strategy.name}] round {row['round']}/{self.cfg.rounds}: accuracy "
+                f"{float(row['accuracy']):.4f}, stragglers {row['stragglers']}/{row['received']}, "
+                f"{float(row['wall_time']):.1f} s",
+                flush=True,
+            )
+        self._shown = len(rows)
+
+    def close(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.csv``; removes the temporary output directory, if any."""
+        import shutil
+
+        rows = _read_metrics(self.metrics)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return rows
+
+
 def run_with_flwr(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Run the Message-API app (:mod:`flwr_distreal.app`) with ``flwr run`` on this process's
     private local SuperLink (:func:`flwr_distreal.local_runtime.shared_runtime`), one simulated
@@ -668,62 +787,91 @@ def run_with_flwr(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -
     Prints one line per finished round. Raises :class:`~flwr_distreal.local_runtime.FlwrRunError`
     when the run does not finish as completed (with Flower's reason and the log's path).
     """
-    import shutil
-    import tempfile
-
     from .app import APP_DIR
     from .local_runtime import FlwrRunError, shared_runtime
 
-    cfg = with_absolute_paths(cfg)  # the app runs in another working directory
-    exp = _experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))  # refuse bad input here
-    _log_start(cfg, exp, "flwr run")
+    run = _AppRun(cfg, output_dir, "flwr run")
+    cfg = run.cfg
     if cfg.num_cpus_per_client != math.ceil(cfg.num_cpus_per_client):
         log.warning(
             "num_cpus_per_client=%s: flwr run reserves whole CPUs per client, using %s",
             cfg.num_cpus_per_client, math.ceil(cfg.num_cpus_per_client),
         )
-    tmp = None
-    if output_dir is None:
-        tmp = Path(tempfile.mkdtemp(prefix="fdr-run-"))
-    out = Path(output_dir if output_dir is not None else tmp).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    check_run_dir(out, cfg)  # refuse before anything starts (the app checks again)
-    config_file = out / "config.yaml"
-    config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
-    metrics = out / "metrics.csv"
-    shown = [len(_read_metrics(metrics))]
-
-    def progress() -> None:
-        rows = _read_metrics(metrics)
-        for row in rows[shown[0]:]:
-            print(
-                f"  [{cfg.strategy.name}] round {row['round']}/{cfg.rounds}: accuracy {float(row['accuracy']):.4f}, "
-                f"stragglers {row['stragglers']}/{row['received']}, {float(row['wall_time']):.1f} s",
-                flush=True,
-            )
-        shown[0] = len(rows)
-
     try:
         result = shared_runtime().run(
             APP_DIR,
-            exp.num_devices,
-            {"config-file": str(config_file), "output-dir": str(out)},
+            run.exp.num_devices,
+            run.run_config,
             federation_config={
-                # Flower's simulation config takes whole CPUs per client
+                # Flower's simulation config takes whole CPUs per client; GPUs may be fractional
+                # (several clients share one GPU)
                 "client-resources-num-cpus": max(1, math.ceil(cfg.num_cpus_per_client)),
                 "client-resources-num-gpus": float(cfg.num_gpus_per_client),
             },
-            log_path=_next_log(out),
-            on_poll=progress,
+            log_path=_next_log(run.out),
+            on_poll=run.progress,
         )
         if not result.ok:
             raise FlwrRunError(
                 f"run {result.run_id} ended {result.status}: {result.details}; logs: {result.log_path}"
             )
-        return _read_metrics(metrics)
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        rows = run.close()
+    return rows
+
+
+def run_inprocess(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Run the Message-API app (:mod:`flwr_distreal.app`: the same ServerApp, strategies,
+    ClientApp and trainers as ``flwr run``) in this process, its clients one after another
+    (:mod:`flwr_distreal.inprocess`), and return the rows of ``metrics.csv``.
+
+    For sweeps on small machines: no SuperLink, no Ray, no per-message transport. A seeded run
+    gives the same per-round metrics as ``flwr run``; clients do not run in parallel and
+    ``round_timeout`` is not applied.
+    """
+    from .app import _server_main, client_app
+    from .inprocess import run_app_in_process
+
+    run = _AppRun(cfg, output_dir, "in process")
+    nodes = [{"partition-id": i, "num-partitions": run.exp.num_devices} for i in range(run.exp.num_devices)]
+    printer = _RoundPrinter(run.progress)
+    try:
+        with printer:
+            run_app_in_process(_server_main, client_app, nodes, run.run_config)
+    finally:
+        rows = run.close()
+    return rows
+
+
+class _RoundPrinter:
+    """Calls ``progress`` every ``interval`` seconds from a daemon thread while in its ``with``
+    block (and once at the end): the in-process run blocks this thread."""
+
+    def __init__(self, progress: Callable[[], None], interval: float = 1.0) -> None:
+        import threading
+
+        self.progress, self.interval = progress, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.progress()
+            except (OSError, ValueError, KeyError):  # a metrics.csv being written
+                pass
+
+    def __enter__(self) -> "_RoundPrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.progress()
+        except (OSError, ValueError, KeyError):
+            pass
 
 
 def _next_log(out: Path) -> Path:

@@ -105,7 +105,7 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
         return list(reader)
 
 
-KEYS = ("accuracy", "loss", "mean_macs", "mean_utilisation", "stragglers", "accepted")
+KEYS = ("accuracy", "loss", "mean_macs", "mean_utilisation", "stragglers", "accepted", "lr", "update_norm")
 
 
 def _metrics(rows: list[dict]) -> list[list[float]]:
@@ -162,6 +162,10 @@ def test_message_api_run_end_to_end_equals_legacy(strategy, tmp_path, ray_tmp, f
     else:
         legacy = run_experiment(dataclasses.replace(cfg, runtime="legacy"))
         assert _metrics(legacy) == _metrics(rows)
+    # the in-process runtime runs the same app: the same metrics, bit for bit
+    inprocess = run_experiment(dataclasses.replace(cfg, runtime="inprocess"), tmp_path / f"{strategy}_inprocess")
+    assert _metrics(inprocess) == _metrics(rows)
+    assert all(float(r["update_norm"]) > 0 and float(r["lr"]) == cfg.lr for r in inprocess)
     assert not ray.is_initialized()
     leftovers = _wait_until_gone(ray_tmp)
     assert not leftovers, f"Ray processes left after the legacy run: {leftovers}"
