@@ -701,7 +701,9 @@ def _experiment_for(cfg_json: str) -> Experiment:
     return Experiment(to_run_config(json.loads(cfg_json)))
 
 
-def run_experiment(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+def run_experiment(
+    cfg: RunConfig, output_dir: str | os.PathLike | None = None, *, show_rounds: bool = True
+) -> list[dict[str, Any]]:
     """Run a federated simulation in the configured runtime (``cfg.runtime``).
 
     Parameters
@@ -711,6 +713,8 @@ def run_experiment(cfg: RunConfig, output_dir: str | os.PathLike | None = None) 
     output_dir : path, optional
         Where ``metrics.csv``, ``config.yaml`` and ``accuracy.png`` go. The ``flwr-run`` runtime
         needs one: without it, the run writes to a temporary folder that is removed after.
+    show_rounds : bool, optional
+        Print a line per finished round (default); a sweep prints a line per run instead.
 
     Returns
     -------
@@ -720,8 +724,8 @@ def run_experiment(cfg: RunConfig, output_dir: str | os.PathLike | None = None) 
     if cfg.runtime == "legacy":
         return run_legacy_simulation(cfg, output_dir)
     if cfg.runtime == "inprocess":
-        return run_inprocess(cfg, output_dir)
-    return run_with_flwr(cfg, output_dir)
+        return run_inprocess(cfg, output_dir, show_rounds=show_rounds)
+    return run_with_flwr(cfg, output_dir, show_rounds=show_rounds)
 
 
 def _log_start(cfg: RunConfig, exp: Experiment, runtime: str) -> None:
@@ -737,9 +741,12 @@ class _AppRun:
     checked config with absolute paths, the output directory with ``config.yaml`` (the ServerApp
     composes nothing: it reads this file), and a printer of one line per finished round."""
 
-    def __init__(self, cfg: RunConfig, output_dir: str | os.PathLike | None, runtime: str) -> None:
+    def __init__(
+        self, cfg: RunConfig, output_dir: str | os.PathLike | None, runtime: str, show_rounds: bool = True
+    ) -> None:
         import tempfile
 
+        self.show_rounds = show_rounds
         self.cfg = cfg = with_absolute_paths(cfg)  # the app may run in another working directory
         self.exp = _experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))  # refuse bad input here
         _log_start(cfg, self.exp, runtime)
@@ -757,6 +764,9 @@ class _AppRun:
         """Print a line for each round finished since the last call (every ``rounds // 50``-th
         round of a long run)."""
         rows = _read_metrics(self.metrics)
+        if not self.show_rounds:
+            self._shown = len(rows)
+            return
         every = max(1, self.cfg.rounds // 50)  # at most ~50 lines per run, and always the last round
         for row in rows[self._shown:]:
             if int(row["round"]) % every and int(row["round"]) != self.cfg.rounds:
@@ -779,7 +789,9 @@ class _AppRun:
         return rows
 
 
-def run_with_flwr(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+def run_with_flwr(
+    cfg: RunConfig, output_dir: str | os.PathLike | None = None, *, show_rounds: bool = True
+) -> list[dict[str, Any]]:
     """Run the Message-API app (:mod:`flwr_distreal.app`) with ``flwr run`` on this process's
     private local SuperLink (:func:`flwr_distreal.local_runtime.shared_runtime`), one simulated
     SuperNode per device, and return the rows the ServerApp wrote to ``metrics.csv``.
@@ -790,7 +802,7 @@ def run_with_flwr(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -
     from .app import APP_DIR
     from .local_runtime import FlwrRunError, shared_runtime
 
-    run = _AppRun(cfg, output_dir, "flwr run")
+    run = _AppRun(cfg, output_dir, "flwr run", show_rounds)
     cfg = run.cfg
     if cfg.num_cpus_per_client != math.ceil(cfg.num_cpus_per_client):
         log.warning(
@@ -820,7 +832,9 @@ def run_with_flwr(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -
     return rows
 
 
-def run_inprocess(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+def run_inprocess(
+    cfg: RunConfig, output_dir: str | os.PathLike | None = None, *, show_rounds: bool = True
+) -> list[dict[str, Any]]:
     """Run the Message-API app (:mod:`flwr_distreal.app`: the same ServerApp, strategies,
     ClientApp and trainers as ``flwr run``) in this process, its clients one after another
     (:mod:`flwr_distreal.inprocess`), and return the rows of ``metrics.csv``.
@@ -832,7 +846,7 @@ def run_inprocess(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -
     from .app import _server_main, client_app
     from .inprocess import run_app_in_process
 
-    run = _AppRun(cfg, output_dir, "in process")
+    run = _AppRun(cfg, output_dir, "in process", show_rounds)
     nodes = [{"partition-id": i, "num-partitions": run.exp.num_devices} for i in range(run.exp.num_devices)]
     printer = _RoundPrinter(run.progress)
     try:

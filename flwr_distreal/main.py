@@ -35,11 +35,15 @@ def main(cfg: DictConfig) -> float:
     from .experiment import run_experiment, summary_line
 
     out = run_cfg.output_dir or HydraConfig.get().runtime.output_dir
-    rows = run_experiment(run_cfg, out)
+    from hydra.types import RunMode
+
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN  # a sweep prints a line per job, not per round
+    rows = run_experiment(run_cfg, out, show_rounds=not sweep)
     final = rows[-1]["accuracy"] if rows else float("nan")
     log.info("final accuracy %.4f; metrics, config and plot in %s", final, out)
-    print(summary_line(run_cfg, rows))
-    print(f"Done: final accuracy {final:.4f}. Metrics: {out}/metrics.csv  Plot: {out}/accuracy.png")
+    if not sweep:
+        print(summary_line(run_cfg, rows))
+        print(f"Done: final accuracy {final:.4f}. Metrics: {out}/metrics.csv  Plot: {out}/accuracy.png")
     return final
 
 

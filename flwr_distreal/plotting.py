@@ -11,6 +11,18 @@ from typing import Any
 __all__ = ["plot_bands", "plot_runs", "read_metrics"]
 
 
+
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
 def _number(value: str | None) -> float:
     """A CSV cell as a float: NaN when empty or not a number (a text column)."""
     try:
@@ -91,12 +103,7 @@ def plot_runs(
     ax2.grid(alpha=0.3)
     if title:
         ax1.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 #: One curve with its band: rounds, mean and standard deviation per round.
@@ -157,9 +164,4 @@ def plot_bands(
     (ax2 or ax1).set_xlabel("round")
     if title:
         ax1.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

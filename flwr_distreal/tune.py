@@ -456,7 +456,7 @@ def _execute(run: _Run, last_k: int) -> None:
         failures += (FlwrRunError,)
     start = time.perf_counter()
     try:
-        rows = experiment.run_experiment(run.cfg, run.folder)
+        rows = experiment.run_experiment(run.cfg, run.folder, show_rounds=False)
     except failures as err:
         run.seconds = time.perf_counter() - start
         rows = experiment._read_metrics(run.folder / "metrics.csv")

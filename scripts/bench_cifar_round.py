@@ -2,7 +2,7 @@
 against the same training steps and evaluation in a plain loop, side by side in one run.
 
     python scripts/bench_cifar_round.py                       # the issue's setting (10 clients of 500, batch 32, 10,000 test images)
-    python scripts/bench_cifar_round.py --variants plain,inprocess --malloc default,tuned
+    python scripts/bench_cifar_round.py --runs plain:default,plain:tuned
 
 Each variant runs in a fresh process (the allocator setting is per process):
 
@@ -17,8 +17,8 @@ Each variant runs in a fresh process (the allocator setting is per process):
 
 ``--malloc default`` keeps glibc's allocator (``FLWR_DISTREAL_MALLOC=default``), ``tuned`` reuses
 freed memory (:mod:`flwr_distreal.allocator`, the default of every run). CPU times are the whole
-machine's (``/proc/stat``: a runtime's SuperLink and Ray workers are not our children), so run it
-on an otherwise idle machine. Prints a table: wall, user and system CPU seconds, and the ratio of
+process's for ``plain`` and ``inprocess`` (exact), and the whole machine's for ``flwr-run``
+(``/proc/stat``: its SuperLink and Ray workers are not our children; run that on an idle machine). Prints a table: wall, user and system CPU seconds, and the ratio of
 each variant's wall time to the plain loop's with the same allocator.
 """
 
@@ -48,6 +48,14 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def _own_cpu() -> tuple[float, float]:
+    """This process's (and its waited-for children's) user and system CPU seconds so far."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + kids.ru_utime, me.ru_stime + kids.ru_stime
+
+
 def _proc_stat() -> tuple[float, float]:
     """Whole-machine user and system CPU seconds so far."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
@@ -71,7 +79,9 @@ def _child(variant: str, args: argparse.Namespace, out: Path) -> dict:
 
     from flwr_distreal.server_core import seeded_draw
 
-    u0, s0 = _proc_stat()
+    # flwr run's work happens in processes that are not our children (SuperLink, Ray): whole machine
+    cpu = _proc_stat if variant == "flwr-run" else _own_cpu
+    u0, s0 = cpu()
     t0 = time.perf_counter()
     round_wall = None
     if variant == "plain":
@@ -94,8 +104,24 @@ def _child(variant: str, args: argparse.Namespace, out: Path) -> dict:
         round_wall = float(rows[-1]["wall_time"])
         extra = {"round_wall_s": round_wall}
     wall = time.perf_counter() - t0
-    u1, s1 = _proc_stat()
-    return {"variant": variant, "wall_s": wall, "user_s": u1 - u0, "sys_s": s1 - s0, **extra}
+    u1, s1 = cpu()
+    return {"variant": variant, "wall_s": wall, "user_s": u1 - u0, "sys_s": s1 - s0, "cpu_of": cpu.__name__.strip("_"), **extra}
+
+
+def _passthrough(argv: list[str]) -> list[str]:
+    """The command line without --json/--runs (and their values): what a child needs."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--json", "--runs"):
+            skip = True
+            continue
+        if a.startswith(("--json=", "--runs=")):
+            continue
+        out.append(a)
+    return out
 
 
 def main() -> None:
@@ -107,8 +133,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--eval-batch", type=int, default=512)
     parser.add_argument("--lut", default="uniform", help="DISTREAL's LUT (learned, uniform or a file)")
-    parser.add_argument("--variants", default="plain,inprocess,flwr-run")
-    parser.add_argument("--malloc", default="default,tuned", help="allocator settings to compare")
+    parser.add_argument(
+        "--runs", default="plain:default,plain:tuned,inprocess:tuned,flwr-run:default,flwr-run:tuned",
+        help="variant:allocator pairs, in order (variants plain, inprocess, flwr-run; allocators default, tuned)",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -119,25 +147,27 @@ def main() -> None:
     if not (Path(args.root) / "cifar-10-batches-py").is_dir():
         sys.exit(f"no CIFAR-10 at {args.root} (cifar-10-batches-py); pass --root")
     results = []
-    for malloc in args.malloc.split(","):
-        for variant in args.variants.split(","):
-            env = dict(os.environ, FLWR_DISTREAL_MALLOC="default" if malloc == "default" else "tuned")
-            with tempfile.TemporaryDirectory(prefix="fdr-bench-") as tmp:
-                cmd = [sys.executable, __file__, "--child", variant, "--out", str(Path(tmp) / "run")]
-                cmd += [a for a in sys.argv[1:] if not a.startswith("--json")]
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                sys.exit(f"variant {variant} ({malloc}) failed with exit status {proc.returncode}")
-            res = {**json.loads(line[7:]), "malloc": malloc}
-            results.append(res)
-            print(
-                f"{variant:>9} malloc={malloc:<7} wall {res['wall_s']:7.1f} s  user {res['user_s']:7.1f} s  "
-                f"sys {res['sys_s']:7.1f} s" + "".join(f"  {k} {v:.1f}" for k, v in res.items() if k.endswith("_s") and k not in ("wall_s", "user_s", "sys_s")),
-                flush=True,
-            )
-    print("\nvariant    malloc   wall(s)  user(s)  sys(s)  wall / plain (same malloc)")
+    for pair in args.runs.split(","):
+        variant, _, malloc = pair.partition(":")
+        if variant not in ("plain", "inprocess", "flwr-run") or malloc not in ("default", "tuned"):
+            sys.exit(f"--runs: bad pair {pair!r}; expected <plain|inprocess|flwr-run>:<default|tuned>")
+        env = dict(os.environ, FLWR_DISTREAL_MALLOC="default" if malloc == "default" else "tuned")
+        with tempfile.TemporaryDirectory(prefix="fdr-bench-") as tmp:
+            cmd = [sys.executable, __file__, "--child", variant, "--out", str(Path(tmp) / "run")]
+            cmd += [a for a in _passthrough(sys.argv[1:])]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            sys.exit(f"variant {variant} ({malloc}) failed with exit status {proc.returncode}")
+        res = {**json.loads(line[7:]), "malloc": malloc}
+        results.append(res)
+        print(
+            f"{variant:>9} malloc={malloc:<7} wall {res['wall_s']:7.1f} s  user {res['user_s']:7.1f} s  "
+            f"sys {res['sys_s']:7.1f} s" + "".join(f"  {k} {v:.1f}" for k, v in res.items() if k.endswith("_s") and k not in ("wall_s", "user_s", "sys_s")),
+            flush=True,
+        )
+    print("\nvariant    malloc   wall(s)  user(s)  sys(s)  wall / plain (same malloc)   (CPU of flwr-run: whole machine)")
     for res in results:
         plain = next((r for r in results if r["variant"] == "plain" and r["malloc"] == res["malloc"]), None)
         ratio = f"{res['wall_s'] / plain['wall_s']:.2f}" if plain else "-"

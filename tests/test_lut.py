@@ -555,3 +555,51 @@ def test_npz_refuses_bad_macs(tmp_path, femnist_lut, kind):
     np.savez(path, header=parts["header"], vectors=parts["vectors"], macs=macs)
     with pytest.raises(LUTError, match=r"bad\.npz"):
         LUT.load(path)
+
+
+# -- the learned LUTs shipped with the package (lut=learned) --------------------------------------
+
+
+def test_learned_lut_is_recosted_for_another_classifier_and_refuses_unknown_models(tmp_path, monkeypatch) -> None:
+    import flwr_distreal.lut as lut_module
+    from flwr_distreal.models import build_model
+
+    monkeypatch.setattr(lut_module, "SHIPPED_DIR", tmp_path)
+    model62 = build_model("femnist_cnn", 62)
+    vectors = [[0.0, 0.0], [0.49, 0.1], [0.5, 0.5]]
+    LUT.from_vectors(model62, vectors, meta={"kind": "dse"}).save(tmp_path / "femnist_cnn.json")
+    same = LUT.learned(model62)
+    assert same.num_classes == 62 and "recosted_from_classes" not in same.meta
+    model10 = build_model("femnist_cnn", 10)
+    recosted = LUT.learned(model10)
+    # the same vectors (per conv layer), their MACs recomputed exactly for the 10-class classifier
+    np.testing.assert_array_equal(recosted.vectors, same.vectors)
+    assert recosted.meta["recosted_from_classes"] == 62 and recosted.num_classes == 10
+    assert recosted.macs.tolist() == [count_macs(model10, v) for v in recosted.vectors]
+    assert recosted.macs.tolist() != same.macs.tolist()
+    with pytest.raises(LUTError, match=r"no learned LUT is shipped for model 'densenet_bc_100'.*lut=uniform"):
+        LUT.learned(build_model("densenet_bc_100", 100))
+
+
+def test_shipped_luts_fit_their_models() -> None:
+    from flwr_distreal.lut import SHIPPED_DIR
+    from flwr_distreal.models import build_model
+
+    shipped = sorted(SHIPPED_DIR.glob("*.json"))
+    assert any(p.stem == "femnist_cnn" for p in shipped), "the FEMNIST CNN's learned LUT is not shipped"
+    for path in shipped:
+        lut = LUT.load(path)
+        model = build_model(path.stem, lut.num_classes)
+        lut.check_model(model)  # exact MACs, layers, classes
+        assert lut.meta.get("kind") != "uniform" and len(lut) >= 2
+        assert float(lut.vectors.max()) <= 0.5 and float(lut.vectors.min()) >= 0.0
+
+
+def test_lut_null_is_refused_with_the_named_options() -> None:
+    from flwr_distreal.config import ConfigError, to_run_config
+
+    base = {"dataset": {"name": "digits"}, "model": {"name": "femnist_cnn", "small": "femnist_cnn_small"},
+            "strategy": {"name": "distreal"}, "resources": {"kind": "timevarying"}}
+    assert to_run_config(base).lut == "learned"
+    with pytest.raises(ConfigError, match=r"learned .*uniform .*say lut=uniform"):
+        to_run_config({**base, "lut": None})

@@ -20,7 +20,7 @@ from flwr_distreal.callbacks import ConsoleFilter, SweepReport, count_sweep_jobs
 from flwr_distreal.config import register_configs, to_run_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("fig*.yaml"))  # the figures; main_digits: see test_main_job
 ALL_METHODS = {"full", "small", "distreal", "distreal_uniform", "heterofl", "feddropout"}
 
 register_configs()

@@ -261,7 +261,7 @@ def test_resume_reuses_finished_runs_and_reruns_unfinished_ones(tuned, shifted_n
     results = tuned[1]
     calls: list[float] = []
 
-    def fake_run(cfg, folder):  # stands in for a run: records the call and writes what a run writes
+    def fake_run(cfg, folder, show_rounds=True):  # stands in for a run: records the call and writes what a run writes
         calls.append(cfg.lr)
         Path(folder).mkdir(parents=True, exist_ok=True)
         experiment.start_output(Path(folder), cfg)
@@ -311,7 +311,7 @@ def test_resolver_tells_lut_variants_apart(tmp_path: Path) -> None:
 def test_a_failed_run_scores_nothing_and_is_not_rerun(shifted_npz: Path, tmp_path: Path, monkeypatch) -> None:
     calls: list[float] = []
 
-    def fake_run(cfg, folder):  # lr=0.2 "diverges" in round 1; lr=0.005 finishes
+    def fake_run(cfg, folder, show_rounds=True):  # lr=0.2 "diverges" in round 1; lr=0.005 finishes
         calls.append(cfg.lr)
         experiment.start_output(Path(folder), cfg)
         if cfg.lr == 0.2:
@@ -333,7 +333,7 @@ def test_a_failed_run_scores_nothing_and_is_not_rerun(shifted_npz: Path, tmp_pat
 
 
 def test_lut_variants_are_tuned_apart_and_resolved(shifted_npz: Path, tmp_path: Path, monkeypatch) -> None:
-    def fake_run(cfg, folder):  # the learned LUT does best at the small lr, the uniform one at the large lr
+    def fake_run(cfg, folder, show_rounds=True):  # the learned LUT does best at the small lr, the uniform one at the large lr
         experiment.start_output(Path(folder), cfg)
         good = (cfg.lut == "learned") == (cfg.lr == 0.005)
         with (Path(folder) / "metrics.csv").open("w", newline="") as f:
