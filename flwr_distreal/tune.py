@@ -577,7 +577,14 @@ def _summarise(
         for lr in settings.grid:
             per_seed = [r.score for r in runs if r.entry == entry and r.lr == lr]
             scores.append(sum(per_seed) / len(per_seed))  # NaN if any seed failed
-        results[entry.name] = {"lr": choose_lr(settings.grid, scores), "scores": scores, "match": matches[entry.name]}
+        chosen = choose_lr(settings.grid, scores)
+        results[entry.name] = {"lr": chosen, "scores": scores, "match": matches[entry.name]}
+        if chosen is not None and len(settings.grid) > 1 and chosen in (min(settings.grid), max(settings.grid)):
+            # the optimum may lie outside the grid: the comparison would then not be fair
+            log.warning(
+                "%s: the best lr %s is at the edge of the grid %s; extend tune.lrs beyond it (finished runs "
+                "are reused)", entry.name, chosen, list(settings.grid),
+            )
     return results
 
 

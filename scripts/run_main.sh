@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The main job: set-up, then a short DISTREAL-vs-baselines simulation on the embedded digits data
-# (no download) with time-varying resources, then one comparison plot and a summary table.
+# The main job: set-up, then a fair comparison at small scale on the embedded digits data (no
+# download): DISTREAL (learned and uniform LUT), full resources, small network, Federated Dropout
+# and HeteroFL, each at its lr tuned on a validation split, the same recipe, seeds 0-2,
+# time-varying resources (lambda = 2); one progress line per run, then the table (mean +- s.d.).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 out=${OUT_DIR:-outputs/main_job}
 rm -rf "$out"
-.venv/bin/python -m flwr_distreal.main -m strategy=distreal,full,small,feddropout,heterofl \
-  resources=timevarying resources.lam=2 hydra.sweep.dir="$out" "$@"
-.venv/bin/python scripts/plot_runs.py "$out" --title "digits (embedded), time-varying resources, lambda=2"
-echo "Per-run metrics, resolved configs and plots: $out/<job>_<strategy>_lam2.0_seed0/"
+.venv/bin/python -m flwr_distreal.main -m +experiment=main_digits hydra.sweep.dir="$out" "$@"
+echo "Report (tables, curves with mean +- s.d. bands): $out/report/  Per-run metrics and configs: $out/<job>_<method>_seed<seed>/"
