@@ -87,7 +87,7 @@ def save_checkpoint(directory: str | os.PathLike, ckpt: Checkpoint) -> Path:
         "rows": ckpt.rows,
         "strategy": ckpt.strategy,
     }
-    payload = {f"a{i}": np.ascontiguousarray(a) for i, a in enumerate(ckpt.arrays)}
+    payload = {f"a{i}": np.asarray(a, order="C") for i, a in enumerate(ckpt.arrays)}  # keeps 0-d shapes
     payload["meta"] = np.frombuffer(json.dumps(meta, default=_json_default).encode(), dtype=np.uint8)
     with tmp.open("wb") as f:
         np.savez(f, **payload)

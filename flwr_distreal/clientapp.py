@@ -165,8 +165,10 @@ def arrays_from_record(record: ArrayRecord, keys: Iterable[str]) -> list[np.ndar
 
 
 def record_from_arrays(keys: Iterable[str], arrays: Iterable[np.ndarray]) -> ArrayRecord:
-    """An ``ArrayRecord`` keyed by ``keys`` (``state_dict`` order), C-ordered arrays."""
-    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(a))) for k, a in zip(keys, arrays, strict=True)))
+    """An ``ArrayRecord`` keyed by ``keys`` (``state_dict`` order), C-ordered arrays. Shapes are
+    kept exactly, 0-d ones too (BatchNorm's ``num_batches_tracked``): ``np.ascontiguousarray``
+    would make those 1-d."""
+    return ArrayRecord(OrderedDict((k, Array(np.asarray(a, order="C"))) for k, a in zip(keys, arrays, strict=True)))
 
 
 def _resolve(trainers: TrainerFn | TrainerCache) -> TrainerCache:

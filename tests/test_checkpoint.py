@@ -159,3 +159,15 @@ def test_the_watchdog_stops_tagged_processes_after_kill_9_of_their_owner(tmp_pat
     finally:
         if owner.poll() is None:
             owner.kill()
+
+
+def test_a_checkpoint_keeps_0d_arrays(tmp_path) -> None:
+    """BatchNorm's ``num_batches_tracked`` is 0-d: saved and loaded with its shape."""
+    import numpy as np
+
+    from flwr_distreal.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    arrays = [np.zeros((2, 3), np.float32), np.array(7, dtype=np.int64)]
+    save_checkpoint(tmp_path, Checkpoint(1, ["w", "n"], arrays, {"seed": 0}, [], {}))
+    back = load_checkpoint(tmp_path)
+    assert [a.shape for a in back.arrays] == [(2, 3), ()] and int(back.arrays[1]) == 7

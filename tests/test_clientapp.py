@@ -210,3 +210,20 @@ def test_legacy_clients_are_adapters_over_trainers() -> None:
     assert isinstance(BaselineClient(build_model("femnist_cnn", 10), _loader(), DEVICE, None).trainer, BaselineTrainer)
     with pytest.raises(TypeError, match="must be a DeviceTrainer"):
         TrainerClient(object())  # type: ignore[arg-type]
+
+
+def test_records_keep_every_shape_of_a_batchnorm_model() -> None:
+    """DenseNet's BatchNorm layers hold 0-d ``num_batches_tracked`` tensors: a round trip through
+    an ArrayRecord keeps their shape (a 1-d copy would be refused by ``set_weights``)."""
+    from flwr_distreal.clientapp import arrays_from_record, record_from_arrays
+    from flwr_distreal.models import build_model
+    from flwr_distreal.training import get_weights, set_weights
+
+    model = build_model("densenet_bc_19", 10)
+    keys = list(model.state_dict().keys())
+    arrays = get_weights(model)
+    assert any(a.ndim == 0 for a in arrays)
+    back = arrays_from_record(record_from_arrays(keys, arrays), keys)
+    assert [a.shape for a in back] == [a.shape for a in arrays]
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, back))
+    set_weights(build_model("densenet_bc_19", 10), back)  # accepted
