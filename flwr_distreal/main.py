@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> float:
     log.info("final accuracy %.4f; metrics, config and plot in %s", final, out)
     if not sweep:
         print(summary_line(run_cfg, rows))
-        print(f"Done: final accuracy {final:.4f}. Metrics: {out}/metrics.csv  Plot: {out}/accuracy.png")
+    print(f"Done: final accuracy {final:.4f}. Metrics: {out}/metrics.csv  Plot: {out}/accuracy.png")
     return final
 
 

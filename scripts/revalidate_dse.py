@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--root", default=None, help="dataset directory")
     p.add_argument("--val-fraction", type=float, default=0.2, help="as in the DSE (dse.val_fraction)")
     p.add_argument("--split-seed", type=int, default=0, help="as in the DSE (dse.seed)")
+    p.add_argument("--max-samples", type=int, default=None, help="as in the DSE (dse.max_samples)")
     p.add_argument("--batches", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.02)
@@ -45,7 +46,7 @@ def main() -> None:
     directory = Path(args.directory)
     lut = LUT.load(directory / "lut.json")
     data = load_dse_data(args.dataset, root=args.root, val_fraction=args.val_fraction, seed=args.split_seed,
-                         options={"seed": args.split_seed})
+                         max_samples=args.max_samples, options={"seed": args.split_seed})
     snap_path = Path(args.snapshot) if args.snapshot else directory / "snapshot.pt"
     snapshot = Snapshot.load(snap_path, model_name=lut.model_name, dataset=data.name)
     settings = ShortTrainingSettings(batches=args.batches, batch_size=args.batch_size, seeds=tuple(args.seeds), lr=args.lr)

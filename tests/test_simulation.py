@@ -170,7 +170,7 @@ def test_message_api_run_end_to_end_equals_legacy(strategy, tmp_path, ray_tmp, f
     leftovers = _wait_until_gone(ray_tmp)
     assert not leftovers, f"Ray processes left after the legacy run: {leftovers}"
     if strategy == "distreal":  # another seed draws other devices, filters and batches
-        other = run_experiment(dataclasses.replace(cfg, seed=cfg.seed + 1, rounds=1, runtime="legacy"))
+        other = run_experiment(dataclasses.replace(cfg, seed=cfg.seed + 1, rounds=1, runtime="inprocess"))
         assert _metrics(other) != _metrics(rows)[:1]
     with pytest.raises(RunDirectoryError, match="already holds a run"):
         run_experiment(cfg, out)  # refused before anything starts, nothing overwritten
@@ -209,7 +209,7 @@ def test_hydra_main_subprocess(tmp_path) -> None:
             "rounds=1",
             "clients_per_round=2",
             "dataset.num_devices=4",
-            f"lut=null,{lut_path}",
+            f"lut=uniform,{lut_path}",
             f"hydra.sweep.dir={sweep_dir}",
         ],
         cwd=tmp_path,
@@ -228,7 +228,7 @@ def test_hydra_main_subprocess(tmp_path) -> None:
         assert len(rows) == 1 and 0.0 <= float(rows[0]["accuracy"]) <= 1.0
         assert (run_dir / "accuracy.png").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
         luts.append(OmegaConf.load(run_dir / "config.yaml").lut)
-    assert sorted(luts, key=str) == sorted([None, str(lut_path)], key=str)
+    assert sorted(luts) == sorted(["uniform", str(lut_path)])
     # the runner's private local SuperLink and everything it started stopped with the runner
     leftovers = _wait_until_gone(short_tmp, timeout=20)
     shutil.rmtree(short_tmp, ignore_errors=True)
