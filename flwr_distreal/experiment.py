@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from .aggregate import update_norms
 from .allocator import keep_freed_memory
 from .checks import check_classes, check_trace_devices, warn_unused_lut
 from .config import ConfigError, RunConfig, to_run_config
@@ -499,12 +500,7 @@ class MetricsRecorder:
     def _update_norm(self, arrays: list | None) -> float:
         if arrays is None or self._previous is None or len(arrays) != len(self._previous):
             return math.nan
-        total = 0.0
-        for new, old in zip(arrays, self._previous):
-            new, old = np.asarray(new), np.asarray(old)
-            if np.issubdtype(new.dtype, np.floating):
-                total += float(np.sum((new.astype(np.float64) - old.astype(np.float64)) ** 2))
-        return math.sqrt(total)
+        return float(np.sqrt(np.sum(update_norms(self._previous, arrays) ** 2)))  # floating arrays, in float64
 
     def on_evaluate(
         self, server_round: int, loss: float, metrics: dict[str, Scalar], arrays: list | None = None

@@ -69,6 +69,7 @@ def _child(variant: str, args: argparse.Namespace, out: Path) -> dict:
     sys.path.insert(0, str(ROOT))
     from hydra import compose, initialize_config_dir
 
+    from flwr_distreal import contract as C
     from flwr_distreal.config import register_configs, to_run_config
     from flwr_distreal.experiment import Experiment, run_experiment
 
@@ -94,7 +95,7 @@ def _child(variant: str, args: argparse.Namespace, out: Path) -> dict:
         steps = 0
         for trainer in trainers:
             result = trainer.fit(arrays, {"server-round": 1})
-            steps += int(result.metrics["num-batches"] if "num-batches" in result.metrics else result.metrics.get("num_batches", 0))
+            steps += int(result.metrics[C.NUM_BATCHES])
         t_eval = time.perf_counter()
         exp.evaluate(arrays)
         t_end = time.perf_counter()
@@ -154,7 +155,7 @@ def main() -> None:
         env = dict(os.environ, FLWR_DISTREAL_MALLOC="default" if malloc == "default" else "tuned")
         with tempfile.TemporaryDirectory(prefix="fdr-bench-") as tmp:
             cmd = [sys.executable, __file__, "--child", variant, "--out", str(Path(tmp) / "run")]
-            cmd += [a for a in _passthrough(sys.argv[1:])]
+            cmd += _passthrough(sys.argv[1:])
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

@@ -112,8 +112,7 @@ def _metrics(rows: list[dict]) -> list[list[float]]:
     return [[float(r[k]) for k in KEYS] for r in rows]
 
 
-@pytest.mark.parametrize("strategy", ["distreal"])
-def test_message_api_run_end_to_end_equals_legacy(strategy, tmp_path, ray_tmp, flwr_runtime) -> None:
+def test_message_api_run_end_to_end_equals_legacy(tmp_path, ray_tmp, flwr_runtime) -> None:
     """The default runtime (the Message-API app through ``flwr run``) writes the run's outputs;
     the same seeded experiment through the legacy pair on ``run_simulation`` gives the same
     per-round metrics to the last bit: both draw the same devices (one seeded draw over partition
@@ -122,6 +121,7 @@ def test_message_api_run_end_to_end_equals_legacy(strategy, tmp_path, ray_tmp, f
     refused."""
     import ray
 
+    strategy = "distreal"  # HeteroFL: test_submodel_baseline_in_process_equals_legacy
     cfg = _run_config([*SMALL, f"strategy={strategy}"])
     assert cfg.runtime == "flwr-run"
     out = tmp_path / strategy
@@ -139,11 +139,10 @@ def test_message_api_run_end_to_end_equals_legacy(strategy, tmp_path, ray_tmp, f
         stragglers, refused, accepted = int(row["stragglers"]), int(row["refused"]), int(row["accepted"])
         assert stragglers + refused + accepted == 3
         assert float(row["sim_time"]) == pytest.approx(int(row["round"]) * cfg.deadline)
-        if strategy == "distreal":
-            # DISTREAL adapts every mini-batch (and stops at the deadline): never a straggler
-            assert stragglers == 0 and refused == 0 and accepted == 3
-            assert float(row["mean_macs"]) > 0
-            assert 0.0 < float(row["mean_utilisation"]) <= 1.0 + 1e-9
+        # DISTREAL adapts every mini-batch (and stops at the deadline): never a straggler
+        assert stragglers == 0 and refused == 0 and accepted == 3
+        assert float(row["mean_macs"]) > 0
+        assert 0.0 < float(row["mean_utilisation"]) <= 1.0 + 1e-9
     # the resolved config and the plot
     saved = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
     assert saved == dataclasses.asdict(cfg)
@@ -151,17 +150,13 @@ def test_message_api_run_end_to_end_equals_legacy(strategy, tmp_path, ray_tmp, f
     png = out / "accuracy.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    if strategy == "distreal":
-        # resumed from the round-2 checkpoint to 3 rounds == 3 rounds uninterrupted (legacy)
-        assert (out / "checkpoint.npz").is_file()
-        resumed = run_experiment(dataclasses.replace(cfg, rounds=3, resume=True), out)
-        assert [int(r["round"]) for r in _read_rows(out / "metrics.csv")] == [1, 2, 3]
-        legacy = run_experiment(dataclasses.replace(cfg, rounds=3, runtime="legacy"))
-        assert _metrics(legacy) == _metrics(resumed)
-        assert _metrics(legacy)[:2] == _metrics(rows)
-    else:
-        legacy = run_experiment(dataclasses.replace(cfg, runtime="legacy"))
-        assert _metrics(legacy) == _metrics(rows)
+    # resumed from the round-2 checkpoint to 3 rounds == 3 rounds uninterrupted (legacy)
+    assert (out / "checkpoint.npz").is_file()
+    resumed = run_experiment(dataclasses.replace(cfg, rounds=3, resume=True), out)
+    assert [int(r["round"]) for r in _read_rows(out / "metrics.csv")] == [1, 2, 3]
+    legacy = run_experiment(dataclasses.replace(cfg, rounds=3, runtime="legacy"))
+    assert _metrics(legacy) == _metrics(resumed)
+    assert _metrics(legacy)[:2] == _metrics(rows)
     # the in-process runtime runs the same app: the same metrics, bit for bit
     inprocess = run_experiment(dataclasses.replace(cfg, runtime="inprocess"), tmp_path / f"{strategy}_inprocess")
     assert _metrics(inprocess) == _metrics(rows)
@@ -169,9 +164,9 @@ def test_message_api_run_end_to_end_equals_legacy(strategy, tmp_path, ray_tmp, f
     assert not ray.is_initialized()
     leftovers = _wait_until_gone(ray_tmp)
     assert not leftovers, f"Ray processes left after the legacy run: {leftovers}"
-    if strategy == "distreal":  # another seed draws other devices, filters and batches
-        other = run_experiment(dataclasses.replace(cfg, seed=cfg.seed + 1, rounds=1, runtime="inprocess"))
-        assert _metrics(other) != _metrics(rows)[:1]
+    # another seed draws other devices, filters and batches
+    other = run_experiment(dataclasses.replace(cfg, seed=cfg.seed + 1, rounds=1, runtime="inprocess"))
+    assert _metrics(other) != _metrics(rows)[:1]
     with pytest.raises(RunDirectoryError, match="already holds a run"):
         run_experiment(cfg, out)  # refused before anything starts, nothing overwritten
 
