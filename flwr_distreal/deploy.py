@@ -61,7 +61,9 @@ from .local_runtime import (
     _flwr_cli,
     _free_port,
     _signal,
+    _tail,
     format_run_config,
+    stream_flwr_run,
     tagged_pids,
 )
 
@@ -251,13 +253,6 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def _json_payload(text: str) -> dict[str, Any]:
@@ -668,36 +663,10 @@ class LocalDeployment:
         log_file = Path(log_path) if log_path is not None else self.logs / f"run-{uuid.uuid4().hex[:8]}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
-        with log_file.open("w") as sink:
-            proc = subprocess.Popen(
-                args, env=self.env, cwd=self.root, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-            self._children.append(proc)
-            try:
-                while proc.poll() is None:
-                    if timeout is not None and time.monotonic() - start > timeout:
-                        raise FlwrRunError(
-                            f"flwr run did not finish within {timeout:g} s; logs: {log_file}\n{_tail(log_file)}\n"
-                            f"{self.log_tails()}"
-                        )
-                    if on_poll is not None:
-                        on_poll()
-                    time.sleep(poll_s)
-            finally:
-                if proc.poll() is None:
-                    proc.terminate()
-                    try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
-        if on_poll is not None:
-            on_poll()
-        text = log_file.read_text(errors="replace")
-        started = [line for line in text.splitlines() if "Successfully started run" in line]
-        if not started:
-            raise FlwrRunError(f"flwr run failed (exit {proc.returncode}); logs: {log_file}\n{_tail(log_file, 20)}")
-        run_id = int(started[0].split()[-1])
+        run_id = stream_flwr_run(
+            args, env=self.env, cwd=self.root, log_file=log_file, children=self._children, timeout=timeout,
+            on_poll=on_poll, poll_s=poll_s, require_exit_zero=False, context=self.log_tails,
+        )
         # The stream ends when the run does, or earlier if it broke (a busy SuperLink can drop it):
         # the run goes on in the SuperLink, so wait for Flower's final status.
         status: dict[str, Any] = {}

@@ -49,6 +49,7 @@ __all__ = [
     "ProcessGuard",
     "format_run_config",
     "shared_runtime",
+    "stream_flwr_run",
     "tagged_pids",
     "watch",
 ]
@@ -73,6 +74,92 @@ class FlwrRunResult:
     @property
     def ok(self) -> bool:
         return self.status == "finished:completed"
+
+
+def stream_flwr_run(
+    args: list[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | os.PathLike,
+    log_file: Path,
+    children: list[subprocess.Popen],
+    timeout: float | None = None,
+    on_poll: Callable[[], None] | None = None,
+    poll_s: float = 1.0,
+    require_exit_zero: bool = True,
+    context: Callable[[], str] = lambda: "",
+) -> int:
+    """Run ``flwr run ... --stream`` with its output in ``log_file`` and wait for it to end.
+
+    Parameters
+    ----------
+    args : list of str
+        The ``flwr run`` command line.
+    env, cwd
+        Its environment and working folder.
+    log_file : Path
+        Where its streamed output goes.
+    children : list
+        The caller's list of started processes; the ``flwr`` process is appended (stopped by PID).
+    timeout : float, optional
+        Seconds before ``flwr`` is stopped (SIGTERM, SIGKILL after 10 s) and
+        :class:`FlwrRunError` raised.
+    on_poll : callable, optional
+        Called every ``poll_s`` seconds while it runs, and once after.
+    require_exit_zero : bool
+        Whether a non-zero exit of ``flwr`` is a failure even when it started the run (a
+        deployment's stream can break while its run goes on in the SuperLink).
+    context : callable
+        More text for error messages (e.g. the SuperLink's and SuperNodes' log tails).
+
+    Returns
+    -------
+    int
+        The run id Flower printed (``Successfully started run <id>``).
+
+    Raises
+    ------
+    FlwrRunError
+        If ``flwr run`` times out, or ends without having started the run.
+    """
+    start = time.monotonic()
+    with log_file.open("w") as sink:
+        proc = subprocess.Popen(
+            args, env=dict(env), cwd=cwd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        children.append(proc)
+        try:
+            while proc.poll() is None:
+                if timeout is not None and time.monotonic() - start > timeout:
+                    raise FlwrRunError(
+                        f"flwr run did not finish within {timeout:g} s; logs: {log_file}\n{_tail(log_file)}\n"
+                        f"{context()}"
+                    )
+                if on_poll is not None:
+                    on_poll()
+                time.sleep(poll_s)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    if on_poll is not None:
+        on_poll()
+    text = log_file.read_text(errors="replace")
+    started = [line for line in text.splitlines() if "Successfully started run" in line]
+    if not started or (require_exit_zero and proc.returncode != 0):
+        raise FlwrRunError(f"flwr run failed (exit {proc.returncode}); logs: {log_file}\n{_tail(log_file, 20)}")
+    return int(started[0].split()[-1])
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def _free_port() -> int:
@@ -232,31 +319,10 @@ class LocalFlwrRuntime:
             args += ["--run-config", format_run_config(run_config)]
         log_file = Path(log_path) if log_path is not None else self.root / f"run-{uuid.uuid4().hex[:8]}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        start = time.monotonic()
-        with log_file.open("w") as sink:
-            proc = subprocess.Popen(args, env=self.env, cwd=self.root, stdout=sink, stderr=subprocess.STDOUT)
-            self._children.append(proc)
-            try:
-                while proc.poll() is None:
-                    if timeout is not None and time.monotonic() - start > timeout:
-                        proc.terminate()
-                        proc.wait(10)
-                        raise FlwrRunError(f"flwr run did not finish within {timeout:g} s; logs: {log_file}")
-                    if on_poll is not None:
-                        on_poll()
-                    time.sleep(poll_s)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        if on_poll is not None:
-            on_poll()
-        text = log_file.read_text(errors="replace")
-        started = [line for line in text.splitlines() if "Successfully started run" in line]
-        if proc.returncode != 0 or not started:
-            tail = "\n".join(text.splitlines()[-20:])
-            raise FlwrRunError(f"flwr run failed (exit {proc.returncode}); logs: {log_file}\n{tail}")
-        run_id = int(started[0].split()[-1])
+        run_id = stream_flwr_run(
+            args, env=self.env, cwd=self.root, log_file=log_file, children=self._children,
+            timeout=timeout, on_poll=on_poll, poll_s=poll_s,
+        )
         status = self.status(run_id)
         return FlwrRunResult(run_id, str(status.get("status", "")), str(status.get("status-details", "")), log_file)
 
