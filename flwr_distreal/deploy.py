@@ -63,6 +63,7 @@ from .local_runtime import (
     _signal,
     _tail,
     format_run_config,
+    poll_until,
     stream_flwr_run,
     tagged_pids,
 )
@@ -670,23 +671,26 @@ class LocalDeployment:
         # The stream ends when the run does, or earlier if it broke (a busy SuperLink can drop it):
         # the run goes on in the SuperLink, so wait for Flower's final status.
         status: dict[str, Any] = {}
-        while True:
+
+        def finished() -> bool:
+            nonlocal status
             try:
                 status = self.status(run_id)
             except (FlwrRunError, subprocess.TimeoutExpired):
                 status = {}
             if str(status.get("status", "")).startswith("finished"):
-                break
+                return True
             if self.superlink is None or self.superlink.poll() is not None:
                 raise FlwrRunError(f"the SuperLink exited during run {run_id}\n{self.log_tails()}")
-            if timeout is not None and time.monotonic() - start > timeout:
-                raise FlwrRunError(
-                    f"run {run_id} did not finish within {timeout:g} s (status {status.get('status')!r}); "
-                    f"logs: {log_file}\n{_tail(log_file)}\n{self.log_tails()}"
-                )
-            if on_poll is not None:
-                on_poll()
-            time.sleep(max(poll_s, 2.0))
+            return False
+
+        poll_until(
+            finished, start=start, timeout=timeout, on_poll=on_poll, poll_s=max(poll_s, 2.0),
+            timeout_message=lambda: (
+                f"run {run_id} did not finish within {timeout:g} s (status {status.get('status')!r}); "
+                f"logs: {log_file}\n{_tail(log_file)}\n{self.log_tails()}"
+            ),
+        )
         return FlwrRunResult(run_id, str(status.get("status", "")), str(status.get("status-details", "")), log_file)
 
     # -- stop --------------------------------------------------------------------------------------

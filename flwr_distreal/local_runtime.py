@@ -48,6 +48,7 @@ __all__ = [
     "LocalFlwrRuntime",
     "ProcessGuard",
     "format_run_config",
+    "poll_until",
     "shared_runtime",
     "stream_flwr_run",
     "tagged_pids",
@@ -74,6 +75,31 @@ class FlwrRunResult:
     @property
     def ok(self) -> bool:
         return self.status == "finished:completed"
+
+
+def poll_until(
+    done: Callable[[], bool],
+    *,
+    start: float,
+    timeout: float | None,
+    timeout_message: Callable[[], str],
+    on_poll: Callable[[], None] | None = None,
+    poll_s: float = 1.0,
+) -> None:
+    """Call ``done`` every ``poll_s`` seconds until it returns True, ``on_poll`` in between.
+
+    Raises
+    ------
+    FlwrRunError
+        With ``timeout_message()``, once ``timeout`` seconds have passed since ``start``
+        (``time.monotonic()``) and ``done`` is still False.
+    """
+    while not done():
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise FlwrRunError(timeout_message())
+        if on_poll is not None:
+            on_poll()
+        time.sleep(poll_s)
 
 
 def stream_flwr_run(
@@ -129,15 +155,12 @@ def stream_flwr_run(
         )
         children.append(proc)
         try:
-            while proc.poll() is None:
-                if timeout is not None and time.monotonic() - start > timeout:
-                    raise FlwrRunError(
-                        f"flwr run did not finish within {timeout:g} s; logs: {log_file}\n{_tail(log_file)}\n"
-                        f"{context()}"
-                    )
-                if on_poll is not None:
-                    on_poll()
-                time.sleep(poll_s)
+            poll_until(
+                lambda: proc.poll() is not None, start=start, timeout=timeout, on_poll=on_poll, poll_s=poll_s,
+                timeout_message=lambda: (
+                    f"flwr run did not finish within {timeout:g} s; logs: {log_file}\n{_tail(log_file)}\n{context()}"
+                ),
+            )
         finally:
             if proc.poll() is None:
                 proc.terminate()

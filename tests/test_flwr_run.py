@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -149,6 +150,72 @@ def test_wait_for_supernodes_more_fails_at_once() -> None:
 def test_wait_for_supernodes_none_times_out() -> None:
     with pytest.raises(app.SuperNodeCountError, match="has 0 SuperNode"):
         app.wait_for_supernodes(_Nodes(0), 2, "device", settle_s=0.01, timeout_s=0.1, poll_s=0.01)
+
+
+# -- streaming `flwr run` and waiting for it (local_runtime.stream_flwr_run, poll_until) -----------
+
+
+def _fake_flwr(code: str) -> list[str]:
+    """A stand-in for the ``flwr`` CLI: a Python process that prints and exits as ``code`` says."""
+    return [sys.executable, "-c", code]
+
+
+def test_stream_flwr_run_returns_the_started_run_id(tmp_path: Path) -> None:
+    from flwr_distreal.local_runtime import stream_flwr_run
+
+    children: list[subprocess.Popen] = []
+    polls = []
+    run_id = stream_flwr_run(
+        _fake_flwr("import time; print('INFO: Successfully started run 4711', flush=True); time.sleep(0.3)"),
+        env={}, cwd=tmp_path, log_file=tmp_path / "run.log", children=children,
+        on_poll=lambda: polls.append(1), poll_s=0.05,
+    )
+    assert run_id == 4711
+    assert "Successfully started run 4711" in (tmp_path / "run.log").read_text()
+    assert len(children) == 1 and children[0].returncode == 0
+    assert len(polls) >= 2  # while it ran, and once after
+
+
+def test_stream_flwr_run_exit_code_and_missing_start(tmp_path: Path) -> None:
+    from flwr_distreal.local_runtime import FlwrRunError, stream_flwr_run
+
+    started_then_failed = _fake_flwr("print('Successfully started run 7'); raise SystemExit(3)")
+    kwargs = {"env": {}, "cwd": tmp_path, "log_file": tmp_path / "run.log", "children": [], "poll_s": 0.05}
+    with pytest.raises(FlwrRunError, match=r"exit 3"):
+        stream_flwr_run(started_then_failed, **kwargs)
+    # a deployment's stream may break while its run goes on: the started run counts
+    assert stream_flwr_run(started_then_failed, require_exit_zero=False, **kwargs) == 7
+    with pytest.raises(FlwrRunError, match=r"flwr run failed \(exit 0\)(.|\n)*no run here"):
+        stream_flwr_run(_fake_flwr("print('no run here')"), **kwargs)
+
+
+def test_stream_flwr_run_timeout_stops_the_process(tmp_path: Path) -> None:
+    from flwr_distreal.local_runtime import FlwrRunError, stream_flwr_run
+
+    children: list[subprocess.Popen] = []
+    with pytest.raises(FlwrRunError, match=r"did not finish within 0.5 s(.|\n)*still going(.|\n)*CONTEXT"):
+        stream_flwr_run(
+            _fake_flwr("import time; print('still going', flush=True); time.sleep(60)"),
+            env={}, cwd=tmp_path, log_file=tmp_path / "run.log", children=children, timeout=0.5, poll_s=0.05,
+            context=lambda: "CONTEXT",
+        )
+    assert children[0].poll() is not None  # stopped, not left running
+
+
+def test_poll_until_polls_and_times_out() -> None:
+    from flwr_distreal.local_runtime import FlwrRunError, poll_until
+
+    calls, polls = [], []
+
+    def done() -> bool:
+        calls.append(1)
+        return len(calls) == 3
+
+    poll_until(done, start=time.monotonic(), timeout=10, timeout_message=lambda: "late",
+               on_poll=lambda: polls.append(1), poll_s=0.0)
+    assert len(calls) == 3 and len(polls) == 2
+    with pytest.raises(FlwrRunError, match="^late after 2$"):
+        poll_until(lambda: False, start=time.monotonic() - 5, timeout=1, timeout_message=lambda: "late after 2")
 
 
 def test_check_partition() -> None:
