@@ -361,12 +361,13 @@ def _compose(overrides: list[str]):
         return compose(config_name="dse_config", overrides=overrides)
 
 
-def test_command_quick_preset_end_to_end(tmp_path: Path) -> None:
+def test_command_quick_preset_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flwr_distreal.dse.__main__ import run
 
+    monkeypatch.chdir(tmp_path)  # dse.output relative to where the command runs, as a user writes it
     out = tmp_path / "dse"
     base = [
-        "dse=quick", "dataset=digits", f"dse.output={out}", "dse.population=6", "dse.generations=2",
+        "dse=quick", "dataset=digits", "dse.output=dse", "dse.population=6", "dse.generations=2",
         "dse.batches=6", "dse.batch_size=32", "dse.lr=0.2", "dse.snapshot.steps=100", "dse.snapshot.lr=0.2",
         "dse.snapshot.batch_size=32", "dse.uniform_rates=[0.0,0.25,0.5]", "dse.max_samples=null",
         "dse.progress=false", "dse.threads=1",
@@ -381,6 +382,9 @@ def test_command_quick_preset_end_to_end(tmp_path: Path) -> None:
     assert np.array_equal(lut.vectors[-1], np.zeros(2))
     for name in ("evaluations.json", "summary.json", "front.png", "checkpoint.json", "snapshot.pt"):
         assert (out / name).is_file(), name
+    # The LUT's meta names the snapshot as written, not by this machine's absolute path.
+    meta = json.loads(Path(res["lut"]).read_text())["meta"]
+    assert meta["snapshot"] == "dse/snapshot.pt" and meta["data_root"] is None
     # Existing run without resume is refused; with resume and more generations it continues.
     with pytest.raises(DSEError, match="resume"):
         run(_compose(base))

@@ -593,6 +593,10 @@ def test_shipped_luts_fit_their_models() -> None:
         lut.check_model(model)  # exact MACs, layers, classes
         assert lut.meta.get("kind") != "uniform" and len(lut) >= 2
         assert float(lut.vectors.max()) <= 0.5 and float(lut.vectors.min()) >= 0.0
+        # Its provenance names paths as the DSE command was given them, not the build machine's.
+        for key in ("data_root", "snapshot"):
+            value = lut.meta.get(key)
+            assert value is None or not Path(value).is_absolute(), f"{path.name}: meta {key}={value!r}"
 
 
 def test_lut_null_is_refused_with_the_named_options() -> None:

@@ -175,7 +175,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if (output / CHECKPOINT_NAME).exists() and not cfg.resume and cfg.task == "run":
         raise DSEError(f"{output / CHECKPOINT_NAME} exists; pass resume=true or choose another dse.output")
     loader_kwargs = dcfg.loader_kwargs(d.seed)
-    root = _abs(loader_kwargs.pop("root")) if "root" in loader_kwargs else None
+    root_as_given = loader_kwargs.pop("root", None)
+    root = _abs(root_as_given) if root_as_given is not None else None
     if "path" in loader_kwargs:
         loader_kwargs["path"] = str(_abs(loader_kwargs["path"]))
 
@@ -206,7 +207,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with CachedEvaluator(fitness, workers=d.workers, threads=d.threads) as evaluator:
         result = run_dse(
             evaluator, model, search, output, resume=bool(cfg.resume), progress=d.progress,
-            extra_meta={"dataset": data.name, "data_root": str(root) if root else None, "snapshot": str(snapshot_path)},
+            # Paths as the user wrote them (relative to where the command ran), not this machine's
+            # absolute ones: a shipped LUT's meta must not name the folders of the machine it came from.
+            extra_meta={
+                "dataset": data.name,
+                "data_root": str(root_as_given) if root_as_given is not None else None,
+                "snapshot": d.snapshot.path or str(Path(d.output) / "snapshot.pt"),
+            },
         )
     if result is None:  # run_dse returns None only with stop_after, which is not used here
         raise RuntimeError("the DSE stopped without a result")
