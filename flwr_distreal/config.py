@@ -186,26 +186,46 @@ class SubmodelStrategyConfig(StrategyConfig):
     submodel multiplies them by ``C / k``; off, the submodel trains as the narrower network it
     is. ``aggregation``: ``per_weight`` (every weight averaged over the clients whose submodel
     holds it, weighted by examples) or ``all_clients`` (FedAvg over the zero-padded updates: a
-    client that did not train a weight counts with the global value). The defaults of each
-    baseline and their sources: README, "Baseline conventions".
+    client that did not train a weight counts with the global value). ``static_bn``: static
+    BatchNorm (HeteroFL's sBN): local training normalises with batch statistics and leaves the
+    running statistics alone, and before each server-side evaluation the global model's
+    statistics are recomputed by a cumulative pass over the training data of ``bn_devices``
+    devices (a seeded sample, fixed for the run); off, clients update the running statistics
+    and the server averages them like weights. A model without BatchNorm (``femnist_cnn``)
+    accepts the key, and it changes nothing (logged once). The defaults of each baseline and
+    their sources: README, "Baseline conventions".
     """
 
     inverted_scaling: bool = True
     aggregation: str = "per_weight"
+    static_bn: bool = True
+    bn_devices: int = 10
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("aggregation", self.aggregation, SUBMODEL_RULES)
+        if self.bn_devices < 1:
+            raise ConfigError(f"strategy.bn_devices must be >= 1, got {self.bn_devices}")
 
     def apply_to(self, model: Any) -> None:
-        """Switch the model's inverted-dropout scaling."""
+        """Switch the model's inverted-dropout scaling and static BatchNorm."""
         model.set_inverted_scaling(self.inverted_scaling)
+        if model.set_static_bn(self.static_bn) == 0 and self.static_bn:
+            name = getattr(model, "model_name", "") or type(model).__name__
+            if name not in _NO_BN_LOGGED:
+                _NO_BN_LOGGED.add(name)
+                log.info("strategy.static_bn=true: model %s has no BatchNorm layer, so the key changes nothing", name)
+
+    def bn_recompute_devices(self) -> int:
+        """``bn_devices`` with static BatchNorm, else 0."""
+        return self.bn_devices if self.static_bn else 0
 
 
 @dataclass
 class FedDropoutStrategyConfig(SubmodelStrategyConfig):
     """Federated Dropout (Caldas et al. 2018), extended as in the paper; see
-    :class:`SubmodelStrategyConfig`. Defaults: unscaled submodels, per-weight averaging."""
+    :class:`SubmodelStrategyConfig`. Defaults: unscaled submodels, per-weight averaging, static
+    BatchNorm."""
 
     name: str = "feddropout"
     inverted_scaling: bool = False
@@ -216,20 +236,14 @@ class HeteroFLStrategyConfig(SubmodelStrategyConfig):
     """HeteroFL (Diao, Ding and Tarokh, ICLR 2021); see :class:`SubmodelStrategyConfig`.
 
     ``shrink``: the shrinking ratio ``s`` in (0, 1) (0.7, the DISTREAL paper's choice);
-    ``levels``: width levels ``s**(p-1)``, ``p = 1 .. levels``. ``static_bn``: HeteroFL's
-    static BatchNorm (sBN): local training normalises with batch statistics and leaves the
-    running statistics alone, and before each server-side evaluation the global model's
-    statistics are recomputed by a cumulative pass over the training data of ``bn_devices``
-    devices (a seeded sample, fixed for the run). A model without BatchNorm (``femnist_cnn``)
-    accepts the key, and it changes nothing (logged once).
+    ``levels``: width levels ``s**(p-1)``, ``p = 1 .. levels``. Defaults: scaled submodels,
+    per-weight averaging, static BatchNorm (the paper's sBN).
     """
 
     name: str = "heterofl"
     shrink: float = 0.7
     levels: int = 5
     inverted_scaling: bool = True
-    static_bn: bool = True
-    bn_devices: int = 10
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -237,21 +251,6 @@ class HeteroFLStrategyConfig(SubmodelStrategyConfig):
             raise ConfigError(f"strategy.shrink must be in (0, 1), got {self.shrink}")
         if self.levels < 1:
             raise ConfigError(f"strategy.levels must be >= 1, got {self.levels}")
-        if self.bn_devices < 1:
-            raise ConfigError(f"strategy.bn_devices must be >= 1, got {self.bn_devices}")
-
-    def apply_to(self, model: Any) -> None:
-        """Switch the model's inverted-dropout scaling and static BatchNorm."""
-        super().apply_to(model)
-        if model.set_static_bn(self.static_bn) == 0 and self.static_bn:
-            name = getattr(model, "model_name", "") or type(model).__name__
-            if name not in _NO_BN_LOGGED:
-                _NO_BN_LOGGED.add(name)
-                log.info("strategy.static_bn=true: model %s has no BatchNorm layer, so the key changes nothing", name)
-
-    def bn_recompute_devices(self) -> int:
-        """``bn_devices`` with static BatchNorm, else 0."""
-        return self.bn_devices if self.static_bn else 0
 
 
 #: Models already reported as lacking BatchNorm (the static-BN note is logged once per model).

@@ -329,7 +329,16 @@ def test_heterofl_config_switches_static_bn_and_logs_once_when_the_model_has_non
     assert all(m.static_stats for m in dense.batchnorm_layers)
     assert cfg.bn_recompute_devices() == 10
     assert HeteroFLStrategyConfig(static_bn=False).bn_recompute_devices() == 0
-    assert FedDropoutStrategyConfig().bn_recompute_devices() == 0
+    # Federated Dropout: static BN by default too (k1l1/SLT keeps no running statistics), and a switch
+    fd = FedDropoutStrategyConfig()
+    assert fd.static_bn and fd.bn_recompute_devices() == 10
+    assert FedDropoutStrategyConfig(static_bn=False).bn_recompute_devices() == 0
+    fd_dense = _tiny_densenet()
+    fd.apply_to(fd_dense)
+    assert all(m.static_stats for m in fd_dense.batchnorm_layers)
+    running = _tiny_densenet()
+    FedDropoutStrategyConfig(static_bn=False).apply_to(running)
+    assert not any(m.static_stats for m in running.batchnorm_layers)
     cnn = _tiny_cnn()
     cnn.model_name = "tiny_cnn_for_the_log_test"
     with caplog.at_level(logging.INFO, logger="flwr_distreal.config"):
@@ -391,7 +400,9 @@ def _experiment(strategy_cfg):
 
 def test_run_models_carry_the_strategy_switches(tiny_run_model) -> None:
     fd = _experiment(FedDropoutStrategyConfig()).build_model()
-    assert not fd.inverted_scaling and not any(m.static_stats for m in fd.batchnorm_layers)
+    assert not fd.inverted_scaling and all(m.static_stats for m in fd.batchnorm_layers)
+    fd_running = _experiment(FedDropoutStrategyConfig(static_bn=False)).build_model()
+    assert not any(m.static_stats for m in fd_running.batchnorm_layers)
     hetero = _experiment(HeteroFLStrategyConfig()).build_model()
     assert hetero.inverted_scaling and all(m.static_stats for m in hetero.batchnorm_layers)
 
@@ -418,8 +429,16 @@ def test_static_bn_evaluation_recomputes_statistics_from_a_seeded_sample_of_devi
     assert sum(1 for _ in again.bn_batches()) == 2 and [d for d, _, _ in again.data.read] == devices
 
 
-def test_evaluation_without_static_bn_reads_no_training_data(tiny_run_model) -> None:
-    exp = _experiment(HeteroFLStrategyConfig(static_bn=False))
+def test_federated_dropout_evaluates_with_recomputed_statistics_by_default(tiny_run_model) -> None:
+    exp = _experiment(FedDropoutStrategyConfig(bn_devices=2))
+    _, arrays = exp.initial_arrays()
+    exp.evaluate(arrays)
+    assert len({d for d, _, _ in exp.data.read}) == 2
+
+
+@pytest.mark.parametrize("schema", [HeteroFLStrategyConfig, FedDropoutStrategyConfig])
+def test_evaluation_without_static_bn_reads_no_training_data(tiny_run_model, schema) -> None:
+    exp = _experiment(schema(static_bn=False))
     _, arrays = exp.initial_arrays()
     exp.evaluate(arrays)
     assert exp.data.read == []

@@ -226,7 +226,7 @@ def test_every_strategy_has_its_schema_in_the_registry_and_its_yaml() -> None:
         ("distreal", dict(policy="deadline", stop_at_deadline=True, on_excess="refuse", inverted_scaling=True)),
         ("full", {}),
         ("small", {}),
-        ("feddropout", dict(inverted_scaling=False, aggregation="per_weight")),
+        ("feddropout", dict(inverted_scaling=False, aggregation="per_weight", static_bn=True, bn_devices=10)),
         (
             "heterofl",
             dict(shrink=0.7, levels=5, inverted_scaling=True, aggregation="per_weight", static_bn=True, bn_devices=10),
@@ -246,7 +246,7 @@ def test_each_strategy_composes_with_its_documented_defaults(name, expected) -> 
 FOREIGN = [
     ("heterofl", "policy", "paper"),
     ("feddropout", "shrink", "0.5"),
-    ("feddropout", "static_bn", "true"),
+    ("feddropout", "levels", "3"),
     ("full", "inverted_scaling", "false"),
     ("small", "aggregation", "all_clients"),
     ("distreal", "aggregation", "all_clients"),
