@@ -322,11 +322,11 @@ class Experiment:
             recompute_bn_statistics(self._eval_model, self.bn_batches(), device=self._eval_device)
         return evaluate_model(self._eval_model, self._eval_loader, device=self._eval_device)
 
-    def bn_batches(self):
+    def bn_batches(self, devices: int | None = None):
         """The batches the server recomputes BatchNorm statistics from before evaluating (static
         BN): the training data, unshuffled and unaugmented, in the run's batch size, of
-        ``strategy.bn_devices`` devices drawn once from the run's seed."""
-        k = min(self.cfg.strategy.bn_recompute_devices(), self.num_devices)
+        ``strategy.bn_devices`` devices (or ``devices``) drawn once from the run's seed."""
+        k = min(self.cfg.strategy.bn_recompute_devices() if devices is None else devices, self.num_devices)
         rng = np.random.default_rng([self.cfg.seed, 0xB4])
         for device in sorted(rng.choice(self.num_devices, size=k, replace=False).tolist()):
             yield from self.data.train_loader(device, self.cfg.batch_size, shuffle=False, augment=False)
