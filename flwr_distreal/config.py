@@ -107,11 +107,24 @@ class StrategyConfig:
     :class:`FullStrategyConfig`, :class:`SmallStrategyConfig`,
     :class:`FedDropoutStrategyConfig`, :class:`HeteroFLStrategyConfig`. A key of another
     strategy is refused, naming the key and the valid keys of this one.
+
+    Options of every strategy: ``static_bn``, static BatchNorm (HeteroFL's sBN): local training
+    normalises with batch statistics and leaves the running statistics alone, and before each
+    server-side evaluation the global model's statistics are recomputed by a cumulative pass over
+    the training data of ``bn_devices`` devices (a seeded sample, fixed for the run); off, clients
+    update the running statistics and the server averages them like weights. On for every method
+    of a comparison, every method is evaluated the same way. A model without BatchNorm
+    (``femnist_cnn``) accepts the key, and it changes nothing (logged once). Off by default;
+    on by default for the submodel baselines (:class:`SubmodelStrategyConfig`).
     """
 
     name: str = MISSING
+    static_bn: bool = False
+    bn_devices: int = 10
 
     def __post_init__(self) -> None:
+        if self.bn_devices < 1:
+            raise ConfigError(f"strategy.bn_devices must be >= 1, got {self.bn_devices}")
         schema = STRATEGY_SCHEMAS.get(self.name)
         if schema is None:
             raise ConfigError(f"strategy.name must be one of {list(STRATEGY_SCHEMAS)}, got {self.name!r}")
@@ -122,12 +135,18 @@ class StrategyConfig:
 
     def apply_to(self, model: Any) -> None:
         """Set this strategy's model-level switches on a freshly built model (a
-        :class:`~flwr_distreal.dropout.DropoutModel`); none by default."""
+        :class:`~flwr_distreal.dropout.DropoutModel`): static BatchNorm here, more in subclasses."""
+        if model.set_static_bn(self.static_bn) == 0 and self.static_bn:
+            name = getattr(model, "model_name", "") or type(model).__name__
+            if name not in _NO_BN_LOGGED:
+                _NO_BN_LOGGED.add(name)
+                log.info("strategy.static_bn=true: model %s has no BatchNorm layer, so the key changes nothing", name)
 
     def bn_recompute_devices(self) -> int:
         """How many devices' training data the server recomputes BatchNorm statistics from
-        before each evaluation (0: none, the global model's own statistics are used)."""
-        return 0
+        before each evaluation: ``bn_devices`` with static BatchNorm, else 0 (the global model's
+        own statistics are used)."""
+        return self.bn_devices if self.static_bn else 0
 
 
 def _check_choice(key: str, value: object, choices: typing.Iterable[str]) -> None:
@@ -145,7 +164,8 @@ class DistrealStrategyConfig(StrategyConfig):
     and send the completed steps, weighted by their MACs. ``on_excess``: ``refuse`` or ``clip``
     a reply that claims more MACs than possible. ``inverted_scaling``: a layer that reads ``k``
     of a producer's ``C`` channels under the per-batch random dropout multiplies them by
-    ``C / k`` (standard inverted dropout; on by default).
+    ``C / k`` (standard inverted dropout; on by default). ``static_bn``, ``bn_devices``: see
+    :class:`StrategyConfig` (off by default: running statistics, as the paper's full model).
     """
 
     name: str = "distreal"
@@ -160,20 +180,23 @@ class DistrealStrategyConfig(StrategyConfig):
         _check_choice("on_excess", self.on_excess, ("refuse", "clip"))
 
     def apply_to(self, model: Any) -> None:
-        """Switch the model's inverted-dropout scaling."""
+        """Switch the model's static BatchNorm and inverted-dropout scaling."""
+        super().apply_to(model)
         model.set_inverted_scaling(self.inverted_scaling)
 
 
 @dataclass
 class FullStrategyConfig(StrategyConfig):
-    """Full resources: FedAvg on the full model, no resource limits (no options)."""
+    """Full resources: FedAvg on the full model, no resource limits (only the options of
+    :class:`StrategyConfig`: ``static_bn``, ``bn_devices``)."""
 
     name: str = "full"
 
 
 @dataclass
 class SmallStrategyConfig(StrategyConfig):
-    """Small network: FedAvg on the model's small variant (``model.small``; no options)."""
+    """Small network: FedAvg on the model's small variant (``model.small``; only the options of
+    :class:`StrategyConfig`: ``static_bn``, ``bn_devices``)."""
 
     name: str = "small"
 
@@ -186,39 +209,24 @@ class SubmodelStrategyConfig(StrategyConfig):
     submodel multiplies them by ``C / k``; off, the submodel trains as the narrower network it
     is. ``aggregation``: ``per_weight`` (every weight averaged over the clients whose submodel
     holds it, weighted by examples) or ``all_clients`` (FedAvg over the zero-padded updates: a
-    client that did not train a weight counts with the global value). ``static_bn``: static
-    BatchNorm (HeteroFL's sBN): local training normalises with batch statistics and leaves the
-    running statistics alone, and before each server-side evaluation the global model's
-    statistics are recomputed by a cumulative pass over the training data of ``bn_devices``
-    devices (a seeded sample, fixed for the run); off, clients update the running statistics
-    and the server averages them like weights. A model without BatchNorm (``femnist_cnn``)
-    accepts the key, and it changes nothing (logged once). The defaults of each baseline and
-    their sources: README, "Baseline conventions".
+    client that did not train a weight counts with the global value). ``static_bn`` (see
+    :class:`StrategyConfig`) is on by default here: the submodels' running statistics do not
+    describe the full model. The defaults of each baseline and their sources: README,
+    "Baseline conventions".
     """
 
     inverted_scaling: bool = True
     aggregation: str = "per_weight"
     static_bn: bool = True
-    bn_devices: int = 10
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("aggregation", self.aggregation, SUBMODEL_RULES)
-        if self.bn_devices < 1:
-            raise ConfigError(f"strategy.bn_devices must be >= 1, got {self.bn_devices}")
 
     def apply_to(self, model: Any) -> None:
-        """Switch the model's inverted-dropout scaling and static BatchNorm."""
+        """Switch the model's static BatchNorm and inverted-dropout scaling."""
+        super().apply_to(model)
         model.set_inverted_scaling(self.inverted_scaling)
-        if model.set_static_bn(self.static_bn) == 0 and self.static_bn:
-            name = getattr(model, "model_name", "") or type(model).__name__
-            if name not in _NO_BN_LOGGED:
-                _NO_BN_LOGGED.add(name)
-                log.info("strategy.static_bn=true: model %s has no BatchNorm layer, so the key changes nothing", name)
-
-    def bn_recompute_devices(self) -> int:
-        """``bn_devices`` with static BatchNorm, else 0."""
-        return self.bn_devices if self.static_bn else 0
 
 
 @dataclass

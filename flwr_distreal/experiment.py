@@ -318,7 +318,7 @@ class Experiment:
             else:
                 self._eval_loader = self.data.test_loader(self.cfg.eval_batch_size)
         set_weights(self._eval_model, arrays)
-        if self.cfg.strategy.bn_recompute_devices():  # HeteroFL's static BN: statistics from training data
+        if self.cfg.strategy.bn_recompute_devices():  # static BN (strategy.static_bn): statistics from training data
             recompute_bn_statistics(self._eval_model, self.bn_batches(), device=self._eval_device)
         return evaluate_model(self._eval_model, self._eval_loader, device=self._eval_device)
 

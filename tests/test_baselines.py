@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from flwr_distreal import serverapp, strategy
 from flwr_distreal.aggregate import SUBMODEL_RULES, masked_average, weighted_average, zero_padded_average
 from flwr_distreal.config import (
+    ConfigError,
     DistrealStrategyConfig,
     FedDropoutStrategyConfig,
     FullStrategyConfig,
     HeteroFLStrategyConfig,
+    SmallStrategyConfig,
 )
 from flwr_distreal.dropout import Compact, CompactBatchNorm2d, parameter_masks, recompute_bn_statistics
 from flwr_distreal.models.densenet import DenseNetBC
@@ -405,6 +407,23 @@ def test_run_models_carry_the_strategy_switches(tiny_run_model) -> None:
     assert not any(m.static_stats for m in fd_running.batchnorm_layers)
     hetero = _experiment(HeteroFLStrategyConfig()).build_model()
     assert hetero.inverted_scaling and all(m.static_stats for m in hetero.batchnorm_layers)
+
+
+@pytest.mark.parametrize("schema", [DistrealStrategyConfig, FullStrategyConfig, SmallStrategyConfig])
+def test_every_method_can_switch_to_static_bn_and_its_evaluation_recomputes(tiny_run_model, schema) -> None:
+    # off by default: running statistics, evaluation reads no training data
+    default = _experiment(schema())
+    assert not any(m.static_stats for m in default.build_model().batchnorm_layers)
+    _, arrays = default.initial_arrays()
+    default.evaluate(arrays)
+    assert default.data.read == []
+    # on: the model's BN keeps its running statistics out of training, the server recomputes them
+    exp = _experiment(schema(static_bn=True, bn_devices=3))
+    assert all(m.static_stats for m in exp.build_model().batchnorm_layers)
+    exp.evaluate(arrays)
+    assert len({d for d, _, _ in exp.data.read}) == 3
+    with pytest.raises(ConfigError, match="bn_devices must be >= 1"):
+        schema(bn_devices=0)
 
 
 def test_static_bn_evaluation_recomputes_statistics_from_a_seeded_sample_of_devices(tiny_run_model) -> None:

@@ -223,9 +223,15 @@ def test_every_strategy_has_its_schema_in_the_registry_and_its_yaml() -> None:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("distreal", dict(policy="deadline", stop_at_deadline=True, on_excess="refuse", inverted_scaling=True)),
-        ("full", {}),
-        ("small", {}),
+        (
+            "distreal",
+            dict(
+                policy="deadline", stop_at_deadline=True, on_excess="refuse", inverted_scaling=True,
+                static_bn=False, bn_devices=10,
+            ),
+        ),
+        ("full", dict(static_bn=False, bn_devices=10)),
+        ("small", dict(static_bn=False, bn_devices=10)),
         ("feddropout", dict(inverted_scaling=False, aggregation="per_weight", static_bn=True, bn_devices=10)),
         (
             "heterofl",

@@ -72,6 +72,20 @@ def test_presets_use_the_papers_system_configuration(preset):
                                "densenet_bc_100": "densenet_bc_40"}[run.model.name]
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_bn_models_evaluate_every_method_alike(preset):
+    # a BatchNorm model (DenseNet): static BN for every method, so no method is evaluated with
+    # running statistics while the others get recomputed ones; FEMNIST's CNN has no BN
+    bn_model = "cifar" in preset
+    for method in sorted(ALL_METHODS):
+        run = to_run_config(_compose(f"+experiment={preset}", "lr=0.1", f"method={method}"))
+        assert run.strategy.static_bn is bn_model or run.strategy.name in {"heterofl", "feddropout"}, method
+        assert run.strategy.bn_recompute_devices() == (10 if run.strategy.static_bn else 0)
+    assert not to_run_config(
+        _compose(f"+experiment={preset}", "lr=0.1", "method=distreal", "strategy.static_bn=false")
+    ).strategy.static_bn
+
+
 def _sweep(preset: str) -> dict[str, list[str]]:
     params = _compose(f"+experiment={preset}", hydra_node=True).hydra.sweeper.params
     return {k: str(v).split(",") for k, v in params.items()}
