@@ -165,7 +165,7 @@ class DistrealStrategyConfig(StrategyConfig):
     a reply that claims more MACs than possible. ``inverted_scaling``: a layer that reads ``k``
     of a producer's ``C`` channels under the per-batch random dropout multiplies them by
     ``C / k`` (standard inverted dropout; on by default). ``static_bn``, ``bn_devices``: see
-    :class:`StrategyConfig` (off by default: running statistics, as the paper's full model).
+    :class:`StrategyConfig` (off by default: running statistics, as a plain full model keeps).
     """
 
     name: str = "distreal"
