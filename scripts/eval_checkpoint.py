@@ -47,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         loader = exp.data.test_loader(cfg.eval_batch_size)
         model = exp.build_model()
         set_weights(model, ckpt.arrays)
-        model.set_static_bn(False)  # evaluation reads whatever statistics the layers hold
         _, own, _ = evaluate_model(model, loader)
         # the static-BN pass over the run's seeded sample of devices
         if recompute_bn_statistics(model, exp.bn_batches(args.bn_devices)) == 0:
