@@ -1,66 +1,77 @@
-"""Structured filter dropout with compact execution.
+"""Structured filter dropout with compact execution, for any PyTorch CNN.
 
-This module implements the run-time half of DISTREAL (Rapp et al., AAAI 2022, section
-"Dropout to Reduce Computations In Training", Fig. 1): whole convolution filters are dropped,
-with one rate per convolutional layer (the *dropout vector*). A training step keeps exactly
-``kept_count(p, C)`` filters of a layer with ``C`` filters, drawn uniformly at random anew for
-every forward pass (one forward = one mini-batch), and **computes only those filters**:
+The run-time half of DISTREAL (Rapp et al., AAAI 2022, section "Dropout to Reduce Computations
+In Training", Fig. 1): whole convolution filters are dropped with one rate per *dropout group*
+(the *dropout vector*). A training step keeps exactly ``kept_count(p, C)`` filters of a group of
+``C`` channels, drawn uniformly at random anew for every forward pass (one forward = one
+mini-batch), and **computes only those filters**.
 
-* the activation between layers is a :class:`Compact` tensor that carries only the alive
-  channels, plus their indices in the full channel space;
-* a convolution slices its weight to ``W[kept_out][:, alive_in]`` (no masking, no persistent
-  weight copies, no module rebuild);
-* a BatchNorm layer normalises the alive channels only and writes its running statistics back
-  for those channels only;
-* the classifier reads only the alive channels of the final feature map.
+:func:`make_droppable` takes a plain ``nn.Module`` and an example batch, traces the module
+(:mod:`flwr_distreal.channel_graph`: producers, pass-through, concatenation, residual addition,
+depthwise convolution, flatten into linear) and returns the same module with the dropout
+interface. Nothing is declared by hand, and nothing of the user's model changes:
 
-Inverted-dropout rescaling: a layer that receives only ``k`` of ``C`` channels of a producer
-multiplies those inputs by ``C / k`` so that it sees the full model's input in expectation.
-The factor is folded into the (small) sliced weight of the *consuming* convolution or linear
-layer, i.e. it is applied **after** any BatchNorm and ReLU that sit between producer and
-consumer. BatchNorm therefore always sees unscaled values, and its running statistics stay
-those of the full model that is used, never dropped, at inference. The scaling is a switch
-(:meth:`DropoutModel.set_inverted_scaling`, on by default): with it off, kept channels are
-passed unscaled, as a repacked narrower network (the submodel baselines' convention, see the
-README's "Baseline conventions") computes them.
+* the returned object is a copy of the module whose class is a subclass of the user's class
+  (``isinstance(model, Net)`` holds, the user's methods and attributes are there), whose
+  ``state_dict()`` has exactly the keys, shapes and values of the original;
+* in eval mode, and in training without dropout, it runs the user's own ``forward``, so its
+  output equals the original module's;
+* in training with dropout it runs the traced forward, in which every convolution slices its
+  weight to ``W[kept_out][:, alive_in]`` (no masking, no persistent weight copies, no module
+  rebuild), BatchNorm normalises the alive channels only and writes its running statistics back
+  for those channels only, a linear layer after a flatten reads the alive channels' features,
+  and channel-wise operations (activations, pooling, concatenation, residual sums) act on the
+  compact tensors as they are: coupled channels share one kept set, so the operands of a
+  residual sum always carry the same channels.
 
-Static BatchNorm (HeteroFL's sBN, :meth:`DropoutModel.set_static_bn`): in training, BatchNorm
+Inverted-dropout rescaling: a layer that reads only ``k`` of a group's ``C`` channels multiplies
+them by ``C / k`` so that it sees the full model's input in expectation. The factor is folded
+into the (small) sliced weight of the *consuming* convolution or linear layer, i.e. applied
+**after** any BatchNorm and activation between producer and consumer; BatchNorm therefore sees
+unscaled values and its running statistics stay those of the full model used at inference.
+A depthwise convolution reads one channel per filter and is not rescaled. The scaling is a
+switch (:meth:`DroppableModel.set_inverted_scaling`, on by default): off, kept channels are
+passed unscaled, as a repacked narrower network computes them (the submodel baselines').
+
+Static BatchNorm (HeteroFL's sBN, :meth:`DroppableModel.set_static_bn`): in training, BatchNorm
 normalises with the batch's statistics and leaves its running statistics untouched;
 :func:`recompute_bn_statistics` recomputes them afterwards by a cumulative pass over data.
 
 Switching the vector between mini-batches only changes a few Python integers
-(:meth:`DropoutModel.set_dropout`), so it costs almost nothing.
-
-Gradients of dropped filters are exactly zero (their weights are not part of the graph of the
-step). Plain SGD, the paper's optimiser, therefore leaves them unchanged. Optimisers with
-momentum or weight decay would still move them; :class:`DroppedWeightGuard` wraps any
-optimiser so that entries not used in a step keep their value and optimiser state.
+(:meth:`DroppableModel.set_dropout`), so it costs almost nothing. Gradients of dropped filters
+are exactly zero (their weights are not part of the step's graph); :class:`DroppedWeightGuard`
+keeps optimisers with momentum or weight decay from moving them.
 
 This module has no Flower or Hydra imports.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
-from typing import Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from .channel_graph import ChannelGraph, ComputeLayer, InputSpace, UnsupportedModelError, trace_channel_graph
 
 __all__ = [
     "MAX_RATE",
-    "Compact",
-    "CompactBatchNorm2d",
-    "CompactLinear",
-    "DropoutConv2d",
+    "DropoutGroup",
     "DropoutModel",
+    "DroppableModel",
     "DroppedWeightGuard",
+    "UnsupportedModelError",
     "kept_count",
+    "make_droppable",
     "parameter_masks",
     "recompute_bn_statistics",
+    "require_droppable",
     "validate_vector",
 ]
 
@@ -71,16 +82,16 @@ ExecutionMode = Literal["compact", "mask"]
 
 
 def kept_count(rate: float, channels: int) -> int:
-    """Number of filters a layer keeps under dropout rate ``rate``.
+    """Number of filters a group keeps under dropout rate ``rate``.
 
     ``channels - round(rate * channels)``, rounding halves up, and never fewer than one.
 
     Parameters
     ----------
     rate : float
-        Dropout rate of the layer, in [0, 0.5].
+        Dropout rate of the group, in [0, 0.5].
     channels : int
-        Number of filters (output channels) of the layer.
+        Number of filters (output channels) of the group.
 
     Returns
     -------
@@ -97,9 +108,9 @@ def validate_vector(vector: Sequence[float] | np.ndarray | Tensor, n_layers: int
     Parameters
     ----------
     vector : sequence of float
-        One dropout rate per dropout layer, in the model's layer order.
+        One dropout rate per dropout group, in the model's group order.
     n_layers : int
-        Number of dropout layers of the model.
+        Number of dropout groups of the model.
 
     Returns
     -------
@@ -137,342 +148,348 @@ def validate_vector(vector: Sequence[float] | np.ndarray | Tensor, n_layers: int
     return arr
 
 
-_ARANGE_CACHE: dict[tuple[int, torch.device], Tensor] = {}
+class DropoutGroup:
+    """Coupled convolution outputs that share one rate and one kept set per mini-batch.
 
-
-def _arange(n: int, device: torch.device) -> Tensor:
-    key = (n, device)
-    t = _ARANGE_CACHE.get(key)
-    if t is None:
-        t = torch.arange(n, device=device)
-        _ARANGE_CACHE[key] = t
-    return t
-
-
-class Compact:
-    """An activation that carries only its alive channels.
-
-    Parameters
+    Attributes
     ----------
-    tensor : Tensor
-        The alive channels, shape ``(N, k, ...)`` (or ``(N, C, ...)`` in mask mode).
-    idx : Tensor or None
-        Indices (int64, sorted) of the alive channels in the full channel space of size
-        ``channels``; ``None`` means all channels are present, in order.
-    scale : Tensor or None
-        Inverted-dropout factor per present channel (``C / k`` of its producer; 0 for a
-        masked-out channel in mask mode) that the consuming layer applies; ``None`` means 1.
-    channels : int
-        Number of channels of the full model at this point.
+    name : str
+        Qualified name of the group's first producer (a convolution), its name in LUTs.
+    out_channels : int
+        Channels of the full model.
+    members : list of str
+        Every convolution whose output channels belong to the group.
+    rate, kept : float, int
+        The rate set by the dropout vector and the number of filters it keeps.
+    fixed_subset : Tensor or None
+        Kept filters fixed by :meth:`DroppableModel.set_fixed_subsets` (baselines).
+    last_kept : Tensor or None
+        Filters kept in the last training forward (``None`` = all).
+    generator : torch.Generator or None
+        Where random subsets are drawn from (``None``: PyTorch's global generator).
     """
 
-    __slots__ = ("tensor", "idx", "scale", "channels")
+    __slots__ = ("name", "out_channels", "members", "rate", "kept", "fixed_subset", "last_kept", "generator")
 
-    def __init__(self, tensor: Tensor, idx: Tensor | None, scale: Tensor | None, channels: int):
-        self.tensor = tensor
-        self.idx = idx
-        self.scale = scale
-        self.channels = channels
-
-    @classmethod
-    def full(cls, tensor: Tensor) -> "Compact":
-        """Wrap a plain tensor whose channels are all present (the network input)."""
-        return cls(tensor, None, None, tensor.shape[1])
-
-    def map(self, fn: Callable[[Tensor], Tensor]) -> "Compact":
-        """Apply a channel-wise operation (ReLU, pooling) to the tensor, keeping the metadata."""
-        return Compact(fn(self.tensor), self.idx, self.scale, self.channels)
-
-    @staticmethod
-    def cat(parts: Sequence["Compact"]) -> "Compact":
-        """Concatenate along channels (DenseNet), shifting indices by each part's offset."""
-        tensor = torch.cat([p.tensor for p in parts], dim=1)
-        channels = sum(p.channels for p in parts)
-        if all(p.idx is None for p in parts):
-            idx = None
-        else:
-            device = tensor.device
-            pieces, offset = [], 0
-            for p in parts:
-                pieces.append((p.idx if p.idx is not None else _arange(p.channels, device)) + offset)
-                offset += p.channels
-            idx = torch.cat(pieces)
-        if all(p.scale is None for p in parts):
-            scale = None
-        else:
-            scale = torch.cat(
-                [
-                    p.scale if p.scale is not None else tensor.new_ones(p.tensor.shape[1])
-                    for p in parts
-                ]
-            )
-        return Compact(tensor, idx, scale, channels)
-
-
-def _strictly_channels_last(t: Tensor) -> bool:
-    """Whether a 4-D tensor is stored channels-last and not also plain contiguous (1x1 kernels
-    and single-channel tensors are both, and carry no layout preference)."""
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-Source = tuple[int, int]
-"""An input segment of a layer: (producing dropout layer's index or -1 for a fixed input, its
-full channel count). A layer's input channel space is the concatenation of its sources."""
-
-
-class DropoutConv2d(nn.Conv2d):
-    """A convolution whose filters are dropped structurally (paper, Fig. 1).
-
-    Behaves like :class:`torch.nn.Conv2d` but consumes and produces :class:`Compact` tensors.
-    In training mode with rate ``p > 0`` it computes exactly ``kept_count(p, out_channels)``
-    random filters (sampled anew every forward) on the alive input channels only.
-    In eval mode it never drops.
-
-    Parameters
-    ----------
-    in_channels, out_channels, kernel_size, stride, padding, bias
-        As for :class:`torch.nn.Conv2d`.
-    sources : sequence of (int, int), optional
-        Input segments (producer dropout-layer index or -1, channels), set by the model
-        builder; used by exact MAC counting and parameter masks.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int = 0,
-        bias: bool = True,
-        sources: Sequence[Source] | None = None,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
-        self.sources: tuple[Source, ...] = tuple(sources) if sources is not None else ((-1, in_channels),)
-        if sum(c for _, c in self.sources) != in_channels:
-            raise ValueError(f"sources {self.sources} do not add up to {in_channels} input channels")
-        self.rate: float = 0.0
-        self.kept: int = out_channels
+    def __init__(self, name: str, out_channels: int, members: Sequence[str]) -> None:
+        self.name = name
+        self.out_channels = int(out_channels)
+        self.members = list(members)
+        self.rate = 0.0
+        self.kept = self.out_channels
         self.fixed_subset: Tensor | None = None
         self.last_kept: Tensor | None = None
         self.generator: torch.Generator | None = None
-        self.execution: ExecutionMode = "compact"
-        #: Whether consumers of ``k`` of this layer's filters scale them by ``C / k``.
-        self.inverted_scaling: bool = True
-        self._scale_cache: dict[int, Tensor] = {}
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", rate={self.rate:g}"
+    def __repr__(self) -> str:
+        return f"DropoutGroup({self.name!r}, channels={self.out_channels}, members={len(self.members)}, rate={self.rate:g})"
 
     def set_rate(self, rate: float) -> None:
-        """Set this layer's dropout rate (validated by the model)."""
+        """Set the group's dropout rate (validated by the model)."""
         self.rate = float(rate)
         self.kept = kept_count(self.rate, self.out_channels)
 
-    def _select_filters(self) -> Tensor | None:
-        """Indices of the filters computed in this step, or ``None`` for all."""
-        if not self.training:
-            return None
+    def select(self, device: torch.device) -> Tensor | None:
+        """Filters computed in this training step (sorted), or ``None`` for all."""
         if self.fixed_subset is not None:
-            return self.fixed_subset
+            sub = self.fixed_subset
+            return sub if sub.device == device else sub.to(device)
         if self.kept >= self.out_channels:
             return None
         perm = torch.randperm(self.out_channels, generator=self.generator)
-        return perm[: self.kept].sort().values.to(self.weight.device)
+        return perm[: self.kept].sort().values.to(device)
 
-    def _out_scale(self, k: int) -> Tensor:
-        t = self._scale_cache.get(k)
-        if t is None or t.device != self.weight.device or t.dtype != self.weight.dtype:
-            t = torch.full((k,), self.out_channels / k, dtype=self.weight.dtype, device=self.weight.device)
-            self._scale_cache[k] = t
-        return t
 
-    def forward(self, x: Compact) -> Compact:  # type: ignore[override]
-        kept = self._select_filters()
-        self.last_kept = kept
-        if self.execution == "mask":
-            return self._forward_masked(x, kept)
-        weight, bias = self.weight, self.bias
-        if kept is not None:
-            weight = weight.index_select(0, kept)
-            if bias is not None:
-                bias = bias.index_select(0, kept)
-        if x.idx is not None:
-            weight = weight.index_select(1, x.idx)
-        if x.scale is not None:
-            weight = weight * x.scale.view(1, -1, 1, 1)
-        if weight is not self.weight and _strictly_channels_last(self.weight):
+_MISS = object()
+
+
+class _StepState:
+    """What every sliced layer reads in one forward: kept filters per group, and the alive
+    indices and scale of each input space (resolved once per step, on first use)."""
+
+    __slots__ = ("active", "mask", "scaling", "kept", "spaces", "_cache", "device")
+
+    def __init__(self, spaces: list[InputSpace], groups: list[DropoutGroup]) -> None:
+        self.active = False
+        self.mask = False
+        self.scaling = True
+        self.kept: list[Tensor | None] = [None] * len(groups)
+        self.spaces = spaces
+        self._cache: list[Any] = [_MISS] * len(spaces)
+        self.device = torch.device("cpu")
+
+    def begin(self, groups: list[DropoutGroup], device: torch.device) -> None:
+        self.device = device
+        kept = [g.select(device) for g in groups]
+        for g, k in zip(groups, kept):
+            g.last_kept = k
+        self.kept = kept
+        self.active = any(k is not None for k in kept)
+        self._cache = [_MISS] * len(self.spaces)
+
+    def space(self, sid: int) -> tuple[Tensor | None, Tensor | None]:
+        """(alive indices, per-channel scale) of input space ``sid``; None = all / 1."""
+        r = self._cache[sid]
+        if r is _MISS:
+            r = self._resolve(sid)
+            self._cache[sid] = r
+        return r
+
+    def _resolve(self, sid: int) -> tuple[Tensor | None, Tensor | None]:
+        sp = self.spaces[sid]
+        parts = [(self.kept[g] if g >= 0 else None, c) for g, c in sp.segments]
+        if all(k is None for k, _ in parts):
+            return None, None
+        dev = self.device
+        if self.mask:  # full width: scale 0 for dropped channels, C/k (or 1) for kept ones
+            pieces = []
+            for k, c in parts:
+                if k is None:
+                    pieces.append(torch.ones(c, device=dev))
+                else:
+                    m = torch.zeros(c, device=dev)
+                    m[k] = c / k.numel() if self.scaling else 1.0
+                    pieces.append(m)
+            return None, torch.cat(pieces)
+        idx, scale, offset = [], [], 0
+        for k, c in parts:
+            if k is None:
+                idx.append(torch.arange(offset, offset + c, device=dev))
+                scale.append(torch.ones(c, device=dev))
+            else:
+                idx.append(k + offset)
+                scale.append(torch.full((k.numel(),), c / k.numel(), device=dev))
+            offset += c
+        return torch.cat(idx), (torch.cat(scale) if self.scaling else None)
+
+    def keep_mask(self, sid: int) -> Tensor | None:
+        """0/1 per channel of space ``sid`` in mask execution (None: all kept)."""
+        sp = self.spaces[sid]
+        parts = [(self.kept[g] if g >= 0 else None, c) for g, c in sp.segments]
+        if all(k is None for k, _ in parts):
+            return None
+        pieces = []
+        for k, c in parts:
+            m = torch.ones(c, device=self.device) if k is None else torch.zeros(c, device=self.device)
+            if k is not None:
+                m[k] = 1.0
+            pieces.append(m)
+        return torch.cat(pieces)
+
+
+def _strictly_channels_last(t: Tensor) -> bool:
+    """Whether a 4-D tensor is stored channels-last and not also plain contiguous."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _out_mask(state: _StepState, group: int, channels: int) -> Tensor | None:
+    k = state.kept[group] if group >= 0 else None
+    if k is None:
+        return None
+    m = torch.zeros(channels, device=state.device)
+    m[k] = 1.0
+    return m
+
+
+# -- sliced layers: the user's modules, their class swapped for a subclass with these forwards --
+class _SlicedConv2d:
+    """Forward of a convolution under dropout (mixed into the module's own class)."""
+
+    _dr_state: _StepState
+    _dr_kind: str
+    _dr_space: int
+    _dr_out: int
+
+    def _dr_conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Tensor:
+        if w is not self.weight and _strictly_channels_last(self.weight):
             # Slicing returns a contiguous (NCHW) weight; keep the layout the model was stored
             # in, since the convolution picks its output layout from input and weight.
-            weight = weight.contiguous(memory_format=torch.channels_last)
-        y = F.conv2d(x.tensor, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-        if kept is None:
-            return Compact(y, None, None, self.out_channels)
-        scale = self._out_scale(kept.numel()) if self.inverted_scaling else None
-        return Compact(y, kept, scale, self.out_channels)
+            w = w.contiguous(memory_format=torch.channels_last)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, w, b, self.stride, _pair(0), self.dilation, groups)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, groups)
 
-    def _forward_masked(self, x: Compact, kept: Tensor | None) -> Compact:
-        """Reference implementation: compute every filter, multiply dropped ones by zero."""
-        if x.idx is not None:
-            raise RuntimeError("mask execution needs full-width inputs; set every layer to mask mode")
-        weight = self.weight
-        if x.scale is not None:
-            weight = weight * x.scale.view(1, -1, 1, 1)
-        y = F.conv2d(x.tensor, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        if kept is None:
-            return Compact(y, None, None, self.out_channels)
-        mask = y.new_zeros(self.out_channels)
-        mask[kept] = 1.0
-        y = y * mask.view(1, -1, 1, 1)
-        scale = mask * (self.out_channels / kept.numel()) if self.inverted_scaling else mask
-        return Compact(y, None, scale, self.out_channels)
+    def forward(self, x: Tensor) -> Tensor:
+        st = self._dr_state
+        kind = self._dr_kind
+        if not st.active or kind == "conv_full":
+            return super().forward(x)  # type: ignore[misc]
+        if st.mask:
+            return self._dr_forward_masked(x, st)
+        w, b = self.weight, self.bias
+        if kind == "depthwise":
+            idx = st.space(self._dr_space)[0]
+            if idx is None:
+                return super().forward(x)  # type: ignore[misc]
+            w = w.index_select(0, idx)
+            b = b.index_select(0, idx) if b is not None else None
+            return self._dr_conv(x, w, b, int(idx.numel()))
+        idx, scale = st.space(self._dr_space)
+        out = st.kept[self._dr_out] if self._dr_out >= 0 else None
+        if out is not None:
+            w = w.index_select(0, out)
+            b = b.index_select(0, out) if b is not None else None
+        if idx is not None:
+            w = w.index_select(1, idx)
+        if scale is not None:
+            w = w * scale.to(w.dtype).view(1, -1, 1, 1)
+        if w is self.weight:
+            return super().forward(x)  # type: ignore[misc]
+        return self._dr_conv(x, w, b, self.groups)
+
+    def _dr_forward_masked(self, x: Tensor, st: _StepState) -> Tensor:
+        """Reference execution: every filter computed, dropped ones multiplied by zero."""
+        w = self.weight
+        if self._dr_kind == "depthwise":
+            y = super().forward(x)  # type: ignore[misc]
+            m = st.keep_mask(self._dr_space)
+            return y if m is None else y * m.to(y.dtype).view(1, -1, 1, 1)
+        scale = st.space(self._dr_space)[1]
+        if scale is not None:
+            w = w * scale.to(w.dtype).view(1, -1, 1, 1)
+        y = self._dr_conv(x, w, self.bias, self.groups) if w is not self.weight else super().forward(x)  # type: ignore[misc]
+        m = _out_mask(st, self._dr_out, self.out_channels)
+        return y if m is None else y * m.to(y.dtype).view(1, -1, 1, 1)
 
 
-class CompactBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm over the alive channels of a :class:`Compact` tensor.
+class _SlicedBatchNorm:
+    """BatchNorm over the alive channels (mixed into the module's own class).
 
     Batch statistics, affine parameters and running statistics are taken for the alive
-    channels only; in training mode the running statistics are written back for those
-    channels only, so statistics of dropped channels stay as they were. With ``static_stats``
-    (HeteroFL's static BatchNorm) training normalises with the batch's statistics and never
-    updates the running statistics (nor ``num_batches_tracked``); evaluation is unchanged.
-
-    Parameters
-    ----------
-    num_features : int
-        Channels of the full model.
-    sources : sequence of (int, int), optional
-        Input segments (see :class:`DropoutConv2d`).
+    channels only; in training the running statistics are written back for those channels
+    only. With ``static_stats`` (HeteroFL's static BatchNorm) training normalises with the
+    batch's statistics and never updates the running statistics.
     """
 
-    def __init__(self, num_features: int, sources: Sequence[Source] | None = None, **kwargs) -> None:
-        super().__init__(num_features, **kwargs)
-        self.sources: tuple[Source, ...] = tuple(sources) if sources is not None else ((-1, num_features),)
-        #: Static BatchNorm: training uses batch statistics and leaves the running ones alone.
-        self.static_stats: bool = False
+    _dr_state: _StepState
+    _dr_space: int
+    static_stats: bool
 
-    def forward(self, x: Compact) -> Compact:  # type: ignore[override]
-        if x.idx is None and not (self.training and self.static_stats):
-            return Compact(super().forward(x.tensor), None, x.scale, x.channels)
-        idx = x.idx
-        weight, bias = self.weight, self.bias
-        if idx is not None:
-            weight = weight.index_select(0, idx) if weight is not None else None
-            bias = bias.index_select(0, idx) if bias is not None else None
+    def forward(self, x: Tensor) -> Tensor:
+        st = self._dr_state
+        idx = st.space(self._dr_space)[0] if (st.active and not st.mask) else None
+        if idx is None:
+            if self.training and self.static_stats:
+                return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            return super().forward(x)  # type: ignore[misc]
+        weight = self.weight.index_select(0, idx) if self.weight is not None else None
+        bias = self.bias.index_select(0, idx) if self.bias is not None else None
         if self.training and self.static_stats:
-            y = F.batch_norm(x.tensor, None, None, weight, bias, True, 0.0, self.eps)
-        elif self.training and self.track_running_stats:
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
-            momentum = (
-                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            )
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             mean = self.running_mean.index_select(0, idx)
             var = self.running_var.index_select(0, idx)
-            y = F.batch_norm(x.tensor, mean, var, weight, bias, True, momentum, self.eps)
+            y = F.batch_norm(x, mean, var, weight, bias, True, momentum, self.eps)
             with torch.no_grad():
                 self.running_mean.index_copy_(0, idx, mean)
                 self.running_var.index_copy_(0, idx, var)
-        elif self.training or not self.track_running_stats:
-            y = F.batch_norm(x.tensor, None, None, weight, bias, True, 0.0, self.eps)
-        else:
-            y = F.batch_norm(
-                x.tensor,
-                self.running_mean.index_select(0, idx),
-                self.running_var.index_select(0, idx),
-                weight,
-                bias,
-                False,
-                0.0,
-                self.eps,
-            )
-        return Compact(y, idx, x.scale, x.channels)
+            return y
+        if self.training or not self.track_running_stats:
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        return F.batch_norm(
+            x, self.running_mean.index_select(0, idx), self.running_var.index_select(0, idx),
+            weight, bias, False, 0.0, self.eps,
+        )
 
 
-class CompactLinear(nn.Linear):
-    """A linear layer reading the flattened alive channels of a :class:`Compact` tensor.
+class _SlicedLinear:
+    """A linear layer reading the alive channels' features (mixed into the module's class)."""
 
-    Parameters
+    _dr_state: _StepState
+    _dr_space: int
+    _dr_channels: int
+    _dr_stride: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        st = self._dr_state
+        if not st.active:
+            return super().forward(x)  # type: ignore[misc]
+        idx, scale = st.space(self._dr_space)
+        if idx is None and scale is None:
+            return super().forward(x)  # type: ignore[misc]
+        w = self.weight.view(self.out_features, self._dr_channels, self._dr_stride)
+        if idx is not None:
+            w = w.index_select(1, idx)
+        if scale is not None:
+            w = w * scale.to(w.dtype).view(1, -1, 1)
+        return F.linear(x, w.reshape(self.out_features, -1), self.bias)
+
+
+_MIXINS: dict[str, type] = {
+    "conv": _SlicedConv2d, "depthwise": _SlicedConv2d, "conv_full": _SlicedConv2d,
+    "bn": _SlicedBatchNorm, "linear": _SlicedLinear,
+}
+_CLASS_CACHE: dict[tuple[type, type], type] = {}
+
+
+def _swap_class(module: nn.Module, mixin: type) -> None:
+    cls = type(module)
+    if issubclass(cls, mixin):
+        return
+    new = _CLASS_CACHE.get((cls, mixin))
+    if new is None:
+        new = type(f"Droppable{cls.__name__}", (mixin, cls), {"__module__": __name__})
+        _CLASS_CACHE[(cls, mixin)] = new
+    module.__class__ = new
+
+
+class DroppableModel(nn.Module):
+    """The dropout interface of a model made droppable by :func:`make_droppable`.
+
+    Mixed into a subclass of the user's model class: the object is the user's model (a copy),
+    with these methods added and the forward of training steps under dropout replaced by the
+    traced, compact one. A dropout vector has one rate per :class:`DropoutGroup`, in forward
+    order (:attr:`dropout_layer_names`).
+
+    Attributes
     ----------
-    in_channels : int
-        Channels of the full model feeding this layer.
-    out_features : int
-        Output units (never dropped).
-    stride : int
-        Features per channel after flattening (e.g. 16 for a 4x4 map, 1 after global pooling).
-    sources : sequence of (int, int), optional
-        Input segments (see :class:`DropoutConv2d`).
+    input_shape : tuple of int
+        Shape of one input sample (from the example input); MACs are counted for it.
+    num_classes : int
+        Size of the output's last dimension.
+    model_name : str
+        Registry name, or the class name for a user's model.
+    channel_graph : ChannelGraph
+        What tracing found (groups and every sliced layer's input space).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_features: int,
-        stride: int = 1,
-        bias: bool = True,
-        sources: Sequence[Source] | None = None,
-    ) -> None:
-        super().__init__(in_channels * stride, out_features, bias=bias)
-        self.in_channels = in_channels
-        self.stride = stride
-        self.sources: tuple[Source, ...] = tuple(sources) if sources is not None else ((-1, in_channels),)
-        if sum(c for _, c in self.sources) != in_channels:
-            raise ValueError(f"sources {self.sources} do not add up to {in_channels} input channels")
-
-    def forward(self, x: Compact) -> Tensor:  # type: ignore[override]
-        flat = x.tensor.flatten(1)
-        weight = self.weight
-        if x.idx is None and x.scale is None:
-            return F.linear(flat, weight, self.bias)
-        weight = weight.view(self.out_features, self.in_channels, self.stride)
-        if x.idx is not None:
-            weight = weight.index_select(1, x.idx)
-        if x.scale is not None:
-            weight = weight * x.scale.view(1, -1, 1)
-        return F.linear(flat, weight.reshape(self.out_features, -1), self.bias)
-
-
-class DropoutModel(nn.Module):
-    """Base class of models built from structured-dropout layers.
-
-    Subclasses register their :class:`DropoutConv2d` layers in forward order and set
-    ``input_shape`` (C, H, W) and ``num_classes``. The registry name is stored in
-    ``model_name`` by :func:`flwr_distreal.models.build_model`.
-    """
-
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     num_classes: int
-    model_name: str = ""
+    model_name: str
+    channel_graph: ChannelGraph
 
-    # -- structure ----------------------------------------------------------------------
+    # -- structure --------------------------------------------------------------------
     @property
-    def dropout_layers(self) -> list[DropoutConv2d]:
-        """The dropout layers, in forward order (the order of a dropout vector)."""
-        cached = self.__dict__.get("_dropout_layers")
-        if cached is None:
-            cached = [m for m in self.modules() if isinstance(m, DropoutConv2d)]
-            self.__dict__["_dropout_layers"] = cached
-        return cached
+    def dropout_groups(self) -> list[DropoutGroup]:
+        """The dropout groups, in forward order (the order of a dropout vector)."""
+        return self._dr_groups
+
+    #: The pre-tracing name of :attr:`dropout_groups` (one "dropout layer" per group).
+    dropout_layers = dropout_groups
 
     @property
     def dropout_layer_names(self) -> list[str]:
-        """Stable names of the dropout layers, in dropout-vector order."""
-        return [n for n, m in self.named_modules() if isinstance(m, DropoutConv2d)]
+        """Stable names of the dropout groups (their first convolution), in vector order."""
+        return [g.name for g in self._dr_groups]
 
     @property
     def num_dropout_layers(self) -> int:
         """Length of a dropout vector for this model."""
-        return len(self.dropout_layers)
+        return len(self._dr_groups)
 
     @property
     def layer_widths(self) -> list[int]:
-        """Filters per dropout layer of the full model."""
-        return [m.out_channels for m in self.dropout_layers]
+        """Channels per dropout group of the full model."""
+        return [g.out_channels for g in self._dr_groups]
 
-    # -- dropout control ----------------------------------------------------------------
+    # -- dropout control --------------------------------------------------------------
     @property
     def dropout_vector(self) -> np.ndarray:
-        """The rates currently set, one per dropout layer."""
-        return np.array([m.rate for m in self.dropout_layers], dtype=np.float64)
+        """The rates currently set, one per dropout group."""
+        return np.array([g.rate for g in self._dr_groups], dtype=np.float64)
 
     def set_dropout(self, vector: Sequence[float] | np.ndarray | Tensor | None) -> None:
         """Set the dropout vector used by every following training forward pass.
@@ -480,25 +497,26 @@ class DropoutModel(nn.Module):
         Parameters
         ----------
         vector : sequence of float or None
-            One rate in [0, 0.5] per dropout layer; ``None`` or all zeros trains the full model.
-            Each training forward keeps exactly ``kept_count(p, C)`` random filters per layer.
+            One rate in [0, 0.5] per dropout group; ``None`` or all zeros trains the full
+            model. Each training forward keeps exactly ``kept_count(p, C)`` random filters per
+            group.
 
         Raises
         ------
         ValueError
             If the vector has the wrong length, non-finite values or rates outside [0, 0.5].
         """
-        layers = self.dropout_layers
+        groups = self._dr_groups
         if vector is None:
-            for m in layers:
-                m.set_rate(0.0)
+            for g in groups:
+                g.set_rate(0.0)
             return
-        rates = validate_vector(vector, len(layers))
-        for m, p in zip(layers, rates.tolist()):
-            m.set_rate(p)
+        rates = validate_vector(vector, len(groups))
+        for g, p in zip(groups, rates.tolist()):
+            g.set_rate(p)
 
     def set_fixed_subsets(self, indices: Sequence[Tensor | Sequence[int] | None] | None) -> None:
-        """Fix the kept filters per layer instead of sampling them (baselines).
+        """Fix the kept filters per group instead of sampling them (baselines).
 
         Federated Dropout keeps one random subset for a whole round; HeteroFL keeps the first
         channels. While set, random sampling is off; ``None`` switches back to sampling.
@@ -506,37 +524,37 @@ class DropoutModel(nn.Module):
         Parameters
         ----------
         indices : sequence of index lists or None
-            Per dropout layer, the filters to keep (``None`` entry = keep all).
+            Per dropout group, the filters to keep (``None`` entry = keep all).
 
         Raises
         ------
         ValueError
             If the list length does not match, an index is out of range or repeated, or a
-            layer would keep no filter.
+            group would keep no filter.
         """
-        layers = self.dropout_layers
+        groups = self._dr_groups
         if indices is None:
-            for m in layers:
-                m.fixed_subset = None
+            for g in groups:
+                g.fixed_subset = None
             return
-        if len(indices) != len(layers):
-            raise ValueError(f"got {len(indices)} subsets for {len(layers)} dropout layers")
+        if len(indices) != len(groups):
+            raise ValueError(f"got {len(indices)} subsets for {len(groups)} dropout layers")
         checked: list[Tensor | None] = []
-        for i, (m, sub) in enumerate(zip(layers, indices)):
+        for i, (g, sub) in enumerate(zip(groups, indices)):
             if sub is None:
                 checked.append(None)
                 continue
             t = torch.as_tensor(sub, dtype=torch.long).flatten()
             if t.numel() == 0:
-                raise ValueError(f"layer {i} ({m.out_channels} filters) would keep no filter")
-            if int(t.min()) < 0 or int(t.max()) >= m.out_channels:
-                raise ValueError(f"layer {i}: filter index out of range [0, {m.out_channels})")
+                raise ValueError(f"layer {i} ({g.out_channels} filters) would keep no filter")
+            if int(t.min()) < 0 or int(t.max()) >= g.out_channels:
+                raise ValueError(f"layer {i}: filter index out of range [0, {g.out_channels})")
             t = t.sort().values
             if t.numel() > 1 and bool((t[1:] == t[:-1]).any()):
                 raise ValueError(f"layer {i}: repeated filter index")
-            checked.append(None if t.numel() == m.out_channels else t.to(m.weight.device))
-        for m, t in zip(layers, checked):
-            m.fixed_subset = t
+            checked.append(None if t.numel() == g.out_channels else t)
+        for g, t in zip(groups, checked):
+            g.fixed_subset = t
 
     def seed_dropout(self, seed: int | None) -> None:
         """Draw the dropped filters from a private generator seeded with ``seed``.
@@ -547,23 +565,17 @@ class DropoutModel(nn.Module):
         if seed is not None:
             gen = torch.Generator()
             gen.manual_seed(int(seed))
-        for m in self.dropout_layers:
-            m.generator = gen
+        for g in self._dr_groups:
+            g.generator = gen
 
     def set_inverted_scaling(self, on: bool) -> None:
-        """Switch the inverted-dropout scaling of every dropout layer.
+        """Switch the inverted-dropout scaling (``C / k`` for a consumer of ``k`` of ``C``).
 
-        On (the default), a layer that reads ``k`` of a producer's ``C`` channels multiplies
-        them by ``C / k`` (folded into its sliced weight, after any BatchNorm between them), so
-        that it sees the full model's input in expectation; this applies to random per-batch
-        dropout (DISTREAL) and to fixed subsets (:meth:`set_fixed_subsets`) alike. Off, kept
-        channels are passed unscaled: the submodel is trained as the narrower network it is.
-        Inference never drops and is unaffected.
-
-        Parameters
-        ----------
-        on : bool
-            True to scale by ``C / k``, False to pass kept channels unscaled.
+        On (the default), a layer that reads ``k`` of a group's ``C`` channels multiplies them
+        by ``C / k`` (folded into its sliced weight, after any BatchNorm between them), for
+        random per-batch dropout (DISTREAL) and fixed subsets alike. Off, kept channels are
+        passed unscaled: the submodel is trained as the narrower network it is. Inference never
+        drops and is unaffected.
 
         Raises
         ------
@@ -572,47 +584,42 @@ class DropoutModel(nn.Module):
         """
         if not isinstance(on, (bool, np.bool_)):
             raise ValueError(f"inverted scaling must be True or False, got {on!r}")
-        for m in self.dropout_layers:
-            m.inverted_scaling = bool(on)
+        self._dr_state.scaling = bool(on)
 
     @property
     def inverted_scaling(self) -> bool:
         """Whether kept channels are scaled by ``C / k`` (see :meth:`set_inverted_scaling`)."""
-        return all(m.inverted_scaling for m in self.dropout_layers)
+        return self._dr_state.scaling
 
     @property
-    def batchnorm_layers(self) -> list[CompactBatchNorm2d]:
+    def batchnorm_layers(self) -> list[nn.Module]:
         """The model's BatchNorm layers, in module order (empty for models without BN)."""
-        return [m for m in self.modules() if isinstance(m, CompactBatchNorm2d)]
+        return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def set_static_bn(self, on: bool) -> int:
         """Switch static BatchNorm (HeteroFL's sBN, Diao et al. 2021) in every BN layer.
 
         On, a training forward normalises with the batch's statistics and leaves the running
-        statistics and ``num_batches_tracked`` untouched, so a local round never changes them;
-        :func:`recompute_bn_statistics` recomputes them before evaluation. Off (the default),
-        training updates the running statistics with the layer's momentum.
-
-        Parameters
-        ----------
-        on : bool
-            True for static BatchNorm.
+        statistics and ``num_batches_tracked`` untouched; :func:`recompute_bn_statistics`
+        recomputes them before evaluation. Off (the default), training updates them.
 
         Returns
         -------
         int
-            The number of BatchNorm layers switched (0: the model has none and the switch
-            changes nothing).
+            The number of BatchNorm layers switched (0: the model has none).
 
         Raises
         ------
         ValueError
-            If ``on`` is not a bool.
+            If ``on`` is not a bool, or the model has a BatchNorm layer that reads a flattened
+            tensor (it cannot be switched).
         """
         if not isinstance(on, (bool, np.bool_)):
             raise ValueError(f"static BatchNorm must be True or False, got {on!r}")
         layers = self.batchnorm_layers
         for m in layers:
+            if not isinstance(m, _SlicedBatchNorm):
+                _make_sliced_bn(m, self._dr_state, self._dr_full_space)
             m.static_stats = bool(on)
         return len(layers)
 
@@ -621,108 +628,281 @@ class DropoutModel(nn.Module):
         computes everything and multiplies dropped filters by zero; saves nothing)."""
         if mode not in ("compact", "mask"):
             raise ValueError(f"execution mode must be 'compact' or 'mask', got {mode!r}")
-        for m in self.dropout_layers:
-            m.execution = mode
+        self._dr_state.mask = mode == "mask"
 
     def last_kept_indices(self) -> list[Tensor | None]:
-        """Filters kept by each dropout layer in the last training forward (``None`` = all)."""
-        return [m.last_kept for m in self.dropout_layers]
+        """Filters kept by each group in the last training forward (``None`` = all)."""
+        return [g.last_kept for g in self._dr_groups]
 
-    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - subclasses implement
-        raise NotImplementedError
+    def kept_indices(self) -> list[Tensor | None]:
+        """Alias of :meth:`last_kept_indices`."""
+        return self.last_kept_indices()
 
-
-def _input_index(sources: Iterable[Source], kept: Sequence[Tensor | None]) -> Tensor | None:
-    """Alive input channels of a layer (in its input channel space), or None for all."""
-    pieces, offset, partial = [], 0, False
-    for src, channels in sources:
-        sub = kept[src] if src >= 0 else None
-        if sub is None:
-            pieces.append(torch.arange(channels) + offset)
+    # -- forward ----------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        st = self._dr_state
+        if self.training:
+            st.begin(self._dr_groups, self._dr_probe.device)
+            if st.active:
+                try:
+                    return self._dr_traced(self, *args, **kwargs)
+                finally:
+                    st.active = False
         else:
-            partial = True
-            pieces.append(sub.cpu() + offset)
-        offset += channels
-    return torch.cat(pieces) if partial else None
+            for g in self._dr_groups:
+                g.last_kept = None
+            st.active = False
+        return self._dr_user_forward(self, *args, **kwargs)
 
 
-def _channel_mask(channels: int, idx: Tensor | None) -> Tensor:
-    """Boolean mask over ``channels`` with ``idx`` set (all set when ``idx`` is None)."""
-    if idx is None:
-        return torch.ones(channels, dtype=torch.bool)
-    mask = torch.zeros(channels, dtype=torch.bool)
-    mask[idx.cpu()] = True
-    return mask
+_MODEL_CLASSES: dict[type, type] = {}
 
 
-def _param_masks_for(module: nn.Module, kept: Sequence[Tensor | None], own: Tensor | None) -> dict[str, Tensor]:
+def _droppable_class(cls: type) -> type:
+    if issubclass(cls, DroppableModel):
+        return cls
+    new = _MODEL_CLASSES.get(cls)
+    if new is None:
+        new = type(f"Droppable{cls.__name__}", (DroppableModel, cls), {"__module__": cls.__module__})
+        _MODEL_CLASSES[cls] = new
+    return new
+
+
+def _make_sliced_bn(m: nn.Module, state: _StepState, space: int) -> None:
+    _swap_class(m, _SlicedBatchNorm)
+    m.__dict__["_dr_state"] = state
+    m.__dict__["_dr_space"] = space
+    m.__dict__.setdefault("static_stats", False)
+
+
+def make_droppable(
+    module: nn.Module,
+    example_input: Tensor,
+    *,
+    keep_full: Sequence[str] = (),
+    name: str | None = None,
+    copy_module: bool = True,
+) -> DroppableModel:
+    """Give any PyTorch CNN DISTREAL's structured dropout, derived from the model itself.
+
+    The module is traced with ``torch.fx`` (:func:`~flwr_distreal.channel_graph.trace_channel_graph`):
+    its convolutions' output channels form dropout groups (coupled by residual sums and
+    depthwise convolutions, laid side by side by concatenations), and every layer that reads
+    them is sliced to the kept channels in training (compact execution: only kept filters
+    are computed). Nothing is declared by hand.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The user's model (any CNN whose forward takes one image batch). It is not changed:
+        a deep copy is made droppable (unless ``copy_module=False``).
+    example_input : Tensor
+        A batch of the shape the model trains on, e.g. ``torch.zeros(2, 3, 32, 32)``; its
+        sample shape is what MACs are counted for.
+    keep_full : sequence of str
+        Qualified names of submodules that the tracer treats as opaque and whose input and
+        output channels are never dropped (e.g. an attention block).
+    name : str, optional
+        Name recorded in LUTs (``model_name``); defaults to the class name.
+    copy_module : bool
+        Deep-copy ``module`` first (default). ``False`` converts the module in place.
+
+    Returns
+    -------
+    DroppableModel
+        The model: an instance of a subclass of ``type(module)`` with the dropout interface
+        (``set_dropout``, ``dropout_layer_names``, ``set_fixed_subsets``, ...), usable with
+        :func:`~flwr_distreal.macs.count_macs`, :class:`~flwr_distreal.lut.LUT` and the DSE.
+        Its ``state_dict()`` equals the module's, and its eval-mode output equals the module's.
+
+    Raises
+    ------
+    UnsupportedModelError
+        If the forward cannot be traced, an op on channel-carrying tensors is not supported
+        (the message names the graph node and op), or the model has nothing to drop.
+    """
+    if isinstance(module, DroppableModel):
+        raise ValueError("make_droppable: the module is already droppable")
+    work = copy.deepcopy(module) if copy_module else module
+    was_training = work.training
+    with torch.no_grad():
+        work.train()
+        try:
+            graph, gm = trace_channel_graph(work, example_input, keep_full)
+        finally:
+            work.train(was_training)
+    if not graph.groups:
+        whys = sorted({f"{k}: {v}" for k, v in graph.kept_whole.items()})
+        detail = ("; ".join(whys[:6])) if whys else "it has no nn.Conv2d layer"
+        raise UnsupportedModelError(
+            f"make_droppable: {type(module).__name__} has no droppable convolution filters ({detail}). "
+            "DISTREAL drops whole filters of nn.Conv2d layers whose outputs reach neither the "
+            "network output nor a layer kept whole."
+        )
+    modules = dict(work.named_modules())
+    spaces: list[InputSpace] = []
+    space_id: dict[InputSpace, int] = {}
+
+    def sid(space: InputSpace) -> int:
+        if space not in space_id:
+            space_id[space] = len(spaces)
+            spaces.append(space)
+        return space_id[space]
+
+    full = sid(InputSpace(((-1, 1),)))  # placeholder space for BN layers no graph node reaches
+    groups = [DropoutGroup(g.name, g.channels, g.members) for g in graph.groups]
+    state = _StepState(spaces, groups)
+    seen: dict[str, ComputeLayer] = {}
+    for layer in graph.layers:
+        prev = seen.get(layer.name)
+        if prev is not None:
+            if (prev.kind, prev.space, prev.out_group) != (layer.kind, layer.space, layer.out_group):
+                raise UnsupportedModelError(
+                    f"make_droppable: module {layer.name!r} is called more than once with different channel layouts"
+                )
+            continue
+        seen[layer.name] = layer
+        m = modules[layer.name]
+        if layer.kind == "bn":
+            _make_sliced_bn(m, state, sid(layer.space))
+            continue
+        _swap_class(m, _MIXINS[layer.kind])
+        d = m.__dict__
+        d["_dr_state"] = state
+        d["_dr_kind"] = layer.kind
+        d["_dr_space"] = sid(layer.space)
+        d["_dr_out"] = layer.out_group
+        if layer.kind == "linear":
+            d["_dr_channels"] = layer.space.channels
+            d["_dr_stride"] = layer.space.stride
+    state.spaces = spaces
+    state._cache = [_MISS] * len(spaces)
+    user_forward = type(work).forward
+    work.__class__ = _droppable_class(type(work))
+    d = work.__dict__
+    d["_dr_groups"] = groups
+    d["_dr_state"] = state
+    d["_dr_full_space"] = full
+    d["_dr_traced"] = type(gm).forward
+    d["_dr_user_forward"] = user_forward
+    params = list(work.parameters())
+    if not params:
+        raise UnsupportedModelError("make_droppable: the model has no parameters")
+    d["_dr_probe"] = params[0]
+    d["channel_graph"] = graph
+    d["input_shape"] = tuple(int(s) for s in example_input.shape[1:])
+    if "num_classes" not in d and graph.output_shape:
+        d["num_classes"] = int(graph.output_shape[-1])
+    d["model_name"] = name or d.get("model_name") or type(module).__name__
+    for attr, value in vars(gm).items():  # tensor constants the tracer lifted (get_attr)
+        if attr.startswith("_tensor_constant") and attr not in d:
+            d[attr] = value
+    return work  # type: ignore[return-value]
+
+
+def require_droppable(model: Any, what: str) -> DroppableModel:
+    """Return ``model`` if it has the dropout interface, else raise a TypeError saying how.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` was not made droppable, naming ``what`` needed it and the call that fixes it.
+    """
+    if isinstance(model, DroppableModel):
+        return model
+    raise TypeError(
+        f"{what} needs a droppable model, got a plain {type(model).__name__}: call "
+        f"flwr_distreal.make_droppable(model, example_input) first (example_input: one batch of "
+        "the shape the model trains on), or build a registered one with flwr_distreal.build_model(name)"
+    )
+
+
+#: The dropout interface's earlier name (models were hand-declared subclasses of it).
+DropoutModel = DroppableModel
+
+
+def _space_mask(space: InputSpace, kept: Sequence[Tensor | None]) -> Tensor:
+    pieces = []
+    for g, c in space.segments:
+        k = kept[g] if g >= 0 else None
+        if k is None:
+            pieces.append(torch.ones(c, dtype=torch.bool))
+        else:
+            m = torch.zeros(c, dtype=torch.bool)
+            m[k.cpu()] = True
+            pieces.append(m)
+    return torch.cat(pieces)
+
+
+def _layer_masks(module: nn.Module, layer: ComputeLayer, kept: Sequence[Tensor | None]) -> dict[str, Tensor]:
     """Boolean masks of the entries of ``module``'s parameters/buffers used under ``kept``."""
-    sources = getattr(module, "sources", None)
-    in_idx = _input_index(sources, kept) if sources is not None else None
+    cols = _space_mask(layer.space, kept)
     out: dict[str, Tensor] = {}
-    if isinstance(module, DropoutConv2d):
-        rows = _channel_mask(module.out_channels, own)
-        cols = _channel_mask(module.in_channels, in_idx)
+    if layer.kind == "conv":
+        k = kept[layer.out_group] if layer.out_group >= 0 else None
+        rows = torch.ones(module.out_channels, dtype=torch.bool)
+        if k is not None:
+            rows = torch.zeros(module.out_channels, dtype=torch.bool)
+            rows[k.cpu()] = True
         out["weight"] = (rows[:, None] & cols[None, :])[:, :, None, None].expand(module.weight.shape)
         if module.bias is not None:
             out["bias"] = rows
-    elif isinstance(module, CompactBatchNorm2d):
-        c = _channel_mask(module.num_features, in_idx)
+    elif layer.kind == "depthwise":
+        out["weight"] = cols[:, None, None, None].expand(module.weight.shape)
+        if module.bias is not None:
+            out["bias"] = cols
+    elif layer.kind == "linear":
+        out["weight"] = cols.repeat_interleave(layer.space.stride).unsqueeze(0).expand(module.weight.shape)
+    elif layer.kind == "bn":
         for name in ("weight", "bias", "running_mean", "running_var"):
             if getattr(module, name, None) is not None:
-                out[name] = c
-        if module.num_batches_tracked is not None:
-            out["num_batches_tracked"] = torch.ones((), dtype=torch.bool)
-    elif isinstance(module, CompactLinear):
-        c = _channel_mask(module.in_channels, in_idx)
-        out["weight"] = c.repeat_interleave(module.stride).unsqueeze(0).expand(module.out_features, -1)
-        if module.bias is not None:
-            out["bias"] = torch.ones(module.out_features, dtype=torch.bool)
+                out[name] = cols
     return out
 
 
 def parameter_masks(
-    model: DropoutModel, kept: Sequence[Tensor | Sequence[int] | None]
+    model: DroppableModel, kept: Sequence[Tensor | Sequence[int] | None]
 ) -> dict[str, np.ndarray]:
     """Which entries of each state-dict tensor a submodel with the given kept filters trains.
 
-    Used by the Federated Dropout and HeteroFL baselines' aggregation rules (both need the masks).
+    Used by the Federated Dropout and HeteroFL baselines' aggregation rules and by
+    :class:`DroppedWeightGuard`; derived from the traced channel graph.
 
     Parameters
     ----------
-    model : DropoutModel
+    model : DroppableModel
         The full model (its structure; values are not read).
     kept : sequence of index lists or None
-        Per dropout layer, the kept filters (``None`` = all).
+        Per dropout group, the kept filters (``None`` = all).
 
     Returns
     -------
     dict[str, np.ndarray]
         For every ``state_dict`` key, a boolean array of the tensor's shape.
     """
-    layers = model.dropout_layers
-    if len(kept) != len(layers):
-        raise ValueError(f"got {len(kept)} kept-index lists for {len(layers)} dropout layers")
+    groups = model.dropout_groups
+    if len(kept) != len(groups):
+        raise ValueError(f"got {len(kept)} kept-index lists for {len(groups)} dropout layers")
     kept_t = [None if k is None else torch.as_tensor(k, dtype=torch.long) for k in kept]
-    layer_pos = {id(m): i for i, m in enumerate(layers)}
-    masks: dict[str, np.ndarray] = {}
-    for mod_name, module in model.named_modules():
-        own = kept_t[layer_pos[id(module)]] if id(module) in layer_pos else None
-        special = _param_masks_for(module, kept_t, own)
-        for pname, tensor in list(module.named_parameters(recurse=False)) + list(
-            module.named_buffers(recurse=False)
-        ):
-            key = f"{mod_name}.{pname}" if mod_name else pname
-            if pname in special:
-                masks[key] = special[pname].expand(tensor.shape).numpy().copy()
-            else:
-                masks[key] = np.ones(tuple(tensor.shape), dtype=bool)
-    state_keys = list(model.state_dict().keys())
-    return {k: masks[k] for k in state_keys}
+    modules = dict(model.named_modules())
+    special: dict[str, Tensor] = {}
+    for layer in model.channel_graph.layers:
+        m = modules[layer.name]
+        for pname, mask in _layer_masks(m, layer, kept_t).items():
+            key = f"{layer.name}.{pname}" if layer.name else pname
+            special[key] = mask if key not in special else (special[key] | mask)
+    out: dict[str, np.ndarray] = {}
+    for key, tensor in model.state_dict().items():
+        mask = special.get(key)
+        if mask is None:
+            out[key] = np.ones(tuple(tensor.shape), dtype=bool)
+        else:
+            out[key] = mask.expand(tensor.shape).numpy().copy()
+    return out
 
 
 def recompute_bn_statistics(
-    model: DropoutModel,
+    model: DroppableModel,
     batches: Iterable[Tensor | Sequence[Tensor]],
     device: str | torch.device | None = None,
 ) -> int:
@@ -739,7 +919,7 @@ def recompute_bn_statistics(
 
     Parameters
     ----------
-    model : DropoutModel
+    model : DroppableModel
         The model whose BatchNorm statistics are recomputed in place.
     batches : iterable
         Input batches: tensors, or ``(inputs, labels, ...)`` tuples (only ``inputs`` is used),
@@ -773,7 +953,7 @@ def recompute_bn_statistics(
             m.track_running_stats = True
             m.reset_running_stats()
             m.momentum = None
-            if isinstance(m, CompactBatchNorm2d):
+            if hasattr(m, "static_stats"):
                 m.static_stats = False
         model.train()
         with torch.no_grad():
@@ -787,7 +967,7 @@ def recompute_bn_statistics(
         for m, momentum, static, track in saved:
             m.momentum = momentum
             m.track_running_stats = track
-            if isinstance(m, CompactBatchNorm2d):
+            if hasattr(m, "static_stats"):
                 m.static_stats = static
         model.train(was_training)
     if seen == 0:
@@ -809,11 +989,11 @@ class DroppedWeightGuard:
     ----------
     optimizer : torch.optim.Optimizer
         The optimiser over ``model``'s parameters.
-    model : DropoutModel
+    model : DroppableModel
         The model whose last forward pass defines what was dropped.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: DropoutModel) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, model: DroppableModel) -> None:
         self.optimizer = optimizer
         self.model = model
         self._names = {id(p): n for n, p in model.named_parameters()}

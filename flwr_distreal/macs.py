@@ -7,7 +7,8 @@ the MACs of a step are a deterministic function of the dropout vector, not just 
 
 Counted are the multiply-accumulates of convolution and linear layers (as
 ``torch.utils.flop_counter.FlopCounterMode`` does, FLOPs / 2); a layer's input count depends on
-the kept counts of the layers that feed it, as declared by the model's ``sources``.
+the kept counts of the groups that feed it, as the traced channel graph
+(:mod:`flwr_distreal.channel_graph`) records.
 """
 
 from __future__ import annotations
@@ -15,43 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .dropout import CompactLinear, DropoutConv2d, DropoutModel, kept_count, validate_vector
+from .dropout import DroppableModel, kept_count, require_droppable, validate_vector
 
 __all__ = ["count_macs", "kept_counts", "layer_macs", "macs_of_counts"]
 
 
-def _geometry(model: DropoutModel) -> list[tuple[nn.Module, int]]:
-    """(compute layer, output spatial area) in forward order, traced once and cached."""
-    cached = model.__dict__.get("_macs_geometry")
-    if cached is not None:
-        return cached
-    areas: dict[int, int] = {}
-
-    def hook(module: nn.Module, _inp, out) -> None:
-        t = out.tensor if hasattr(out, "tensor") else out
-        areas[id(module)] = int(np.prod(t.shape[2:])) if t.dim() > 2 else 1
-
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    handles = [m.register_forward_hook(hook) for m in layers]
-    was_training = model.training
-    try:
-        model.eval()
-        param = next(model.parameters())
-        with torch.no_grad():
-            model(torch.zeros((1, *model.input_shape), dtype=param.dtype, device=param.device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    geometry = [(m, areas[id(m)]) for m in layers if id(m) in areas]
-    model.__dict__["_macs_geometry"] = geometry
-    return geometry
-
-
-def kept_counts(model: DropoutModel, vector: Sequence[float] | np.ndarray | Tensor | None = None) -> list[int]:
+def kept_counts(model: DroppableModel, vector: Sequence[float] | np.ndarray | Tensor | None = None) -> list[int]:
     """Filters kept per dropout layer under ``vector`` (``None`` = full model).
 
     Raises
@@ -59,7 +31,7 @@ def kept_counts(model: DropoutModel, vector: Sequence[float] | np.ndarray | Tens
     ValueError
         If the vector does not fit the model or holds rates outside [0, 0.5].
     """
-    widths = model.layer_widths
+    widths = require_droppable(model, "kept_counts").layer_widths
     if vector is None:
         return list(widths)
     rates = validate_vector(vector, len(widths))
@@ -70,59 +42,66 @@ def _in_count(sources, counts: Sequence[int]) -> int:
     return sum(counts[src] if src >= 0 else ch for src, ch in sources)
 
 
-def layer_macs(model: DropoutModel, counts: Sequence[int]) -> list[tuple[str, int]]:
-    """Forward MACs per sample of every conv/linear layer, given kept counts per dropout layer.
+def layer_macs(model: DroppableModel, counts: Sequence[int]) -> list[tuple[str, int]]:
+    """Forward MACs per sample of every conv/linear call, given kept counts per dropout group.
+
+    Read off the traced channel graph: a dense convolution costs
+    ``area * kh * kw * k_out * k_in`` (``k_in`` the channels present in its input space), a
+    depthwise one ``area * kh * kw * k`` (one input channel per filter), a grouped one its full
+    cost (kept whole), a linear layer ``out * stride * k_in``.
 
     Parameters
     ----------
-    model : DropoutModel
+    model : DroppableModel
         The model.
     counts : sequence of int
-        Filters kept per dropout layer (length ``model.num_dropout_layers``).
+        Filters kept per dropout group (length ``model.num_dropout_layers``).
 
     Returns
     -------
     list of (str, int)
-        Module name and MACs, in forward order.
+        Module name and MACs, in forward order (a module called twice appears twice).
     """
-    layers = model.dropout_layers
-    if len(counts) != len(layers):
-        raise ValueError(f"got {len(counts)} kept counts for {len(layers)} dropout layers")
-    for i, (k, m) in enumerate(zip(counts, layers)):
-        if not 1 <= int(k) <= m.out_channels:
-            raise ValueError(f"layer {i} keeps {k} filters, must be in [1, {m.out_channels}]")
-    pos = {id(m): i for i, m in enumerate(layers)}
-    names = {id(m): n for n, m in model.named_modules()}
+    widths = require_droppable(model, "layer_macs").layer_widths
+    if len(counts) != len(widths):
+        raise ValueError(f"got {len(counts)} kept counts for {len(widths)} dropout layers")
+    for i, (k, w) in enumerate(zip(counts, widths)):
+        if not 1 <= int(k) <= w:
+            raise ValueError(f"layer {i} keeps {k} filters, must be in [1, {w}]")
+    counts = [int(k) for k in counts]
+    modules = dict(model.named_modules())
     out: list[tuple[str, int]] = []
-    for module, area in _geometry(model):
-        if isinstance(module, DropoutConv2d):
-            kh, kw = module.kernel_size
-            k_out = int(counts[pos[id(module)]])
-            k_in = _in_count(module.sources, counts)
-            macs = area * kh * kw * k_out * (k_in // module.groups)
-        elif isinstance(module, CompactLinear):
-            macs = module.out_features * module.stride * _in_count(module.sources, counts)
-        elif isinstance(module, nn.Linear):
-            macs = module.in_features * module.out_features
-        else:  # a plain convolution that is not a dropout layer
-            kh, kw = module.kernel_size
-            macs = area * kh * kw * module.out_channels * (module.in_channels // module.groups)
-        out.append((names[id(module)], int(macs)))
+    for layer in model.channel_graph.layers:
+        if layer.kind == "bn":
+            continue
+        k_in = layer.space.kept(counts)
+        if layer.kind == "conv":
+            k_out = counts[layer.out_group] if layer.out_group >= 0 else layer.out_channels
+            macs = layer.area * layer.macs_per_io * k_out * k_in
+        elif layer.kind == "depthwise":
+            macs = layer.area * layer.macs_per_io * k_in
+        elif layer.kind == "conv_full":
+            m = modules[layer.name]
+            macs = layer.area * layer.macs_per_io * m.out_channels * (m.in_channels // m.groups)
+        else:  # linear
+            macs = layer.out_channels * layer.space.stride * k_in
+        out.append((layer.name, int(macs)))
     return out
 
 
-def macs_of_counts(model: DropoutModel, counts: Sequence[int]) -> int:
+def macs_of_counts(model: DroppableModel, counts: Sequence[int]) -> int:
     """Forward MACs per sample when each dropout layer keeps ``counts[i]`` filters."""
     return sum(m for _, m in layer_macs(model, counts))
 
 
-def count_macs(model: DropoutModel, vector: Sequence[float] | np.ndarray | Tensor | None = None) -> int:
+def count_macs(model: DroppableModel, vector: Sequence[float] | np.ndarray | Tensor | None = None) -> int:
     """Exact forward MACs per sample of ``model`` under dropout vector ``vector``.
 
     Parameters
     ----------
-    model : DropoutModel
-        A model from :func:`flwr_distreal.models.build_model`.
+    model : DroppableModel
+        A model from :func:`flwr_distreal.models.build_model` or
+        :func:`~flwr_distreal.dropout.make_droppable`.
     vector : sequence of float, optional
         One rate in [0, 0.5] per dropout layer; ``None`` counts the full model.
 
@@ -132,4 +111,5 @@ def count_macs(model: DropoutModel, vector: Sequence[float] | np.ndarray | Tenso
         Multiply-accumulates of one sample's forward pass through the compact model; equal to
         ``FlopCounterMode`` FLOPs / 2 / batch size for a training forward under ``vector``.
     """
+    require_droppable(model, "count_macs")
     return macs_of_counts(model, kept_counts(model, vector))

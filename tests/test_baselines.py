@@ -23,7 +23,7 @@ from flwr_distreal.config import (
     HeteroFLStrategyConfig,
     SmallStrategyConfig,
 )
-from flwr_distreal.dropout import Compact, CompactBatchNorm2d, parameter_masks, recompute_bn_statistics
+from flwr_distreal.dropout import make_droppable, parameter_masks, recompute_bn_statistics
 from flwr_distreal.models.densenet import DenseNetBC
 from flwr_distreal.models.femnist_cnn import FemnistCNN
 from flwr_distreal.server_core import HeteroFLPlanner, Reply, RoundBounds, SubmodelCore
@@ -41,16 +41,14 @@ def one_torch_thread():
 
 def _tiny_cnn() -> FemnistCNN:
     torch.manual_seed(0)
-    model = FemnistCNN(widths=(4, 6), hidden=5, num_classes=3)
-    model.model_name = "tiny_cnn"
-    return model
+    return make_droppable(
+        FemnistCNN(widths=(4, 6), hidden=5, num_classes=3), torch.zeros(2, 1, 28, 28), name="tiny_cnn"
+    )
 
 
 def _tiny_densenet() -> DenseNetBC:
     torch.manual_seed(0)
-    model = DenseNetBC(depth=10, num_classes=5)
-    model.model_name = "densenet_bc_10"
-    return model
+    return make_droppable(DenseNetBC(depth=10, num_classes=5), torch.zeros(2, 3, 32, 32), name="densenet_bc_10")
 
 
 # ----------------------------------------------------------------------- inverted scaling
@@ -104,7 +102,7 @@ def test_inverted_scaling_switch_is_per_model_and_leaves_inference_alone() -> No
     with torch.no_grad():
         before = model(x)
     model.set_inverted_scaling(False)
-    assert not model.inverted_scaling and not any(m.inverted_scaling for m in model.dropout_layers)
+    assert not model.inverted_scaling
     with torch.no_grad():
         assert torch.equal(model(x), before)  # inference never drops, so never scales
     with pytest.raises(ValueError, match="inverted scaling must be True or False"):
@@ -275,11 +273,15 @@ def test_static_bn_leaves_running_statistics_unchanged_by_a_local_step(subsets) 
 
 
 def test_static_bn_normalises_with_the_batch_statistics_in_training() -> None:
-    bn = CompactBatchNorm2d(3)
-    bn.static_stats = True
+    net = make_droppable(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 2, 1)),
+        torch.zeros(2, 3, 5, 5),
+    )
+    net.set_static_bn(True)
+    bn = net[1]
     bn.train()
     x = torch.randn(4, 3, 5, 5) * 3 + 2
-    y = bn(Compact.full(x)).tensor
+    y = bn(x)
     ref = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / torch.sqrt(x.var(dim=(0, 2, 3), unbiased=False, keepdim=True) + bn.eps)
     np.testing.assert_allclose(y.detach().numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
     assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(3))
@@ -295,7 +297,7 @@ def test_recomputed_statistics_equal_the_cumulative_mean_over_batches() -> None:
     batches = [(torch.randn(2, 3, 32, 32) + i, torch.zeros(2, dtype=torch.long)) for i in range(3)]
     seen: dict[int, list[torch.Tensor]] = {}
     hooks = [
-        m.register_forward_pre_hook(lambda mod, args, i=i: seen.setdefault(i, []).append(args[0].tensor.detach()))
+        m.register_forward_pre_hook(lambda mod, args, i=i: seen.setdefault(i, []).append(args[0].detach()))
         for i, m in enumerate(model.batchnorm_layers)
     ]
     model.eval()

@@ -6,13 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from flwr_distreal import DroppedWeightGuard, build_model, kept_counts, parameter_masks
+from flwr_distreal.dropout import make_droppable
 from flwr_distreal.models.densenet import DenseNetBC
 
 
 def _dense_small(**kw):
-    model = DenseNetBC(depth=10, num_classes=5, **kw)
-    model.model_name = "densenet_bc_10"
-    return model
+    return make_droppable(DenseNetBC(depth=10, num_classes=5, **kw), torch.zeros(2, 3, 32, 32), name="densenet_bc_10")
 
 
 def _step(model, x, y, opt):
@@ -126,7 +125,7 @@ def test_dropped_filters_zero_grad_and_unchanged_after_sgd(factory):
         if p.grad[m].abs().sum() > 0:
             assert not torch.equal(p.detach()[m], before[name][m]), name
     # Kept conv filters do get gradient.
-    conv1 = model.dropout_layers[0]
+    conv1 = dict(model.named_modules())[model.dropout_layer_names[0]]
     assert conv1.weight.grad[kept[0]].abs().sum() > 0
 
 
@@ -183,19 +182,20 @@ def test_inverted_dropout_matches_full_model_in_expectation():
     torch.manual_seed(4)
     model = build_model("femnist_cnn")
     x = torch.randn(1, 1, 28, 28)
+    captured = {}
+    handle = model.conv2.register_forward_hook(lambda mod, inp, out: captured.__setitem__("out", out))
     model.eval()
     with torch.no_grad():
-        from flwr_distreal.dropout import Compact
-
-        h = model.conv1(Compact.full(x)).map(lambda t: F.max_pool2d(F.relu(t), 2))
-        full = model.conv2(h).tensor
+        model(x)
+        full = captured["out"]
         model.train()
         model.set_dropout([0.5, 0.0])
         acc = torch.zeros_like(full)
         n = 1500
         for _ in range(n):
-            h = model.conv1(Compact.full(x)).map(lambda t: F.max_pool2d(F.relu(t), 2))
-            acc += model.conv2(h).tensor
+            model(x)
+            acc += captured["out"]
+    handle.remove()
     err = (acc / n - full).abs().mean() / full.abs().mean()
     assert err < 0.04
 
@@ -266,9 +266,10 @@ def test_dropout_trained_model_evaluates_well_as_full_model(factory, size, chann
     assert acc > 0.85, acc
 
 
-def _running_means(x, vector, passes):
+def _running_means(x, vector, passes, scaling=True):
     model = _dense_small()
     model.load_state_dict(_dense_small_state())
+    model.set_inverted_scaling(scaling)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()
@@ -282,17 +283,14 @@ def _running_means(x, vector, passes):
     return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("running_mean")}
 
 
-def test_batchnorm_sees_full_model_statistics_under_dropout(monkeypatch):
+def test_batchnorm_sees_full_model_statistics_under_dropout():
     # The inverted-dropout factor C/k is applied after BatchNorm (in the consuming conv), so the
     # running means that BN collects under dropout stay close to the full model's, the statistics
     # that full-model inference uses. Without the factor they are off by ~50%.
-    from flwr_distreal.dropout import DropoutConv2d
-
     x = _digits(32, 3)[0][:64]
     full = _running_means(x, None, 1)
     ours = _running_means(x, 0.5, 100)
-    monkeypatch.setattr(DropoutConv2d, "_out_scale", lambda self, k: torch.ones(k))
-    unscaled = _running_means(x, 0.5, 100)
+    unscaled = _running_means(x, 0.5, 100, scaling=False)
     deep = [k for k in full if not k.startswith("block1.0.norm1")]  # the first BN sees conv0 only
     assert len(deep) == 8
     for key in deep:
@@ -320,12 +318,15 @@ def test_models_are_channels_last_by_default_and_stay_so_under_dropout():
     model = build_model("densenet_bc_40")
     assert _strict_cl(model.conv0.weight) and _strict_cl(model.block1[0].conv2.weight)
     model.set_dropout([0.5] * model.num_dropout_layers)
-    h = model.forward_features(torch.randn(4, 3, 32, 32))  # an NCHW input is fine
-    assert h.idx is not None and _strict_cl(h.tensor)
+    seen = {}
+    model.norm_final.register_forward_hook(lambda mod, inp, out: seen.__setitem__("h", out))
+    model(torch.randn(4, 3, 32, 32))  # an NCHW input is fine
+    assert seen["h"].shape[1] < 132 and _strict_cl(seen["h"])  # compact and channels-last
     classic = build_model("densenet_bc_40", channels_last=False)
     classic.set_dropout([0.5] * classic.num_dropout_layers)
-    h = classic.forward_features(torch.randn(4, 3, 32, 32))
-    assert h.tensor.is_contiguous() and not _strict_cl(h.tensor)
+    classic.norm_final.register_forward_hook(lambda mod, inp, out: seen.__setitem__("h", out))
+    classic(torch.randn(4, 3, 32, 32))
+    assert seen["h"].is_contiguous() and not _strict_cl(seen["h"])
 
 
 @pytest.mark.parametrize("name", ["femnist_cnn", "densenet_bc_19"])

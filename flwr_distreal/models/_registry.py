@@ -6,25 +6,38 @@ import logging
 from typing import Any, Callable, TypeVar
 
 import torch
+from torch import nn
 
-from ..dropout import DropoutModel
+from ..dropout import DroppableModel, make_droppable
 
 __all__ = ["build_model", "is_model", "list_models", "register_model"]
 
 log = logging.getLogger(__name__)
 
-_MODEL_BUILDERS: dict[str, Callable[..., DropoutModel]] = {}
+_MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+_INPUT_SHAPES: dict[str, tuple[int, ...]] = {}
 
-F = TypeVar("F", bound=Callable[..., DropoutModel])
+F = TypeVar("F", bound=Callable[..., nn.Module])
 
 
-def register_model(fn: F) -> F:
-    """Register a model builder under its function name."""
-    name = fn.__name__
-    if name in _MODEL_BUILDERS:
-        log.warning("model %s registered twice; the later builder wins", name)
-    _MODEL_BUILDERS[name] = fn
-    return fn
+def register_model(fn: F | None = None, *, input_shape: tuple[int, ...] | None = None) -> Any:
+    """Register a builder of a plain ``nn.Module`` under its function name.
+
+    Use as ``@register_model`` or ``@register_model(input_shape=(3, 32, 32))``. The sample
+    shape is what :func:`build_model` traces the model with (and counts MACs for); without it,
+    the built module's ``input_shape`` attribute is used.
+    """
+
+    def add(f: F) -> F:
+        name = f.__name__
+        if name in _MODEL_BUILDERS:
+            log.warning("model %s registered twice; the later builder wins", name)
+        _MODEL_BUILDERS[name] = f
+        if input_shape is not None:
+            _INPUT_SHAPES[name] = tuple(int(s) for s in input_shape)
+        return f
+
+    return add(fn) if fn is not None else add
 
 
 def list_models() -> list[str]:
@@ -39,8 +52,8 @@ def is_model(name: str) -> bool:
 
 def build_model(
     name: str, num_classes: int | None = None, *, channels_last: bool = True, **kwargs: Any
-) -> DropoutModel:
-    """Build a registered model.
+) -> DroppableModel:
+    """Build a registered model and make it droppable (:func:`~flwr_distreal.dropout.make_droppable`).
 
     Parameters
     ----------
@@ -64,7 +77,7 @@ def build_model(
 
     Returns
     -------
-    DropoutModel
+    DroppableModel
         The model, in training mode, with ``model_name`` set.
 
     Raises
@@ -79,8 +92,12 @@ def build_model(
         if int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         kwargs["num_classes"] = int(num_classes)
-    model = _MODEL_BUILDERS[name](**kwargs)
-    model.model_name = name
+    module = _MODEL_BUILDERS[name](**kwargs)
+    shape = _INPUT_SHAPES.get(name) or getattr(module, "input_shape", None)
+    if shape is None:
+        raise ValueError(f"model {name!r} was registered without input_shape and has no input_shape attribute")
+    module.train()
+    model = make_droppable(module, torch.zeros((2, *shape)), name=name, copy_module=False)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

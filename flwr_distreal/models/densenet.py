@@ -8,19 +8,20 @@ DenseNet-BC-40 has 6 (39 dropout layers, 72.4 M forward MACs), DenseNet-BC-100 h
 (99 dropout layers, 288 M MACs); depths that are not ``6n + 4`` round down (DenseNet-BC-19
 has 2 layers per block: 15 dropout layers).
 
+A plain ``nn.Module``: :func:`~flwr_distreal.models.build_model` makes it droppable by tracing.
 Dropping filters of a dense layer shrinks the channels that every later layer of its block and
-the following transition read: each layer declares its input *sources* (the producing dropout
-layers and their widths), and the compact concatenation carries the alive channel indices.
+the following transition read; the tracer finds that from the concatenations (offset ranges),
+so nothing here declares which layer reads which channels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dropout import Compact, CompactBatchNorm2d, CompactLinear, DropoutConv2d, DropoutModel, Source
 from ._registry import register_model
 
 __all__ = ["DenseNetBC", "densenet_bc", "densenet_bc_19", "densenet_bc_40", "densenet_bc_100", "default_widths"]
@@ -51,36 +52,33 @@ def default_widths(depth: int, growth: int = 12, compression: float = 0.5) -> li
 class _DenseLayer(nn.Module):
     """BN-ReLU-Conv1x1(4k) - BN-ReLU-Conv3x3(k), output concatenated to the input."""
 
-    def __init__(self, sources: Sequence[Source], bottleneck: int, growth: int, index: int) -> None:
+    def __init__(self, in_ch: int, bottleneck: int, growth: int) -> None:
         super().__init__()
-        in_ch = sum(c for _, c in sources)
-        self.norm1 = CompactBatchNorm2d(in_ch, sources=sources)
-        self.conv1 = DropoutConv2d(in_ch, bottleneck, 1, bias=False, sources=sources)
-        mid = [(index, bottleneck)]
-        self.norm2 = CompactBatchNorm2d(bottleneck, sources=mid)
-        self.conv2 = DropoutConv2d(bottleneck, growth, 3, padding=1, bias=False, sources=mid)
+        self.norm1 = nn.BatchNorm2d(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, bottleneck, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bottleneck)
+        self.conv2 = nn.Conv2d(bottleneck, growth, 3, padding=1, bias=False)
 
-    def forward(self, x: Compact) -> Compact:
-        h = self.conv1(self.norm1(x).map(F.relu))
-        h = self.conv2(self.norm2(h).map(F.relu))
-        return Compact.cat([x, h])
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.relu(self.norm1(x)))
+        h = self.conv2(F.relu(self.norm2(h)))
+        return torch.cat([x, h], 1)
 
 
 class _Transition(nn.Module):
     """BN-ReLU-Conv1x1 (compression) - 2x2 average pooling."""
 
-    def __init__(self, sources: Sequence[Source], out_ch: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int) -> None:
         super().__init__()
-        in_ch = sum(c for _, c in sources)
-        self.norm = CompactBatchNorm2d(in_ch, sources=sources)
-        self.conv = DropoutConv2d(in_ch, out_ch, 1, bias=False, sources=sources)
+        self.norm = nn.BatchNorm2d(in_ch)
+        self.conv = nn.Conv2d(in_ch, out_ch, 1, bias=False)
 
-    def forward(self, x: Compact) -> Compact:
-        return self.conv(self.norm(x).map(F.relu)).map(lambda t: F.avg_pool2d(t, 2))
+    def forward(self, x: Tensor) -> Tensor:
+        return F.avg_pool2d(self.conv(F.relu(self.norm(x))), 2)
 
 
-class DenseNetBC(DropoutModel):
-    """DenseNet-BC for 32x32 inputs with structured filter dropout in every convolution.
+class DenseNetBC(nn.Module):
+    """DenseNet-BC for 32x32 inputs (every convolution is a dropout group once made droppable).
 
     Parameters
     ----------
@@ -93,8 +91,8 @@ class DenseNetBC(DropoutModel):
     num_classes : int
         Classifier outputs.
     widths : sequence of int, optional
-        Filters per dropout layer, overriding the architecture's (natively narrow reference
-        networks, HeteroFL submodels). Input channels follow from the producers' widths.
+        Filters per convolution in forward order, overriding the architecture's (natively
+        narrow reference networks, HeteroFL submodels). Input channels follow from them.
     in_chans : int
         Input channels.
     """
@@ -119,28 +117,27 @@ class DenseNetBC(DropoutModel):
         self.input_shape = (in_chans, 32, 32)
         self.num_classes = num_classes
         self.depth = depth
-        it = iter(range(len(widths)))
-        i0 = next(it)
-        self.conv0 = DropoutConv2d(in_chans, widths[i0], 3, padding=1, bias=False)
-        sources: list[Source] = [(i0, widths[i0])]
+        it = iter(widths)
+        w0 = next(it)
+        self.conv0 = nn.Conv2d(in_chans, w0, 3, padding=1, bias=False)
+        channels = w0
         # Registered in forward order (block1, trans1, block2, ...): the dropout-vector order.
         self._stages: list[str] = []
         for block in range(3):
             layers = nn.ModuleList()
             for _ in range(n):
-                i1, i2 = next(it), next(it)
-                layers.append(_DenseLayer(sources, widths[i1], widths[i2], index=i1))
-                sources = sources + [(i2, widths[i2])]
+                w1, w2 = next(it), next(it)
+                layers.append(_DenseLayer(channels, w1, w2))
+                channels += w2
             self.add_module(f"block{block + 1}", layers)
             self._stages.append(f"block{block + 1}")
             if block < 2:
-                it_t = next(it)
-                self.add_module(f"trans{block + 1}", _Transition(sources, widths[it_t]))
+                wt = next(it)
+                self.add_module(f"trans{block + 1}", _Transition(channels, wt))
                 self._stages.append(f"trans{block + 1}")
-                sources = [(it_t, widths[it_t])]
-        final = sum(c for _, c in sources)
-        self.norm_final = CompactBatchNorm2d(final, sources=sources)
-        self.classifier = CompactLinear(final, num_classes, stride=1, sources=sources)
+                channels = wt
+        self.norm_final = nn.BatchNorm2d(channels)
+        self.classifier = nn.Linear(channels, num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -153,9 +150,9 @@ class DenseNetBC(DropoutModel):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: Tensor) -> Compact:
-        """Everything up to the final BN-ReLU: the compact 8x8 feature map."""
-        h = self.conv0(Compact.full(x))
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Everything up to the final BN-ReLU: the 8x8 feature map."""
+        h = self.conv0(x)
         for stage in self._stages:
             module = getattr(self, stage)
             if isinstance(module, nn.ModuleList):
@@ -163,11 +160,11 @@ class DenseNetBC(DropoutModel):
                     h = layer(h)
             else:
                 h = module(h)
-        return self.norm_final(h).map(F.relu)
+        return F.relu(self.norm_final(h))
 
-    def forward_head(self, h: Compact) -> Tensor:
-        """Global average pooling and the classifier on the alive channels."""
-        return self.classifier(h.map(lambda t: F.adaptive_avg_pool2d(t, 1)))
+    def forward_head(self, h: Tensor) -> Tensor:
+        """Global average pooling and the classifier."""
+        return self.classifier(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -178,19 +175,19 @@ def densenet_bc(depth: int, num_classes: int = 10, **kwargs) -> DenseNetBC:
     return DenseNetBC(depth=depth, num_classes=num_classes, **kwargs)
 
 
-@register_model
+@register_model(input_shape=(3, 32, 32))
 def densenet_bc_19(num_classes: int = 10, **kwargs) -> DenseNetBC:
     """DenseNet-BC-19: the paper's "small network" for CIFAR-10 (2 layers per block)."""
     return densenet_bc(19, num_classes=num_classes, **kwargs)
 
 
-@register_model
+@register_model(input_shape=(3, 32, 32))
 def densenet_bc_40(num_classes: int = 10, **kwargs) -> DenseNetBC:
     """DenseNet-BC-40, k = 12: the paper's CIFAR-10 model (39 dropout layers, 72.4 M MACs)."""
     return densenet_bc(40, num_classes=num_classes, **kwargs)
 
 
-@register_model
+@register_model(input_shape=(3, 32, 32))
 def densenet_bc_100(num_classes: int = 100, **kwargs) -> DenseNetBC:
     """DenseNet-BC-100, k = 12: the paper's CIFAR-100 model (99 dropout layers, 288 M MACs)."""
     return densenet_bc(100, num_classes=num_classes, **kwargs)
