@@ -19,7 +19,15 @@ from typing import Any
 # free. It is read at the first convolution; a value the user set is kept.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
 
-from .dropout import DroppedWeightGuard, kept_count, parameter_masks, validate_vector
+from .dropout import (
+    DroppableModel,
+    DroppedWeightGuard,
+    UnsupportedModelError,
+    kept_count,
+    make_droppable,
+    parameter_masks,
+    validate_vector,
+)
 from .lut import LUT, BudgetError, LUTError
 from .macs import count_macs, kept_counts
 from .models import build_model, list_models
@@ -52,13 +60,16 @@ _LAZY = {
 __all__ = [
     "LUT",
     "BudgetError",
+    "DroppableModel",
     "DroppedWeightGuard",
+    "UnsupportedModelError",
     "LUTError",
     "build_model",
     "count_macs",
     "kept_count",
     "kept_counts",
     "list_models",
+    "make_droppable",
     "parameter_masks",
     "validate_vector",
     *_LAZY,
