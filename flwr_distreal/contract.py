@@ -52,6 +52,14 @@ Properties (asked once per client, legacy ``get_properties`` or a Message-API qu
 ``partition-id`` and ``round-samples`` (samples processed in one round of local training):
 the server needs both for seeded sampling and for the submodel baselines' round-start budget.
 
+What a plain Flower client lacks
+--------------------------------
+A ClientApp written for Flower's ``FedAvg`` replies with ``"arrays"`` and ``num-examples``
+only, and has no query handler. The Message-API strategies then sample its nodes as Flower
+does (by node id, warned once). DISTREAL needs more: a reply without ``macs`` and
+``num_batches`` (:data:`DISTREAL_TRAIN_METRICS`) is refused, and a round in which every reply
+is refused for the same reason ends the run with a :class:`ContractError` naming what is missing.
+
 Message-API records
 -------------------
 A train message holds the global model as an ``ArrayRecord`` under ``"arrays"`` (keyed by
@@ -76,6 +84,10 @@ from torch import Tensor
 
 __all__ = [
     "ARRAYS_RECORD",
+    "ContractError",
+    "DISTREAL_TRAIN_METRICS",
+    "OPTIONAL_TRAIN_METRICS",
+    "QUERY_PROPERTIES",
     "AVAILABLE_MACS",
     "CONFIG_RECORD",
     "METRICS_RECORD",
@@ -102,6 +114,7 @@ __all__ = [
     "WIDTH",
     "WIDTH_LEVEL",
     "decode_subsets",
+    "describe_keys",
     "encode_subsets",
     "finite_or_nan",
     "is_number",
@@ -142,6 +155,52 @@ ARRAYS_RECORD = "arrays"
 CONFIG_RECORD = "config"
 METRICS_RECORD = "metrics"
 PROPERTIES_RECORD = "properties"
+
+
+#: Train metrics a DISTREAL reply must hold, with what each means (Algorithm 2 weights by ``macs``).
+DISTREAL_TRAIN_METRICS: dict[str, str] = {
+    MACS: (
+        "Algorithm 1's c: per mini-batch, the forward MACs per sample of the (sub)model it trained, "
+        "summed over the mini-batches (num_batches x count_macs(model) when every batch trains the "
+        "full model)"
+    ),
+    NUM_BATCHES: "the mini-batches trained (an integer; it bounds macs)",
+}
+
+#: Train metrics a reply may add; the strategies use them when present.
+OPTIONAL_TRAIN_METRICS: dict[str, str] = {
+    NUM_EXAMPLES: "samples trained (FedAvg-type strategies weight by it)",
+    PARTITION_ID: "the device id (replies are combined in device order; refusals name it)",
+    STRAGGLER: "1 when the device missed the round's deadline (its update is discarded)",
+    AVAILABLE_MACS: "what the device could have computed in the round, in the unit of macs",
+}
+
+#: Properties a query reply's ``"properties"`` MetricRecord holds (seeded sampling by device,
+#: bounds on ``num_batches``, the submodel baselines' round-start budgets).
+QUERY_PROPERTIES: dict[str, str] = {
+    PARTITION_ID: "the node's device (partition) id, an int",
+    ROUND_SAMPLES: "samples of one round of local training (all local epochs)",
+}
+
+
+class ContractError(RuntimeError):
+    """The clients do not keep the contract: every reply of a round was refused for the same
+    reason (e.g. none reports ``macs``), so every later round would be refused alike.
+
+    Attributes
+    ----------
+    reason : str
+        The refusal reason code shared by every reply (e.g. ``"missing-macs"``).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def describe_keys(keys: Mapping[str, str]) -> str:
+    """``'key' (meaning), ...`` for error messages."""
+    return "; ".join(f"{key!r} ({meaning})" for key, meaning in keys.items())
 
 
 def is_number(value: object) -> bool:

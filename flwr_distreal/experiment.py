@@ -340,7 +340,7 @@ class Experiment:
         if name == "distreal":
             # Algorithm 1 adds forward MACs per sample once per mini-batch: the full model's bound
             own = dict(
-                full_macs_per_batch=self.full_forward_macs,
+                full_macs_per_sample=self.full_forward_macs,
                 on_excess=cfg.strategy.on_excess,
                 # claims bounded by what the server configured: batches of the device's samples
                 batch_size=cfg.batch_size,

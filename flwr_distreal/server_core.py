@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import warnings
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -76,6 +77,7 @@ __all__ = [
     "FedAvgCore",
     "FederatedDropoutPlanner",
     "HeteroFLPlanner",
+    "Refusal",
     "Reply",
     "ReplyGate",
     "RoundBounds",
@@ -84,8 +86,10 @@ __all__ = [
     "SubmodelCore",
     "SubmodelPlanner",
     "as_device_id",
+    "brief_list",
     "check_device",
     "fit_metrics_aggregation",
+    "full_macs_argument",
     "max_batches_for",
     "reply_order",
     "sample_size",
@@ -155,6 +159,29 @@ class Accepted:
     clipped: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A reply the gate refused: which, and why.
+
+    Attributes
+    ----------
+    node : str
+        The node key of the reply.
+    device_id : int | None
+        Its device (partition) id; None when unknown.
+    reason : str
+        The reason code (a :class:`flwr_distreal.aggregate.RefusalReason` value, e.g.
+        ``"missing-macs"``).
+    message : str
+        The gate's explanation, as logged.
+    """
+
+    node: str
+    device_id: int | None
+    reason: str
+    message: str
+
+
 @dataclass
 class RoundOutcome:
     """What the gate made of one round's replies.
@@ -171,11 +198,22 @@ class RoundOutcome:
         clipped where clipped; NaN over none).
     accepted : list[Accepted]
         The accepted replies, in combination order.
+    refusals : list[Refusal]
+        The refused replies with their reasons, in the order they were refused.
     """
 
     arrays: Arrays | None
     metrics: dict[str, int | float]
     accepted: list[Accepted] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+
+    def uniform_refusal(self) -> Refusal | None:
+        """The first refusal when every reply received was refused, all for the same reason;
+        else None (some reply accepted or a straggler, no reply, or several reasons)."""
+        if not self.refusals or self.metrics.get("accepted", 0) or self.metrics.get("received") != len(self.refusals):
+            return None
+        reasons = {r.reason for r in self.refusals}
+        return self.refusals[0] if len(reasons) == 1 else None
 
 
 def as_device_id(value: object) -> int | None:
@@ -260,7 +298,9 @@ def sample_size(num_available: int, fraction: float, min_nodes: int) -> int:
     return max(int(num_available * fraction), int(min_nodes))
 
 
-def seeded_draw(rng: random.Random, devices: Mapping[N, int], k: int) -> list[N]:
+def seeded_draw(
+    rng: random.Random, devices: Mapping[N, int], k: int, unidentified: Iterable[N] = ()
+) -> list[N]:
     """Draw ``k`` nodes reproducibly: sorted by device id, then node key, then ``rng.sample``.
 
     Flower draws with the global, unseeded :mod:`random` over node ids that the simulation
@@ -278,7 +318,12 @@ def seeded_draw(rng: random.Random, devices: Mapping[N, int], k: int) -> list[N]
         Device id of every node that may be drawn, by node key (legacy ``cid`` or Message-API
         node id; ties between equal device ids are broken by ``str(node)``).
     k : int
-        Nodes to draw, at most ``len(devices)``.
+        Nodes to draw, at most ``len(devices)`` plus the unidentified nodes.
+    unidentified : Iterable[N], optional
+        Nodes that may be drawn but reported no device id (a ClientApp without a query
+        handler): they follow the identified ones, sorted by node id (numerically for
+        non-negative integer ids), so the draw is as reproducible as the node ids are.
+        Defaults to none; without them the draw is exactly the one by device id.
 
     Returns
     -------
@@ -291,6 +336,8 @@ def seeded_draw(rng: random.Random, devices: Mapping[N, int], k: int) -> list[N]
         If ``k`` is negative or larger than the number of nodes.
     """
     ordered = sorted(devices, key=lambda n: (devices[n], str(n)))
+    # (length, text) orders non-negative integer ids numerically, and text ids deterministically
+    ordered += sorted(set(unidentified) - set(devices), key=lambda n: (len(str(n)), str(n)))
     return rng.sample(ordered, k)
 
 
@@ -385,7 +432,7 @@ class RoundBounds:
         (default) or refused. Clipping keeps the reply's update at a bounded weight: a
         device with much more data and full resources can legitimately claim several
         times the median, so it loses weight, not its update. The hard bound, MACs over
-        ``num_batches * full_macs_per_batch`` and ``num_batches`` over what the server
+        ``num_batches * full_macs_per_sample`` and ``num_batches`` over what the server
         configured (batch size, local epochs, the device's ``round-samples``), is the
         per-reply check of :class:`DistrealCore`.
     Updates
@@ -899,7 +946,8 @@ class ReplyGate(ABC):
                 server_round,
                 self._global_round,
             )
-        stragglers, refused = 0, 0
+        stragglers = 0
+        refusals: list[Refusal] = []
         candidates: list[Accepted] = []
         clips: list[tuple[Accepted, str, str]] = []
 
@@ -907,6 +955,7 @@ class ReplyGate(ABC):
             return "unknown" if reply.device_id is None else reply.device_id
 
         def refuse(reply: Reply, reason: str, message: str) -> None:
+            refusals.append(Refusal(reply.node, reply.device_id, reason, message))
             logger.warning(
                 "round %s: refused reply of node %s (%s %s): %s: %s",
                 server_round, reply.node, self.partition_id_key, device(reply), reason, message,
@@ -918,7 +967,6 @@ class ReplyGate(ABC):
                 continue
             check = reply.refusal if reply.refusal is not None else self.check(reply)
             if not check.ok:
-                refused += 1
                 refuse(reply, check.reason.value if check.reason is not None else "invalid", check.message)
                 continue
             clipped: tuple[str, ...] = ()
@@ -934,7 +982,6 @@ class ReplyGate(ABC):
             weights=None if self.weighs_by_claim else [float(a.reply.num_examples) for a in candidates],
         )
         for a, reason, message in screened.refused:
-            refused += 1
             refuse(a.reply, reason.value, message)
         for a, code, message in clips + screened.clips:
             level = logging.INFO if code == "clip-to-median" else logging.WARNING
@@ -944,6 +991,7 @@ class ReplyGate(ABC):
                 server_round, a.reply.node, self.partition_id_key, device(a.reply), code, message,
             )
         accepted = screened.accepted
+        refused = len(refusals)
         resource = fit_metrics_aggregation(  # over the MACs weighted by (clipped claims clipped)
             [
                 (a.reply.num_examples, a.reply.metrics if a.macs is None else {**a.reply.metrics, self.macs_key: a.macs})
@@ -985,7 +1033,7 @@ class ReplyGate(ABC):
                 metrics["clipped"],
                 failures,
             )
-        return RoundOutcome(new_arrays, metrics, accepted)
+        return RoundOutcome(new_arrays, metrics, accepted, refusals)
 
 
 def _examples_update(gate: ReplyGate, global_arrays: Arrays, accepted: list[Accepted]) -> Arrays | None:
@@ -1010,6 +1058,12 @@ def max_batches_for(round_samples: int, batch_size: int, local_epochs: int = 1) 
     return int(local_epochs) * -(-per_epoch // int(batch_size))
 
 
+def brief_list(items: Sequence[object], most: int = 10) -> str:
+    """``a, b, c`` (the first ``most``, then how many more), for a log line."""
+    shown = ", ".join(str(i) for i in items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
 def _positive_int(name: str, value: object, *, allow_none: bool) -> int | None:
     if value is None and allow_none:
         return None
@@ -1018,13 +1072,57 @@ def _positive_int(name: str, value: object, *, allow_none: bool) -> int | None:
     return int(value)
 
 
+def full_macs_argument(full_macs_per_sample: object, full_macs_per_batch: object, *, stacklevel: int = 3) -> object:
+    """The value of ``full_macs_per_sample``, or of its deprecated name ``full_macs_per_batch``.
+
+    The bound of a DISTREAL reply's MACs is ``num_batches * full_macs_per_sample``: Algorithm 1
+    adds, once per mini-batch, the forward MACs *per sample* of the (sub)model it trained, so
+    the most one mini-batch adds is the full model's forward MACs per sample,
+    ``count_macs(model)``. The old name said "per batch" of that per-sample count.
+
+    Parameters
+    ----------
+    full_macs_per_sample, full_macs_per_batch : object
+        The two keywords as given (None: not given).
+    stacklevel : int, optional
+        ``warnings.warn``'s stack level: 3 points at the caller of the constructor that calls
+        this. Defaults to 3.
+
+    Returns
+    -------
+    object
+        The value given (validated by the caller).
+
+    Raises
+    ------
+    TypeError
+        If both or neither are given.
+    """
+    if full_macs_per_batch is not None:
+        if full_macs_per_sample is not None:
+            raise TypeError("pass full_macs_per_sample only: full_macs_per_batch is its deprecated name")
+        warnings.warn(
+            "full_macs_per_batch is deprecated, pass full_macs_per_sample: the value is the full model's "
+            "forward MACs per sample (count_macs(model)), the most Algorithm 1 adds to 'macs' per mini-batch",
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )
+        return full_macs_per_batch
+    if full_macs_per_sample is None:
+        raise TypeError(
+            "missing keyword argument full_macs_per_sample: the full model's forward MACs per sample, "
+            "count_macs(model)"
+        )
+    return full_macs_per_sample
+
+
 class DistrealCore(ReplyGate):
     """DISTREAL's gate and rule: Algorithm 2 of Rapp et al. (AAAI 2022).
 
     ``theta_t = theta_{t-1} + sum_i c_i (theta_i - theta_{t-1}) / sum_i c_i`` over the accepted
     replies (:func:`flwr_distreal.aggregate.mac_weighted_update`), where ``c_i`` is the MACs
     client ``i`` reports. A reply is refused when its MACs are missing, not a number, NaN/inf,
-    negative or above ``num_batches * full_macs_per_batch`` (or clipped to that, with
+    negative or above ``num_batches * full_macs_per_sample`` (or clipped to that, with
     ``on_excess="clip"``), or its arrays do not match the broadcast model
     (:func:`flwr_distreal.aggregate.validate_reply`).
 
@@ -1032,14 +1130,19 @@ class DistrealCore(ReplyGate):
     word: with ``max_batches_fn`` or ``batch_size`` (and ``local_epochs``) and the node's
     ``round-samples`` (handed over by the strategy, :meth:`limit_round`), a reply claiming more
     mini-batches than its device could train is refused (``excess-batches``), or with
-    ``on_excess="clip"`` weighted by at most ``max_batches * full_macs_per_batch``. The
+    ``on_excess="clip"`` weighted by at most ``max_batches * full_macs_per_sample``. The
     round-level bounds (:class:`RoundBounds`) then bound the claim against the round's
     median and the update norm.
 
     Parameters
     ----------
-    full_macs_per_batch : float
-        The most MACs a client can report for one mini-batch (the full model's).
+    full_macs_per_sample : float
+        The full model's forward MACs per sample, ``count_macs(model)``: Algorithm 1 adds the
+        (sub)model's forward MACs per sample once per mini-batch, so this is the most one
+        mini-batch can add to a reply's ``macs`` (in the unit of the clients' MACs metric).
+    full_macs_per_batch : float, optional
+        Deprecated name of ``full_macs_per_sample`` (a ``DeprecationWarning``; the value is
+        the same per-sample count).
     on_excess : {"refuse", "clip"}, optional
         What to do with MACs above the maximum, and with ``num_batches`` above the server's
         limit. Defaults to "refuse".
@@ -1060,9 +1163,11 @@ class DistrealCore(ReplyGate):
     Raises
     ------
     ValueError
-        If ``full_macs_per_batch`` is not a positive finite number, ``on_excess`` is not
+        If ``full_macs_per_sample`` is not a positive finite number, ``on_excess`` is not
         "refuse" or "clip", ``batch_size`` or ``local_epochs`` is not a positive int, or
         ``max_batches_fn`` is not callable.
+    TypeError
+        If both or neither of ``full_macs_per_sample`` and ``full_macs_per_batch`` are given.
     """
 
     weighs_by_claim = True
@@ -1070,31 +1175,40 @@ class DistrealCore(ReplyGate):
     def __init__(
         self,
         *,
-        full_macs_per_batch: float,
+        full_macs_per_sample: float | None = None,
         on_excess: OnExcess = "refuse",
         batch_size: int | None = None,
         local_epochs: int = 1,
         max_batches_fn: Callable[[int], int] | None = None,
         bounds: RoundBounds | None = None,
+        full_macs_per_batch: float | None = None,
         **keys: str,
     ) -> None:
-        if not is_number(full_macs_per_batch) or not (
-            math.isfinite(float(full_macs_per_batch)) and float(full_macs_per_batch) > 0
-        ):
+        full = full_macs_argument(full_macs_per_sample, full_macs_per_batch)
+        if not is_number(full) or not (math.isfinite(float(full)) and float(full) > 0):  # type: ignore[arg-type]
             raise ValueError(
-                f"full_macs_per_batch must be a positive finite number, got {full_macs_per_batch!r}"
+                f"full_macs_per_sample must be a positive finite number (the full model's forward MACs "
+                f"per sample, count_macs(model)), got {full!r}"
             )
         if on_excess not in ("refuse", "clip"):
             raise ValueError(f"on_excess must be 'refuse' or 'clip', got {on_excess!r}")
         self.check_limits(batch_size, local_epochs, max_batches_fn)
         super().__init__(bounds=bounds, **keys)
-        self.full_macs_per_batch = float(full_macs_per_batch)
+        self.full_macs_per_sample = float(full)  # type: ignore[arg-type]
         self.on_excess: OnExcess = on_excess
         self.batch_size = None if batch_size is None else int(batch_size)
         self.local_epochs = int(local_epochs)
         self.max_batches_fn = max_batches_fn
         self.limits: dict[str, tuple[int, str]] = {}
         self._unbounded: set[str] = set()
+
+    @property
+    def full_macs_per_batch(self) -> float:
+        """Deprecated name of :attr:`full_macs_per_sample` (a ``DeprecationWarning``)."""
+        warnings.warn(
+            "full_macs_per_batch is deprecated, read full_macs_per_sample", DeprecationWarning, stacklevel=2
+        )
+        return self.full_macs_per_sample
 
     @staticmethod
     def check_limits(batch_size: object, local_epochs: object, max_batches_fn: object) -> None:
@@ -1136,6 +1250,7 @@ class DistrealCore(ReplyGate):
         """
         logger = logger or log
         self.limits = {}
+        unbounded: list[str] = []
         for node, (raw_device, raw_samples) in nodes.items():
             limit: int | None = None
             why = ""
@@ -1154,13 +1269,16 @@ class DistrealCore(ReplyGate):
                 self.limits[node] = (limit, why)
             elif self.bounds_batches and node not in self._unbounded:
                 self._unbounded.add(node)
-                logger.warning(
-                    "round %s: node %s (device %s) has no known round-samples: its num_batches is "
-                    "bounded only by its own claim",
-                    server_round,
-                    node,
-                    raw_device,
-                )
+                unbounded.append(f"{node} (device {raw_device})")
+        if unbounded:  # one line per round, each node named once per run
+            logger.warning(
+                "round %s: %s node%s with no known round-samples, num_batches bounded only by the "
+                "reply's own claim: %s",
+                server_round,
+                len(unbounded),
+                "s" if len(unbounded) != 1 else "",
+                brief_list(unbounded),
+            )
         return {node: limit for node, (limit, _) in self.limits.items()}
 
     def check(self, reply: Reply) -> ValidationResult:
@@ -1171,7 +1289,7 @@ class DistrealCore(ReplyGate):
             [a.shape for a in g],
             reply.metrics.get(self.macs_key),
             reply.metrics.get(self.num_batches_key),
-            self.full_macs_per_batch,
+            self.full_macs_per_sample,
             expected_kinds=[a.dtype.kind for a in g],
             on_excess=self.on_excess,
         )
@@ -1184,11 +1302,11 @@ class DistrealCore(ReplyGate):
         message = f"reports {batches} mini-batches, the server's configuration allows at most {limit} ({why})"
         if self.on_excess == "refuse":
             return ValidationResult.refuse(RefusalReason.EXCESS_BATCHES, message)
-        macs = min(float(result.macs or 0.0), limit * self.full_macs_per_batch)
+        macs = min(float(result.macs or 0.0), limit * self.full_macs_per_sample)
         return ValidationResult(
             ok=True,
             reason=RefusalReason.EXCESS_BATCHES,
-            message=f"{message}; weighted by at most {limit} x {self.full_macs_per_batch:g} MACs",
+            message=f"{message}; weighted by at most {limit} x {self.full_macs_per_sample:g} MACs",
             macs=macs,
             clipped=True,
         )

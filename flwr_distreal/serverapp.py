@@ -16,7 +16,16 @@ Seeded sampling
     cached per node id) and the round's nodes are drawn with
     :func:`flwr_distreal.server_core.seeded_draw` and ``random.Random(seed)``: the same
     devices as the legacy :class:`~flwr_distreal.client_manager.SeededClientManager` draws for
-    the same seed. A node that does not answer is logged and not sampled.
+    the same seed. A node that does not answer is logged and not sampled that round.
+A plain Flower ClientApp (no query handler)
+    Nodes that answer without a device id (no ``@app.query()``, no ``"properties"`` record,
+    no integer ``partition-id``) are still sampled, as Flower's FedAvg samples them: by node
+    id, sorted, after the nodes that report one, drawn with the same seeded generator. This is
+    warned once, with what the client could add; the causes are logged as one line per cause
+    and round, naming the nodes. The first query goes to one node alone: if its ClientApp has
+    no query handler, no other node is asked (one error reply per run, not one per node). The
+    submodel baselines need every device id and stop with a
+    :class:`~flwr_distreal.contract.ContractError` when no node reports one.
 Per-node train config
     Every train message holds the global ``ArrayRecord`` under ``"arrays"`` and its own
     ``ConfigRecord`` under ``"config"``: ``server-round``, plus ``unlimited``
@@ -34,7 +43,10 @@ One gate, no exceptions for one bad client
     ``ArrayRecord`` (keyed by ``state_dict`` names, in order; the broadcast one unchanged when
     nothing could be combined) and a ``MetricRecord`` with ``received``, ``failures``,
     ``stragglers``, ``refused``, ``clipped``, ``accepted``, ``mean_macs`` and
-    ``mean_utilisation``.
+    ``mean_utilisation``. A round in which every reply is refused for the same contract
+    reason (:data:`CONTRACT_REASONS`: e.g. every reply lacks ``macs``, or has another model's
+    arrays) raises :class:`~flwr_distreal.contract.ContractError`, naming the reason and what
+    the clients must report, so the ServerApp fails instead of training nothing.
 
 Federated evaluation is off by default (``fraction_evaluate=0.0``): evaluate the global model
 on the server with ``strategy.start(..., evaluate_fn=...)``.
@@ -52,7 +64,7 @@ Example
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = Distreal(full_macs_per_batch=4_015_616, fraction_train=0.1, seed=0)
+        strategy = Distreal(full_macs_per_sample=4_015_616, fraction_train=0.1, seed=0)
         strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=100)
 """
 
@@ -60,7 +72,9 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO
@@ -82,12 +96,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from . import contract as C
 from .aggregate import OnExcess, RefusalReason, SubmodelAggregation, ValidationResult
-from .contract import is_number, metric_values
+from .contract import ContractError, is_number, metric_values
 from .dropout import DropoutModel
 from .server_core import (
     AvailabilityFn,
     DistrealCore,
     OnOutlier,
+    Refusal,
     Robust,
     RoundBounds,
     UpdateNorm,
@@ -99,11 +114,15 @@ from .server_core import (
     SubmodelCore,
     SubmodelPlanner,
     as_device_id,
+    brief_list,
+    full_macs_argument,
     sample_size,
     seeded_draw,
 )
 
 __all__ = [
+    "CONTRACT_REASONS",
+    "ContractError",
     "Distreal",
     "FederatedDropout",
     "FullResources",
@@ -113,6 +132,69 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Why a node reports no device id, as the sampling logs it (one line per cause and round).
+_NO_QUERY_HANDLER = "no query handler"
+_QUERY_ERROR = "query handler raised"
+_NO_PROPERTIES = "no properties record"
+_NO_DEVICE_ID = "no device id"
+_MISSING_PROPERTIES = "missing properties"
+_NO_REPLY = "no reply to the properties query"
+
+#: Refusals that mean the clients do not keep the contract (a missing metric, another model,
+#: another unit or batch size): when every reply of a round is refused for one of them, every
+#: later round would be too, so the run stops (:class:`flwr_distreal.contract.ContractError`).
+#: Not among them: values a client may get wrong alone (NaN or negative MACs, NaN weights) and
+#: the round-relative outliers.
+CONTRACT_REASONS: frozenset[str] = frozenset(
+    r.value
+    for r in (
+        RefusalReason.MISSING_MACS,
+        RefusalReason.NON_NUMERIC_MACS,
+        RefusalReason.MISSING_NUM_BATCHES,
+        RefusalReason.INVALID_NUM_BATCHES,
+        RefusalReason.EXCESS_MACS,
+        RefusalReason.EXCESS_BATCHES,
+        RefusalReason.INVALID_WEIGHT,
+        RefusalReason.MALFORMED_ARRAYS,
+        RefusalReason.WRONG_ARRAY_KEYS,
+        RefusalReason.WRONG_ARRAY_COUNT,
+        RefusalReason.WRONG_SHAPE,
+        RefusalReason.WRONG_DTYPE,
+        RefusalReason.UNASSIGNED_CLIENT,
+        RefusalReason.DEVICE_MISMATCH,
+    )
+)
+
+
+_ARRAY_REASONS: frozenset[str] = frozenset(
+    r.value
+    for r in (
+        RefusalReason.MALFORMED_ARRAYS,
+        RefusalReason.WRONG_ARRAY_KEYS,
+        RefusalReason.WRONG_ARRAY_COUNT,
+        RefusalReason.WRONG_SHAPE,
+        RefusalReason.WRONG_DTYPE,
+    )
+)
+
+
+_NO_HANDLER_TEXT = re.compile(r"No query function registered with name '[^']*'")
+
+
+def _lacks_query_handler(reply: Message) -> bool:
+    """True for the error reply of a ClientApp without a query handler: Flower's ClientApp
+    raises ``ValueError("No query function registered with name 'default'")`` and the runtime
+    replies with its text (in a simulation, inside Ray's traceback)."""
+    return reply.has_error() and "No query function registered" in str(reply.error.reason)
+
+
+def _short_reason(reason: str, most: int = 200) -> str:
+    """An error reply's reason on one line: Flower's simulation puts a whole Ray traceback in it,
+    whose last line says what was raised."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def _check_minimums(fedavg_kwargs: Mapping[str, Any]) -> None:
@@ -174,6 +256,10 @@ class _CoreFedAvg(FedAvg):
         self._train_rng = random.Random(self.seed)
         self._evaluate_rng = random.Random(f"{self.seed}/evaluate")
         self._properties: dict[int, dict[str, int | float]] = {}
+        self._unidentified: dict[int, str] = {}  # node -> why it reports no device id (cached)
+        self._no_query_handler = False  # the ClientApp has no query handler: ask no node
+        self._queried = False
+        self._warned_unidentified = False
         self._keys: list[str] = []
         self._broadcast: ArrayRecord | None = None
         self._sent: list[int] = []
@@ -221,69 +307,150 @@ class _CoreFedAvg(FedAvg):
         super().summary()
 
     # -- devices -----------------------------------------------------------------------
+    #: Whether nodes that report no device id may be sampled (by node id, Flower's way).
+    #: The submodel baselines assign each device a submodel and need its id: they may not.
+    samples_unidentified: bool = True
+
     def _required_properties(self) -> list[str]:
-        """Properties every node must report to be sampled."""
+        """Properties every node must report to be sampled by device."""
         return [self.partition_id_key]
 
-    def _learn_devices(self, grid: Grid, nodes: Sequence[int]) -> dict[int, int]:
-        """Device id of every node that reported its properties (queried once, cached).
+    def _query(self, grid: Grid, nodes: Sequence[int]) -> dict[int, Message]:
+        """Ask ``nodes`` for their properties (one ``MessageType.QUERY`` message each)."""
+        queries = [
+            Message(
+                content=RecordDict({self.configrecord_key: ConfigRecord()}),
+                message_type=MessageType.QUERY,
+                dst_node_id=node,
+            )
+            for node in nodes
+        ]
+        replies = grid.send_and_receive(queries, timeout=self.properties_timeout)
+        return {reply.metadata.src_node_id: reply for reply in replies}
 
-        A node that does not answer, answers with an error or without an integer device id is
-        logged, left out, and asked again next round.
+    def _learn_devices(
+        self, grid: Grid, nodes: Sequence[int], what: str
+    ) -> tuple[dict[int, int], dict[int, str]]:
+        """The device id of every node that reports one, and the nodes that answered without.
+
+        Every node is asked once (the answer is cached). The very first query goes to one node
+        alone: when its ClientApp has no query handler, no other node is asked (every node of
+        a run runs the same ClientApp), so a plain Flower app costs one error reply, not one
+        per node and round. A node whose query handler raised, or that did not answer, is
+        asked again next round. What was learnt is logged as one line per cause, naming the
+        nodes.
+
+        Returns
+        -------
+        tuple[dict[int, int], dict[int, str]]
+            Device id by node; and by node, why a node that answered reports no usable device
+            id (no query handler, no ``"properties"`` record, no integer ``partition-id``, or
+            its query handler raised). A node that did not answer is in neither.
         """
-        todo = [n for n in nodes if n not in self._properties]
+        todo = [n for n in nodes if n not in self._properties and n not in self._unidentified]
+        retried: dict[int, str] = {}
+        learnt: dict[str, list[int]] = {}
+        details: dict[str, str] = {}
         if todo:
-            queries = [
-                Message(
-                    content=RecordDict({self.configrecord_key: ConfigRecord()}),
-                    message_type=MessageType.QUERY,
-                    dst_node_id=node,
-                )
-                for node in todo
-            ]
-            answered: set[int] = set()
-            for reply in grid.send_and_receive(queries, timeout=self.properties_timeout):
-                node = reply.metadata.src_node_id
-                answered.add(node)
-                props = self._properties_of(reply)
-                if props is not None:
-                    self._properties[node] = props
-            for node in todo:
-                if node not in answered:
-                    log.warning("node %s did not answer the properties query: not sampled", node)
-        return {
-            n: int(self._properties[n][self.partition_id_key]) for n in nodes if n in self._properties
-        }
+            replies: dict[int, Message] = {}
+            asked = todo
+            if not self._no_query_handler and not self._queried:
+                probe = min(todo)
+                replies = self._query(grid, [probe])
+                self._no_query_handler = probe in replies and _lacks_query_handler(replies[probe])
+                asked = [n for n in todo if n != probe]
+            self._queried = True
+            if asked and not self._no_query_handler:
+                replies.update(self._query(grid, asked))
+            for node in sorted(todo, key=lambda n: n not in replies):  # a real answer's detail first
+                if node in replies:
+                    props, cause, detail = self._properties_of(replies[node])
+                    if props is not None:
+                        self._properties[node] = props
+                        continue
+                elif self._no_query_handler:
+                    cause, detail = _NO_QUERY_HANDLER, "not asked: the first node asked has none"
+                else:
+                    cause, detail = _NO_REPLY, f"properties_timeout={self.properties_timeout}"
+                if cause == _QUERY_ERROR:
+                    retried[node] = cause
+                elif cause != _NO_REPLY:
+                    self._unidentified[node] = cause
+                learnt.setdefault(cause, []).append(node)
+                details.setdefault(cause, detail)
+        for cause, which in learnt.items():
+            if cause == _NO_REPLY:
+                action = "not sampled this round, asked again next round"
+            elif self.samples_unidentified:
+                action = "sampled by node id" + (", asked again next round" if cause == _QUERY_ERROR else "")
+            else:
+                action = f"not sampled: {type(self).__name__} assigns submodels by device id"
+            log.warning(
+                "%s: %s node%s: %s (%s): %s; %s",
+                what, len(which), "s" if len(which) != 1 else "", cause, details[cause],
+                brief_list(sorted(which)), action,
+            )
+        devices = {n: int(self._properties[n][self.partition_id_key]) for n in nodes if n in self._properties}
+        unidentified = {n: self._unidentified[n] for n in nodes if n in self._unidentified}
+        unidentified.update(retried)
+        return devices, unidentified
 
-    def _properties_of(self, reply: Message) -> dict[str, int | float] | None:
-        """The properties in a query reply, or None (logged) when unusable."""
-        node = reply.metadata.src_node_id
+    def _properties_of(self, reply: Message) -> tuple[dict[str, int | float] | None, str, str]:
+        """The properties in a query reply, or None with the cause and a detail."""
         if reply.has_error():
-            log.warning("node %s answered the properties query with an error: %s", node, reply.error.reason)
-            return None
+            if _lacks_query_handler(reply):
+                said = _NO_HANDLER_TEXT.search(str(reply.error.reason))
+                return None, _NO_QUERY_HANDLER, f"the ClientApp registers no @app.query(): {said.group(0) if said else ''}"
+            return None, _QUERY_ERROR, _short_reason(str(reply.error.reason))
         record = reply.content.metric_records.get(C.PROPERTIES_RECORD) if reply.has_content() else None
         if record is None:
-            log.warning("node %s sent no %r MetricRecord: not sampled", node, C.PROPERTIES_RECORD)
-            return None
+            return None, _NO_PROPERTIES, f"the reply holds no MetricRecord {C.PROPERTIES_RECORD!r}"
         props = dict(record)
         missing = [k for k in self._required_properties() if k not in props]
         if missing:
-            log.warning("node %s reports no %s property (got %s): not sampled", node, missing, sorted(props))
-            return None
+            cause = _NO_DEVICE_ID if self.partition_id_key in missing else _MISSING_PROPERTIES
+            return None, cause, f"{C.PROPERTIES_RECORD!r} lacks {missing}, has {sorted(props)}"
         if as_device_id(props[self.partition_id_key]) is None:
-            log.warning(
-                "node %s reports %s=%r, not an integer device id: not sampled",
-                node,
-                self.partition_id_key,
-                props[self.partition_id_key],
-            )
-            return None
-        return props  # type: ignore[return-value]
+            return None, _NO_DEVICE_ID, f"{self.partition_id_key}={props[self.partition_id_key]!r} is not an int"
+        return props, "", ""  # type: ignore[return-value]
+
+    def _warn_unidentified(self, unidentified: int, nodes: int) -> None:
+        """Say once what sampling by node id means and what the client could add."""
+        if self._warned_unidentified:
+            return
+        self._warned_unidentified = True
+        log.warning(
+            "%s of %s nodes report no device id: they are sampled as Flower's FedAvg samples, by node "
+            "id (sorted, then drawn with this strategy's random.Random(seed=%s)), after the nodes that "
+            "report one. Such a draw is reproducible only while the node ids are (Flower's simulation "
+            "makes new ones every run)%s. To sample by device, add a query handler to the ClientApp "
+            "(@app.query()) that replies with a MetricRecord %r holding %r (the node's device id, an "
+            "int) and %r (the samples of one round of local training), as "
+            "flwr_distreal.clientapp.make_query_handler does. This is said once.",
+            unidentified,
+            nodes,
+            self.seed,
+            self._unidentified_costs(),
+            C.PROPERTIES_RECORD,
+            self.partition_id_key,
+            self.round_samples_key,
+        )
+
+    def _unidentified_costs(self) -> str:
+        """What else a node without properties costs this strategy (for the warning)."""
+        return ""
 
     def _sample(
         self, grid: Grid, fraction: float, min_nodes: int, rng: random.Random, what: str
     ) -> list[int]:
-        """Wait for enough nodes as Flower does, then draw seeded by device id."""
+        """Wait for enough nodes as Flower does, then draw seeded: by device id, and the nodes
+        without one by node id after them (:func:`flwr_distreal.server_core.seeded_draw`).
+
+        Raises
+        ------
+        ContractError
+            If no node reports a device id and this strategy cannot sample without one.
+        """
         k = sample_size(len(list(grid.get_node_ids())), fraction, min_nodes)
         need = max(self.min_available_nodes, k)
         while len(nodes := list(grid.get_node_ids())) < need:
@@ -291,13 +458,26 @@ class _CoreFedAvg(FedAvg):
                 INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), need
             )
             time.sleep(1)
-        devices = self._learn_devices(grid, nodes)
-        if len(devices) < k:
-            log.warning(
-                "%s: only %s of %s nodes reported a device id; drawing %s", what, len(devices), k, len(devices)
-            )
-            k = len(devices)
-        picked = seeded_draw(rng, devices, k)
+        devices, unidentified = self._learn_devices(grid, nodes, what)
+        if unidentified and not self.samples_unidentified:
+            if not devices:
+                raise ContractError(
+                    f"{what}: none of the {len(nodes)} nodes reports a device id "
+                    f"({', '.join(sorted(set(unidentified.values())))}): "
+                    f"{type(self).__name__} assigns each device a submodel from its availability and needs "
+                    f"every node's query reply, a MetricRecord {C.PROPERTIES_RECORD!r} holding "
+                    f"{C.describe_keys({self.partition_id_key: C.QUERY_PROPERTIES[C.PARTITION_ID], self.round_samples_key: C.QUERY_PROPERTIES[C.ROUND_SAMPLES]})} "
+                    "(flwr_distreal.clientapp.make_query_handler replies with them)",
+                    "no-device-id",
+                )
+            unidentified = {}
+        if unidentified:
+            self._warn_unidentified(len(unidentified), len(nodes))
+        available = len(devices) + len(unidentified)
+        if available < k:
+            log.warning("%s: only %s of %s nodes can be sampled; drawing %s", what, available, k, available)
+            k = available
+        picked = seeded_draw(rng, devices, k, list(unidentified))
         flwr_log(INFO, "%s: Sampled %s nodes (out of %s)", what, len(picked), len(nodes))
         return picked
 
@@ -452,6 +632,9 @@ class _CoreFedAvg(FedAvg):
         outcome = self.core.aggregate(
             server_round, [self._reply(m) for m in valid], failures=len(errors) + len(missing), logger=log
         )
+        refusal = outcome.uniform_refusal()
+        if refusal is not None and refusal.reason in CONTRACT_REASONS:
+            raise ContractError(self._contract_message(server_round, refusal, len(valid)), refusal.reason)
         metrics = MetricRecord(metric_values(outcome.metrics))
         if self._user_metrics_aggr is not None and outcome.accepted:
             accepted = {a.reply.node for a in outcome.accepted}
@@ -460,6 +643,35 @@ class _CoreFedAvg(FedAvg):
         if outcome.arrays is None:
             return self._broadcast, metrics
         return self._pack(outcome.arrays), metrics
+
+    def _contract_message(self, server_round: int, refusal: Refusal, received: int) -> str:
+        """Why the run stops when every reply of a round was refused for ``refusal.reason``."""
+        device = "unknown" if refusal.device_id is None else refusal.device_id
+        return (
+            f"round {server_round}: every reply ({received} of {received}) was refused for the same reason, "
+            f"{refusal.reason} (e.g. node {refusal.node}, {self.partition_id_key} {device}: {refusal.message}). "
+            f"{self._contract_hint(refusal.reason)} The run stops here: every later round would be refused alike."
+        )
+
+    def _contract_hint(self, reason: str) -> str:
+        """What the clients must change when every reply is refused for ``reason``."""
+        if reason == RefusalReason.INVALID_WEIGHT.value:
+            return (
+                f"Every train reply's MetricRecord {C.METRICS_RECORD!r} must hold {self._examples_key()!r}, "
+                "the number of examples trained (as for Flower's FedAvg)."
+            )
+        if reason in _ARRAY_REASONS:
+            return (
+                f"Every train reply must hold the trained model as an ArrayRecord under {self.arrayrecord_key!r} "
+                "with the global model's arrays (its state_dict names, in order, shapes and dtypes): the "
+                "clients must build the model the server's initial_arrays come from."
+            )
+        if reason in (RefusalReason.UNASSIGNED_CLIENT.value, RefusalReason.DEVICE_MISMATCH.value):
+            return (
+                f"A reply's {self.partition_id_key!r} metric must be the device its node reported in the "
+                "properties query, and only the nodes sent a submodel may reply."
+            )
+        return ""
 
     def _pack(self, arrays: list[np.ndarray]) -> ArrayRecord:
         """Arrays as an ``ArrayRecord`` keyed by the broadcast model's names, in order."""
@@ -491,20 +703,23 @@ class Distreal(_CoreFedAvg):
     ``theta_t = theta_{t-1} + sum_i c_i (theta_i - theta_{t-1}) / sum_i c_i``, with ``c_i`` the
     MACs in the reply's ``weighted_by_key`` metric (:class:`flwr_distreal.server_core.DistrealCore`).
     Stragglers are dropped; a reply is refused, with a logged reason, when its MACs are
-    missing, not a number, NaN/inf, negative or above ``num_batches * full_macs_per_batch``,
+    missing, not a number, NaN/inf, negative or above ``num_batches * full_macs_per_sample``,
     its ``num_batches`` above what the server configured for the node (``batch_size``,
     ``local_epochs`` and the node's ``round-samples`` property, or ``max_batches_fn``), or its
     arrays do not match the global model. The round's bounds
     (:class:`flwr_distreal.server_core.RoundBounds`) then refuse or clip an update whose norm
     per ``sqrt(num_batches)`` is more than ``update_bound`` times the round's median, and clip
     or refuse a MACs claim above ``claim_bound`` times the round's median claim. With equal
-    ``c_i`` this is FedAvg.
+    ``c_i`` this is FedAvg. A round in which every reply is refused for the same contract
+    reason (e.g. no ``macs`` metric: a ClientApp written for Flower's FedAvg) ends the run with
+    a :class:`~flwr_distreal.contract.ContractError` that names what the clients must report.
 
     Parameters
     ----------
-    full_macs_per_batch : float
-        The most MACs a client can report for one mini-batch (the full model's, in the unit
-        of the clients' MACs metric).
+    full_macs_per_sample : float
+        The full model's forward MACs per sample, ``count_macs(model)``. Algorithm 1 adds, once
+        per mini-batch, the forward MACs per sample of the (sub)model it trained, so this is the
+        most one mini-batch adds to a reply's ``macs`` (bound: ``num_batches`` times it).
     on_excess : {"refuse", "clip"}, optional
         What to do with MACs above the maximum, or ``num_batches`` above the server's limit.
         Defaults to "refuse".
@@ -546,6 +761,8 @@ class Distreal(_CoreFedAvg):
         Property and train metric with the device id. Defaults to ``"partition-id"``.
     properties_timeout : float | None, optional
         Timeout in seconds of the properties query. Defaults to None (wait for every node).
+    full_macs_per_batch : float, optional
+        Deprecated name of ``full_macs_per_sample`` (a ``DeprecationWarning``; same value).
     **fedavg_kwargs : Any
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
         ``min_train_nodes``, ``min_available_nodes``, ``fraction_evaluate`` (default 0), ...).
@@ -553,9 +770,11 @@ class Distreal(_CoreFedAvg):
     Raises
     ------
     ValueError
-        If ``full_macs_per_batch`` is not a positive finite number, ``on_excess`` is not
+        If ``full_macs_per_sample`` is not a positive finite number, ``on_excess`` is not
         "refuse" or "clip", a bound is out of range, a key is empty, or the node minimums are
         inconsistent.
+    TypeError
+        If both or neither of ``full_macs_per_sample`` and ``full_macs_per_batch`` are given.
     """
 
     core: DistrealCore
@@ -563,7 +782,7 @@ class Distreal(_CoreFedAvg):
     def __init__(
         self,
         *,
-        full_macs_per_batch: float,
+        full_macs_per_sample: float | None = None,
         on_excess: OnExcess = "refuse",
         batch_size: int | None = None,
         local_epochs: int = 1,
@@ -582,10 +801,11 @@ class Distreal(_CoreFedAvg):
         available_macs_key: str = C.AVAILABLE_MACS,
         partition_id_key: str = C.PARTITION_ID,
         properties_timeout: float | None = None,
+        full_macs_per_batch: float | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         core = DistrealCore(
-            full_macs_per_batch=full_macs_per_batch,
+            full_macs_per_sample=full_macs_argument(full_macs_per_sample, full_macs_per_batch),  # type: ignore[arg-type]
             on_excess=on_excess,
             batch_size=batch_size,
             local_epochs=local_epochs,
@@ -615,9 +835,15 @@ class Distreal(_CoreFedAvg):
         )
 
     @property
+    def full_macs_per_sample(self) -> float:
+        """The full model's forward MACs per sample: the most one mini-batch adds to ``macs``."""
+        return self.core.full_macs_per_sample
+
+    @property
     def full_macs_per_batch(self) -> float:
-        """The most MACs one mini-batch can cost."""
-        return self.core.full_macs_per_batch
+        """Deprecated name of :attr:`full_macs_per_sample` (a ``DeprecationWarning``)."""
+        warnings.warn("full_macs_per_batch is deprecated, read full_macs_per_sample", DeprecationWarning, stacklevel=2)
+        return self.core.full_macs_per_sample
 
     @property
     def on_excess(self) -> OnExcess:
@@ -641,11 +867,56 @@ class Distreal(_CoreFedAvg):
             self.core.limit_round(server_round, known, logger=log)
         return {node: {} for node in nodes}
 
+    def _unidentified_costs(self) -> str:
+        if self.core.bounds_batches and self.core.max_batches_fn is None:
+            return f", and without {self.round_samples_key!r} their num_batches is bounded only by their own claim"
+        return ""
+
+    def _contract_hint(self, reason: str) -> str:
+        core = self.core
+        if reason in (
+            RefusalReason.MISSING_MACS.value,
+            RefusalReason.NON_NUMERIC_MACS.value,
+            RefusalReason.MISSING_NUM_BATCHES.value,
+            RefusalReason.INVALID_NUM_BATCHES.value,
+        ):
+            required = {
+                self.weighted_by_key: C.DISTREAL_TRAIN_METRICS[C.MACS],
+                core.num_batches_key: C.DISTREAL_TRAIN_METRICS[C.NUM_BATCHES],
+            }
+            optional = {
+                C.NUM_EXAMPLES: C.OPTIONAL_TRAIN_METRICS[C.NUM_EXAMPLES],
+                self.partition_id_key: C.OPTIONAL_TRAIN_METRICS[C.PARTITION_ID],
+                self.straggler_key: C.OPTIONAL_TRAIN_METRICS[C.STRAGGLER],
+                self.available_macs_key: C.OPTIONAL_TRAIN_METRICS[C.AVAILABLE_MACS],
+            }
+            return (
+                "Distreal weights each update by the MACs its client spent (Algorithm 2), so every train "
+                f"reply's MetricRecord {C.METRICS_RECORD!r} must hold {C.describe_keys(required)}; it may add "
+                f"{C.describe_keys(optional)}. A ClientApp written for Flower's FedAvg reports only "
+                f"{C.NUM_EXAMPLES!r}; flwr_distreal.clientapp.build_client_app reports them all."
+            )
+        if reason == RefusalReason.EXCESS_MACS.value:
+            return (
+                f"Every reply claims more MACs than {core.num_batches_key!r} x full_macs_per_sample "
+                f"({self.full_macs_per_sample:g}). {self.weighted_by_key!r} adds, per mini-batch, the forward "
+                "MACs per sample of the (sub)model trained, at most count_macs(model) (not times the batch "
+                "size, nor the backward pass), and full_macs_per_sample must be the full model's "
+                "count_macs(model)."
+            )
+        if reason == RefusalReason.EXCESS_BATCHES.value:
+            return (
+                f"Every reply reports more mini-batches than batch_size={core.batch_size} and "
+                f"local_epochs={core.local_epochs} allow for its node's {self.round_samples_key!r} (or "
+                "max_batches_fn): pass the clients' batch size and local epochs to the strategy."
+            )
+        return super()._contract_hint(reason)
+
     def summary(self) -> None:
         """Log DISTREAL's settings, then the base summary."""
         flwr_log(INFO, "\t├──> DISTREAL (Algorithm 2) settings:")
         flwr_log(INFO, "\t│\t├── MACs key: %r", self.weighted_by_key)
-        flwr_log(INFO, "\t│\t├── Full MACs per batch: %g", self.full_macs_per_batch)
+        flwr_log(INFO, "\t│\t├── Full model's MACs per sample: %g", self.full_macs_per_sample)
         flwr_log(
             INFO,
             "\t│\t├── Batches bounded by: %s",
@@ -658,7 +929,7 @@ class Distreal(_CoreFedAvg):
 
     def __repr__(self) -> str:
         return (
-            f"Distreal(full_macs_per_batch={self.full_macs_per_batch:g}, on_excess={self.on_excess!r}, "
+            f"Distreal(full_macs_per_sample={self.full_macs_per_sample:g}, on_excess={self.on_excess!r}, "
             f"seed={self.seed})"
         )
 
@@ -797,6 +1068,7 @@ class SubmodelStrategy(_CoreFedAvg):
     """
 
     core: SubmodelCore
+    samples_unidentified = False
 
     def __init__(
         self,

@@ -55,6 +55,7 @@ the mini-batch sizes over all local steps).
 from __future__ import annotations
 
 import logging
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -94,6 +95,7 @@ from .server_core import (
     SubmodelCore,
     SubmodelPlanner,
     as_device_id,
+    full_macs_argument,
     fit_metrics_aggregation,
 )
 
@@ -358,7 +360,7 @@ class Distreal(_ResourceAwareFedAvg):
     A reply is discarded when its straggler metric is true (the client missed the
     round's deadline). Every other reply passes :func:`flwr_distreal.aggregate.validate_reply`:
     it is refused, with a logged reason, when its MACs are missing, not a number,
-    NaN/inf, negative or above ``num_batches * full_macs_per_batch`` (the most the
+    NaN/inf, negative or above ``num_batches * full_macs_per_sample`` (the most the
     client could have spent), or when its arrays have the wrong count, shapes or
     dtypes or non-finite values. With ``batch_size`` (or ``max_batches_fn``) the
     reported ``num_batches`` is also bounded by what the server configured: the
@@ -372,12 +374,11 @@ class Distreal(_ResourceAwareFedAvg):
 
     Parameters
     ----------
-    full_macs_per_batch : float
-        The most MACs a client can report for one mini-batch: the full model's MACs
-        for one step, in the unit of the clients' ``macs`` metric. When clients add
-        the LUT's forward MACs per sample once per mini-batch (Algorithm 1), this is
-        ``count_macs(model)``; when they count a step's MACs, it is that step's cost
-        for a full batch (``resources.step_macs(count_macs(model), batch_size)``).
+    full_macs_per_sample : float
+        The full model's forward MACs per sample, ``count_macs(model)``. Algorithm 1
+        adds, once per mini-batch, the forward MACs per sample of the (sub)model it
+        trained, so this is the most one mini-batch adds to a reply's ``macs``
+        (bound: ``num_batches`` times it).
     on_excess : {"refuse", "clip"}, optional
         What to do with a reply whose MACs exceed the maximum (or whose
         ``num_batches`` exceeds the server's limit): refuse it, or clip its MACs to
@@ -421,6 +422,8 @@ class Distreal(_ResourceAwareFedAvg):
     available_macs_key : str, optional
         Fit metric with the MACs the client could have spent in the round (for the
         ``mean_utilisation`` metric). Defaults to ``"available_macs"``.
+    full_macs_per_batch : float, optional
+        Deprecated name of ``full_macs_per_sample`` (a ``DeprecationWarning``; same value).
     **fedavg_kwargs : Any
         Passed to :class:`flwr.server.strategy.FedAvg` (``fraction_fit``,
         ``min_fit_clients``, ``evaluate_fn``, ``on_fit_config_fn``,
@@ -431,9 +434,11 @@ class Distreal(_ResourceAwareFedAvg):
     Raises
     ------
     ValueError
-        If ``full_macs_per_batch`` is not a positive finite number, ``on_excess`` is
+        If ``full_macs_per_sample`` is not a positive finite number, ``on_excess`` is
         not "refuse" or "clip", a bound is out of range, a key is empty, or the client
         minimums are inconsistent.
+    TypeError
+        If both or neither of ``full_macs_per_sample`` and ``full_macs_per_batch`` are given.
     """
 
     core: DistrealCore
@@ -441,7 +446,7 @@ class Distreal(_ResourceAwareFedAvg):
     def __init__(
         self,
         *,
-        full_macs_per_batch: float,
+        full_macs_per_sample: float | None = None,
         on_excess: OnExcess = "refuse",
         batch_size: int | None = None,
         local_epochs: int = 1,
@@ -458,10 +463,11 @@ class Distreal(_ResourceAwareFedAvg):
         num_batches_key: str = C.NUM_BATCHES,
         straggler_key: str = C.STRAGGLER,
         available_macs_key: str = C.AVAILABLE_MACS,
+        full_macs_per_batch: float | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         core = DistrealCore(
-            full_macs_per_batch=full_macs_per_batch,
+            full_macs_per_sample=full_macs_argument(full_macs_per_sample, full_macs_per_batch),  # type: ignore[arg-type]
             on_excess=on_excess,
             batch_size=batch_size,
             local_epochs=local_epochs,
@@ -506,9 +512,15 @@ class Distreal(_ResourceAwareFedAvg):
         return {client.cid: {} for client in clients}
 
     @property
+    def full_macs_per_sample(self) -> float:
+        """The full model's forward MACs per sample: the most one mini-batch adds to ``macs``."""
+        return self.core.full_macs_per_sample
+
+    @property
     def full_macs_per_batch(self) -> float:
-        """The most MACs one mini-batch can cost."""
-        return self.core.full_macs_per_batch
+        """Deprecated name of :attr:`full_macs_per_sample` (a ``DeprecationWarning``)."""
+        warnings.warn("full_macs_per_batch is deprecated, read full_macs_per_sample", DeprecationWarning, stacklevel=2)
+        return self.core.full_macs_per_sample
 
     @property
     def on_excess(self) -> OnExcess:
@@ -517,7 +529,7 @@ class Distreal(_ResourceAwareFedAvg):
 
     def __repr__(self) -> str:
         return (
-            f"Distreal(full_macs_per_batch={self.full_macs_per_batch:g}, on_excess={self.on_excess!r}, "
+            f"Distreal(full_macs_per_sample={self.full_macs_per_sample:g}, on_excess={self.on_excess!r}, "
             f"accept_failures={self.accept_failures})"
         )
 

@@ -82,7 +82,7 @@ def main() -> None:
                 "trimmed-mean": RoundBounds(robust="trimmed-mean"),
             }
         )
-    cores = {name: DistrealCore(full_macs_per_batch=1.0, bounds=b) for name, b in variants.items()}
+    cores = {name: DistrealCore(full_macs_per_sample=1.0, bounds=b) for name, b in variants.items()}
     print(
         f"{args.model}: {len(g)} state_dict arrays, {n_params / 1e6:.3f} M floating entries "
         f"(full model {count_macs(model) / 1e6:.1f} M MACs); {args.replies} replies per round, "

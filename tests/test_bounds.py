@@ -23,7 +23,7 @@ from flwr_distreal.server_core import DistrealCore, Reply, RoundBounds, max_batc
 from test_serverapp import FakeGrid, reply  # noqa: E402  (tests/ is on sys.path)
 from test_strategy import FakeProxy  # noqa: E402
 
-FULL = 1000.0  # full_macs_per_batch of the toy model
+FULL = 1000.0  # full_macs_per_sample of the toy model
 KEYS = ["conv.weight", "fc.weight", "fc.bias", "bn.num_batches_tracked"]
 APIS = ["legacy", "message"]
 
@@ -93,7 +93,7 @@ def _run(
     """One round of DISTREAL through ``api``; returns (new arrays, metrics, strategy)."""
     if api == "message":
         if strat is None:
-            kwargs.setdefault("full_macs_per_batch", FULL)
+            kwargs.setdefault("full_macs_per_sample", FULL)
             strat = serverapp.Distreal(min_train_nodes=1, min_available_nodes=1, fraction_train=1.0, **kwargs)
         devices = {100 + d: d for d in spec}
 
@@ -108,7 +108,7 @@ def _run(
         new, metrics = strat.aggregate_train(server_round, grid.send_and_receive(messages))
         return [v.numpy() for v in new.values()], dict(metrics), strat
     if strat is None:
-        kwargs.setdefault("full_macs_per_batch", FULL)
+        kwargs.setdefault("full_macs_per_sample", FULL)
         strat = strategy.Distreal(min_fit_clients=1, min_available_clients=1, fraction_fit=1.0, fraction_evaluate=0.0, **kwargs)
     proxies = {d: FakeProxy(str(100 + d), {C.PARTITION_ID: d, C.ROUND_SAMPLES: samples}) for d in spec}
     manager = SimpleClientManager()
@@ -200,7 +200,7 @@ def test_real_sgd_with_different_batches_and_dropout_is_not_refused(layout) -> N
     model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Dropout(0.0), torch.nn.Linear(32, 4))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     g = [v.numpy().copy() for v in state.values()]
-    core = DistrealCore(full_macs_per_batch=FULL)
+    core = DistrealCore(full_macs_per_sample=FULL)
     for server_round in (1, 2):
         core.broadcast(server_round, g)
         replies = [
@@ -441,7 +441,7 @@ def test_robust_median_resists_a_coordinated_minority() -> None:
 def test_constructor_errors(api, kwargs, match) -> None:
     cls = serverapp.Distreal if api == "message" else strategy.Distreal
     with pytest.raises(ValueError, match=match):
-        cls(full_macs_per_batch=FULL, **kwargs)
+        cls(full_macs_per_sample=FULL, **kwargs)
 
 
 @pytest.mark.parametrize("cls", [serverapp.FederatedDropout, strategy.HeteroFL])
@@ -472,7 +472,7 @@ def test_zero_weight_replies_are_not_screened() -> None:
     """A reply that spent no MACs cannot move the model: it is neither bounded nor counted in
     the medians (a device stopped at the deadline before its first batch)."""
     g = _global()
-    core = DistrealCore(full_macs_per_batch=FULL)
+    core = DistrealCore(full_macs_per_sample=FULL)
     core.broadcast(1, g)
     replies = [Reply(str(d), d, _honest(g, 4, d), 10, _metrics(4, device=d)) for d in range(3)]
     replies.append(Reply("9", 9, _scaled(g, _honest(g, 4, 9), 500.0), 10, _metrics(0, 0.0, 9)))
@@ -481,7 +481,7 @@ def test_zero_weight_replies_are_not_screened() -> None:
 
 
 def test_node_without_round_samples_is_logged_once(caplog) -> None:
-    core = DistrealCore(full_macs_per_batch=FULL, batch_size=32)
+    core = DistrealCore(full_macs_per_sample=FULL, batch_size=32)
     with caplog.at_level(logging.WARNING):
         assert core.limit_round(1, {"a": (0, None), "b": (1, 64)}) == {"b": 2}
         core.limit_round(2, {"a": (0, None)})

@@ -24,6 +24,7 @@ from flwr_distreal.resources import (
     forward_macs_budget,
     load_trace_csv,
     r_max_for,
+    size_resources,
     step_macs,
 )
 from flwr_distreal.schedule import batch_sizes, plan_fixed_round
@@ -416,3 +417,112 @@ def test_model_and_traces_survive_pickling(tmp_path: Path) -> None:
     csv_path = _write(tmp_path / "t.csv", "device,time,macs_per_s\n0,0,1\n0,3,2\n")
     replay = pickle.loads(pickle.dumps(ResourceModel("trace", deadline=5.0, trace_path=csv_path)))
     assert replay.trace(0).advance(0.0, 5.0) == 4.0
+
+
+# --------------------------------------------------------------------------- sizing from the model
+
+
+def _tiny_droppable():
+    import torch
+    from torch import nn
+
+    from flwr_distreal.dropout import make_droppable
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+            self.pool, self.fc = nn.MaxPool2d(2), nn.Linear(16 * 7 * 7, 10)
+
+        def forward(self, x):
+            x = self.pool(torch.relu(self.conv1(x)))
+            x = self.pool(torch.relu(self.conv2(x)))
+            return self.fc(torch.flatten(x, 1))
+
+    return Tiny(), make_droppable(Tiny(), torch.zeros(2, 1, 28, 28))
+
+
+def test_size_resources_lets_each_full_model_round_end_exactly_at_the_deadline() -> None:
+    full = 4_020_000
+    sizing = size_resources(full, 10, [181, 50, 0], local_epochs=2, variability=4.0, deadline=60.0)
+    # the convention of the clock and of the experiment: step_macs of every mini-batch
+    expected = [r_max_for(max(sum(step_macs(full, b) for b in batch_sizes(n, 10, 2)), 1.0), 60.0) for n in (181, 50, 0)]
+    assert sizing.r_max_per_device == pytest.approx(expected, rel=1e-15)
+    assert sizing.r_max == max(expected) == sizing.device_r_max(0)
+    assert (sizing.deadline, sizing.variability, sizing.full_macs_per_sample) == (60.0, 4.0, full)
+    assert sizing.strategy_kwargs() == {"full_macs_per_sample": full, "batch_size": 10, "local_epochs": 2}
+    for device, n in ((0, 181), (1, 50)):
+        clock = ResourceModel("full", deadline=60.0, r_max=sizing.device_r_max(device)).clock(device, 3)
+        result = plan_fixed_round(clock, full, batch_sizes(n, 10, 2)).result
+        assert result.finish_time == pytest.approx(3 * 60.0, rel=1e-12) and not result.straggler
+    model = sizing.resource_model("timevarying", lam=2.0, seed=5)
+    assert (model.kind, model.r_max, model.deadline, model.variability, model.lam, model.seed) == (
+        "timevarying", sizing.r_max, 60.0, 4.0, 2.0, 5,
+    )
+    assert size_resources(full, 10, 181, local_epochs=2).r_max == pytest.approx(expected[0] * 60.0)  # deadline 1
+
+
+def test_size_resources_counts_the_models_macs() -> None:
+    from flwr_distreal.macs import count_macs
+
+    _, model = _tiny_droppable()
+    assert size_resources(model, 10, 60).full_macs_per_sample == count_macs(model) > 0
+    assert size_resources(model, 10, 60).r_max == size_resources(count_macs(model), 10, 60).r_max
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((1e6, 0, 60), {}, ResourceError, "batch_size"),
+        ((1e6, 10, 60), {"local_epochs": 0}, ResourceError, "local_epochs"),
+        ((1e6, 10, [60, -1]), {}, ResourceError, r"samples_per_device\[1\]"),
+        ((1e6, 10, []), {}, ResourceError, "empty"),
+        ((1e6, 10, 60), {"variability": 0.5}, ResourceError, "variability"),
+        ((1e6, 10, 60), {"deadline": 0.0}, ResourceError, "deadline"),
+        ((0, 10, 60), {}, ResourceError, "forward MACs"),
+        ((True, 10, 60), {}, TypeError, "bool"),
+        (("femnist_cnn", 10, 60), {}, TypeError, "droppable model"),
+    ],
+)
+def test_size_resources_refuses_bad_input(args, kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        size_resources(*args, **kwargs)
+
+
+def test_size_resources_refuses_a_plain_module() -> None:
+    plain, _ = _tiny_droppable()
+    with pytest.raises(TypeError, match="make_droppable"):
+        size_resources(plain, 10, 60)
+
+
+def test_sized_resources_make_a_small_model_drop_where_a_fixed_r_max_does_not() -> None:
+    """The README's old ``r_max=5e8`` is ~10x what a small model's round needs: no device ever
+    drops and utilisation stays low. Sized from the model, the weaker devices drop filters
+    (Algorithm 1) and use most of what they have."""
+    from flwr_distreal.lut import LUT
+    from flwr_distreal.schedule import plan_distreal_round
+
+    _, model = _tiny_droppable()
+    lut = LUT.uniform(model)
+    samples, batch = 60, 10
+
+    def rounds(resources: ResourceModel) -> tuple[list[float], list[float], list[float], int]:
+        levels, dropout, utilisation, stragglers = [], [], [], 0
+        for device in range(20):
+            plan = plan_distreal_round(resources.clock(device, 1), lut, batch_sizes(samples, batch), "paper")
+            levels.append(resources.trace(device).rate_at(0.0))
+            dropout.append(plan.mean_dropout)
+            utilisation.append(plan.result.utilisation)
+            stragglers += plan.straggler
+        return levels, dropout, utilisation, stragglers
+
+    _, fixed_dropout, fixed_util, _ = rounds(ResourceModel("constant", deadline=1.0, r_max=5e8, variability=3.0))
+    assert max(fixed_dropout) == 0.0 and np.mean(fixed_util) < 0.33
+
+    sizing = size_resources(model, batch, samples, variability=3.0, deadline=1.0)
+    levels, dropout, utilisation, stragglers = rounds(sizing.resource_model("constant", seed=0))
+    weaker = [d for lv, d in zip(levels, dropout) if lv < np.median(levels)]
+    assert len(weaker) == 10 and min(weaker) > 0.0
+    assert np.mean(utilisation) > 0.8 and stragglers == 0
+    # the weaker a device, the more it drops
+    assert stats.spearmanr(levels, dropout).statistic < -0.8

@@ -157,7 +157,7 @@ def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def _distreal(**kw) -> serverapp.Distreal:
-    kw.setdefault("full_macs_per_batch", FULL_MACS)
+    kw.setdefault("full_macs_per_sample", FULL_MACS)
     kw.setdefault("min_train_nodes", 1)
     kw.setdefault("min_available_nodes", 1)
     return serverapp.Distreal(**kw)
@@ -194,7 +194,7 @@ def test_algorithm2_hand_numbers() -> None:
         )
 
     grid = FakeGrid({101: 0, 202: 1}, trainer)
-    strat = _distreal(full_macs_per_batch=1.0)
+    strat = _distreal(full_macs_per_sample=1.0)
     messages, (arrays, metrics) = _train(strat, grid, g)
     assert len(messages) == 2
     out = _numpy(arrays)
@@ -506,14 +506,17 @@ def test_seeded_sampling_is_reproducible_and_matches_the_legacy_client_manager()
     assert legacy == runs[0]
 
 
-def test_nodes_without_properties_are_not_sampled(caplog) -> None:
+def test_silent_nodes_are_not_sampled_and_failed_queries_are_retried(caplog) -> None:
+    """A node that does not answer the query is left out this round; one whose query handler
+    raised answered, so it is sampled by node id (after the identified ones). Both are asked
+    again next round; the identified ones are not."""
     grid = FakeGrid({1: 0, 2: 1, 3: 2, 4: 3}, mute=[2], broken=[3])
     strat = _distreal(fraction_train=1.0)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         messages = list(strat.configure_train(1, _record({"w": np.zeros(1)}), ConfigRecord(), grid))
-    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 4]
-    assert "node 2 did not answer the properties query" in caplog.text
-    assert "node 3 answered the properties query with an error" in caplog.text
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 3, 4]
+    assert "1 node: no reply to the properties query (properties_timeout=None): 2; not sampled" in caplog.text
+    assert "1 node: query handler raised (no properties here): 3; sampled by node id" in caplog.text
     strat.configure_train(2, _record({"w": np.zeros(1)}), ConfigRecord(), grid)
     assert grid.queries[1] == 1 and grid.queries[3] == 2  # failed look-ups are retried
 
@@ -546,7 +549,7 @@ def test_legacy_and_message_api_distreal_aggregate_identically() -> None:
     new, _ = message_api.aggregate_train(1, replies[::-1])  # order must not matter
 
     legacy = strategy.Distreal(
-        full_macs_per_batch=FULL_MACS, min_fit_clients=1, min_available_clients=1, fraction_evaluate=0.0
+        full_macs_per_sample=FULL_MACS, min_fit_clients=1, min_available_clients=1, fraction_evaluate=0.0
     )
     proxies = [FakeProxy(str(node), d) for node, d in devices.items()]
     _legacy_fit(legacy, g, proxies)
@@ -637,7 +640,7 @@ def test_user_train_metrics_aggregation_over_accepted_replies() -> None:
         return reply(msg, {"w": np.full(2, d, np.float32)}, {C.MACS: macs, C.NUM_BATCHES: 1, C.PARTITION_ID: d, "loss": 0.5 * d})
 
     grid = FakeGrid({1: 0, 2: 1, 3: 2}, trainer)
-    strat = _distreal(full_macs_per_batch=1.0, train_metrics_aggr_fn=lambda records, key: MetricRecord({"n": len(records)}))
+    strat = _distreal(full_macs_per_sample=1.0, train_metrics_aggr_fn=lambda records, key: MetricRecord({"n": len(records)}))
     _, (_, out) = _train(strat, grid, g)
     assert out["n"] == 2 and out["accepted"] == 2 and out["refused"] == 1
 
@@ -659,7 +662,7 @@ def test_federated_evaluation_is_off_by_default_and_seeded_when_on() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"full_macs_per_batch": 0}, "full_macs_per_batch"),
+        ({"full_macs_per_sample": 0}, "full_macs_per_sample"),
         ({"on_excess": "ignore"}, "on_excess"),
         ({"weighted_by_key": ""}, "macs_key"),
         ({"min_train_nodes": 5, "min_available_nodes": 2}, "min_train_nodes"),

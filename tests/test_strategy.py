@@ -109,7 +109,7 @@ def _manager(proxies: list[ClientProxy]) -> SimpleClientManager:
 
 
 def _distreal(**kw) -> Distreal:
-    kw.setdefault("full_macs_per_batch", FULL_MACS)
+    kw.setdefault("full_macs_per_sample", FULL_MACS)
     kw.setdefault("min_fit_clients", 1)
     kw.setdefault("min_available_clients", 1)
     kw.setdefault("fraction_evaluate", 0.0)
@@ -299,9 +299,9 @@ def test_distreal_configure_fit_adds_round_and_keeps_user_config() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"full_macs_per_batch": 0}, "full_macs_per_batch"),
-        ({"full_macs_per_batch": math.nan}, "full_macs_per_batch"),
-        ({"full_macs_per_batch": "4M"}, "full_macs_per_batch"),
+        ({"full_macs_per_sample": 0}, "full_macs_per_sample"),
+        ({"full_macs_per_sample": math.nan}, "full_macs_per_sample"),
+        ({"full_macs_per_sample": "4M"}, "full_macs_per_sample"),
         ({"on_excess": "ignore"}, "on_excess"),
         ({"macs_key": ""}, "macs_key"),
         ({"min_fit_clients": 5, "min_available_clients": 2}, "min_fit_clients"),
