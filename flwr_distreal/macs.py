@@ -48,7 +48,8 @@ def layer_macs(model: DroppableModel, counts: Sequence[int]) -> list[tuple[str, 
     Read off the traced channel graph: a dense convolution costs
     ``area * kh * kw * k_out * k_in`` (``k_in`` the channels present in its input space), a
     depthwise one ``area * kh * kw * k`` (one input channel per filter), a grouped one its full
-    cost (kept whole), a linear layer ``out * stride * k_in``.
+    cost (kept whole), a linear layer ``out * stride * k_in``; then the constant MACs of compute
+    outside the sliced layers (``channel_graph.fixed_macs``: modules kept whole, ...).
 
     Parameters
     ----------
@@ -60,7 +61,8 @@ def layer_macs(model: DroppableModel, counts: Sequence[int]) -> list[tuple[str, 
     Returns
     -------
     list of (str, int)
-        Module name and MACs, in forward order (a module called twice appears twice).
+        Module name and MACs, in forward order (a module called twice appears twice), the
+        constant parts last.
     """
     widths = require_droppable(model, "layer_macs").layer_widths
     if len(counts) != len(widths):
@@ -86,6 +88,8 @@ def layer_macs(model: DroppableModel, counts: Sequence[int]) -> list[tuple[str, 
         else:  # linear
             macs = layer.out_channels * layer.space.stride * k_in
         out.append((layer.name, int(macs)))
+    # Compute outside the sliced layers (keep_full modules, ...) reads only channels kept whole.
+    out.extend((name, int(macs)) for name, macs in model.channel_graph.fixed_macs)
     return out
 
 
