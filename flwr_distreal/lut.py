@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .dropout import MAX_RATE, DropoutModel
+from .dropout import MAX_RATE, DropoutModel, require_droppable
 from .macs import count_macs
 
 #: Where the LUTs this project's DSE produced for the reference models are shipped.
@@ -146,7 +146,13 @@ class LUT:
             Dropout vectors, one rate per dropout layer.
         meta : dict, optional
             Provenance to store in the file.
+
+        Raises
+        ------
+        TypeError
+            If ``model`` was not made droppable (:func:`~flwr_distreal.dropout.make_droppable`).
         """
+        require_droppable(model, "LUT.from_vectors")
         vecs = [np.asarray(v, dtype=np.float64) for v in vectors]
         macs = [count_macs(model, v) for v in vecs]
         return cls(
@@ -176,7 +182,10 @@ class LUT:
         ------
         LUTError
             If no LUT is shipped for the model, or its layers do not match the model's.
+        TypeError
+            If ``model`` was not made droppable (:func:`~flwr_distreal.dropout.make_droppable`).
         """
+        require_droppable(model, "LUT.learned")
         path = SHIPPED_DIR / f"{model.model_name}.json"
         if not path.is_file():
             shipped = sorted(p.stem for p in SHIPPED_DIR.glob("*.json"))
@@ -203,7 +212,13 @@ class LUT:
             The model.
         rates : iterable of float, optional
             The rates; default 0, 0.05, ..., 0.5.
+
+        Raises
+        ------
+        TypeError
+            If ``model`` was not made droppable (:func:`~flwr_distreal.dropout.make_droppable`).
         """
+        require_droppable(model, "LUT.uniform")
         grid = np.round(np.linspace(0.0, MAX_RATE, 11), 10) if rates is None else list(rates)
         return cls.from_vectors(
             model, [np.full(model.num_dropout_layers, float(r)) for r in grid], meta={"kind": "uniform"}
@@ -265,7 +280,10 @@ class LUT:
         LUTError
             Naming the first difference: model name, number of classes, input shape, number
             or names of dropout layers, or a stored MAC count that the model does not give.
+        TypeError
+            If ``model`` was not made droppable (:func:`~flwr_distreal.dropout.make_droppable`).
         """
+        require_droppable(model, "LUT.check_model")
         if model.model_name and self.model_name != model.model_name:
             raise LUTError(f"LUT is for model {self.model_name!r}, not {model.model_name!r}")
         names = model.dropout_layer_names
