@@ -17,6 +17,12 @@ from flwr_distreal.macs import layer_macs, macs_of_counts
         ("densenet_bc_19", 15, 19_943_904),
         ("densenet_bc_40", 39, 72_365_352),
         ("densenet_bc_100", 99, 287_960_472),
+        ("resnet20", 12, 40_813_184),
+        ("resnet20_small", 12, 10_122_358),
+        ("resnet18", 12, 555_422_720),
+        ("resnet18_small", 12, 138_817_708),
+        ("mobilenet_v2", 25, 87_976_448),
+        ("mobilenet_v2_small", 25, 21_784_576),
     ],
 )
 def test_full_model_macs_and_layer_count(name, layers, macs):
@@ -26,6 +32,19 @@ def test_full_model_macs_and_layer_count(name, layers, macs):
     assert len(set(model.dropout_layer_names)) == layers
     assert count_macs(model) == macs
     assert count_macs(model, np.zeros(layers)) == macs
+
+
+@pytest.mark.parametrize(
+    "full, small",
+    [("femnist_cnn", "femnist_cnn_small"), ("resnet20", "resnet20_small"), ("resnet18", "resnet18_small"),
+     ("mobilenet_v2", "mobilenet_v2_small")],
+)
+def test_small_networks_fit_the_weakest_device(full, small):
+    """The "small network" baseline fits the weakest device (a third of the full model's MACs
+    at FEMNIST's variability 3, a quarter at CIFAR's variability 4), and is not much smaller."""
+    variability = 3 if full.startswith("femnist") else 4
+    ratio = count_macs(build_model(small)) / count_macs(build_model(full))
+    assert 0.85 / variability < ratio <= 1 / variability
 
 
 def test_paper_mac_ranges():
@@ -61,7 +80,10 @@ def _flop_macs(model, vector, batch=2):
     return flops // 2 // batch
 
 
-@pytest.mark.parametrize("name, trials", [("femnist_cnn", 6), ("densenet_bc_40", 4), ("densenet_bc_100", 2)])
+@pytest.mark.parametrize(
+    "name, trials",
+    [("femnist_cnn", 6), ("densenet_bc_40", 4), ("densenet_bc_100", 2), ("resnet20", 3), ("resnet18", 1), ("mobilenet_v2", 2)],
+)
 def test_count_macs_equals_flop_counter(name, trials):
     model = build_model(name)
     rng = np.random.default_rng(7)
@@ -82,9 +104,10 @@ def test_layer_macs_sum_and_refusals():
 
 
 def test_registry_and_widths():
-    assert {"femnist_cnn", "femnist_cnn_small", "densenet_bc_19", "densenet_bc_40", "densenet_bc_100"} <= set(
-        list_models()
-    )
+    assert {
+        "femnist_cnn", "femnist_cnn_small", "densenet_bc_19", "densenet_bc_40", "densenet_bc_100",
+        "resnet20", "resnet20_small", "resnet18", "resnet18_small", "mobilenet_v2", "mobilenet_v2_small",
+    } <= set(list_models())
     with pytest.raises(ValueError, match="registered models"):
         build_model("resnet_999")
     assert build_model("femnist_cnn", num_classes=10).num_classes == 10
