@@ -484,12 +484,14 @@ class _Analysis:
                 return None
             return self.visit_function(node, shape)
         except UnsupportedModelError:
-            # An op that reads only channels kept whole cannot be affected by dropout.
-            if specs and node.op != "call_module" and self.all_fixed([sp for _, sp in specs]):
+            # An op that reads only channels kept whole cannot be affected by dropout: it is
+            # kept as it is (its compute, if any, is counted in fixed_macs). Convolutions and
+            # BatchNorm layers are the exception: their refusals are about their own input.
+            sliced_kind = node.op == "call_module" and isinstance(
+                self.modules[node.target], (nn.Conv2d, nn.modules.batchnorm._BatchNorm)
+            )
+            if specs and not sliced_kind and self.all_fixed([sp for _, sp in specs]):
                 return self.opaque(node)
-            if specs and node.op == "call_module" and self.all_fixed([sp for _, sp in specs]):
-                if not isinstance(self.modules[node.target], (nn.Conv2d, nn.modules.batchnorm._BatchNorm)):
-                    return self.opaque(node)
             raise
 
     def container_item(self, node: fx.Node, src: fx.Node) -> _Spec | None:
