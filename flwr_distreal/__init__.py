@@ -45,6 +45,8 @@ _LAZY = {
     "DistrealClient": "client",
     "BaselineClient": "client",
     "TrainerClient": "client",
+    "DistrealRound": "loop",
+    "MeasuredDistrealRound": "loop",
     "DeviceTrainer": "training",
     "DistrealTrainer": "training",
     "BaselineTrainer": "training",

@@ -7,6 +7,11 @@
 and metrics (keys of :mod:`flwr_distreal.contract`), ``get_properties`` its ``partition-id`` and
 ``round-samples``. The Message-API ``ClientApp`` (:mod:`flwr_distreal.clientapp`) wraps the same
 trainers, so both APIs train identically.
+
+To keep your own training loop (loss, optimiser, augmentation, AMP), write the ``NumPyClient``
+yourself around :class:`flwr_distreal.loop.DistrealRound` (``DistrealRound.from_config`` reads the
+train config; ``fit`` returns ``get_weights(model), rnd.num_examples, rnd.metrics()``):
+:class:`DistrealClient` is that client with the trainer's own SGD step.
 """
 
 from __future__ import annotations
@@ -58,10 +63,13 @@ class DistrealClient(TrainerClient):
     """DISTREAL client (Algorithm 1 of Rapp et al., AAAI 2022) for the legacy API.
 
     Takes the arguments of :class:`~flwr_distreal.training.DistrealTrainer` (``model``,
-    ``train_loader``, ``device_id``, ``lut``, ``resources``, ``policy``, ``lr``, ...). Before
-    every mini-batch it selects the LUT vector that fits the device's availability, trains one
-    step with it and adds its MACs to ``c``; it sends the weights and ``c`` (metric ``macs``),
-    which :class:`flwr_distreal.strategy.Distreal` weights by.
+    ``train_loader``, ``device_id``, ``lut``, ``resources``, ``policy``, ``lr``, ...). Every
+    round runs the trainer's step inside :meth:`DistrealRound.batches
+    <flwr_distreal.loop.DistrealRound.batches>`: before every mini-batch the round selects the
+    LUT vector that fits the device's availability and adds its MACs to ``c``; the client sends
+    the weights and ``c`` (metric ``macs``), which :class:`flwr_distreal.strategy.Distreal`
+    weights by. Of the fit config it reads ``server-round`` and ``unlimited``; the learning rate
+    is the trainer's recipe (the contract sends none) and comes back as the ``lr`` metric.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 from .lut import LUT
 from .resources import DEADLINE_RTOL, RoundClock, RoundResult, forward_macs_budget, step_macs
 
-__all__ = ["POLICIES", "RoundPlan", "batch_sizes", "plan_distreal_round", "plan_fixed_round"]
+__all__ = ["POLICIES", "RoundPlan", "batch_sizes", "plan_distreal_round", "plan_fixed_round", "select_vector"]
 
 Policy = Literal["paper", "deadline"]
 POLICIES: tuple[str, ...] = ("paper", "deadline")
@@ -108,6 +108,58 @@ class RoundPlan:
         return float(np.mean(rates)) if rates else 0.0
 
 
+def select_vector(
+    clock: RoundClock,
+    lut: LUT,
+    batch_size: int,
+    policy: Policy,
+    round_samples: float,
+    samples_left: float,
+    step_macs_factor: float = 3.0,
+) -> tuple[np.ndarray, int, float]:
+    """Algorithm 1's ``r <- r_i(t); d <- D[r]`` for the next mini-batch (does not advance the clock).
+
+    The one place where the selection policies live: :func:`plan_distreal_round` plans a whole
+    round with it and :class:`flwr_distreal.loop.DistrealRound` calls it batch by batch inside a
+    user's own training loop.
+
+    Parameters
+    ----------
+    clock : RoundClock
+        The device's clock, at the moment the mini-batch starts (read, not advanced).
+    lut : LUT
+        The lookup table D of dropout vectors.
+    batch_size : int
+        Samples in this mini-batch.
+    policy : {"paper", "deadline"}
+        ``"paper"``: step budget ``r(t) * T * b / round_samples``; ``"deadline"``:
+        ``remaining_time * r(t) * b / samples_left`` (see the module docstring).
+    round_samples : float
+        Samples of the whole round (all mini-batches, all local epochs).
+    samples_left : float
+        Samples left in the round, this mini-batch's included (> 0).
+    step_macs_factor : float (default: 3.0)
+        Cost of a training step relative to its forward pass.
+
+    Returns
+    -------
+    tuple[np.ndarray, int, float]
+        The dropout vector ``d``, its forward MACs per sample (what Algorithm 1 adds to ``c``)
+        and the MACs of the training step on this mini-batch (what the clock advances by).
+        When even the cheapest vector does not fit the budget, the cheapest.
+    """
+    r = clock.rate()
+    if policy == "paper":
+        step_budget = r * clock.round_duration * batch_size / round_samples
+    else:
+        step_budget = clock.remaining_time() * r * batch_size / samples_left
+    # The same relative tolerance as the clock's deadline check: a budget that equals a
+    # vector's MACs up to float rounding selects that vector.
+    budget = forward_macs_budget(step_budget, batch_size, step_macs_factor) * (1.0 + DEADLINE_RTOL)
+    vector, fwd = lut.select(budget, fallback_to_cheapest=True)
+    return vector, fwd, step_macs(fwd, batch_size, step_macs_factor)
+
+
 def plan_distreal_round(
     clock: RoundClock,
     lut: LUT,
@@ -148,17 +200,8 @@ def plan_distreal_round(
     vectors: list[np.ndarray | None] = []
     macs: list[int] = []
     for bs in sizes:
-        r = clock.rate()
-        if policy == "paper":
-            step_budget = r * clock.round_duration * bs / total
-        else:
-            step_budget = clock.remaining_time() * r * bs / left
+        vector, fwd, cost = select_vector(clock, lut, bs, policy, total, left, step_macs_factor)
         left -= bs
-        # The same relative tolerance as the clock's deadline check: a budget that equals a
-        # vector's MACs up to float rounding selects that vector.
-        budget = forward_macs_budget(step_budget, bs, step_macs_factor) * (1.0 + DEADLINE_RTOL)
-        vector, fwd = lut.select(budget, fallback_to_cheapest=True)
-        cost = step_macs(fwd, bs, step_macs_factor)
         if stop_at_deadline and not clock.fits(cost):
             done = len(vectors)
             return RoundPlan(vectors, macs, clock.result(done), list(sizes[:done]), planned_batches=n)

@@ -9,16 +9,19 @@ trained arrays, the number of examples and the metrics. No Flower or Hydra impor
 :class:`DistrealTrainer` wraps a model from the registry, a device's training data, a LUT and
 the device's resource trace. Before every mini-batch it reads r(t), selects a dropout vector
 from the LUT, trains one step with it and adds the vector's MACs to ``c`` (Algorithm 1);
-it returns the weights and ``c``.
+it returns the weights and ``c``. It is one use of :class:`flwr_distreal.loop.DistrealRound`,
+the per-batch API that puts the same round inside a user's own training loop: the trainer's
+step runs inside ``DistrealRound.batches``.
 
 :class:`BaselineTrainer` trains a (sub)model fixed for the whole round: the full model
 (full resources, no limits; small network, limited), or the submodel the server assigns at
 round start in ``"fixed-subsets"`` (Federated Dropout, HeteroFL). If the device's
 resources drop during the round, it misses the deadline and becomes a straggler.
 
-Both plan the round on the simulated clock first (see :mod:`flwr_distreal.schedule`) and,
-with ``skip_straggler_training`` (default), do not spend wall time training an update the
-server will discard anyway. Arrays are the ``state_dict()`` values in order.
+Both plan the round on the simulated clock first (see :mod:`flwr_distreal.schedule`; DISTREAL
+with :meth:`DistrealRound.forecast <flwr_distreal.loop.DistrealRound.forecast>`) and, with
+``skip_straggler_training`` (default), do not spend wall time training an update the server will
+discard anyway. Arrays are the ``state_dict()`` values in order.
 
 Every trainer kind (these two and the wall-clock ones of :mod:`flwr_distreal.wallclock`) trains
 with the run's :class:`~flwr_distreal.recipe.Recipe` through one step helper, :class:`LocalStep`:
@@ -48,11 +51,12 @@ from torch.utils.data import DataLoader
 
 from . import contract as C
 from .dropout import DroppedWeightGuard, DropoutModel
+from .loop import DistrealRound, round_metrics
 from .lut import LUT
 from .macs import count_macs, macs_of_counts
 from .recipe import Recipe
 from .resources import ResourceModel
-from .schedule import POLICIES, RoundPlan, batch_sizes, plan_distreal_round, plan_fixed_round
+from .schedule import POLICIES, RoundPlan, batch_sizes, plan_fixed_round
 
 __all__ = [
     "BaselineTrainer",
@@ -404,25 +408,14 @@ class DeviceTrainer:
             yield from self.train_loader
 
     def metrics(self, plan: RoundPlan, loss: float) -> dict[str, Scalar]:
-        res = plan.result
-        # available_macs in the unit of c (forward MACs per sample, summed per mini-batch), so
-        # that macs / available_macs is the real utilisation spent / available.
-        if res.spent_macs > 0 and plan.macs > 0:
-            scale = res.spent_macs / plan.macs
-        else:
-            scale = self.step_macs_factor * (self.train_loader.batch_size or 1)
-        return {
-            C.MACS: plan.macs,
-            C.NUM_BATCHES: len(plan.vectors),
-            C.SIM_TIME: float(res.finish_time - res.start),
-            C.STRAGGLER: bool(plan.straggler),
-            C.MEAN_DROPOUT: plan.mean_dropout,
-            C.AVAILABLE_MACS: float(res.available_macs / scale),
-            C.UTILISATION: float(res.utilisation),
-            C.TRAIN_LOSS: loss,
-            C.PARTITION_ID: self.device_id,
-            C.INCOMPLETE: plan.incomplete,
-        }
+        """The train metrics of a round that did ``plan`` (:func:`flwr_distreal.loop.round_metrics`)."""
+        return round_metrics(
+            plan,
+            train_loss=loss,
+            device_id=self.device_id,
+            step_macs_factor=self.step_macs_factor,
+            batch_size=int(self.train_loader.batch_size or 1),
+        )
 
 
 def _truncated(plan: RoundPlan, done: int) -> RoundPlan:
@@ -441,11 +434,20 @@ def _truncated(plan: RoundPlan, done: int) -> RoundPlan:
 class DistrealTrainer(DeviceTrainer):
     """DISTREAL device (Algorithm 1 of Rapp et al., AAAI 2022).
 
-    Before every mini-batch the client reads its resource availability r(t), selects the LUT
-    vector that fits (policy ``"paper"``: budget ``r(t) * T / B``; ``"deadline"``: time left
-    times ``r(t)`` over batches left), trains one step with per-batch random structured
-    dropout under that vector, and adds the vector's MACs to ``c``. It sends the weights
-    and ``c`` (metric ``macs``); the DISTREAL strategies weight by ``c`` (Algorithm 2).
+    One use of :class:`~flwr_distreal.loop.DistrealRound`, the per-batch API for a user's own
+    loop: every round, the round's :class:`LocalStep` (the recipe's SGD, clipping) trains inside
+    ``DistrealRound.batches``. Before every mini-batch the round reads the device's resource
+    availability r(t), selects the LUT vector that fits (policy ``"paper"``: budget
+    ``r(t) * T / B``; ``"deadline"``: time left times ``r(t)`` over batches left), sets it on the
+    model, and adds the vector's MACs to ``c``; the step trains with per-batch random structured
+    dropout under that vector. It sends the weights and ``c`` (metric ``macs``); the DISTREAL
+    strategies weight by ``c`` (Algorithm 2).
+
+    The learning rate is the recipe's (:meth:`Recipe.lr_at <flwr_distreal.recipe.Recipe.lr_at>`
+    of the round), reported as the ``lr`` metric: the train config of
+    :mod:`flwr_distreal.contract` carries no learning rate. Of the config it reads
+    ``server-round`` and ``unlimited``; the other keys belong to the submodel baselines and the
+    wall-clock mode.
 
     Parameters
     ----------
@@ -479,13 +481,21 @@ class DistrealTrainer(DeviceTrainer):
         Stop at the deadline and send the completed steps (weighted by their MACs) instead of
         finishing late as a straggler (see :mod:`flwr_distreal.schedule`).
     skip_straggler_training : bool
-        Do not train a round the clock says will miss the deadline (its update is discarded).
+        Do not train a round the clock says will miss the deadline (its update is discarded):
+        :meth:`DistrealRound.forecast <flwr_distreal.loop.DistrealRound.forecast>` predicts it.
     torch_device : str
         Where to train.
     seed : int, optional
         Run seed: the random draws of round ``t`` (dropped filters, batch order) are seeded from
         ``(seed, t, device_id)``, so a seeded run is reproducible. ``None``: torch's global
         generator.
+
+    Notes
+    -----
+    A step whose loss is not finite ends the round: it is discarded
+    (:meth:`DistrealRound.discard <flwr_distreal.loop.DistrealRound.discard>`: not in ``c``,
+    ``num_batches`` or the examples; its time stays on the clock), ``train_loss`` is NaN and
+    ``incomplete`` counts the mini-batches left.
     """
 
     def __init__(
@@ -508,13 +518,68 @@ class DistrealTrainer(DeviceTrainer):
         self.lut = lut
         self.policy = policy
 
-    def plan(self, server_round: int, config: Mapping[str, Scalar]) -> RoundPlan:
-        clock = self.clock(server_round, config)
-        if clock is None:
-            return plan_fixed_round(None, count_macs(self.model), self.sizes, self.step_macs_factor)
-        return plan_distreal_round(
-            clock, self.lut, self.sizes, self.policy, self.step_macs_factor, self.stop_at_deadline  # type: ignore[arg-type]
+    def begin_round(self, server_round: int, config: Mapping[str, Scalar]) -> DistrealRound:
+        """The round's :class:`~flwr_distreal.loop.DistrealRound` on this device's clock
+        (:meth:`clock`; none when unlimited), over its planned mini-batches."""
+        return DistrealRound(
+            self.model,
+            self.lut,
+            self.clock(server_round, config),
+            device_id=self.device_id,
+            server_round=server_round,
+            policy=self.policy,
+            stop_at_deadline=self.stop_at_deadline,
+            step_macs_factor=self.step_macs_factor,
+            batch_size=int(self.train_loader.batch_size or 1),
+            planned_sizes=self.sizes,
+            lr=self.recipe.lr_at(server_round),
+            config=config,
         )
+
+    def plan(self, server_round: int, config: Mapping[str, Scalar]) -> RoundPlan:
+        """The round the clock predicts (:meth:`DistrealRound.forecast
+        <flwr_distreal.loop.DistrealRound.forecast>`)."""
+        return self.begin_round(server_round, config).forecast()
+
+    def fit(self, arrays: NDArrays, config: Mapping[str, Scalar]) -> TrainResult:
+        """Run one round: load the global arrays, then train inside
+        :meth:`DistrealRound.batches <flwr_distreal.loop.DistrealRound.batches>` (see
+        :meth:`DeviceTrainer.fit` for the parameters and the result)."""
+        self.load(arrays)
+        server_round = int(config.get(C.SERVER_ROUND, 1))
+        self.reseed(server_round)
+        rnd = self.begin_round(server_round, config)
+        if self.skip_straggler_training:
+            forecast = rnd.forecast()
+            if forecast.straggler:  # the server discards the update: do not train it
+                metrics = self.metrics(forecast, float("nan"))
+                metrics[C.LR] = rnd.lr
+                return TrainResult(get_weights(self.model), int(sum(forecast.batch_sizes)), metrics)
+        self.train_round(rnd, server_round)
+        metrics = self.metrics(rnd.plan, rnd.train_loss)
+        metrics[C.LR] = rnd.lr
+        return TrainResult(get_weights(self.model), rnd.num_examples, metrics)
+
+    def train_round(self, rnd: DistrealRound, server_round: int) -> None:
+        """Train the round's mini-batches with the round's :class:`LocalStep` inside
+        ``rnd.batches``; the losses go to ``rnd.record_loss``. A non-finite loss is discarded
+        and ends the round."""
+        self.model.train()
+        step = self.local_step(server_round)
+        batches = rnd.batches(self._batches())
+        try:
+            for x, y in batches:
+                loss = step(x.to(self.torch_device), y.to(self.torch_device), rnd.vector)
+                rnd.record_loss(loss)
+                if not math.isfinite(loss):
+                    log.warning(
+                        "Device %s, round %s: the loss of mini-batch %s is %s; training stops here",
+                        self.device_id, server_round, len(rnd.steps) - 1, loss,
+                    )
+                    rnd.discard()
+                    break
+        finally:
+            batches.close()  # clears the dropout vector
 
 
 class BaselineTrainer(DeviceTrainer):

@@ -149,6 +149,29 @@ def test_distreal_stops_at_the_deadline_after_a_drop(tmp_path, r_max) -> None:
     assert any(_changed(weights, start))
 
 
+def test_a_non_finite_loss_is_discarded_and_the_round_timed_to_that_step(r_max, full_macs) -> None:
+    """Batch 2 of 3 holds a NaN: the client sends batch 1 (c, examples), train_loss NaN, one
+    batch incomplete, and the timing of the two steps the device really ran (the failed one
+    included), so macs / available_macs is the utilisation it reports."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(NUM_SAMPLES, 1, 28, 28, generator=g)
+    x[BATCH + 3] = float("nan")
+    y = torch.randint(0, 62, (NUM_SAMPLES,), generator=g)
+    model = _model()
+    resources = ResourceModel("constant", deadline=T, r_max=2 * r_max, variability=1.0)
+    client = DistrealClient(
+        model, DataLoader(TensorDataset(x, y), batch_size=BATCH), DEVICE, LUT.uniform(model), resources, lr=0.1
+    )
+    _, num_examples, metrics = client.fit(get_weights(model), {"server-round": 1})
+    assert metrics["num_batches"] == 1 and num_examples == BATCH and metrics["incomplete"] == 2
+    assert metrics["macs"] == full_macs and np.isnan(metrics["train_loss"])
+    # at 2 r_max the full model's round takes T / 2; two full steps of 16 of the 40 samples
+    assert metrics["sim_time"] == pytest.approx(0.5 * T * 32 / NUM_SAMPLES)
+    assert metrics["utilisation"] == pytest.approx(0.5 * 16 / NUM_SAMPLES)
+    assert metrics["macs"] / metrics["available_macs"] == pytest.approx(metrics["utilisation"])
+    assert metrics["lr"] == 0.1
+
+
 def test_get_properties_and_get_parameters(r_max) -> None:
     model = _model()
     resources = ResourceModel("constant", deadline=T, r_max=r_max, variability=3.0, seed=1)

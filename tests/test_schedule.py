@@ -24,7 +24,14 @@ from flwr_distreal.resources import (
     TraceResources,
     step_macs,
 )
-from flwr_distreal.schedule import POLICIES, RoundPlan, batch_sizes, plan_distreal_round, plan_fixed_round
+from flwr_distreal.schedule import (
+    POLICIES,
+    RoundPlan,
+    batch_sizes,
+    plan_distreal_round,
+    plan_fixed_round,
+    select_vector,
+)
 
 FACTOR = 3.0
 
@@ -182,6 +189,28 @@ def test_selection_on_time_varying_traces_matches_hand_budget(lut, policy, seed)
     plan = plan_distreal_round(RoundClock(trace, start, start + duration), lut, sizes, policy, FACTOR)
     _check_plan_against_reference(plan, lut, sizes, chosen)
     assert plan.result.finish_time == pytest.approx(finish, rel=1e-12)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_select_vector_is_one_step_of_the_plan_and_reads_the_clock_only(lut, policy) -> None:
+    """select_vector (what DistrealRound calls batch by batch) picks the hand-computed vector for
+    the clock's state, returns its MACs and the step's cost, and does not advance the clock."""
+    sizes = batch_sizes(150, 20)  # a partial last batch of 10
+    duration = 5.0
+    trace = TimeVaryingResources(_r_max(lut.max_macs, sizes, duration), 3.0, 4.0, duration, 3, 7)
+    chosen, _, _ = _reference(trace, 0.0, duration, lut, sizes, policy)
+    clock = RoundClock(trace, 0.0, duration)
+    total = left = float(sum(sizes))
+    for b, i in zip(sizes, chosen):
+        now = clock.now
+        vector, fwd, cost = select_vector(clock, lut, b, policy, total, left, FACTOR)
+        assert clock.now == now and clock.steps_done == len(clock.result().step_macs)
+        assert np.array_equal(vector, lut.vectors[i]) and fwd == int(lut.macs[i])
+        assert cost == step_macs(fwd, b, FACTOR)
+        clock.step(cost)
+        left -= b
+    plan = plan_distreal_round(RoundClock(trace, 0.0, duration), lut, sizes, policy, FACTOR)
+    assert plan.result == clock.result(len(sizes))
 
 
 # ------------------------------------------------------------------- corner resources
