@@ -802,13 +802,17 @@ class _Analysis:
         in_shape = _meta_shape(node.args[0])
         if x is None or in_shape is None or shape is None:
             raise self.refuse(node, "reshapes a tensor of unknown shape")
-        if shape == in_shape:
+        if len(shape) == 2 and shape[0] == in_shape[0] and len(in_shape) == 2:
+            # (N, features) to itself: written as torch.flatten(x, 1), so that numbers in the
+            # user's view follow the kept features
+            self.rewrites.append((node, torch.flatten, (1,)))
             return x
         if len(shape) == 2 and shape[0] == in_shape[0] and len(in_shape) > 2:
             out = self.flatten(node, x, 1, -1)
             self.rewrites.append((node, torch.flatten, (1,)))
             return out
         if len(shape) >= 3 and len(in_shape) >= 2 and shape[:2] == in_shape[:2] and x.stride == 1:
+            # Dimensions 0 and 1 kept (a no-op view included): their sizes are read at run time.
             sizes = node.args[1:]
             if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
                 sizes = tuple(sizes[0])
