@@ -539,8 +539,11 @@ class _Round:
         ``sim_time``, ``mean_dropout``, ``available_macs``, ``utilisation``, ``train_loss``,
         ``partition-id``, ``incomplete`` and, when the round knows it, ``lr``.
 
-        The number of examples is :attr:`num_examples` (the legacy API returns it beside the
-        metrics; a Message-API reply adds it as ``num-examples``).
+        The values are numbers as Flower's ``MetricRecord`` takes them (bools as 0/1,
+        :func:`flwr_distreal.contract.metric_values`), so ``MetricRecord({**rnd.metrics(), ...})``
+        and a ``NumPyClient``'s metrics both take them as they are. The number of examples is
+        :attr:`num_examples` (the legacy API returns it beside the metrics; a Message-API reply
+        adds it as ``num-examples``).
         """
         bs = self.batch_size or (max(self._planned) if self._planned else 1)
         out = round_metrics(
@@ -552,7 +555,7 @@ class _Round:
         )
         if self.lr is not None:
             out[C.LR] = self.lr
-        return out
+        return C.metric_values(out)
 
     def close(self) -> None:
         """End the iteration now (if running): the vector is cleared, the model's mode restored."""
@@ -1043,7 +1046,7 @@ class MeasuredDistrealRound(_Round):
         out.pop(C.SIM_TIME, None)
         window, wall = self._window()
         busy = sum(max(0.0, min(s.end, window) - s.start) for s in self.steps if math.isfinite(s.end))
-        out[C.STRAGGLER] = bool((not self.stop_at_deadline) and wall > window)
+        out[C.STRAGGLER] = int((not self.stop_at_deadline) and wall > window)
         out.update(
             {
                 WALL_TIME: float(wall),

@@ -48,8 +48,10 @@ One gate, no exceptions for one bad client
     arrays) raises :class:`~flwr_distreal.contract.ContractError`, naming the reason and what
     the clients must report, so the ServerApp fails instead of training nothing.
 
-Federated evaluation is off by default (``fraction_evaluate=0.0``): evaluate the global model
-on the server with ``strategy.start(..., evaluate_fn=...)``.
+Federated evaluation follows Flower's ``FedAvg`` (``fraction_evaluate=1.0`` by default), so a
+strategy swapped into a working app keeps the app's evaluation; the project's own runner passes
+``fraction_evaluate=0.0`` and evaluates the global model on the server
+(``strategy.start(..., evaluate_fn=...)``).
 
 Example
 -------
@@ -197,6 +199,10 @@ def _short_reason(reason: str, most: int = 200) -> str:
     return text if len(text) <= most else text[: most - 3] + "..."
 
 
+#: What evaluate replies are weighted by (Flower's ``FedAvg`` default key).
+EVALUATE_WEIGHT_KEY = "num-examples"
+
+
 def _check_minimums(fedavg_kwargs: Mapping[str, Any]) -> None:
     """Fail fast on inconsistent node minimums."""
     min_train = fedavg_kwargs.get("min_train_nodes", 2)
@@ -204,7 +210,7 @@ def _check_minimums(fedavg_kwargs: Mapping[str, Any]) -> None:
     min_avail = fedavg_kwargs.get("min_available_nodes", 2)
     if min_train > min_avail:
         raise ValueError(f"min_available_nodes ({min_avail}) must be >= min_train_nodes ({min_train})")
-    if fedavg_kwargs.get("fraction_evaluate", 0.0) > 0 and min_eval > min_avail:
+    if fedavg_kwargs.get("fraction_evaluate", 1.0) > 0 and min_eval > min_avail:
         raise ValueError(
             f"min_available_nodes ({min_avail}) must be >= min_evaluate_nodes ({min_eval}) "
             "when nodes evaluate (fraction_evaluate > 0)"
@@ -227,7 +233,7 @@ class _CoreFedAvg(FedAvg):
     round_samples_key : str
         Property with the samples of one round of local training.
     **fedavg_kwargs : Any
-        Passed to :class:`flwr.serverapp.strategy.FedAvg`; ``fraction_evaluate`` defaults to 0.
+        Passed to :class:`flwr.serverapp.strategy.FedAvg` (with its defaults).
     """
 
     def __init__(
@@ -239,7 +245,6 @@ class _CoreFedAvg(FedAvg):
         round_samples_key: str,
         **fedavg_kwargs: Any,
     ) -> None:
-        fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
         _check_minimums(fedavg_kwargs)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an int, got {seed!r}")
@@ -681,8 +686,8 @@ class _CoreFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """No federated evaluation unless ``fraction_evaluate > 0`` (default 0); then the
-        evaluation nodes are drawn seeded, with a generator of their own."""
+        """No federated evaluation with ``fraction_evaluate=0``; else the evaluation nodes are
+        drawn seeded, with a generator of their own."""
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self._sample(
@@ -691,6 +696,16 @@ class _CoreFedAvg(FedAvg):
         config[C.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, nodes, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Average the evaluate replies' metrics by ``num-examples``, as Flower's ``FedAvg``
+        does: they carry no MACs (``weighted_by_key`` weighs the train replies only)."""
+        key = self.weighted_by_key
+        self.weighted_by_key = EVALUATE_WEIGHT_KEY
+        try:
+            return super().aggregate_evaluate(server_round, replies)
+        finally:
+            self.weighted_by_key = key
 
 
 # ---------------------------------------------------------------------------- DISTREAL
@@ -765,7 +780,7 @@ class Distreal(_CoreFedAvg):
         Deprecated name of ``full_macs_per_sample`` (a ``DeprecationWarning``; same value).
     **fedavg_kwargs : Any
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
-        ``min_train_nodes``, ``min_available_nodes``, ``fraction_evaluate`` (default 0), ...).
+        ``min_train_nodes``, ``min_available_nodes``, ``fraction_evaluate`` (default 1, as FedAvg's), ...).
 
     Raises
     ------

@@ -323,7 +323,7 @@ def test_fedavg_type_strategy_names_num_examples() -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda **kw: serverapp.Distreal(min_train_nodes=1, min_available_nodes=1, **kw),
+        lambda **kw: serverapp.Distreal(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0, **kw),
         lambda **kw: strategy.Distreal(min_fit_clients=1, min_available_clients=1, fraction_evaluate=0.0, **kw),
         lambda **kw: DistrealCore(**kw),
     ],

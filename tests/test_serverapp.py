@@ -160,6 +160,7 @@ def _distreal(**kw) -> serverapp.Distreal:
     kw.setdefault("full_macs_per_sample", FULL_MACS)
     kw.setdefault("min_train_nodes", 1)
     kw.setdefault("min_available_nodes", 1)
+    kw.setdefault("fraction_evaluate", 0.0)
     return serverapp.Distreal(**kw)
 
 
@@ -347,7 +348,7 @@ def test_fedavg_baselines_refuse_a_bad_weight_and_full_resources_is_unlimited() 
         return reply(msg, updates[d], metrics)
 
     grid = FakeGrid({30: 0, 31: 1, 32: 2}, trainer)
-    strat = serverapp.FullResources(min_train_nodes=1, min_available_nodes=1)
+    strat = serverapp.FullResources(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0)
     messages, (arrays, out) = _train(strat, grid, g, config={"lr": 0.1})
     for msg in messages:
         cfg = msg.content[C.CONFIG_RECORD]
@@ -368,6 +369,7 @@ def _fd_grid(trainer=None, n: int = 3) -> FakeGrid:
 def _submodel(cls, availability, **kw):
     kw.setdefault("min_train_nodes", 1)
     kw.setdefault("min_available_nodes", 1)
+    kw.setdefault("fraction_evaluate", 0.0)
     return cls(model_name=MODEL, availability_fn=availability, round_duration=T, **kw)
 
 
