@@ -27,7 +27,11 @@ ResNet-18) and ``mobilenet_v2`` (via ``build_model``); ``tv_resnet18``, torchvis
 (``--layout``, default channels-last, the package default).
 
 The machine this runs on may be shared: ratios are measured side by side, so load hits all
-variants alike, but absolute times and small ratios move between runs.
+variants alike, but absolute times and small ratios move between runs. On cores that other
+processes also use, several torch threads stall at every parallel region (a 2-core machine at
+load 3-5 ran the Sequential CNN's step 40x slower with 2 threads than with 1): use
+``--threads 1`` there. ``compact/narrow (min)`` is the same ratio from the fastest steps (load
+only ever adds time).
 
 Examples::
 
@@ -255,6 +259,7 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     if kept != counts:
         raise RuntimeError(f"{name}: the compact model kept {kept} filters, expected {counts}")
     med = {v.key: float(statistics.median(v.times)) for v in variants}
+    fastest = {v.key: float(min(v.times)) for v in variants}
     log(f"  {name}: steps timed ({time.perf_counter() - t0:.0f} s)")
 
     # Switching overhead on the compact model.
@@ -283,10 +288,15 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
         "macs_check": checks,
         "macs_ok": all(checks.values()),
         "median_s": med,
+        "min_s": fastest,
         "times_s": {v.key: v.times for v in variants},
         "compact_vs_full": med["compact"] / med["full"],
         "compact_vs_narrow": med["compact"] / med["narrow"],
         "narrow_vs_full": med["narrow"] / med["full"],
+        "compact_vs_narrow_min": fastest["compact"] / fastest["narrow"],
+        "compact_vs_full_min": fastest["compact"] / fastest["full"],
+        "params_full": sum(p.numel() for p in full.parameters()),
+        "params_narrow": sum(p.numel() for p in narrow.parameters()),
         "switch_pool": pool_src,
         "switch_pool_vectors": [v.tolist() for v in pool],
         "switch_steps": args.switch_steps,
@@ -298,7 +308,8 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
 
 COLUMNS = (
     "model", "groups", "MACs full (M)", "MACs @0.5 (M)", "MACs = FlopCounter", "full ms", "compact ms",
-    "narrow ms", "compact/full", "compact/narrow", "switch overhead", "make_droppable s",
+    "narrow ms", "compact/full", "compact/narrow", "compact/narrow (min)", "switch overhead",
+    "make_droppable s",
 )
 
 
@@ -312,7 +323,8 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
             r["model"], str(r["groups"]), f"{r['macs_full'] / 1e6:.2f}", f"{r['macs_at_0.5'] / 1e6:.2f}",
             "ok" if r["macs_ok"] else "MISMATCH", f"{1e3 * m['full']:.1f}", f"{1e3 * m['compact']:.1f}",
             f"{1e3 * m['narrow']:.1f}", f"{r['compact_vs_full']:.3f}", f"{r['compact_vs_narrow']:.3f}",
-            "n/a" if sw is None else f"{sw:+.1f} %", f"{r['make_droppable_s']:.2f}",
+            f"{r['compact_vs_narrow_min']:.3f}", "n/a" if sw is None else f"{sw:+.1f} %",
+            f"{r['make_droppable_s']:.2f}",
         ])
     return out
 
@@ -339,9 +351,14 @@ def main(argv: list[str] | None = None) -> dict:
     log(
         f"bench_droppable: torch {torch.__version__}, torch.set_num_threads({args.threads}) -> "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, batch {args.batch}, reps {args.reps} "
-        f"(+{args.warmup} warm-up, interleaved full/compact/narrow, medians), switch stream {args.switch_steps} steps, "
+        f"(+{args.warmup} warm-up, interleaved full/compact/narrow, medians; '(min)': from the fastest steps), switch stream {args.switch_steps} steps, "
         f"layout {args.layout}, uniform rate {RATE}; load average {load_start}"
     )
+    if load_start and args.threads > 1 and load_start[0] >= 0.75 * (os.cpu_count() or 1):
+        log(
+            "warning: other processes load the cores; with several torch threads every parallel region "
+            "waits for a descheduled thread (steps 10-40x slower seen here): use --threads 1"
+        )
     t0 = time.perf_counter()
     rows = []
     for name in args.models:

@@ -54,6 +54,7 @@ def test_smoke_two_models(bench, tmp_path, capsys):
     assert rows["seq_cnn"]["switch_pool"].startswith("random")
     table = result["table_markdown"].splitlines()
     assert len(table) == 4 and table[2].startswith("| femnist_cnn | 2 | 4.02 | 1.20 | ok |")
+    assert table[0].count("|") == table[2].count("|")
     assert json.loads(out.read_text())["rows"][1]["model"] == "seq_cnn"
 
 
