@@ -210,7 +210,9 @@ def _check_minimums(fedavg_kwargs: Mapping[str, Any]) -> None:
     min_avail = fedavg_kwargs.get("min_available_nodes", 2)
     if min_train > min_avail:
         raise ValueError(f"min_available_nodes ({min_avail}) must be >= min_train_nodes ({min_train})")
-    if fedavg_kwargs.get("fraction_evaluate", 1.0) > 0 and min_eval > min_avail:
+    # Evaluation minimums are checked when evaluation is asked for explicitly: FedAvg's default
+    # (fraction_evaluate=1.0) must keep a swapped-in strategy working where FedAvg did.
+    if fedavg_kwargs.get("fraction_evaluate", 0.0) > 0 and min_eval > min_avail:
         raise ValueError(
             f"min_available_nodes ({min_avail}) must be >= min_evaluate_nodes ({min_eval}) "
             "when nodes evaluate (fraction_evaluate > 0)"
