@@ -46,7 +46,7 @@ _LAZY = {
     "BaselineClient": "client",
     "TrainerClient": "client",
     "DistrealRound": "loop",
-    "MeasuredDistrealRound": "loop",
+    "MeasuredDistrealRound": "wallclock",
     "DeviceTrainer": "training",
     "DistrealTrainer": "training",
     "BaselineTrainer": "training",

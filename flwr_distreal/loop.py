@@ -67,7 +67,7 @@ Conventions
   ``round-deadline``). Your optimiser's lr is yours; pass ``lr=`` to report it in the ``lr``
   metric. Every key the server sent is in :attr:`DistrealRound.config` for your loop to read.
 
-:class:`MeasuredDistrealRound` is the same on a real device: a wall-clock deadline in seconds and
+:class:`flwr_distreal.wallclock.MeasuredDistrealRound` is the same on a real device: a wall-clock deadline in seconds and
 measured step times instead of the simulated clock (the selection of
 :func:`flwr_distreal.wallclock.choose_vector`, the throughput of
 :class:`~flwr_distreal.wallclock.ThroughputEstimator`).
@@ -82,11 +82,10 @@ import dataclasses
 import logging
 import math
 import numbers
-import time
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -99,10 +98,7 @@ from .macs import count_macs
 from .resources import ResourceModel, RoundClock, RoundResult, step_macs
 from .schedule import POLICIES, RoundPlan, batch_sizes, plan_distreal_round, plan_fixed_round, select_vector
 
-if TYPE_CHECKING:  # wallclock imports training, which imports this module
-    from .wallclock import StepTimeTable, ThroughputEstimator
-
-__all__ = ["BatchStep", "DistrealRound", "MeasuredDistrealRound", "batch_len", "round_metrics"]
+__all__ = ["BatchStep", "DistrealRound", "batch_len", "round_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -686,7 +682,7 @@ class DistrealRound(_Round):
         the whole config as :attr:`config`. The other keys of :mod:`flwr_distreal.contract` are
         not DISTREAL's: ``fixed-subsets``, ``submodel-macs``, ``device-id``, ``dropout-rate``,
         ``width-level`` and ``width`` configure the submodel baselines, ``round-deadline`` the
-        wall-clock mode (:meth:`MeasuredDistrealRound.from_config`); the simulated round's
+        wall-clock mode (:meth:`flwr_distreal.wallclock.MeasuredDistrealRound.from_config`); the simulated round's
         deadline is the resource model's. The contract sends no learning rate.
 
         Parameters
@@ -806,254 +802,3 @@ class DistrealRound(_Round):
                 res, steps_done=len(kept), steps_total=len(kept), spent_macs=float(sum(costs)), step_macs=costs
             )
         return res
-
-
-class MeasuredDistrealRound(_Round):
-    """DISTREAL inside your own loop on a real device: a wall-clock deadline and measured step
-    times (the wall-clock mode of :mod:`flwr_distreal.wallclock`).
-
-    Before every mini-batch it reads the time left until the deadline and the estimated
-    throughput (full-model MACs per second, from the steps so far) and picks the vector with
-    :func:`~flwr_distreal.wallclock.choose_vector`; it hands out no mini-batch whose predicted
-    step would end after the deadline. The time of a step is what your loop body takes between
-    two mini-batches (on CUDA the clock synchronises first).
-
-    Unlike :class:`~flwr_distreal.wallclock.MeasuredDistrealTrainer`, it cannot abandon a step
-    in flight (your optimiser step is in your loop): a step that overruns the deadline (an
-    unforeseen slowdown) is kept and counted, and the ``overrun`` metric says by how much.
-
-    Parameters
-    ----------
-    model, lut
-        As :class:`DistrealRound`.
-    deadline : float
-        Seconds the round may take, from the first call of :meth:`batches` (``inf``: no
-        deadline, the full model on every mini-batch).
-    time_table : StepTimeTable or "proportional" (default: "proportional")
-        The device's step times per LUT vector relative to the full model
-        (:meth:`StepTimeTable.measure <flwr_distreal.wallclock.StepTimeTable.measure>`, once per
-        device); ``"proportional"`` assumes time proportional to MACs.
-    estimator : ThroughputEstimator, optional
-        Keep one across rounds so that a round starts from the last estimate. Without an
-        estimate the first step probes the fastest vector.
-    margin : float (default: 0.1)
-        Relative safety pad on predicted step times.
-    clock : callable (default: time.perf_counter)
-        Monotonic clock in seconds.
-    device_id, server_round, stop_at_deadline, step_macs_factor, batch_size, round_samples, planned_sizes, lr, config
-        As :class:`DistrealRound`.
-    policy : {"deadline", "paper"} (default: "deadline")
-        Budget rule of :func:`~flwr_distreal.wallclock.choose_vector`.
-    torch_device : str or torch.device, optional
-        Where the model trains (the clock synchronises CUDA before reading); default: the
-        device of the model's first parameter.
-
-    Notes
-    -----
-    Metrics: those of :class:`DistrealRound` without ``sim_time``, plus ``wall_time``,
-    ``round_deadline``, ``overrun``, ``busy_fraction`` and ``throughput`` (as
-    :class:`~flwr_distreal.wallclock.MeasuredDistrealTrainer`). ``available_macs`` integrates
-    the throughput over the round window as the trainer does.
-    """
-
-    _choose_before_loading = False  # the time left is read after the batch is loaded
-
-    def __init__(
-        self,
-        model: DroppableModel,
-        lut: LUT,
-        *,
-        deadline: float,
-        time_table: "StepTimeTable | str" = "proportional",
-        estimator: "ThroughputEstimator | None" = None,
-        margin: float = 0.1,
-        clock: Callable[[], float] = time.perf_counter,
-        device_id: int,
-        server_round: int = 1,
-        policy: str = "deadline",
-        stop_at_deadline: bool = True,
-        step_macs_factor: float = 3.0,
-        batch_size: int | None = None,
-        round_samples: int | None = None,
-        planned_sizes: Sequence[int] | None = None,
-        lr: float | None = None,
-        config: Mapping[str, Any] | None = None,
-        torch_device: str | torch.device | None = None,
-    ) -> None:
-        from .wallclock import StepTimeTable, ThroughputEstimator
-
-        super().__init__(
-            model, lut, device_id=device_id, server_round=server_round, policy=policy,
-            stop_at_deadline=stop_at_deadline, step_macs_factor=step_macs_factor, batch_size=batch_size,
-            round_samples=round_samples, planned_sizes=planned_sizes, lr=lr, config=config,
-        )
-        if isinstance(deadline, bool) or not isinstance(deadline, numbers.Real) or not float(deadline) > 0:
-            raise ValueError(f"deadline must be a number of seconds > 0 (or inf), got {deadline!r}")
-        if not (isinstance(margin, numbers.Real) and math.isfinite(margin) and margin >= 0):
-            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
-        self.round_seconds = float(deadline)
-        self.full_macs = int(count_macs(model))
-        if isinstance(time_table, StepTimeTable):
-            if tuple(time_table.macs) != tuple(int(m) for m in lut.macs):
-                raise ValueError("time_table was made for another LUT (its MACs differ)")
-            self.time_table = time_table
-        elif time_table == "proportional":
-            self.time_table = StepTimeTable.proportional(lut, self.full_macs, self.batch_size or 1)
-        else:
-            raise ValueError(f"time_table must be a StepTimeTable or 'proportional', got {time_table!r}")
-        self.estimator = estimator if estimator is not None else ThroughputEstimator()
-        if self.estimator.throughput is None:
-            ref = self.time_table.reference_throughput(self.step_macs_factor)
-            if ref is not None:
-                self.estimator.reset(initial=ref)
-        self.margin = float(margin)
-        self._clock = clock
-        if torch_device is None:
-            first = next(model.parameters(), None)
-            torch_device = first.device if first is not None else "cpu"
-        self.torch_device = torch.device(torch_device)
-        self.start = math.nan
-        self._est0: float | None = None
-        self._pending: tuple[float, _Choice] | None = None
-        self._gaps: list[float] = []
-        self._last_end: float | None = None
-        self._estimates: list[float] = []  # the throughput estimate after each completed step
-
-    @classmethod
-    def from_config(
-        cls, model: DroppableModel, lut: LUT, config: Mapping[str, Any], *, device_id: int, **kwargs: Any
-    ) -> "MeasuredDistrealRound":
-        """The round the server's train config asks for: ``round-deadline`` seconds (``inf``
-        with ``unlimited``), ``server-round``; the config is kept as :attr:`config`.
-
-        Raises
-        ------
-        ValueError
-            Without ``round-deadline`` (and not ``unlimited``), or when it is not a number > 0.
-        """
-        server_round = _config_round(config)
-        if bool(config.get(C.UNLIMITED, False)):
-            deadline = math.inf
-        elif C.ROUND_DEADLINE not in config:
-            raise ValueError(
-                f"the wall-clock round needs {C.ROUND_DEADLINE!r} (seconds) in the train config; got keys {sorted(config)}"
-            )
-        else:
-            deadline = _positive(f"train config {C.ROUND_DEADLINE!r}", config[C.ROUND_DEADLINE])
-        return cls(model, lut, deadline=deadline, device_id=device_id, server_round=server_round, config=config, **kwargs)
-
-    def _now(self) -> float:
-        if self.torch_device.type == "cuda":
-            torch.cuda.synchronize(self.torch_device)
-        return float(self._clock())
-
-    @property
-    def deadline(self) -> float:
-        """The round's deadline on :attr:`clock`'s scale (NaN before the round starts)."""
-        return self.start + self.round_seconds
-
-    def _needs_plan(self) -> bool:
-        return math.isfinite(self.round_seconds)
-
-    def _on_plan(self) -> None:
-        self.start = self._now()
-        self._est0 = self.estimator.throughput
-
-    def _choose(self, batch_size: int) -> _Choice | None:
-        from .wallclock import choose_vector
-
-        now = self._now()
-        if not math.isfinite(self.round_seconds):
-            return _Choice(None, self.full_macs, step_macs(self.full_macs, batch_size, self.step_macs_factor),
-                           math.nan)
-        table = self.time_table
-        est = self.estimator.throughput
-        deadline = self.deadline
-        if est is None:  # no estimate yet: probe with the fastest vector, if there is time at all
-            if now >= deadline:
-                return None
-            i = table.fastest
-        else:
-            j = len(self.steps)
-            rest = self._planned[j + 1:] if self._planned is not None else []
-            overhead = float(np.median(self._gaps[-7:])) if self._gaps else 0.0
-            c = choose_vector(
-                table, est, deadline - now, [batch_size, *rest],
-                step_macs_factor=self.step_macs_factor, overhead=overhead, margin=self.margin,
-                policy=self.policy, round_time=self.round_seconds, round_samples=self.planned_samples,
-            )
-            if c.index is None:
-                if self.stop_at_deadline:
-                    return None
-                i = table.fastest
-            else:
-                i = c.index
-        cost = table.rel_time[i] * step_macs(self.full_macs, batch_size, self.step_macs_factor)
-        vector = self.lut.vectors[i]
-        return _Choice(vector, int(table.macs[i]), cost, math.nan if est is None else est, index=i)
-
-    def _begin(self, choice: _Choice, batch_size: int) -> None:
-        t = self._now()
-        if self._last_end is not None:
-            self._gaps.append(max(0.0, t - self._last_end))
-        self._seen += batch_size
-        self.steps.append(
-            BatchStep(len(self.steps), batch_size, choice.vector, choice.forward_macs, choice.cost, choice.rate,
-                      t - self.start, math.nan)
-        )
-        self._pending = (t, choice)
-
-    def _end(self) -> None:
-        if self._pending is None:
-            return
-        t0, choice = self._pending
-        self._pending = None
-        t = self._now()
-        self._last_end = t
-        self._estimates.append(self.estimator.update(max(t - t0, 1e-9), choice.cost))
-        self.steps[-1] = dataclasses.replace(self.steps[-1], end=t - self.start)
-
-    def _window(self) -> tuple[float, float]:
-        """(round window, wall time so far) in seconds."""
-        ends = [s.end for s in self.steps if math.isfinite(s.end)]
-        wall = max(ends) if ends else 0.0
-        return (self.round_seconds if math.isfinite(self.round_seconds) else wall), wall
-
-    def _result(self, kept: list[BatchStep]) -> RoundResult:
-        from .wallclock import StepRecord, _MeasuredMixin
-
-        window, wall = self._window()
-        done = [s for s in kept if math.isfinite(s.end)]
-        spent = tuple(step_macs(s.forward_macs, s.batch_size, self.step_macs_factor) for s in done)
-        if math.isfinite(self.round_seconds):
-            records = [  # every step that ended (discarded ones too: the device worked), with the estimate after it
-                StepRecord(s.start, s.end, s.batch_size, -1, s.dropout_rate, s.forward_macs, s.step_macs,
-                           math.nan, math.nan, est)
-                for s, est in zip([s for s in self.steps if math.isfinite(s.end)], self._estimates)
-            ]
-            # the trainer's integration of the throughput over the round window
-            available = _MeasuredMixin._available(None, records, window, self._est0)  # type: ignore[arg-type]
-        else:
-            available = float(sum(s.step_macs for s in done))
-        return RoundResult(0.0, window, wall, len(done), len(done), float(sum(spent)), float(available), spent)
-
-    def metrics(self) -> dict[str, Any]:
-        """As :meth:`DistrealRound.metrics` without ``sim_time``, plus ``wall_time``,
-        ``round_deadline``, ``overrun``, ``busy_fraction`` and ``throughput``."""
-        from .wallclock import BUSY_FRACTION, OVERRUN, ROUND_DEADLINE_METRIC, THROUGHPUT, WALL_TIME
-
-        out = super().metrics()
-        out.pop(C.SIM_TIME, None)
-        window, wall = self._window()
-        busy = sum(max(0.0, min(s.end, window) - s.start) for s in self.steps if math.isfinite(s.end))
-        out[C.STRAGGLER] = int((not self.stop_at_deadline) and wall > window)
-        out.update(
-            {
-                WALL_TIME: float(wall),
-                ROUND_DEADLINE_METRIC: float(window),
-                OVERRUN: float(max(0.0, wall - window)),
-                BUSY_FRACTION: float(busy / window) if window > 0 else 0.0,
-                THROUGHPUT: float(self.estimator.throughput or 0.0),
-            }
-        )
-        return out

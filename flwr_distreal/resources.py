@@ -57,6 +57,7 @@ __all__ = [
     "DEADLINE_RTOL",
     "ConstantResources",
     "ResourceError",
+    "batch_sizes",
     "ResourceModel",
     "ResourceSizing",
     "ResourceTrace",
@@ -132,6 +133,29 @@ def _check_seed(seed: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+def batch_sizes(num_samples: int, batch_size: int, local_epochs: int = 1, drop_last: bool = False) -> list[int]:
+    """Sizes of the mini-batches of a round of local training.
+
+    Parameters
+    ----------
+    num_samples : int
+        Samples on the device.
+    batch_size : int
+        Mini-batch size.
+    local_epochs : int
+        Passes over the local data per round.
+    drop_last : bool
+        Skip an incomplete last batch of each epoch.
+    """
+    if num_samples < 0 or batch_size < 1 or local_epochs < 1:
+        raise ValueError(
+            f"need num_samples >= 0, batch_size >= 1, local_epochs >= 1; got {num_samples}, {batch_size}, {local_epochs}"
+        )
+    full, rest = divmod(num_samples, batch_size)
+    sizes = [batch_size] * full + ([rest] if rest and not drop_last else [])
+    return sizes * local_epochs
+
+
 def step_macs(forward_macs_per_sample: float, batch_size: int, step_macs_factor: float = 3.0) -> float:
     """MACs of one training step (forward + backward) on a mini-batch.
 
@@ -195,7 +219,7 @@ def r_max_for(full_step_macs_total: float, deadline: float) -> float:
     ----------
     full_step_macs_total : float
         Total training MACs of one round of local training with the full model (all steps,
-        forward and backward: ``sum(step_macs(fwd, b) for b in schedule.batch_sizes(...))``).
+        forward and backward: ``sum(step_macs(fwd, b) for b in batch_sizes(...))``).
     deadline : float
         Round duration ``T`` in seconds of simulated time.
 
@@ -873,7 +897,7 @@ def size_resources(
     ``[r_max / v, r_max]``, with ``r_max`` chosen "such that training the full NN without
     dropout is possible" within a round. This computes that ``r_max`` the way the simulated
     clock charges the training (:func:`step_macs`, the convention of :mod:`flwr_distreal.schedule`):
-    a round of ``samples`` samples is the mini-batches ``schedule.batch_sizes(samples,
+    a round of ``samples`` samples is the mini-batches ``batch_sizes(samples,
     batch_size, local_epochs, drop_last)``, each costing ``step_macs_factor * b *
     full_macs_per_sample`` MACs, and ``r_max = sum / deadline`` (:func:`r_max_for`). A device at
     ``r_max`` then trains the full model and ends exactly at the deadline; a weaker one has to
@@ -926,7 +950,6 @@ def size_resources(
     >>> resources = sizing.resource_model("timevarying", lam=2, seed=0)
     >>> strategy_kwargs = sizing.strategy_kwargs()  # Distreal(**strategy_kwargs, ...)
     """
-    from .schedule import batch_sizes  # schedule imports this module
 
     if isinstance(model, bool):
         raise TypeError("model must be a droppable model or its forward MACs per sample, got a bool")

@@ -34,35 +34,12 @@ from typing import Literal
 import numpy as np
 
 from .lut import LUT
-from .resources import DEADLINE_RTOL, RoundClock, RoundResult, forward_macs_budget, step_macs
+from .resources import batch_sizes, DEADLINE_RTOL, forward_macs_budget, RoundClock, RoundResult, step_macs
 
 __all__ = ["POLICIES", "RoundPlan", "batch_sizes", "plan_distreal_round", "plan_fixed_round", "select_vector"]
 
 Policy = Literal["paper", "deadline"]
 POLICIES: tuple[str, ...] = ("paper", "deadline")
-
-
-def batch_sizes(num_samples: int, batch_size: int, local_epochs: int = 1, drop_last: bool = False) -> list[int]:
-    """Sizes of the mini-batches of a round of local training.
-
-    Parameters
-    ----------
-    num_samples : int
-        Samples on the device.
-    batch_size : int
-        Mini-batch size.
-    local_epochs : int
-        Passes over the local data per round.
-    drop_last : bool
-        Skip an incomplete last batch of each epoch.
-    """
-    if num_samples < 0 or batch_size < 1 or local_epochs < 1:
-        raise ValueError(
-            f"need num_samples >= 0, batch_size >= 1, local_epochs >= 1; got {num_samples}, {batch_size}, {local_epochs}"
-        )
-    full, rest = divmod(num_samples, batch_size)
-    sizes = [batch_size] * full + ([rest] if rest and not drop_last else [])
-    return sizes * local_epochs
 
 
 @dataclass

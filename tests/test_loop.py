@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flwr_distreal import contract as C
 from flwr_distreal.dropout import DroppedWeightGuard, kept_count, make_droppable
-from flwr_distreal.loop import DistrealRound, MeasuredDistrealRound, batch_len
+from flwr_distreal.loop import DistrealRound, batch_len
+from flwr_distreal.wallclock import MeasuredDistrealRound
 from flwr_distreal.lut import LUT
 from flwr_distreal.macs import count_macs
 from flwr_distreal.resources import (
