@@ -421,6 +421,14 @@ class RunConfig:
             raise ConfigError(f"round_timeout must be > 0 seconds (or null), got {self.round_timeout}")
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime must be one of {list(RUNTIMES)}, got {self.runtime!r}")
+        if self.round_timeout is not None and self.runtime in ("legacy", "inprocess"):
+            # Never ignored in silence: these runtimes run the clients one after another in the
+            # server's process and cannot stop a round that overruns.
+            raise ConfigError(
+                f"round_timeout={self.round_timeout} is not applied by runtime={self.runtime} (its clients run "
+                "one after another in this process and a round cannot be cut short); use runtime=flwr-run or a "
+                "deployment, or set round_timeout=null"
+            )
         if self.num_cpus_per_client <= 0 or self.num_gpus_per_client < 0:
             raise ConfigError("num_cpus_per_client must be > 0 and num_gpus_per_client >= 0")
 

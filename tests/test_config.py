@@ -200,9 +200,12 @@ def test_to_run_config_refuses_keys_outside_the_schema() -> None:
         (["resources.kind=sometimes"], r"resources.kind must be one of"),
         (["resources.step_macs_factor=0"], r"resources.step_macs_factor must be > 0"),
         (["resources=trace"], r"resources.kind=trace needs resources.trace_path"),
+        (["runtime=legacy", "round_timeout=0.001"], r"round_timeout=0.001 is not applied by runtime=legacy"),
+        (["runtime=inprocess", "round_timeout=30"], r"round_timeout=30.0 is not applied by runtime=inprocess"),
     ],
 )
 def test_out_of_range_values_are_refused_naming_the_key(overrides, match) -> None:
+    """Also a round timeout that a runtime cannot apply: refused, never ignored in silence."""
     cfg = _compose(overrides)  # composition accepts them: the range checks run on conversion
     with pytest.raises(ConfigError, match=match) as info:
         to_run_config(cfg)
