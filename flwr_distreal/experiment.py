@@ -596,8 +596,9 @@ def check_run_dir(out: Path | None, cfg: RunConfig):
     ------
     RunDirectoryError
         If ``out`` already holds a run (``metrics.csv`` or a checkpoint) and ``resume`` is off;
-        or ``resume`` is on and the checkpoint was made with another config (the message names
-        the differing keys).
+        or ``resume`` is on and ``out`` holds no checkpoint, ``rounds`` is below the checkpoint's
+        round, or the checkpoint was made with another config (the message names the differing
+        keys).
     CheckpointError
         If the checkpoint is unreadable or truncated.
     """
@@ -619,7 +620,15 @@ def check_run_dir(out: Path | None, cfg: RunConfig):
     if ckpt is None:
         if holds:
             raise RunDirectoryError(f"resume=true but {out} has no {CHECKPOINT_FILE} to resume from (only {holds})")
-        return None  # nothing there yet: a fresh run that will checkpoint
+        raise RunDirectoryError(
+            f"resume=true but {out} holds no run to resume (no {CHECKPOINT_FILE}); check the directory, or drop "
+            "resume=true to start a fresh run there"
+        )
+    if cfg.rounds < ckpt.round:
+        raise RunDirectoryError(
+            f"rounds={cfg.rounds} is below the {ckpt.round} rounds the checkpoint in {out} already holds; a resume "
+            f"can only go on (rounds >= {ckpt.round}); its metrics.csv keeps every round (nothing was changed)"
+        )
     diff = config_differences(ckpt.config, dataclasses.asdict(cfg))
     if diff:
         raise RunDirectoryError(f"resume=true with another config than the checkpoint's in {out}: {'; '.join(diff)}")

@@ -96,6 +96,18 @@ def test_a_run_into_a_used_directory_is_refused(tmp_path) -> None:
         check_run_dir(tmp_path, dataclasses.replace(cfg, resume=True))
 
 
+def test_resume_into_an_empty_directory_or_to_fewer_rounds_is_refused(tmp_path) -> None:
+    with pytest.raises(RunDirectoryError, match="holds no run to resume"):
+        check_run_dir(tmp_path / "empty", _cfg("resume=true"))
+    tmp_path.mkdir(exist_ok=True)
+    with pytest.raises(RunDirectoryError, match="holds no run to resume"):
+        check_run_dir(tmp_path, _cfg("resume=true"))
+    save_checkpoint(tmp_path, _ckpt(_cfg()))  # a checkpoint at round 3
+    with pytest.raises(RunDirectoryError, match=r"rounds=2 is below the 3 rounds the checkpoint"):
+        check_run_dir(tmp_path, _cfg("resume=true", "rounds=2"))
+    assert check_run_dir(tmp_path, _cfg("resume=true", "rounds=3")).round == 3  # nothing left to run: fine
+
+
 def test_resume_with_another_config_is_refused_naming_the_keys(tmp_path) -> None:
     cfg = _cfg()
     save_checkpoint(tmp_path, _ckpt(cfg))
