@@ -920,11 +920,23 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.csv`` (numbers as floats, ``round`` as int); [] if absent."""
+    """The rows of a ``metrics.csv`` (numbers as floats, ``round`` as int); [] if absent.
+
+    Raises
+    ------
+    RunDirectoryError
+        If the file cannot be read as a CSV text file (not UTF-8, malformed), naming it.
+    """
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error, OSError) as err:
+        raise RunDirectoryError(
+            f"{path} is not a readable metrics.csv ({type(err).__name__}: {err}); move it away or restore it "
+            "(nothing was changed)"
+        ) from err
     out = []
     for row in rows:
         parsed: dict[str, Any] = {}

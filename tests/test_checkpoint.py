@@ -108,6 +108,16 @@ def test_resume_into_an_empty_directory_or_to_fewer_rounds_is_refused(tmp_path) 
     assert check_run_dir(tmp_path, _cfg("resume=true", "rounds=3")).round == 3  # nothing left to run: fine
 
 
+def test_an_unreadable_metrics_csv_is_refused_naming_the_file(tmp_path) -> None:
+    from flwr_distreal.experiment import _read_metrics
+
+    bad = tmp_path / "metrics.csv"
+    bad.write_bytes(b"round,accuracy\n1,\xff\xfe0.5\n")
+    with pytest.raises(RunDirectoryError, match=r"metrics.csv is not a readable metrics.csv \(UnicodeDecodeError"):
+        _read_metrics(bad)
+    assert bad.read_bytes() == b"round,accuracy\n1,\xff\xfe0.5\n"  # untouched
+
+
 def test_resume_with_another_config_is_refused_naming_the_keys(tmp_path) -> None:
     cfg = _cfg()
     save_checkpoint(tmp_path, _ckpt(cfg))
