@@ -53,12 +53,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dropout import measure_switching  # noqa: E402  (same method as the DenseNet benchmark)
+from bench_dropout import (  # noqa: E402  (the DenseNet benchmark's helpers and switching method)
+    _loadavg,
+    _non_negative,
+    _positive,
+    measure_switching,
+)
+from bench_dropout import _train_step as train_step  # noqa: E402
 
 from flwr_distreal.dropout import DroppableModel, make_droppable  # noqa: E402
 from flwr_distreal.lut import LUT, LUTError  # noqa: E402
@@ -111,18 +116,8 @@ def _models(text: str) -> list[str]:
     return names
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
-def _non_negative(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -163,11 +158,6 @@ class Variant:
     times: list[float] = field(default_factory=list)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Forward, cross-entropy, backward, plain SGD update."""
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
 
 
 def interleaved(variants: list[Variant], x: torch.Tensor, y: torch.Tensor, reps: int, warmup: int) -> None:
@@ -336,11 +326,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def main(argv: list[str] | None = None) -> dict:
