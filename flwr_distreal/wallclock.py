@@ -1065,7 +1065,6 @@ class _MeasuredMixin:
         metrics = self.metrics(plan, loss)  # type: ignore[attr-defined]
         metrics[C.LR] = self.recipe.lr_at(self._server_round)  # type: ignore[attr-defined]
         metrics.pop(C.SIM_TIME, None)
-        busy = sum(max(0.0, min(r.end, window) - r.start) for r in done)
         change_idx = self._change_steps[-1] if self._change_steps else None
         rates = [r.rate for r in done]
         if change_idx is not None and 0 <= change_idx <= len(done):
@@ -1075,13 +1074,9 @@ class _MeasuredMixin:
             before = after = rates
             change_at = -1.0
         mean = float(np.mean(rates)) if rates else 0.0
+        metrics.update(_wall_metrics(done, window, wall, self.estimator))
         metrics.update(
             {
-                WALL_TIME: float(wall),
-                ROUND_DEADLINE_METRIC: float(window),
-                OVERRUN: float(max(0.0, wall - window)),
-                BUSY_FRACTION: float(busy / window) if window > 0 else 0.0,
-                THROUGHPUT: float(self.estimator.throughput or 0.0),
                 THROUGHPUT_CHANGES: int(self._round_changes),
                 CHANGE_AT: float(change_at),
                 MEAN_DROPOUT_BEFORE: float(np.mean(before)) if before else mean,
@@ -1106,6 +1101,20 @@ class _MeasuredMixin:
     def plan(self, server_round: int, config: Mapping[str, Scalar]) -> RoundPlan:
         """Not available: a measured device decides per mini-batch while training (see :meth:`fit`)."""
         raise WallclockError("a measured trainer cannot plan a round ahead; its fit() decides per mini-batch")
+
+
+def _wall_metrics(steps: Sequence[Any], window: float, wall: float, estimator: "ThroughputEstimator") -> dict[str, float]:
+    """The wall-clock round's own metrics, from its finished steps (``start``/``end`` in seconds
+    of the round): ``wall_time``, ``round_deadline``, ``overrun``, ``busy_fraction`` (the share
+    of the window spent in steps) and ``throughput``."""
+    busy = sum(max(0.0, min(s.end, window) - s.start) for s in steps)
+    return {
+        WALL_TIME: float(wall),
+        ROUND_DEADLINE_METRIC: float(window),
+        OVERRUN: float(max(0.0, wall - window)),
+        BUSY_FRACTION: float(busy / window) if window > 0 else 0.0,
+        THROUGHPUT: float(estimator.throughput or 0.0),
+    }
 
 
 class MeasuredDistrealTrainer(_MeasuredMixin, DistrealTrainer):
@@ -1547,15 +1556,6 @@ class MeasuredDistrealRound(_Round):
         out = super().metrics()
         out.pop(C.SIM_TIME, None)
         window, wall = self._window()
-        busy = sum(max(0.0, min(s.end, window) - s.start) for s in self.steps if math.isfinite(s.end))
         out[C.STRAGGLER] = int((not self.stop_at_deadline) and wall > window)
-        out.update(
-            {
-                WALL_TIME: float(wall),
-                ROUND_DEADLINE_METRIC: float(window),
-                OVERRUN: float(max(0.0, wall - window)),
-                BUSY_FRACTION: float(busy / window) if window > 0 else 0.0,
-                THROUGHPUT: float(self.estimator.throughput or 0.0),
-            }
-        )
+        out.update(_wall_metrics([s for s in self.steps if math.isfinite(s.end)], window, wall, self.estimator))
         return out
