@@ -634,10 +634,6 @@ class DroppableModel(nn.Module):
         """Filters kept by each group in the last training forward (``None`` = all)."""
         return [g.last_kept for g in self._dr_groups]
 
-    def kept_indices(self) -> list[Tensor | None]:
-        """Alias of :meth:`last_kept_indices`."""
-        return self.last_kept_indices()
-
     # -- forward ----------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         st = self._dr_state
@@ -751,7 +747,7 @@ def make_droppable(
 
     full = sid(InputSpace(((-1, 1),)))  # placeholder space for BN layers no graph node reaches
     groups = [DropoutGroup(g.name, g.channels, g.members) for g in graph.groups]
-    state = _StepState(spaces, groups)
+    state = _StepState(spaces, groups)  # holds the list of spaces, filled below; begin() sizes its cache
     seen: dict[str, ComputeLayer] = {}
     for layer in graph.layers:
         prev = seen.get(layer.name)
@@ -775,8 +771,6 @@ def make_droppable(
         if layer.kind == "linear":
             d["_dr_channels"] = layer.space.channels
             d["_dr_stride"] = layer.space.stride
-    state.spaces = spaces
-    state._cache = [_MISS] * len(spaces)
     user_forward = type(work).forward
     work.__class__ = _droppable_class(type(work))
     d = work.__dict__
