@@ -237,7 +237,8 @@ def make_evaluate_handler(
             loaders[key] = loader_fn(context)
         keys = list(trainer.model.state_dict().keys())
         trainer.load(arrays_from_record(msg.content[C.ARRAYS_RECORD], keys))
-        loss, accuracy, n = evaluate_model(trainer.model, loaders[key], trainer.torch_device)
+        precision = getattr(trainer, "precision", "fp32")  # the run's, as its training
+        loss, accuracy, n = evaluate_model(trainer.model, loaders[key], trainer.torch_device, precision)
         metrics = MetricRecord({"loss": loss, "accuracy": accuracy, C.NUM_EXAMPLES: n})
         return Message(content=RecordDict({C.METRICS_RECORD: metrics}), reply_to=msg)
 

@@ -358,6 +358,8 @@ class RunConfig:
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
     torch_threads: int = 1
+    layout: str = "auto"
+    precision: str = "fp32"
     output_dir: Optional[str] = None
     runtime: str = "flwr-run"
     deployment: bool = False
@@ -397,6 +399,10 @@ class RunConfig:
             )
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
+        if self.layout not in ("auto", "channels_last", "nchw"):  # flwr_distreal.layout.LAYOUTS
+            raise ConfigError(f"layout must be one of ['auto', 'channels_last', 'nchw'], got {self.layout!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):  # flwr_distreal.precision.PRECISIONS; the device is checked at start-up
+            raise ConfigError(f"precision must be one of ['fp32', 'bf16', 'fp16'], got {self.precision!r}")
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.evaluate_on not in EVALUATE_ON:

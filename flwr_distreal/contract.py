@@ -22,6 +22,10 @@ Train config (server to client, kebab-case as in Flower)
 ``round-deadline`` (float)
     Wall-clock seconds the round may take (wall-clock resource mode, not used by the simulated
     clock).
+``batch-size`` (int), ``local-epochs`` (int)
+    The mini-batch size and local epochs the server configured (DISTREAL, when the strategy is
+    given ``batch_size``): what it bounds a reply's ``num_batches`` by, with the node's
+    ``round-samples`` or the reply's ``num-examples``. A client should train with them.
 
 Train metrics (client to server)
 --------------------------------
@@ -89,6 +93,7 @@ __all__ = [
     "OPTIONAL_TRAIN_METRICS",
     "QUERY_PROPERTIES",
     "AVAILABLE_MACS",
+    "BATCH_SIZE",
     "CONFIG_RECORD",
     "METRICS_RECORD",
     "PROPERTIES_RECORD",
@@ -96,6 +101,7 @@ __all__ = [
     "DROPOUT_RATE",
     "FIXED_SUBSETS",
     "INCOMPLETE",
+    "LOCAL_EPOCHS",
     "LR",
     "MACS",
     "MEAN_DROPOUT",
@@ -132,6 +138,8 @@ DROPOUT_RATE = "dropout-rate"
 WIDTH_LEVEL = "width-level"
 WIDTH = "width"
 ROUND_DEADLINE = "round-deadline"
+BATCH_SIZE = "batch-size"
+LOCAL_EPOCHS = "local-epochs"
 
 # -- train metrics (client to server) ----------------------------------------------------------
 MACS = "macs"

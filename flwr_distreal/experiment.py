@@ -102,6 +102,11 @@ class Experiment:
                 f"clients_per_round={cfg.clients_per_round} exceeds the {self.num_devices} devices of {cfg.dataset.name}"
             )
         warn_unused_lut(cfg.strategy.name, cfg.lut)
+        from .precision import check_precision
+        from .recipe import resolve_device
+
+        check_precision(cfg.precision, resolve_device(cfg.device))  # bf16 on a CPU without it: refused at start-up
+        self._layout: str | None = None  # cfg.layout resolved (layout=auto: calibrated) by the first build_model
         self.num_classes = check_classes(cfg.model.num_classes, self.data)
         self.model_name = cfg.model.small if cfg.strategy.name == "small" else cfg.model.name
         probe = build_model(self.model_name, self.num_classes)
@@ -146,8 +151,17 @@ class Experiment:
     # -- models and LUT --------------------------------------------------------------------
     def build_model(self):
         """A fresh model of the run's architecture (the small one for ``strategy=small``), with the
-        strategy's model-level switches set (inverted scaling, static BatchNorm)."""
-        model = build_model(self.model_name, self.num_classes)
+        strategy's model-level switches set (inverted scaling, static BatchNorm), in the run's memory
+        layout (``layout``; ``auto``: :func:`flwr_distreal.layout.resolve_layout`, cached per machine)."""
+        if self._layout is None:
+            from .layout import resolve_layout
+            from .recipe import resolve_device
+
+            self._layout = resolve_layout(
+                self.cfg.layout, self.model_name, self.cfg.batch_size, num_classes=self.num_classes,
+                torch_device=resolve_device(self.cfg.device), precision=self.cfg.precision,
+            )
+        model = build_model(self.model_name, self.num_classes, channels_last=self._layout == "channels_last")
         self.cfg.strategy.apply_to(model)
         return model
 
@@ -212,6 +226,7 @@ class Experiment:
             step_macs_factor=self.factor,
             skip_straggler_training=cfg.skip_straggler_training,
             torch_device=resolve_device(cfg.device),
+            precision=cfg.precision,
             seed=cfg.seed,
         )
         if self.measured:
@@ -320,7 +335,7 @@ class Experiment:
         set_weights(self._eval_model, arrays)
         if self.cfg.strategy.bn_recompute_devices():  # static BN (strategy.static_bn): statistics from training data
             recompute_bn_statistics(self._eval_model, self.bn_batches(), device=self._eval_device)
-        return evaluate_model(self._eval_model, self._eval_loader, device=self._eval_device)
+        return evaluate_model(self._eval_model, self._eval_loader, device=self._eval_device, precision=self.cfg.precision)
 
     def bn_batches(self, devices: int | None = None):
         """The batches the server recomputes BatchNorm statistics from before evaluating (static

@@ -66,6 +66,9 @@ Conventions
   ``fixed-subsets``, ``submodel-macs``, ``dropout-rate``, ``width-level``, ``width``,
   ``round-deadline``). Your optimiser's lr is yours; pass ``lr=`` to report it in the ``lr``
   metric. Every key the server sent is in :attr:`DistrealRound.config` for your loop to read.
+* Precision: ``precision="bf16"`` (or ``"fp16"`` on CUDA) is checked against the model's device
+  and held by the round; your forward pass runs in ``with rnd.autocast():`` (the loss in float32,
+  ``F.cross_entropy(logits.float(), y)``), as ``DistrealTrainer``'s step does.
 
 :class:`flwr_distreal.wallclock.MeasuredDistrealRound` is the same on a real device: a wall-clock deadline in seconds and
 measured step times instead of the simulated clock (the selection of
@@ -77,6 +80,7 @@ No Flower or Hydra imports.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -95,6 +99,7 @@ from . import contract as C
 from .dropout import DroppableModel
 from .lut import LUT
 from .macs import count_macs
+from .precision import autocast, check_precision
 from .resources import ResourceModel, RoundClock, RoundResult, step_macs
 from .schedule import POLICIES, RoundPlan, batch_sizes, plan_distreal_round, plan_fixed_round, select_vector
 
@@ -286,6 +291,7 @@ class _Round:
         planned_sizes: Sequence[int] | None,
         lr: float | None,
         config: Mapping[str, Any] | None,
+        precision: str = "fp32",
     ) -> None:
         if not isinstance(model, DroppableModel):
             raise TypeError(
@@ -311,6 +317,9 @@ class _Round:
             self._planned = [_int_arg("planned_sizes entry", b, 1) for b in planned_sizes]
         self.lr = None if lr is None else _positive("lr", lr)
         self.config: dict[str, Any] = dict(config or {})
+        param = next(model.parameters(), None)
+        self.torch_device_type = "cpu" if param is None else param.device.type
+        self.precision = check_precision(precision, self.torch_device_type)
         self.steps: list[BatchStep] = []
         self.stopped_at_deadline = False
         self._losses: list[float] = []
@@ -318,6 +327,17 @@ class _Round:
         self._planned_total: int | None = None
         self._iterator: weakref.ReferenceType[Generator[Any, None, None]] | None = None  # weak: a break frees it
         self._started = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context your forward pass runs in for the round's ``precision``: nothing for
+        ``fp32``, else :func:`torch.autocast` with bf16 or fp16 (:mod:`flwr_distreal.precision`)::
+
+            for x, y in rnd.batches(loader):
+                with rnd.autocast():
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)   # the loss in float32
+        """
+        return autocast(self.precision, self.torch_device_type)
 
     # -- the plan of mini-batch sizes ------------------------------------------------------------
     def _resolve_plan(self, loader: Any, epochs: int) -> list[int] | None:
@@ -608,6 +628,9 @@ class DistrealRound(_Round):
         The learning rate of your optimiser in this round: reported as the ``lr`` metric.
     config : Mapping, optional
         The server's train config, kept as :attr:`config` (see :meth:`from_config`).
+    precision : {"fp32", "bf16", "fp16"} (default: "fp32")
+        The run's precision (:mod:`flwr_distreal.precision`; checked against the model's device):
+        your loop runs its forward pass in :meth:`autocast` (``DistrealTrainer`` does).
 
     Attributes
     ----------
@@ -650,11 +673,12 @@ class DistrealRound(_Round):
         planned_sizes: Sequence[int] | None = None,
         lr: float | None = None,
         config: Mapping[str, Any] | None = None,
+        precision: str = "fp32",
     ) -> None:
         super().__init__(
             model, lut, device_id=device_id, server_round=server_round, policy=policy,
             stop_at_deadline=stop_at_deadline, step_macs_factor=step_macs_factor, batch_size=batch_size,
-            round_samples=round_samples, planned_sizes=planned_sizes, lr=lr, config=config,
+            round_samples=round_samples, planned_sizes=planned_sizes, lr=lr, config=config, precision=precision,
         )
         if resources is None or isinstance(resources, RoundClock):
             self.clock: RoundClock | None = resources

@@ -20,9 +20,10 @@ Pieces
     round, the node, the device's partition id and the reason, counts (``received``,
     ``failures``, ``stragglers``, ``refused``, ``clipped``, ``accepted``, ``mean_macs``,
     ``mean_utilisation``) and combines the accepted replies with its aggregation rule.
-:class:`RoundBounds`
+:class:`RoundBounds`, :func:`cap_shares`, :func:`share_limit`
     The round-level bounds: an update whose norm lies far outside the round's, a MACs claim
-    far above the round's, is refused or clipped; optional robust aggregation.
+    far above the round's, is refused or clipped; no claim holds more than
+    ``share_bound / (n + share_bound - 1)`` of the round's weight; optional robust aggregation.
 :class:`DistrealCore`, :class:`FedAvgCore`, :class:`SubmodelCore`
     The aggregation rules: Algorithm 2 of Rapp et al. (AAAI 2022), weighted by the MACs each
     client spent; FedAvg weighted by examples; the submodel baselines' ``per_weight`` or
@@ -86,7 +87,9 @@ __all__ = [
     "SubmodelCore",
     "SubmodelPlanner",
     "as_device_id",
+    "SHARE_BOUND",
     "brief_list",
+    "cap_shares",
     "check_device",
     "fit_metrics_aggregation",
     "full_macs_argument",
@@ -94,6 +97,7 @@ __all__ = [
     "reply_order",
     "sample_size",
     "seeded_draw",
+    "share_limit",
 ]
 
 log = logging.getLogger(__name__)
@@ -398,6 +402,117 @@ def _bound_arg(name: str, value: object) -> float | None:
     return float(value)  # type: ignore[arg-type]
 
 
+def _share_bound_arg(value: object) -> float | None:
+    if value is None:
+        return None
+    if not is_number(value) or not (math.isfinite(float(value)) and float(value) >= 1.0):  # type: ignore[arg-type]
+        raise ValueError(f"share_bound must be None or a finite number >= 1, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------- weight shares
+
+#: Default ``share_bound`` ``k``: no reply weighs more than ``k`` times the mean of the round's
+#: other accepted replies, i.e. holds at most ``k / (n + k - 1)`` of the weight of ``n``
+#: replies (50 %, 31 %, 10.5 % of 5, 10, 35). Measured on honest rounds of the real resources
+#: model (``scripts/claim_share.py``: time-varying availability at lambda = 2, devices doing 0.3x
+#: to 1x of the full model's MACs per batch on partitions of 39 to 112 (digits) or 4 to 165
+#: (FEMNIST) samples, 500 rounds each of 5 and 10 (digits), 5 and 35 devices (FEMNIST)), 4
+#: clipped 1 of the 27,500 honest claims (in one 5-device digits round, by 5 % of its weight; the
+#: largest ratio to the others' mean seen was 4.2); 3 clipped up to 0.5 % of them (2.4 % of the
+#: 5-device digits rounds), 2 up to 5.7 % (34 % of the 10-device digits rounds), 5 none.
+SHARE_BOUND = 4.0
+
+
+def share_limit(n: int, share_bound: float) -> float:
+    """The most of a round's weight one of ``n`` replies may hold: ``k / (n + k - 1)``.
+
+    A reply holds at most this share exactly when its weight is at most ``k`` times the mean
+    of the ``n - 1`` others' weights: ``w_i <= k (S - w_i) / (n - 1)`` is
+    ``w_i / S <= k / (n - 1 + k)``. ``k = 1`` allows no more than an equal share, ``1 / n``.
+
+    Parameters
+    ----------
+    n : int
+        Replies that carry weight (>= 1).
+    share_bound : float
+        ``k`` (>= 1).
+
+    Returns
+    -------
+    float
+        The share limit, in ``[1 / n, 1]`` (1 for a single reply).
+
+    Raises
+    ------
+    ValueError
+        If ``n`` is not an int >= 1 or ``share_bound`` not a finite number >= 1.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    k = _share_bound_arg(share_bound)
+    if k is None:
+        raise ValueError("share_bound must be a finite number >= 1, got None")
+    return k / (int(n) + k - 1.0)
+
+
+def cap_shares(weights: Sequence[float], max_share: float) -> np.ndarray:
+    """Cap every weight so that none holds more than ``max_share`` of the total (water-filling).
+
+    The capped weights are ``min(w_i, tau)`` with the one level ``tau`` at which the capped
+    replies hold exactly ``max_share`` each: ``tau = max_share * sum_j min(w_j, tau)``. Weights
+    at or below ``tau`` are unchanged, their order is kept, and a capped reply still weighs at
+    least as much as every uncapped one. Used on the MACs ``c_i`` of Algorithm 2 (Rapp et al.,
+    AAAI 2022: ``C <- sum c_i``, ``dTheta <- sum c_i dtheta_i``, ``dtheta <- dTheta / C``), it
+    bounds what one reply can pull, whatever it claims.
+
+    Parameters
+    ----------
+    weights : Sequence[float]
+        Non-negative finite weights.
+    max_share : float
+        The largest share one weight may hold, in ``[1 / p, 1]`` with ``p`` the number of
+        positive weights (:func:`share_limit` gives one).
+
+    Returns
+    -------
+    np.ndarray
+        The capped weights (float64); the input unchanged when no weight holds more than
+        ``max_share`` or at most one is positive.
+
+    Raises
+    ------
+    ValueError
+        If a weight is negative or not finite, or ``max_share`` is outside ``[1 / p, 1]``.
+    """
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"weights must be non-negative and finite, got {w.tolist()}")
+    p = int(np.count_nonzero(w))
+    if not is_number(max_share) or not math.isfinite(float(max_share)) or float(max_share) > 1.0:
+        raise ValueError(f"max_share must be a number in [1/p, 1], got {max_share!r}")
+    share = float(max_share)
+    if p <= 1 or share >= 1.0:
+        return w.copy()
+    if share * p < 1.0 - 1e-12:
+        raise ValueError(f"max_share {share:g} is below 1/{p}: {p} positive weights cannot all fit under it")
+    total = float(w.sum())
+    if float(w.max()) <= share * total:
+        return w.copy()
+    asc = np.sort(w)
+    below = np.cumsum(asc)  # below[j]: sum of the j + 1 smallest (summed from the small end: exact enough)
+    desc = asc[::-1]
+    tau = float(desc[0])
+    for c in range(1, p):  # c largest capped at tau; the others keep their weight
+        rest = float(below[len(w) - c - 1])
+        tau = share * rest / (1.0 - c * share)
+        if float(desc[c]) <= tau:
+            break
+    else:  # every positive weight capped: equal shares (share == 1/p up to rounding)
+        tau = float(desc[p - 1])
+    return np.minimum(w, tau)
+
+
 @dataclass
 class Screened:
     """What :meth:`RoundBounds.screen` made of a round's candidates.
@@ -433,8 +548,17 @@ class RoundBounds:
         device with much more data and full resources can legitimately claim several
         times the median, so it loses weight, not its update. The hard bound, MACs over
         ``num_batches * full_macs_per_sample`` and ``num_batches`` over what the server
-        configured (batch size, local epochs, the device's ``round-samples``), is the
-        per-reply check of :class:`DistrealCore`.
+        configured (batch size, local epochs, the device's ``round-samples`` or the reply's
+        examples), is the per-reply check of :class:`DistrealCore`.
+    Shares (DISTREAL only, after every other bound)
+        No accepted reply weighs more than ``share_bound`` (``k``) times the mean of the
+        others' weights: the claims are capped by :func:`cap_shares` at the share
+        :func:`share_limit` ``k / (n + k - 1)`` of the ``n`` replies that carry weight. This
+        holds whatever a reply claims and whether or not the server knows the batch size
+        (the median bound alone lets one claim of ``m`` times the median hold
+        ``m / (m + n - 1)`` of a round of equal honest claims: 71 % of 5 replies at
+        ``m = 10``). The price: an honest reply above ``k`` times the others' mean (a device
+        with much more data than the others at full resources) loses weight, not its update.
     Updates
         The update ``u_i = theta_i - theta_{t-1}`` (floating arrays only; integer
         counters do not move the model) is compared by its L2 norm normalised by the
@@ -460,6 +584,10 @@ class RoundBounds:
         update norms); None disables it. Defaults to 10.
     on_claim_outlier : {"refuse", "clip"}, optional
         What to do with a claim above ``m`` times the median. Defaults to "clip".
+    share_bound : float | None, optional
+        ``k`` (>= 1): no reply weighs more than ``k`` times the mean of the round's other
+        accepted replies (at most ``k / (n + k - 1)`` of the weight); None disables it.
+        Defaults to :data:`SHARE_BOUND` (4).
     robust : {"clip-to-median", "median", "trimmed-mean"} | None, optional
         Robust aggregation. Defaults to None.
     trim_beta : float, optional
@@ -525,9 +653,11 @@ class RoundBounds:
         trim_beta: float = 0.2,
         history: int = 5,
         min_replies: int = 3,
+        share_bound: float | None = SHARE_BOUND,
     ) -> None:
         self.update_bound = _bound_arg("update_bound", update_bound)
         self.claim_bound = _bound_arg("claim_bound", claim_bound)
+        self.share_bound = _share_bound_arg(share_bound)
         for name, value in (("on_outlier", on_outlier), ("on_claim_outlier", on_claim_outlier)):
             if value not in ("refuse", "clip"):
                 raise ValueError(f"{name} must be 'refuse' or 'clip', got {value!r}")
@@ -555,7 +685,7 @@ class RoundBounds:
         return (
             f"RoundBounds(update_bound={self.update_bound}, on_outlier={self.on_outlier!r}, "
             f"update_norm={self.update_norm!r}, claim_bound={self.claim_bound}, "
-            f"on_claim_outlier={self.on_claim_outlier!r}, robust={self.robust!r})"
+            f"on_claim_outlier={self.on_claim_outlier!r}, share_bound={self.share_bound}, robust={self.robust!r})"
         )
 
     # -- references ----------------------------------------------------------------------
@@ -680,6 +810,34 @@ class RoundBounds:
         normalised = np.stack([layer / math.sqrt(b) for _, b, layer in items]) if items else None
         return self._finish(out, [a for a, _, _ in items], passive, normalised, claims)
 
+    def _cap_claims(self, out: Screened, accepted: list[Accepted]) -> list[Accepted]:
+        """Cap the accepted claims at the round's share limit (:func:`cap_shares`), logging each cap."""
+        k = self.share_bound
+        claims = [float(a.macs or 0.0) for a in accepted]
+        n = sum(1 for c in claims if c > 0)
+        if k is None or n < 2:
+            return accepted
+        limit = share_limit(n, k)
+        capped = cap_shares(claims, limit)
+        total = sum(claims)
+        code = "excess-share"
+        result = []
+        for a, c, w in zip(accepted, claims, capped):
+            if w >= c:
+                result.append(a)
+                continue
+            a = Accepted(a.reply, float(w), (*a.clipped, code))
+            out.clips.append(
+                (
+                    a,
+                    code,
+                    f"claims {c:g} MACs, {c / total:.1%} of the round's weight, more than share_bound "
+                    f"{k:g} / ({n} + {k:g} - 1) = {limit:.1%}; weighted by {float(w):g} ({k:g} x the others' mean)",
+                )
+            )
+            result.append(a)
+        return result
+
     def _finish(
         self,
         out: Screened,
@@ -688,7 +846,10 @@ class RoundBounds:
         normalised: np.ndarray | None,
         claims: bool,
     ) -> Screened:
-        """Record the round's medians (of the accepted replies) and order the accepted."""
+        """Cap the claims' shares, record the round's medians (of the accepted replies) and
+        order the accepted."""
+        if claims:
+            accepted = self._cap_claims(out, accepted)
         if normalised is not None:
             model_median = _median_or_none(np.sqrt(np.sum(normalised**2, axis=1)), 1)
             if model_median is not None:
@@ -788,7 +949,8 @@ class ReplyGate(ABC):
     ----------
     bounds : RoundBounds | None, optional
         The round-level bounds; None (default) uses ``RoundBounds()`` (updates more than 10x
-        the round's median refused, claims more than 10x the median clipped).
+        the round's median refused, claims more than 10x the median clipped, then capped at 4x
+        the others' mean).
     macs_key : str, optional
         Train metric with the MACs ``c_i`` spent. Defaults to ``"macs"``.
     num_batches_key : str, optional
@@ -1128,11 +1290,14 @@ class DistrealCore(ReplyGate):
 
     The client's ``num_batches`` is bounded by what the server knows, not only by the client's
     word: with ``max_batches_fn`` or ``batch_size`` (and ``local_epochs``) and the node's
-    ``round-samples`` (handed over by the strategy, :meth:`limit_round`), a reply claiming more
-    mini-batches than its device could train is refused (``excess-batches``), or with
-    ``on_excess="clip"`` weighted by at most ``max_batches * full_macs_per_sample``. The
-    round-level bounds (:class:`RoundBounds`) then bound the claim against the round's
-    median and the update norm.
+    ``round-samples`` (handed over by the strategy, :meth:`limit_round`), or with
+    ``batch_size`` and the reply's example count when the node's ``round-samples`` is unknown
+    (:meth:`limit_of`), a reply claiming more mini-batches than its device could train is
+    refused (``excess-batches``), or with ``on_excess="clip"`` weighted by at most
+    ``max_batches * full_macs_per_sample``. Every train message states the batch size and
+    local epochs the server bounds by (:meth:`train_config`). The round-level bounds
+    (:class:`RoundBounds`) then bound the claim against the round's median, its share of the
+    round's weight (``share_bound``) and the update norm.
 
     Parameters
     ----------
@@ -1272,11 +1437,12 @@ class DistrealCore(ReplyGate):
                 unbounded.append(f"{node} (device {raw_device})")
         if unbounded:  # one line per round, each node named once per run
             logger.warning(
-                "round %s: %s node%s with no known round-samples, num_batches bounded only by the "
-                "reply's own claim: %s",
+                "round %s: %s node%s with no known %s, num_batches bounded only by the reply's own %s: %s",
                 server_round,
                 len(unbounded),
                 "s" if len(unbounded) != 1 else "",
+                "device id" if self.max_batches_fn is not None else "round-samples",
+                "claim" if self.max_batches_fn is not None else "num-examples",
                 brief_list(unbounded),
             )
         return {node: limit for node, (limit, _) in self.limits.items()}
@@ -1293,9 +1459,10 @@ class DistrealCore(ReplyGate):
             expected_kinds=[a.dtype.kind for a in g],
             on_excess=self.on_excess,
         )
-        if not result.ok or reply.node not in self.limits:
+        found = self.limit_of(reply) if result.ok else None
+        if found is None:
             return result
-        limit, why = self.limits[reply.node]
+        limit, why = found
         batches = int(float(reply.metrics[self.num_batches_key]))  # validated above
         if batches <= limit:
             return result
@@ -1311,11 +1478,43 @@ class DistrealCore(ReplyGate):
             clipped=True,
         )
 
+    def limit_of(self, reply: Reply) -> tuple[int, str] | None:
+        """The most mini-batches the server allows a reply, and why; None when it knows none.
+
+        The node's round limit (:meth:`limit_round`: ``round-samples`` or ``max_batches_fn``);
+        else, with ``batch_size`` known, the reply's own examples: ``n`` samples in batches of
+        at most ``batch_size``, at most one partial batch per local epoch, make at most
+        ``local_epochs * (floor(n / batch_size) + 1)`` mini-batches, whether ``n`` counts one
+        epoch's samples (Flower's quickstart) or every epoch's (:class:`~flwr_distreal.loop.DistrealRound`).
+        A reply without a positive example count has no such limit.
+        """
+        if reply.node in self.limits:
+            return self.limits[reply.node]
+        n = reply.num_examples
+        if self.batch_size is None or self.max_batches_fn is not None:
+            return None
+        if not is_number(n) or not math.isfinite(float(n)) or float(n) <= 0:
+            return None
+        limit = self.local_epochs * (int(float(n)) // self.batch_size + 1)
+        return limit, (
+            f"{int(float(n))} examples in batches of at most {self.batch_size}, "
+            f"{self.local_epochs} local epoch{'s' if self.local_epochs != 1 else ''}"
+        )
+
+    def train_config(self) -> dict[str, int]:
+        """What every train message states of the server's configuration: ``batch-size`` and
+        ``local-epochs`` (:data:`flwr_distreal.contract.BATCH_SIZE`, ``LOCAL_EPOCHS``) when
+        ``batch_size`` is known, the numbers ``num_batches`` is bounded by; else nothing."""
+        if self.batch_size is None:
+            return {}
+        return {C.BATCH_SIZE: self.batch_size, C.LOCAL_EPOCHS: self.local_epochs}
+
     def work_of(self, reply: Reply) -> float | None:
-        """``num_batches``, capped by the server's limit for the node."""
+        """``num_batches``, capped by the server's limit for the reply (:meth:`limit_of`)."""
         b = super().work_of(reply)
-        if b is not None and reply.node in self.limits:
-            b = min(b, float(self.limits[reply.node][0]))
+        found = self.limit_of(reply)
+        if b is not None and found is not None:
+            b = min(b, float(found[0]))
         return b
 
     def combine(self, global_arrays: Arrays, accepted: list[Accepted]) -> Arrays | None:

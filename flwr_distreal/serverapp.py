@@ -106,6 +106,7 @@ from .server_core import (
     OnOutlier,
     Refusal,
     Robust,
+    SHARE_BOUND,
     RoundBounds,
     UpdateNorm,
     FedAvgCore,
@@ -760,6 +761,11 @@ class Distreal(_CoreFedAvg):
         disables it. Defaults to 10.
     on_claim_outlier : {"refuse", "clip"}, optional
         Clip an outlier claim to ``m`` times the median, or refuse the reply. Defaults to "clip".
+    share_bound : float | None, optional
+        ``k`` (>= 1): no reply weighs more than ``k`` times the mean of the round's other
+        accepted replies, i.e. holds at most ``k / (n + k - 1)`` of the round's weight, whatever
+        it claims (:func:`flwr_distreal.server_core.cap_shares`); None disables it. Defaults to
+        :data:`~flwr_distreal.server_core.SHARE_BOUND` (4).
     robust : {"clip-to-median", "median", "trimmed-mean"} | None, optional
         Robust aggregation for adversarial settings. Defaults to None (Algorithm 2).
     trim_beta : float, optional
@@ -809,6 +815,7 @@ class Distreal(_CoreFedAvg):
         update_norm: UpdateNorm = "model",
         claim_bound: float | None = 10.0,
         on_claim_outlier: OnOutlier = "clip",
+        share_bound: float | None = SHARE_BOUND,
         robust: Robust | None = None,
         trim_beta: float = 0.2,
         seed: int = 0,
@@ -833,6 +840,7 @@ class Distreal(_CoreFedAvg):
                 update_norm=update_norm,
                 claim_bound=claim_bound,
                 on_claim_outlier=on_claim_outlier,
+                share_bound=share_bound,
                 robust=robust,
                 trim_beta=trim_beta,
             ),
@@ -872,7 +880,8 @@ class Distreal(_CoreFedAvg):
 
     def _node_configs(self, server_round: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
         """Set every node's ``num_batches`` limit from its ``round-samples`` property (when the
-        strategy knows the batch size or has ``max_batches_fn``); no extra config."""
+        strategy knows the batch size or has ``max_batches_fn``); every node's config states the
+        batch size and local epochs it is bounded by (``batch-size``, ``local-epochs``)."""
         if self.core.bounds_batches:
             known = {
                 str(node): (
@@ -882,11 +891,11 @@ class Distreal(_CoreFedAvg):
                 for node in nodes
             }
             self.core.limit_round(server_round, known, logger=log)
-        return {node: {} for node in nodes}
+        return {node: self.core.train_config() for node in nodes}
 
     def _unidentified_costs(self) -> str:
         if self.core.bounds_batches and self.core.max_batches_fn is None:
-            return f", and without {self.round_samples_key!r} their num_batches is bounded only by their own claim"
+            return f", and without {self.round_samples_key!r} their num_batches is bounded only by their own num-examples"
         return ""
 
     def _contract_hint(self, reason: str) -> str:

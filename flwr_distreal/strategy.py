@@ -85,6 +85,7 @@ from .server_core import (
     DistrealCore,
     OnOutlier,
     Robust,
+    SHARE_BOUND,
     RoundBounds,
     UpdateNorm,
     FedAvgCore,
@@ -406,6 +407,11 @@ class Distreal(_ResourceAwareFedAvg):
     on_claim_outlier : {"refuse", "clip"}, optional
         Clip an outlier claim to ``m`` times the median, or refuse the reply.
         Defaults to "clip".
+    share_bound : float | None, optional
+        ``k`` (>= 1): no reply weighs more than ``k`` times the mean of the round's other
+        accepted replies, i.e. holds at most ``k / (n + k - 1)`` of the round's weight, whatever
+        it claims (:func:`flwr_distreal.server_core.cap_shares`); None disables it. Defaults to
+        :data:`~flwr_distreal.server_core.SHARE_BOUND` (4).
     robust : {"clip-to-median", "median", "trimmed-mean"} | None, optional
         Robust aggregation for adversarial settings. Defaults to None (Algorithm 2).
     trim_beta : float, optional
@@ -456,6 +462,7 @@ class Distreal(_ResourceAwareFedAvg):
         update_norm: UpdateNorm = "model",
         claim_bound: float | None = 10.0,
         on_claim_outlier: OnOutlier = "clip",
+        share_bound: float | None = SHARE_BOUND,
         robust: Robust | None = None,
         trim_beta: float = 0.2,
         properties_timeout: float | None = None,
@@ -478,6 +485,7 @@ class Distreal(_ResourceAwareFedAvg):
                 update_norm=update_norm,
                 claim_bound=claim_bound,
                 on_claim_outlier=on_claim_outlier,
+                share_bound=share_bound,
                 robust=robust,
                 trim_beta=trim_beta,
             ),
@@ -494,7 +502,8 @@ class Distreal(_ResourceAwareFedAvg):
         self, server_round: int, clients: list[ClientProxy]
     ) -> dict[str, dict[str, Scalar]]:
         """Set every client's ``num_batches`` limit from its properties (asked once per
-        client proxy) when the batches are bounded; no extra config."""
+        client proxy) when the batches are bounded; every client's config states the batch size
+        and local epochs it is bounded by (``batch-size``, ``local-epochs``)."""
         core = self.core
         if core.bounds_batches:
             required = [core.partition_id_key] if core.max_batches_fn is not None else [C.ROUND_SAMPLES]
@@ -509,7 +518,7 @@ class Distreal(_ResourceAwareFedAvg):
                 for c in clients
             }
             core.limit_round(server_round, known, logger=log)
-        return {client.cid: {} for client in clients}
+        return {client.cid: core.train_config() for client in clients}
 
     @property
     def full_macs_per_sample(self) -> float:

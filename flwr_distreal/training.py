@@ -30,6 +30,11 @@ the round's learning rate from the schedule, SGD with the recipe's momentum and 
 backward pass and the optimiser step. A step whose loss is not finite ends the round's training:
 the device reports the steps before it, ``train_loss`` NaN and ``incomplete`` for the rest.
 
+Precision (``precision``, see :mod:`flwr_distreal.precision`): every trainer kind passes it to
+its :class:`LocalStep`, whose forward pass runs under autocast (``bf16``: on CPUs with native
+bf16 and on CUDA; ``fp16``: CUDA with a GradScaler); :func:`evaluate_model` takes the same
+switch. The loss, the parameters, the gradients and BatchNorm's statistics stay float32.
+
 Train metrics: see :mod:`flwr_distreal.contract` (``macs``, ``num_batches``, ``sim_time``,
 ``straggler``, ``mean_dropout``, ``available_macs``, ``utilisation``, ``train_loss``, ``lr``,
 ``partition-id``, ``incomplete``).
@@ -54,6 +59,7 @@ from .dropout import DroppedWeightGuard, DropoutModel
 from .loop import DistrealRound, round_metrics
 from .lut import LUT
 from .macs import count_macs, macs_of_counts
+from .precision import autocast, check_precision, make_grad_scaler
 from .recipe import Recipe
 from .resources import ResourceModel
 from .schedule import POLICIES, RoundPlan, batch_sizes, plan_fixed_round
@@ -108,10 +114,16 @@ def set_weights(model: torch.nn.Module, arrays: NDArrays) -> None:
 
 
 def evaluate_model(
-    model: DropoutModel, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: str | torch.device = "cpu"
+    model: DropoutModel,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
 ) -> tuple[float, float, int]:
     """Mean cross-entropy loss, accuracy and sample count of the full model (eval mode, no
     dropout, no fixed subsets) on ``loader``.
+
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``): the forward pass runs under autocast
+    (:func:`flwr_distreal.precision.autocast`); the loss is computed in float32.
 
     Raises
     ------
@@ -125,7 +137,9 @@ def evaluate_model(
     with torch.no_grad():
         for inputs, labels in loader:
             inputs, labels = inputs.to(device), labels.to(device)
-            logits = model(inputs)
+            with autocast(precision, device):
+                logits = model(inputs)
+            logits = logits.float()
             total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(dim=1) == labels).sum())
             n += int(labels.shape[0])
@@ -135,10 +149,11 @@ def evaluate_model(
 
 
 def forward_backward(
-    model: DropoutModel, opt: Any, x: torch.Tensor, y: torch.Tensor, vector: Any
+    model: DropoutModel, opt: Any, x: torch.Tensor, y: torch.Tensor, vector: Any, precision: str | None = None
 ) -> torch.Tensor:
     """A local step up to (not including) the optimiser step: set the step's dropout vector,
-    forward, cross-entropy, clear the gradients, backward. Returns the detached loss.
+    forward (under autocast unless fp32), cross-entropy in float32, clear the gradients,
+    backward (of the scaled loss when ``opt`` has a GradScaler). Returns the detached loss.
 
     Parameters
     ----------
@@ -150,11 +165,19 @@ def forward_backward(
         The mini-batch, on the model's device.
     vector : array-like or None
         The dropout vector of the step (``None``: no random dropout).
+    precision : str, optional
+        ``"fp32"``, ``"bf16"`` or ``"fp16"``; default: ``opt.precision`` (a :class:`LocalStep`'s),
+        else ``"fp32"``.
     """
+    if precision is None:
+        precision = getattr(opt, "precision", "fp32")
     model.set_dropout(vector)
-    loss = F.cross_entropy(model(x), y)
+    with autocast(precision, x.device):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)  # outside autocast: the loss is float32
     opt.zero_grad()
-    loss.backward()
+    scaler = getattr(opt, "scaler", None)
+    (loss if scaler is None else scaler.scale(loss)).backward()
     return loss.detach()
 
 
@@ -177,18 +200,27 @@ class LocalStep:
         The run's training recipe.
     server_round : int (default: 1)
         The round (1-based): picks the learning rate.
+    precision : {"fp32", "bf16", "fp16"} (default: "fp32")
+        The forward pass's autocast dtype (:mod:`flwr_distreal.precision`; checked by the
+        trainer at start-up). ``fp16`` adds a GradScaler: the loss is scaled before backward and
+        the gradients unscaled before clipping; a step with non-finite gradients is skipped.
 
     Attributes
     ----------
     lr : float
         The round's learning rate.
+    scaler : torch.amp.GradScaler or None
+        The loss scaler (``fp16`` only).
     last_grad_norm : float or None
         Global L2 norm of the last step's gradient before clipping (``None`` without clipping).
     """
 
-    def __init__(self, model: DropoutModel, recipe: Recipe, server_round: int = 1) -> None:
+    def __init__(self, model: DropoutModel, recipe: Recipe, server_round: int = 1, precision: str = "fp32") -> None:
         self.model = model
         self.recipe = recipe
+        self.precision = precision
+        device = next(model.parameters()).device
+        self.scaler = make_grad_scaler(precision, device)
         self.lr = recipe.lr_at(server_round)
         self.clip_norm = recipe.clip_norm
         self.optimizer = DroppedWeightGuard(
@@ -213,11 +245,18 @@ class LocalStep:
         return forward_backward(self.model, self, x, y, vector)
 
     def step(self) -> None:
-        """Clip the gradient's global norm to ``clip_norm`` (when set), then update."""
+        """Clip the gradient's global norm to ``clip_norm`` (when set), then update (through the
+        GradScaler with ``fp16``)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
             self.last_grad_norm = float(norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, vector: Any) -> float:
         """One whole step; returns its loss. A non-finite loss clears the gradients and does not
@@ -254,7 +293,9 @@ class DeviceTrainer:
         skip_straggler_training: bool = True,
         torch_device: str = "cpu",
         seed: int | None = None,
+        precision: str = "fp32",
     ) -> None:
+        self.precision = check_precision(precision, torch_device)
         if recipe is None:
             lr = 0.05 if lr is None else lr
             momentum = 0.0 if momentum is None else momentum
@@ -303,7 +344,7 @@ class DeviceTrainer:
 
     def local_step(self, server_round: int, model: DropoutModel | None = None) -> LocalStep:
         """The round's step helper for this device's model (or ``model``, e.g. a calibration copy)."""
-        return LocalStep(self.model if model is None else model, self.recipe, server_round)
+        return LocalStep(self.model if model is None else model, self.recipe, server_round, self.precision)
 
     # -- the round ---------------------------------------------------------------------------
     def get_weights(self) -> NDArrays:
@@ -489,6 +530,9 @@ class DistrealTrainer(DeviceTrainer):
         Run seed: the random draws of round ``t`` (dropped filters, batch order) are seeded from
         ``(seed, t, device_id)``, so a seeded run is reproducible. ``None``: torch's global
         generator.
+    precision : {"fp32", "bf16", "fp16"} (default: "fp32")
+        Autocast dtype of every forward pass (:mod:`flwr_distreal.precision`). Checked here:
+        ``bf16`` on a CPU without native bf16, or ``fp16`` off CUDA, is a ``ValueError``.
 
     Notes
     -----
@@ -534,6 +578,7 @@ class DistrealTrainer(DeviceTrainer):
             planned_sizes=self.sizes,
             lr=self.recipe.lr_at(server_round),
             config=config,
+            precision=self.precision,
         )
 
     def plan(self, server_round: int, config: Mapping[str, Scalar]) -> RoundPlan:

@@ -40,7 +40,8 @@ round and only cover the vectors they run, so:
   few steps on a copy of the model, interleaved round-robin (so a load change during the
   calibration hits all vectors alike), and the median step time of each vector divided by the
   full model's gives ``rel_time``. The table can be cached on disk (JSON, keyed by model, LUT,
-  batch size, threads, device, torch version and host) and is kept by the trainer;
+  batch size, threads, device, torch version, host, precision and memory layout) and is kept by
+  the trainer; the steps run at the trainer's ``precision`` (:mod:`flwr_distreal.precision`);
 * a slowdown of the device (another process, thermal throttling, a lower clock) scales every
   vector's time alike, so online only one scalar is tracked: the throughput in *full-model
   MACs per second*, the device's r(t) in the unit of the simulated mode. A step of vector v
@@ -322,9 +323,11 @@ class ThroughputEstimator:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sgd(model: DropoutModel, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0) -> LocalStep:
+def _sgd(
+    model: DropoutModel, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, precision: str = "fp32"
+) -> LocalStep:
     """Default calibration step: plain SGD (the trainers pass their own recipe's step)."""
-    return LocalStep(model, Recipe.constant(lr, momentum, weight_decay))
+    return LocalStep(model, Recipe.constant(lr, momentum, weight_decay), precision=precision)
 
 
 def _sync(torch_device: str | torch.device) -> None:
@@ -388,8 +391,11 @@ class StepTimeTable:
 
     # -- construction ------------------------------------------------------------------------
     @staticmethod
-    def key(model: DropoutModel, lut: LUT, batch_size: int, torch_device: str = "cpu") -> dict:
-        """What a table is valid for: model, LUT, batch size, threads, device, torch, host."""
+    def key(model: DropoutModel, lut: LUT, batch_size: int, torch_device: str = "cpu", precision: str = "fp32") -> dict:
+        """What a table is valid for: model, LUT, batch size, threads, device, torch, host, and the
+        precision and memory layout of the step (both change relative step times)."""
+        from .layout import model_layout
+
         return {
             "model": model.model_name,
             "widths": [int(w) for w in model.layer_widths],
@@ -399,6 +405,8 @@ class StepTimeTable:
             "device": str(torch_device),
             "torch": torch.__version__,
             "host": platform.node(),
+            "precision": str(precision),
+            "layout": model_layout(model),
         }
 
     @classmethod
@@ -432,6 +440,7 @@ class StepTimeTable:
         torch_device: str = "cpu",
         clock: Callable[[], float] = time.perf_counter,
         seed: int = 0,
+        precision: str = "fp32",
     ) -> "StepTimeTable":
         """Measure the step time of the full model and of the LUT's vectors.
 
@@ -465,6 +474,9 @@ class StepTimeTable:
             Monotonic clock in seconds.
         seed : int (default: 0)
             Seed of the random inputs and dropped filters of the copy.
+        precision : str (default: "fp32")
+            The precision of the steps (:mod:`flwr_distreal.precision`): the default optimiser's,
+            and part of the table's key; ``make_optimizer``'s step carries its own.
 
         Returns
         -------
@@ -489,7 +501,7 @@ class StepTimeTable:
         work.set_fixed_subsets(None)
         work.seed_dropout(seed)
         work.train()
-        opt = (make_optimizer or _sgd)(work)
+        opt = make_optimizer(work) if make_optimizer is not None else _sgd(work, precision=precision)
         gen = torch.Generator().manual_seed(seed)
         x = torch.rand((int(batch_size), *work.input_shape), generator=gen).to(torch_device)
         y = torch.randint(0, work.num_classes, (int(batch_size),), generator=gen).to(torch_device)
@@ -525,7 +537,7 @@ class StepTimeTable:
         rel = np.maximum(rel, np.maximum(lut_macs, 1.0) / full_macs)
         meta = {
             "kind": "measured",
-            **cls.key(model, lut, batch_size, torch_device),
+            **cls.key(model, lut, batch_size, torch_device, precision),
             "repeats": int(repeats),
             "warmup": int(warmup),
             "seconds": float(clock() - started),
@@ -892,7 +904,8 @@ class _MeasuredMixin:
         if self._table_mode == "proportional" and not force:
             self.time_table = StepTimeTable.proportional(lut, self.full_macs, batch)
             return self.time_table
-        key = StepTimeTable.key(self.model, lut, batch, self.torch_device)  # type: ignore[attr-defined]
+        precision = self.precision  # type: ignore[attr-defined]
+        key = StepTimeTable.key(self.model, lut, batch, self.torch_device, precision)  # type: ignore[attr-defined]
         if self.table_path is not None and self.table_path.exists() and not force:
             try:
                 cached = StepTimeTable.load(self.table_path)
@@ -914,6 +927,7 @@ class _MeasuredMixin:
             max_points=max_points,
             torch_device=self.torch_device,  # type: ignore[attr-defined]
             clock=self.clock,
+            precision=precision,
         )
         if self.table_path is not None:
             self.time_table.save(self.table_path)
@@ -1362,6 +1376,9 @@ class MeasuredDistrealRound(_Round):
     torch_device : str or torch.device, optional
         Where the model trains (the clock synchronises CUDA before reading); default: the
         device of the model's first parameter.
+    precision : {"fp32", "bf16", "fp16"} (default: "fp32")
+        As :class:`~flwr_distreal.loop.DistrealRound`: run your forward pass in
+        ``with rnd.autocast():``.
 
     Notes
     -----
@@ -1394,12 +1411,13 @@ class MeasuredDistrealRound(_Round):
         lr: float | None = None,
         config: Mapping[str, Any] | None = None,
         torch_device: str | torch.device | None = None,
+        precision: str = "fp32",
     ) -> None:
 
         super().__init__(
             model, lut, device_id=device_id, server_round=server_round, policy=policy,
             stop_at_deadline=stop_at_deadline, step_macs_factor=step_macs_factor, batch_size=batch_size,
-            round_samples=round_samples, planned_sizes=planned_sizes, lr=lr, config=config,
+            round_samples=round_samples, planned_sizes=planned_sizes, lr=lr, config=config, precision=precision,
         )
         if isinstance(deadline, bool) or not isinstance(deadline, numbers.Real) or not float(deadline) > 0:
             raise ValueError(f"deadline must be a number of seconds > 0 (or inf), got {deadline!r}")

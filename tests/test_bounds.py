@@ -351,16 +351,22 @@ def test_inflated_num_batches_clipped_with_on_excess_clip(api) -> None:
 @pytest.mark.parametrize("api", APIS)
 def test_inflated_claim_clipped_to_m_times_the_median(api, caplog) -> None:
     """Without a batch size the server cannot bound num_batches, but no reply outweighs the
-    round: its claim is clipped to 10 x the median claim (default), or refused."""
+    round: its claim is clipped to 10 x the median claim (default), or refused; then its share
+    is capped at share_bound / (n + share_bound - 1), 4 x the others' mean (the 10 x median
+    alone would leave it 10/14 of the weight; share_bound=None shows that)."""
     g = _global()
     spec = {d: (_honest(g, 4, d), _metrics(4, device=d)) for d in range(4)}
     spec[41] = (_honest(g, 4, 41), _metrics(1e9, 1e9 * FULL, 41))
     with caplog.at_level(logging.WARNING):
         out, metrics, _ = _run(api, g, spec)
     assert metrics["refused"] == 0 and metrics["clipped"] == 1 and metrics["accepted"] == 5
-    assert "outlier-claim" in _clips(caplog)[0] and "partition-id 41" in _clips(caplog)[0]
+    clips = _clips(caplog)
+    assert "outlier-claim" in clips[0] and "partition-id 41" in clips[0]
+    assert "excess-share" in clips[1] and "partition-id 41" in clips[1]
     order = sorted(spec)
-    _assert_equal(out, mac_weighted_update(g, [spec[d][0] for d in order], [4 * FULL] * 4 + [10 * 4 * FULL]))
+    _assert_equal(out, mac_weighted_update(g, [spec[d][0] for d in order], [4 * FULL] * 4 + [4 * 4 * FULL]))
+    median_only, _, _ = _run(api, g, spec, share_bound=None)
+    _assert_equal(median_only, mac_weighted_update(g, [spec[d][0] for d in order], [4 * FULL] * 4 + [10 * 4 * FULL]))
     _, refused, _ = _run(api, g, spec, on_claim_outlier="refuse")
     assert refused["refused"] == 1 and refused["accepted"] == 4
 
@@ -465,7 +471,8 @@ def test_fedavg_baselines_bound_updates_too(cls) -> None:
 def test_round_bounds_repr_and_defaults() -> None:
     b = RoundBounds()
     assert (b.update_bound, b.on_outlier, b.claim_bound, b.on_claim_outlier, b.robust) == (10.0, "refuse", 10.0, "clip", None)
-    assert "update_bound=10.0" in repr(b)
+    assert b.share_bound == 4.0
+    assert "update_bound=10.0" in repr(b) and "share_bound=4.0" in repr(b)
 
 
 def test_zero_weight_replies_are_not_screened() -> None:

@@ -65,11 +65,14 @@ def build_model(
     channels_last : bool
         Store the 4-D weights channels-last (NHWC), as ``model.to(memory_format=
         torch.channels_last)`` does. Convolutions follow the weight's layout, so inputs need no
-        conversion and every activation stays channels-last. On CPU (oneDNN) this is the fast
-        layout for these narrow convolutions, in particular for the compact ones that dropout
-        produces: ``scripts/bench_dropout.py`` times both layouts side by side. Values, names
-        and shapes of parameters are the same in both layouts. ``False`` keeps the classic
-        contiguous (NCHW) layout.
+        conversion and every activation stays channels-last. Which layout is faster depends on
+        the CPU, the model, the batch size and the dropout rate (channels-last was 0.71x NCHW on
+        one CPU and slower than NCHW for compact steps on another), so the runner does not rely
+        on this default: its ``layout: auto`` measures both per machine
+        (:func:`flwr_distreal.layout.resolve_layout`) and passes the answer here;
+        ``scripts/bench_layout_precision.py`` times both side by side. Values, names and shapes
+        of parameters are the same in both layouts. ``False`` keeps the classic contiguous
+        (NCHW) layout.
     **kwargs
         Builder options, e.g. ``widths`` (filters per dropout layer, for natively narrow
         reference networks and HeteroFL submodels). ``None`` values are dropped so that unset

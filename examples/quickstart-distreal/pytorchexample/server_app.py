@@ -17,7 +17,8 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(0)
     model = Net()
     full_macs = count_macs(make_droppable(model, torch.zeros(1, 1, 8, 8)))
-    strategy = Distreal(full_macs_per_sample=full_macs, fraction_train=context.run_config["fraction-train"])
+    strategy = Distreal(full_macs_per_sample=full_macs, fraction_train=context.run_config["fraction-train"],
+                        batch_size=context.run_config["batch-size"], local_epochs=context.run_config["local-epochs"])
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
