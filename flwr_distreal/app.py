@@ -97,6 +97,7 @@ _VALUES = {
     "deployment": "deployment",
     "min-nodes": "min_nodes",
     "round-timeout": "round_timeout",
+    "node-wait": "node_wait",
     "resume": "resume",
     "clip-norm": "clip_norm",
     "device": "device",

@@ -324,7 +324,10 @@ class RunConfig:
     from its node config (``partition-id`` + ``num-partitions``, or ``data-path``); the ServerApp
     waits for ``min_nodes`` and trains every connected node each round. ``round_timeout``: seconds
     the server waits for a round's replies (late replies count as failures); null: 3600, or
-    ``2 * deadline + 60`` with ``resources=measured``. ``checkpoint_every``: rounds between two
+    ``2 * deadline + 60`` with ``resources=measured``. ``node_wait``: seconds a round waits for
+    nodes: the first round for ``min_nodes`` (deployment: the nodes to start; fewer ends the run),
+    a later one for the nodes the run has, then it goes on with those connected; null:
+    ``round_timeout`` if set, else 60. ``checkpoint_every``: rounds between two
     checkpoints of the run (``checkpoint.npz``; the last round always); ``resume``: continue the
     run in the output directory from its checkpoint (a run into a directory that holds one is
     refused without it). ``failure_threshold``: a run in which, in every round, more than this
@@ -365,6 +368,7 @@ class RunConfig:
     deployment: bool = False
     min_nodes: int = 2
     round_timeout: Optional[float] = None
+    node_wait: Optional[float] = None
     resume: bool = False
     checkpoint_every: int = 1
     failure_threshold: float = 0.5
@@ -425,6 +429,8 @@ class RunConfig:
             raise ConfigError(f"min_nodes must be >= 1, got {self.min_nodes}")
         if self.round_timeout is not None and not self.round_timeout > 0:
             raise ConfigError(f"round_timeout must be > 0 seconds (or null), got {self.round_timeout}")
+        if self.node_wait is not None and not 0 < self.node_wait < float("inf"):
+            raise ConfigError(f"node_wait must be a finite number of seconds > 0 (or null), got {self.node_wait}")
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime must be one of {list(RUNTIMES)}, got {self.runtime!r}")
         if self.round_timeout is not None and self.runtime in ("legacy", "inprocess"):

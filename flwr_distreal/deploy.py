@@ -33,6 +33,13 @@ process those start (SuperExec, ServerApp, ClientApps), carries a unique tag in 
 (:data:`flwr_distreal.local_runtime.TAG_VAR`); :meth:`LocalDeployment.stop` stops each of them by
 PID (SIGTERM, then SIGKILL) and returns the survivors. Finding the tagged processes reads
 ``/proc`` (Linux); elsewhere only the processes spawned here directly are stopped.
+
+A lost SuperNode leaves nothing behind: every SuperNode and the processes it starts (its
+``flower-superexec``, each run's ``flwr-clientapp``) also carry a tag of their own
+(:data:`NODE_TAG_VAR`), and a watchdog per SuperNode (a process in its own session) stops them
+by PID once the SuperNode is gone, however it ended (``kill -9`` included; without the watchdog
+its SuperExec and ClientApp would poll the dead SuperNode until the deployment stops).
+:meth:`LocalDeployment.kill_supernode` kills one SuperNode as a crash would, for tests.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from .local_runtime import (
     _flwr_cli,
     _free_port,
     _signal,
+    _start_watchdog,
     _tail,
     format_run_config,
     poll_until,
@@ -80,6 +88,8 @@ __all__ = [
 
 #: Name of the ``flwr`` CLI connection to the deployment's SuperLink (in the private home).
 CONNECTION = "deployment"
+#: Environment variable that marks one SuperNode's processes (SuperNode, SuperExec, ClientApps).
+NODE_TAG_VAR = "FLWR_DISTREAL_NODE_TAG"
 #: The app of this repository (the folder with ``pyproject.toml`` and ``[tool.flwr.app]``).
 DEFAULT_APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -281,6 +291,14 @@ class SuperNodeProcess:
     #: Its ``flower-supernode`` command line.
     args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = field(default=None, repr=False)
+    #: The tag its processes carry (:data:`NODE_TAG_VAR`).
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: The process that stops its SuperExec and ClientApps once it is gone (None without /proc).
+    watchdog: subprocess.Popen | None = field(default=None, repr=False)
+
+    def pids(self) -> list[int]:
+        """PIDs of its live processes: the SuperNode, its SuperExec and ClientApps (``/proc``)."""
+        return tagged_pids(self.tag)
 
     @property
     def running(self) -> bool:
@@ -564,9 +582,37 @@ class LocalDeployment:
             node.args = args
             # like a device of its own: its own working folder and Flower home (installed FABs)
             node.workdir.mkdir(parents=True, exist_ok=True)
-            node.process = self._spawn(args, node.log_path, node.workdir, FLWR_HOME=str(node.workdir / "flwr-home"))
+            node.process = self._spawn(
+                args, node.log_path, node.workdir, FLWR_HOME=str(node.workdir / "flwr-home"), **{NODE_TAG_VAR: node.tag}
+            )
+            # once the SuperNode is gone (stopped, crashed, kill -9), stop what it started
+            node.watchdog = _start_watchdog(node.process.pid, node.tag)
             self.supernodes.append(node)
         return nodes
+
+    def kill_supernode(self, node: SuperNodeProcess | int, sig: int = signal.SIGKILL) -> list[int]:
+        """Send ``sig`` (default SIGKILL) to one SuperNode's process only, as a crash or an
+        operator's ``kill -9`` would; its watchdog then stops its SuperExec and ClientApps.
+
+        Parameters
+        ----------
+        node : SuperNodeProcess or int
+            The SuperNode, or its index in :attr:`supernodes`.
+        sig : int
+            The signal.
+
+        Returns
+        -------
+        list of int
+            The PIDs of the SuperNode's processes when it was killed (SuperNode first).
+        """
+        if isinstance(node, int):
+            node = self.supernodes[node]
+        if node.process is None:
+            raise DeploymentError(f"{node.name} was never started")
+        before = [node.process.pid, *sorted(p for p in node.pids() if p != node.process.pid)]
+        _signal([node.process.pid], sig)
+        return before
 
     # -- queries ---------------------------------------------------------------------------------
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -736,6 +782,13 @@ class LocalDeployment:
                 child.wait(5)
             except subprocess.TimeoutExpired:
                 pass
+        for node in self.supernodes:  # each exits once its SuperNode is gone
+            if node.watchdog is not None:
+                try:
+                    node.watchdog.wait(max(1.0, grace_s / 2))
+                except subprocess.TimeoutExpired:
+                    node.watchdog.kill()
+                    node.watchdog.wait()
         time.sleep(0.3)
         self.survivors = sorted(alive())
         if self._own_root and not self.keep_root:

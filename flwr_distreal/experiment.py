@@ -389,6 +389,13 @@ class Experiment:
             return float(self.cfg.round_timeout)
         return 2 * self.cfg.deadline + 60 if self.measured else 3600.0
 
+    def node_wait(self) -> float:
+        """Seconds a round waits for nodes (``node_wait``; by default ``round_timeout`` when it
+        is set, else :data:`flwr_distreal.serverapp.DEFAULT_NODE_WAIT`, 60)."""
+        if self.cfg.node_wait is not None:
+            return float(self.cfg.node_wait)
+        return float(self.cfg.round_timeout) if self.cfg.round_timeout is not None else 60.0
+
     def note_replies(self, metrics: list[Mapping[str, Any]]) -> None:
         """Keep each device's last reported throughput (wall-clock mode)."""
         from .contract import PARTITION_ID, is_number
@@ -448,9 +455,10 @@ class Experiment:
             min_available_nodes=self.num_devices,
             fraction_evaluate=0.0,
             min_evaluate_nodes=0,
+            node_wait=self.node_wait(),
         )
-        if cfg.deployment:  # real nodes: wait for min_nodes, train every connected node
-            common.update(fraction_train=1.0, min_train_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes)
+        if cfg.deployment:  # real nodes: wait for min_nodes to start, train every connected node
+            common.update(fraction_train=1.0, min_train_nodes=1, min_available_nodes=cfg.min_nodes)
         own = self.strategy_kwargs()
         if cfg.strategy.name in ("distreal", "full", "small"):
             own["seed"] = cfg.seed

@@ -32,8 +32,20 @@ Per-node train config
     (:class:`FullResources`) or the node's submodel (``device-id``, ``fixed-subsets``,
     ``submodel-macs``, ``dropout-rate`` or ``width-level``/``width``) for the submodel
     baselines.
+Bounded waits for nodes
+    Flower waits for ``min_available_nodes`` without end, every round. Here
+    ``min_available_nodes`` is the number of nodes **to start**: the run's first round waits
+    for them at most ``node_wait`` seconds (default :data:`DEFAULT_NODE_WAIT`) and the run ends
+    with a :class:`NodeWaitError` naming the setting if they do not come. A later round that
+    finds fewer nodes (a SuperNode was lost) waits at most ``node_wait`` seconds, then goes on
+    with the nodes connected if at least ``min_train_nodes`` (``min_evaluate_nodes``; at least
+    1), else ends the run the same way; after such a round only a further loss makes a round
+    wait again.
 One gate, no exceptions for one bad client
-    Error replies and replies that never came count as ``failures``; stragglers are dropped;
+    Error replies and replies that never came count as ``failures``, once per node and round
+    with one reason (an error reply stands for the node its message went to: a lost node's
+    "Node Unavailable" error from the SuperLink and its missing reply are one failure);
+    stragglers are dropped;
     every other reply is validated (``ArrayRecord`` names, shapes, dtypes, finiteness; for
     DISTREAL its MACs, also against the batches the server configured for the node's
     ``round-samples``) and a bad one is refused, with its reason logged, instead of Flower's
@@ -73,6 +85,7 @@ Example
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import time
@@ -95,6 +108,7 @@ from flwr.app import (
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
 from . import contract as C
 from .aggregate import OnExcess, RefusalReason, SubmodelAggregation, ValidationResult
@@ -125,11 +139,13 @@ from .server_core import (
 
 __all__ = [
     "CONTRACT_REASONS",
+    "DEFAULT_NODE_WAIT",
     "ContractError",
     "Distreal",
     "FederatedDropout",
     "FullResources",
     "HeteroFL",
+    "NodeWaitError",
     "SmallNetwork",
     "SubmodelStrategy",
 ]
@@ -203,6 +219,36 @@ def _short_reason(reason: str, most: int = 200) -> str:
 #: What evaluate replies are weighted by (Flower's ``FedAvg`` default key).
 EVALUATE_WEIGHT_KEY = "num-examples"
 
+#: Seconds a round waits for enough nodes to connect, by default (``node_wait``).
+DEFAULT_NODE_WAIT = 60.0
+#: Seconds between two "Waiting for nodes" log lines while a round waits.
+_WAIT_LOG_EVERY_S = 10.0
+
+
+class NodeWaitError(RuntimeError):
+    """Too few nodes connected within ``node_wait`` seconds: the run cannot start (fewer than
+    ``min_available_nodes``) or go on (fewer than ``min_train_nodes`` / ``min_evaluate_nodes``)."""
+
+
+def _reply_node(sent: Mapping[str, int]) -> Callable[[Message], int]:
+    """The node a reply answers for: the destination of the message it replies to (by message
+    id), else its source node.
+
+    Flower's SuperLink synthesizes the error reply of a message whose node stopped sending
+    heartbeats ("Node Unavailable") with the SuperLink's own node id as its source; only its
+    ``reply_to_message_id`` names the message, hence the node, it stands for.
+    """
+
+    def node_of(reply: Message) -> int:
+        return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    return node_of
+
+
+def _sent_ids(messages: Iterable[Message]) -> dict[str, int]:
+    """Message id -> destination node of the messages sent (the Grid sets the ids in place)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
 
 def _check_minimums(fedavg_kwargs: Mapping[str, Any]) -> None:
     """Fail fast on inconsistent node minimums."""
@@ -235,8 +281,15 @@ class _CoreFedAvg(FedAvg):
         Timeout in seconds of the properties query; None waits for every node.
     round_samples_key : str
         Property with the samples of one round of local training.
+    node_wait : float, optional
+        Seconds a round waits for enough nodes to connect (:meth:`_wait_for_nodes`; a finite
+        number > 0). Defaults to :data:`DEFAULT_NODE_WAIT` (60).
     **fedavg_kwargs : Any
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (with its defaults).
+        ``min_available_nodes`` is the number of nodes **to start**: the run's first round
+        waits up to ``node_wait`` seconds for them, else the run ends
+        (:class:`NodeWaitError`). Later rounds go on after ``node_wait`` with the nodes still
+        connected, if at least ``min_train_nodes`` (``min_evaluate_nodes``; at least 1).
     """
 
     def __init__(
@@ -246,11 +299,16 @@ class _CoreFedAvg(FedAvg):
         seed: int,
         properties_timeout: float | None,
         round_samples_key: str,
+        node_wait: float = DEFAULT_NODE_WAIT,
         **fedavg_kwargs: Any,
     ) -> None:
         _check_minimums(fedavg_kwargs)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if not (is_number(node_wait) and math.isfinite(float(node_wait)) and float(node_wait) > 0):
+            raise ValueError(
+                f"node_wait must be a finite number of seconds > 0 (how long a round waits for nodes), got {node_wait!r}"
+            )
         if properties_timeout is not None and not (
             is_number(properties_timeout) and float(properties_timeout) > 0
         ):
@@ -272,6 +330,12 @@ class _CoreFedAvg(FedAvg):
         self._broadcast: ArrayRecord | None = None
         self._sent: list[int] = []
         self._sent_round: int | None = None
+        self._sent_messages: list[Message] = []  # this round's train messages (their ids after sending)
+        self._evaluate_messages: list[Message] = []
+        self.node_wait = float(node_wait)
+        #: Nodes a round waits for at most ``node_wait`` seconds: ``min_available_nodes`` until a
+        #: wait ran out, then the nodes the run went on with (None: the run has not started).
+        self._expected_nodes: int | None = None
 
     # -- metric keys, read from the core -----------------------------------------------
     @property
@@ -310,6 +374,9 @@ class _CoreFedAvg(FedAvg):
     def summary(self) -> None:
         """Log the sampling and gate settings, then Flower's FedAvg summary."""
         flwr_log(INFO, "\t├──> Seeded sampling: seed %s, by %r", self.seed, self.partition_id_key)
+        flwr_log(
+            INFO, "\t├──> Node wait: at most %g s (%s nodes to start)", self.node_wait, self.min_available_nodes
+        )
         flwr_log(INFO, "\t├──> Gate: stragglers by %r, refusals logged", self.straggler_key)
         flwr_log(INFO, "\t├──> Round bounds: %r", self.core.bounds)
         super().summary()
@@ -333,8 +400,9 @@ class _CoreFedAvg(FedAvg):
             )
             for node in nodes
         ]
-        replies = grid.send_and_receive(queries, timeout=self.properties_timeout)
-        return {reply.metadata.src_node_id: reply for reply in replies}
+        replies = list(grid.send_and_receive(queries, timeout=self.properties_timeout))
+        node_of = _reply_node(_sent_ids(queries))
+        return {node_of(reply): reply for reply in replies}
 
     def _learn_devices(
         self, grid: Grid, nodes: Sequence[int], what: str
@@ -448,24 +516,88 @@ class _CoreFedAvg(FedAvg):
         """What else a node without properties costs this strategy (for the warning)."""
         return ""
 
-    def _sample(
-        self, grid: Grid, fraction: float, min_nodes: int, rng: random.Random, what: str
-    ) -> list[int]:
-        """Wait for enough nodes as Flower does, then draw seeded: by device id, and the nodes
-        without one by node id after them (:func:`flwr_distreal.server_core.seeded_draw`).
+    def _wait_for_nodes(self, grid: Grid, fraction: float, min_nodes: int, what: str) -> tuple[list[int], int]:
+        """The connected nodes once enough are, waiting at most ``node_wait`` seconds.
+
+        Enough: ``min_available_nodes`` for the run's first round (the nodes **to start**), and
+        at least the round's sample size ``max(int(connected * fraction), min_nodes)``. When
+        ``node_wait`` runs out the round goes on with the nodes connected, if at least
+        ``max(1, min_nodes)`` (a warning says so, and later rounds wait only while fewer than
+        these are connected: a lost node does not cost every round ``node_wait``); else
+        :class:`NodeWaitError`. Never an unbounded wait: a node lost for good (a SuperNode
+        killed) ends the wait after ``node_wait`` seconds.
+
+        Returns
+        -------
+        tuple[list[int], int]
+            The connected node ids and the round's sample size (at most their number).
 
         Raises
         ------
+        NodeWaitError
+            If fewer than ``min_available_nodes`` nodes connected within ``node_wait`` seconds
+            of the run's start, or fewer than ``max(1, min_nodes)`` later.
+        """
+        setting = "min_evaluate_nodes" if "evaluate" in what else "min_train_nodes"
+        starting = self._expected_nodes is None
+        expected = self.min_available_nodes if starting else self._expected_nodes
+        floor = self.min_available_nodes if starting else max(1, int(min_nodes))
+        start = time.monotonic()
+        logged: float | None = None
+        while True:
+            nodes = list(grid.get_node_ids())
+            k = sample_size(len(nodes), fraction, min_nodes)
+            need = max(expected, k)  # type: ignore[type-var]
+            if len(nodes) >= need:
+                break
+            waited = time.monotonic() - start
+            if waited >= self.node_wait:
+                if len(nodes) < max(floor, 1):
+                    raise NodeWaitError(
+                        f"{what}: {len(nodes)} node{'s' if len(nodes) != 1 else ''} connected after waiting "
+                        f"node_wait={self.node_wait:g} s; "
+                        + (
+                            f"the run needs min_available_nodes={self.min_available_nodes} (run config min-nodes) to start"
+                            if starting
+                            else f"a round needs at least {max(floor, 1)} ({setting}={min_nodes}) to go on"
+                        )
+                        + ". Start (or reconnect) the SuperNodes, or raise node_wait (run config node-wait)."
+                    )
+                k = min(k, len(nodes))
+                log.warning(
+                    "%s: %s of %s nodes connected after waiting node_wait=%g s; going on with the %s connected "
+                    "(later rounds wait only while fewer than %s are connected)",
+                    what, len(nodes), need, self.node_wait, len(nodes), len(nodes),
+                )
+                self._expected_nodes = len(nodes)
+                return nodes, k
+            if logged is None or waited - logged >= _WAIT_LOG_EVERY_S:
+                logged = waited
+                flwr_log(
+                    INFO,
+                    "Waiting for nodes to connect: %d connected (minimum required: %d; at most %.0f s more, node_wait=%g).",
+                    len(nodes), need, self.node_wait - waited, self.node_wait,
+                )
+            time.sleep(max(0.0, min(1.0, self.node_wait - waited)))
+        if starting:
+            self._expected_nodes = self.min_available_nodes
+        return nodes, k
+
+    def _sample(
+        self, grid: Grid, fraction: float, min_nodes: int, rng: random.Random, what: str
+    ) -> list[int]:
+        """Wait for enough nodes, at most ``node_wait`` seconds (:meth:`_wait_for_nodes`), then
+        draw seeded: by device id, and the nodes without one by node id after them
+        (:func:`flwr_distreal.server_core.seeded_draw`).
+
+        Raises
+        ------
+        NodeWaitError
+            If too few nodes connected within ``node_wait`` seconds (:meth:`_wait_for_nodes`).
         ContractError
             If no node reports a device id and this strategy cannot sample without one.
         """
-        k = sample_size(len(list(grid.get_node_ids())), fraction, min_nodes)
-        need = max(self.min_available_nodes, k)
-        while len(nodes := list(grid.get_node_ids())) < need:
-            flwr_log(
-                INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), need
-            )
-            time.sleep(1)
+        nodes, k = self._wait_for_nodes(grid, fraction, min_nodes, what)
         devices, unidentified = self._learn_devices(grid, nodes, what)
         if unidentified and not self.samples_unidentified:
             if not devices:
@@ -515,7 +647,7 @@ class _CoreFedAvg(FedAvg):
         Iterable[Message]
             One train message per drawn node, each with its own ``ConfigRecord``.
         """
-        self._sent, self._sent_round = [], server_round
+        self._sent, self._sent_round, self._sent_messages = [], server_round, []
         if self.fraction_train == 0.0:
             return []
         self._keys = list(arrays.keys())
@@ -534,6 +666,7 @@ class _CoreFedAvg(FedAvg):
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
             self._sent.append(node)
+        self._sent_messages = messages  # the Grid gives them their ids: error replies name them
         return messages
 
     def _examples_key(self) -> str:
@@ -615,31 +748,8 @@ class _CoreFedAvg(FedAvg):
         replies = list(replies)
         if not replies and not self._sent and self._sent_round == server_round:
             return None, None
-        errors = [m for m in replies if m.has_error()]
-        valid = [m for m in replies if not m.has_error()]
-        for msg in errors:
-            node = msg.metadata.src_node_id
-            log.warning(
-                "round %s: node %s (%s %s) replied with an error: %s",
-                server_round,
-                node,
-                self.partition_id_key,
-                self._properties.get(node, {}).get(self.partition_id_key, "unknown"),
-                msg.error.reason,
-            )
-        answered = {m.metadata.src_node_id for m in replies}
-        missing = [n for n in self._sent if n not in answered]
-        for node in missing:
-            log.warning(
-                "round %s: node %s (%s %s) sent no reply",
-                server_round,
-                node,
-                self.partition_id_key,
-                self._properties.get(node, {}).get(self.partition_id_key, "unknown"),
-            )
-        outcome = self.core.aggregate(
-            server_round, [self._reply(m) for m in valid], failures=len(errors) + len(missing), logger=log
-        )
+        valid, failures = self._count_failures(server_round, replies, self._sent, self._sent_messages)
+        outcome = self.core.aggregate(server_round, [self._reply(m) for m in valid], failures=failures, logger=log)
         refusal = outcome.uniform_refusal()
         if refusal is not None and refusal.reason in CONTRACT_REASONS:
             raise ContractError(self._contract_message(server_round, refusal, len(valid)), refusal.reason)
@@ -651,6 +761,64 @@ class _CoreFedAvg(FedAvg):
         if outcome.arrays is None:
             return self._broadcast, metrics
         return self._pack(outcome.arrays), metrics
+
+    def _count_failures(
+        self, server_round: int, replies: Sequence[Message], sent: Sequence[int], messages: Sequence[Message]
+    ) -> tuple[list[Message], int]:
+        """The replies with content, and the round's failures: one per node, with one reason.
+
+        A node fails when it replied with an error or sent no reply; it counts **once**, with
+        its error's reason when it has one. A reply stands for the node its message went to
+        (:func:`_reply_node`): Flower's SuperLink answers for a node that stopped sending
+        heartbeats with an error reply of its own ("Node Unavailable", from the SuperLink's
+        node id), which must not count as a second failure beside the node's missing reply.
+        An error reply that names no message sent this round stands for one of the nodes that
+        sent no reply (each message gets at most one reply), so those count
+        ``max(missing, unattributed)``.
+
+        Returns
+        -------
+        tuple[list[Message], int]
+            The replies without error, and the number of failed nodes.
+        """
+        node_of = _reply_node(_sent_ids(messages))
+        valid = [m for m in replies if not m.has_error()]
+        answered = {node_of(m) for m in valid}
+        sent_set = set(sent)
+        failed: dict[int, str] = {}
+        unattributed: list[Message] = []
+        for msg in replies:
+            if not msg.has_error():
+                continue
+            node = node_of(msg)
+            if node in sent_set:
+                if node not in answered:
+                    failed.setdefault(node, str(msg.error.reason))
+            else:
+                unattributed.append(msg)
+        for node, reason in failed.items():
+            log.warning(
+                "round %s: node %s (%s %s) replied with an error: %s",
+                server_round, node, self.partition_id_key, self._device_of(node), reason,
+            )
+        missing = [n for n in sent if n not in answered and n not in failed]
+        for node in missing:
+            log.warning(
+                "round %s: node %s (%s %s) sent no reply", server_round, node, self.partition_id_key, self._device_of(node)
+            )
+        if unattributed:
+            log.warning(
+                "round %s: %s error repl%s for no message of this round (from node %s: %s); counted with the %s "
+                "node%s that sent no reply",
+                server_round, len(unattributed), "y" if len(unattributed) == 1 else "ies",
+                unattributed[0].metadata.src_node_id, _short_reason(str(unattributed[0].error.reason)),
+                len(missing), "" if len(missing) == 1 else "s",
+            )
+        return valid, len(failed) + max(len(missing), len(unattributed))
+
+    def _device_of(self, node: int) -> object:
+        """A node's device id for the log (``"unknown"`` before it reported one)."""
+        return self._properties.get(node, {}).get(self.partition_id_key, "unknown")
 
     def _contract_message(self, server_round: int, refusal: Refusal, received: int) -> str:
         """Why the run stops when every reply of a round was refused for ``refusal.reason``."""
@@ -691,6 +859,7 @@ class _CoreFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """No federated evaluation with ``fraction_evaluate=0``; else the evaluation nodes are
         drawn seeded, with a generator of their own."""
+        self._evaluate_messages = []
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self._sample(
@@ -698,17 +867,23 @@ class _CoreFedAvg(FedAvg):
         )
         config[C.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, nodes, MessageType.EVALUATE)
+        self._evaluate_messages = list(self._construct_messages(record, nodes, MessageType.EVALUATE))
+        return self._evaluate_messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Average the evaluate replies' metrics by ``num-examples``, as Flower's ``FedAvg``
-        does: they carry no MACs (``weighted_by_key`` weighs the train replies only)."""
-        key = self.weighted_by_key
-        self.weighted_by_key = EVALUATE_WEIGHT_KEY
-        try:
-            return super().aggregate_evaluate(server_round, replies)
-        finally:
-            self.weighted_by_key = key
+        does: they carry no MACs (``weighted_by_key`` weighs the train replies only). Failures
+        are logged and counted once per node, as in :meth:`aggregate_train`
+        (:meth:`_count_failures`)."""
+        replies = list(replies)
+        sent = [m.metadata.dst_node_id for m in self._evaluate_messages]
+        valid, failures = self._count_failures(server_round, replies, sent, self._evaluate_messages)
+        flwr_log(INFO, "aggregate_evaluate: Received %s results and %s failures", len(valid), failures)
+        if not valid:
+            return None
+        contents = [m.content for m in valid]
+        validate_message_reply_consistency(contents, EVALUATE_WEIGHT_KEY, check_arrayrecord=False)
+        return self.evaluate_metrics_aggr_fn(contents, EVALUATE_WEIGHT_KEY)
 
 
 # ---------------------------------------------------------------------------- DISTREAL
@@ -784,6 +959,10 @@ class Distreal(_CoreFedAvg):
         Property and train metric with the device id. Defaults to ``"partition-id"``.
     properties_timeout : float | None, optional
         Timeout in seconds of the properties query. Defaults to None (wait for every node).
+    node_wait : float, optional
+        Seconds a round waits for enough nodes (``min_available_nodes`` to start the run; then
+        the nodes the run has) before it goes on with the nodes connected, or ends the run with
+        :class:`NodeWaitError` (see "Bounded waits for nodes" above). Defaults to 60.
     full_macs_per_batch : float, optional
         Deprecated name of ``full_macs_per_sample`` (a ``DeprecationWarning``; same value).
     **fedavg_kwargs : Any
@@ -981,6 +1160,8 @@ class SmallNetwork(_CoreFedAvg):
         Train metric keys (MACs only for ``mean_macs``). Defaults from :mod:`flwr_distreal.contract`.
     properties_timeout : float | None, optional
         Timeout in seconds of the properties query. Defaults to None.
+    node_wait : float, optional
+        Seconds a round waits for enough nodes, as in :class:`Distreal`. Defaults to 60.
     **fedavg_kwargs : Any
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -1078,6 +1259,8 @@ class SubmodelStrategy(_CoreFedAvg):
         Every update clipped to the round's median normalised norm. Defaults to None.
     properties_timeout : float | None, optional
         Timeout in seconds of the properties query. Defaults to None.
+    node_wait : float, optional
+        Seconds a round waits for enough nodes, as in :class:`Distreal`. Defaults to 60.
     partition_id_key, round_samples_key : str, optional
         Property keys. Defaults ``"partition-id"``, ``"round-samples"``.
     straggler_key, macs_key, available_macs_key : str, optional

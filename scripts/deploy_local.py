@@ -10,6 +10,14 @@ Examples::
 
     python scripts/deploy_local.py --supernodes 3 --tls --auth --rounds 3 -- "resources='measured' deadline=10.0"
     python scripts/deploy_local.py --supernodes 2 --keep   # keep the folder (logs, certs, keys, metrics)
+    python scripts/deploy_local.py --supernodes 3 --rounds 4 --kill-at-round 2 -- "resources='measured' deadline=10.0"
+
+``--kill-at-round R`` is the node-loss test: once the ServerApp starts round R, one SuperNode
+(``--kill-node``, default the last) is killed with SIGKILL, its process alone, as a crash would;
+the script then says when that SuperNode's other processes (its ``flower-superexec`` and
+``flwr-clientapp``, stopped by the deployment's per-node watchdog) were gone, how the run ended
+and which processes were left. With the default ``min-nodes`` (all SuperNodes) the run must go
+on with the others after ``node-wait`` seconds, not hang.
 
 Text after ``--`` is more ``--run-config`` (TOML ``key=value`` pairs of ``[tool.flwr.app.config]``);
 ``deployment=true``, ``rounds``, ``min-nodes`` and ``output-dir`` are set by this script unless
@@ -55,7 +63,19 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, str]:
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, certificates, keys)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before the run is stopped (default 1800)")
     parser.add_argument("--print-logs", action="store_true", help="print the streamed run log at the end")
+    parser.add_argument(
+        "--kill-at-round", type=int, default=None, metavar="R",
+        help="kill -9 one SuperNode (its process only) once the ServerApp starts round R",
+    )
+    parser.add_argument(
+        "--kill-node", type=int, default=-1, metavar="I",
+        help="with --kill-at-round: index of the SuperNode to kill (default -1: the last)",
+    )
     args = parser.parse_args(argv)
+    if args.kill_at_round is not None and not 1 <= args.kill_at_round <= args.rounds:
+        parser.error(f"--kill-at-round must be in 1..{args.rounds} (--rounds), got {args.kill_at_round}")
+    if args.kill_at_round is not None and not -args.supernodes <= args.kill_node < args.supernodes:
+        parser.error(f"--kill-node must index one of the {args.supernodes} SuperNodes, got {args.kill_node}")
     if args.auth and not args.tls:
         parser.error("--auth needs --tls (Flower refuses SuperNode authentication without TLS)")
     if args.certs is not None and not args.tls:
@@ -113,8 +133,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(dep.supernodes)} SuperNodes connected in {time.monotonic() - t0:.1f} s: {nodes}", flush=True)
         print(f"flwr run {dep.app_dir} deployment --stream --run-config {shlex.quote(run_config)}", flush=True)
         t1 = time.monotonic()
-        result = dep.run(run_config, timeout=args.timeout)
+        killer = _Killer(dep, args.kill_at_round, args.kill_node, out) if args.kill_at_round is not None else None
+        log_path = dep.logs / "run.log"
+        result = dep.run(
+            run_config, timeout=args.timeout, log_path=log_path,
+            on_poll=(lambda: killer.poll(log_path)) if killer is not None else None,
+        )
         print(f"run {result.run_id}: {result.status} in {time.monotonic() - t1:.1f} s (details: {result.details})")
+        if killer is not None:
+            print(killer.report())
+            print(f"the ServerApp's log on nodes and failures:\n{_node_lines(log_path)}")
         if args.print_logs and result.log_path is not None:
             print(result.log_path.read_text(errors="replace"))
         metrics = out / "metrics.csv"
@@ -134,6 +162,86 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             print(f"kept {dep.root}")
     return status if not survivors else 2
+
+
+class _Killer:
+    """Kills one SuperNode with SIGKILL once the ServerApp starts round ``at_round``, then
+    watches that SuperNode's processes until they are gone."""
+
+    def __init__(self, dep: LocalDeployment, at_round: int, index: int, out: Path) -> None:
+        self.dep, self.at_round, self.index, self.out = dep, at_round, index, out
+        self.killed_at: float | None = None
+        self.killed: list[int] = []
+        self.gone_after: float | None = None
+        self.name = ""
+
+    def _round_started(self, log_path: Path) -> bool:
+        try:
+            text = log_path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        if f"[ROUND {self.at_round}/" in text:
+            return True
+        metrics = self.out / "metrics.csv"  # round R-1 recorded: round R starts now
+        try:
+            rows = metrics.read_text(errors="replace").strip().splitlines()[1:]
+        except OSError:
+            rows = []
+        return self.at_round > 1 and len(rows) >= self.at_round - 1
+
+    def poll(self, log_path: Path) -> None:
+        if self.killed_at is None:
+            if self._round_started(log_path):
+                node = self.dep.supernodes[self.index]
+                self.name = f"{node.name} (node id {node.connected_id()})"
+                before = _describe([node.process.pid, *sorted(p for p in node.pids() if p != node.process.pid)])
+                self.killed = self.dep.kill_supernode(node)
+                self.killed_at = time.monotonic()
+                print(f"round {self.at_round} started: kill -9 {self.killed[0]} = {self.name}; its processes: "
+                      f"{before}", flush=True)
+        elif self.gone_after is None and not [p for p in self.killed if _alive(p)]:
+            self.gone_after = time.monotonic() - self.killed_at
+            print(f"every process of {self.name} gone {self.gone_after:.1f} s after the kill", flush=True)
+
+    def report(self) -> str:
+        if self.killed_at is None:
+            return f"round {self.at_round} never started: no SuperNode was killed"
+        left = [p for p in self.killed if _alive(p)]
+        gone = f"all gone {self.gone_after:.1f} s after the kill" if self.gone_after is not None else f"still alive: {left}"
+        return f"killed {self.name}: its {len(self.killed)} processes {self.killed}: {gone}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _describe(pids: list[int]) -> str:
+    names = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            exe = Path(argv[0].decode()).name
+            if exe.startswith("python") and len(argv) > 1:
+                exe = Path(argv[1].decode()).name
+        except (OSError, IndexError):
+            exe = "?"
+        names.append(f"{pid} {exe}")
+    return ", ".join(names)
+
+
+def _node_lines(path: Path, most: int = 30) -> str:
+    """The run log's lines on waiting for nodes, failures and the run's end."""
+    keys = ("Waiting for nodes", "node_wait", "replied with an error", "sent no reply", "error repl", "[ROUND",
+            "Sampled", "NodeWaitError", "Run finished", "summary")
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join([line for line in lines if any(k in line for k in keys)][-most:])
 
 
 def _interrupt(signum: int, frame: object) -> None:
