@@ -4,7 +4,8 @@ Runs the Hydra runner (``python -m flwr_distreal.main``) three times with the sa
 
 1. ``interrupted``: killed with SIGKILL as soon as its ``metrics.csv`` holds ``--kill-at`` rounds;
    then the processes it started are counted every second until none is left (the runtime's
-   watchdog stops them);
+   watchdog stops them; they are found as ``scripts/kill_trials.py`` finds them: descendants,
+   their sessions, and whatever refers to the run's temporary folder);
 2. the same directory with ``resume=true``, to the end;
 3. ``uninterrupted``: the whole run in one go.
 
@@ -27,6 +28,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kill_trials import RunProcesses  # noqa: E402
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -38,22 +41,6 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def _runner(overrides: list[str], out: Path, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "flwr_distreal.main", *overrides, f"output_dir={out}", *extra]
-
-
-def _descendants_alive(tag_dir: Path) -> int:
-    """Processes whose command line mentions the runner's temporary folder (its SuperLink, Ray)."""
-    count = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            env = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if str(tag_dir).encode() in env or str(tag_dir) in cmd:
-            count += 1
-    return count
 
 
 def main() -> None:
@@ -70,18 +57,21 @@ def main() -> None:
 
     print(f"1. interrupted run, kill -9 once {args.kill_at} rounds are recorded", flush=True)
     proc = subprocess.Popen(_runner(args.overrides, interrupted, []), cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    run = RunProcesses(proc.pid, str(tmp))
     while len(_rows(interrupted / "metrics.csv")) < args.kill_at:
         if proc.poll() is not None:
             sys.exit(f"the run ended (exit {proc.returncode}) before round {args.kill_at}")
+        run.alive()
         time.sleep(0.2)
+    run.alive()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = len(_rows(interrupted / "metrics.csv"))
     start = time.monotonic()
-    alive = [_descendants_alive(tmp)]
+    alive = [len(run.alive())]
     while alive[-1] and time.monotonic() - start < 60:
         time.sleep(1)
-        alive.append(_descendants_alive(tmp))
+        alive.append(len(run.alive()))
     print(
         f"   killed after {killed_at} recorded rounds; processes of the run left each second after: {alive}",
         flush=True,
