@@ -6,29 +6,46 @@ only warns. They are pure functions over values already loaded (a dataset, a con
 path), so the experiment (:mod:`flwr_distreal.experiment`) and the DSE command
 (:mod:`flwr_distreal.dse.__main__`) call them right after reading their config.
 
-No Flower or Hydra imports; ``torch`` is imported only by :func:`check_torch_device`.
+:func:`check_run_start` gathers the checks of a run that need no data: the torch device, the
+CPUs and GPUs asked of Ray, the length of Ray's socket paths under ``TMPDIR``, and the output
+folder. The runner (:mod:`flwr_distreal.main`) calls it right after the config is validated, so
+these refusals come before any data is loaded and before Ray starts.
+
+No Flower or Hydra imports; ``torch`` is imported only where a CUDA device or GPU is asked for.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
-from collections.abc import Iterable
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
 from logging import getLogger
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .config import RunConfig
     from .data import FederatedData
 
 __all__ = [
     "LUT_STRATEGIES",
+    "RAY_RUNTIMES",
     "StartupError",
     "check_classes",
+    "check_client_resources",
     "check_output_dir",
+    "check_ray_socket_path",
+    "check_run_device",
+    "check_run_start",
     "check_seed",
     "check_torch_device",
     "check_trace_devices",
+    "ray_socket_path",
+    "ray_temp_dir",
+    "unix_socket_limit",
     "warn_unused_lut",
 ]
 
@@ -284,3 +301,276 @@ def check_output_dir(path: str | os.PathLike, key: str = "dse.output") -> Path:
         where = "is" if probe == out else f"would be created in {probe}, which is"
         raise StartupError(f"{key}={path} {where} not writable; choose a writable folder")
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# A run's start-up: device, client resources, Ray's socket paths, output folder
+# ---------------------------------------------------------------------------------------
+
+#: Values of ``runtime`` that start Ray: ``flwr-run`` (Flower's simulation engine, behind the
+#: local SuperLink) and ``legacy`` (``run_simulation`` in this process); ``inprocess`` runs its
+#: clients one after another in this process, without Ray.
+RAY_RUNTIMES: tuple[str, ...] = ("flwr-run", "legacy")
+
+#: The longest Unix socket of a Ray session with the dashboard off (as both runtimes start it):
+#: the object store's ``<session>/sockets/plasma_store`` (the raylet's is ``sockets/raylet``).
+_RAY_LONGEST_SOCKET = ("sockets", "plasma_store")
+
+#: :class:`flwr_distreal.local_runtime.LocalFlwrRuntime` puts Ray's folder at
+#: ``<base>/fdr-XXXXXXXX/ray`` (``tempfile.mkdtemp(prefix="fdr-")``: 8 random characters), where
+#: ``base`` is the temporary folder when its path has at most 40 characters, else ``/tmp``.
+_FLWR_RUNTIME_MAX_BASE = 40
+_FLWR_RUNTIME_FOLDER = "fdr-XXXXXXXX"
+
+
+def unix_socket_limit(platform: str | None = None) -> int:
+    """The longest path of a Unix domain socket, in bytes.
+
+    ``sockaddr_un.sun_path`` holds 108 bytes on Linux (104 on macOS) with the terminating NUL;
+    Ray refuses a longer socket path when it starts (``validate_socket_filepath``).
+
+    Parameters
+    ----------
+    platform : str, optional
+        ``sys.platform`` (default: this machine's).
+
+    Returns
+    -------
+    int
+        107 on Linux, 103 on macOS.
+    """
+    platform = sys.platform if platform is None else platform
+    return (104 if platform.startswith("darwin") else 108) - 1
+
+
+def _pid_digits() -> int:
+    """Digits of the largest process id of this machine (``/proc/sys/kernel/pid_max``; 7,
+    Linux's widest, where unknown)."""
+    try:
+        return len(str(int(Path("/proc/sys/kernel/pid_max").read_text()) - 1))
+    except (OSError, ValueError):
+        return 7
+
+
+def ray_socket_path(ray_tmpdir: str | os.PathLike, pid_digits: int | None = None) -> str:
+    """The longest Unix socket path Ray creates when its temporary folder is ``ray_tmpdir``.
+
+    Ray (2.x) starts a session in ``<RAY_TMPDIR>/ray/session_<YYYY-MM-DD_HH-MM-SS_ffffff>_<pid>``,
+    ``<pid>`` being the process that starts Ray (not known in advance: the widest process id of
+    this machine is assumed), and its object store listens on
+    ``<session>/sockets/plasma_store``.
+
+    Parameters
+    ----------
+    ray_tmpdir : str or PathLike
+        Ray's temporary folder (``RAY_TMPDIR``).
+    pid_digits : int, optional
+        Digits of the process id (default: those of this machine's largest one).
+
+    Returns
+    -------
+    str
+        The path, with a placeholder time stamp and process id of the same length.
+    """
+    digits = _pid_digits() if pid_digits is None else int(pid_digits)
+    session = f"session_2026-01-01_00-00-00_000000_{'9' * digits}"
+    return os.path.join(os.fspath(ray_tmpdir), "ray", session, *_RAY_LONGEST_SOCKET)
+
+
+def ray_temp_dir(runtime: str, environ: Mapping[str, str] | None = None) -> tuple[str, str, str] | None:
+    """Where a runtime puts Ray's temporary folder, and the environment variable that decides it.
+
+    ``flwr-run``: the local runtime's folder under the temporary folder (``TMPDIR``; ``/tmp``
+    when that path is longer than 40 characters), see
+    :class:`~flwr_distreal.local_runtime.LocalFlwrRuntime`. ``legacy``: Ray's own choice in this
+    process, ``RAY_TMPDIR`` if set, else ``TMPDIR`` (on Linux), else ``/tmp``.
+
+    Parameters
+    ----------
+    runtime : str
+        ``cfg.runtime``.
+    environ : Mapping, optional
+        The environment (default ``os.environ``); ``flwr-run`` reads Python's temporary folder.
+
+    Returns
+    -------
+    tuple of (str, str, str) or None
+        ``(ray_tmpdir, variable, value)``: Ray's folder, the variable that decides it and its
+        value; ``None`` for a runtime that does not start Ray.
+    """
+    environ = os.environ if environ is None else environ
+    if runtime not in RAY_RUNTIMES:
+        return None
+    if runtime == "flwr-run":
+        base = tempfile.gettempdir()
+        chosen = base if len(base) <= _FLWR_RUNTIME_MAX_BASE or not Path("/tmp").is_dir() else "/tmp"
+        return os.path.join(chosen, _FLWR_RUNTIME_FOLDER, "ray"), "TMPDIR", base
+    # ray._common.utils.get_default_system_temp_dir, which run_simulation's Ray uses here
+    if "RAY_TMPDIR" in environ:
+        return environ["RAY_TMPDIR"], "RAY_TMPDIR", environ["RAY_TMPDIR"]
+    if sys.platform.startswith("linux") and "TMPDIR" in environ:
+        return environ["TMPDIR"], "TMPDIR", environ["TMPDIR"]
+    if sys.platform.startswith(("linux", "darwin")):
+        return "/tmp", "TMPDIR", "/tmp"
+    base = tempfile.gettempdir()
+    return base, "TMPDIR", base
+
+
+def check_ray_socket_path(ray_tmpdir: str | os.PathLike, variable: str, value: str, runtime: str) -> str:
+    """Refuse a temporary folder whose path leaves Ray's sockets too long to create.
+
+    Without this, Ray fails when it starts, inside the run ("AF_UNIX path length cannot exceed
+    107 bytes"), after the data is loaded and the run's processes have started.
+
+    Parameters
+    ----------
+    ray_tmpdir : str or PathLike
+        Ray's temporary folder (see :func:`ray_temp_dir`).
+    variable : str
+        The environment variable that decides it (named in the error).
+    value : str
+        Its value.
+    runtime : str
+        ``cfg.runtime`` (named in the error).
+
+    Returns
+    -------
+    str
+        The longest socket path (:func:`ray_socket_path`).
+
+    Raises
+    ------
+    StartupError
+        If that path is longer than :func:`unix_socket_limit` bytes.
+    """
+    path = ray_socket_path(ray_tmpdir)
+    size, limit = len(path.encode()), unix_socket_limit()
+    if size > limit:
+        fits = len(str(value).encode()) - (size - limit)
+        shorter = f"a {variable} of at most {fits} characters (e.g. {variable}=/tmp)" if fits >= 4 else f"a shorter {variable}"
+        raise StartupError(
+            f"{variable}={value} is too long for Ray (runtime={runtime}): its socket {path} would have {size} "
+            f"bytes, over the {limit} a Unix socket path may have; use {shorter}, or runtime=inprocess (no Ray)"
+        )
+    return path
+
+
+def check_run_device(value: str, key: str = "device") -> None:
+    """Refuse ``device=cuda`` (or ``cuda:<index>``) on a machine where torch sees no such GPU.
+
+    ``auto`` (CUDA when available) and ``cpu`` always work; torch is imported only for another
+    value. Without this, the first client fails inside round 1.
+
+    Parameters
+    ----------
+    value : str
+        The configured device.
+    key : str, optional
+        The config key, named in the error (default ``"device"``).
+
+    Raises
+    ------
+    StartupError
+        As :func:`check_torch_device`.
+    """
+    if str(value) in ("auto", "cpu"):
+        return
+    check_torch_device(str(value), key=key)
+
+
+def check_client_resources(
+    num_cpus: float,
+    num_gpus: float,
+    runtime: str,
+    *,
+    cpu_count: int | None = None,
+    cpus_key: str = "num_cpus_per_client",
+    gpus_key: str = "num_gpus_per_client",
+) -> None:
+    """Refuse CPUs or GPUs per client that Ray could never give a client on this machine.
+
+    Ray places a client only where its request fits; a request above what the machine has
+    leaves every client unplaced, and the run fails late ("An error was encountered", after the
+    runtime has started). ``flwr-run`` reserves whole CPUs (the request rounded up). A runtime
+    without Ray (``inprocess``) places no client: a GPU request there is only warned about.
+
+    Parameters
+    ----------
+    num_cpus, num_gpus : float
+        ``num_cpus_per_client``, ``num_gpus_per_client``.
+    runtime : str
+        ``cfg.runtime``.
+    cpu_count : int, optional
+        CPUs of the machine (default ``os.cpu_count()``).
+    cpus_key, gpus_key : str, optional
+        The config keys, named in the errors.
+
+    Raises
+    ------
+    StartupError
+        If a client asks Ray for more CPUs than the machine has, for a GPU where torch sees
+        none, or for more GPUs than torch sees.
+    """
+    if runtime not in RAY_RUNTIMES:
+        if num_gpus > 0:
+            log.warning(
+                "%s=%s is not applied by runtime=%s (no Ray: its clients run one after another in this "
+                "process, on the torch device of the key device)", gpus_key, num_gpus, runtime,
+            )
+        return
+    cpus = math.ceil(num_cpus) if runtime == "flwr-run" else num_cpus
+    have = os.cpu_count() if cpu_count is None else int(cpu_count)
+    if have and cpus > have:
+        rounded = f" (flwr run reserves whole CPUs: {cpus})" if cpus != num_cpus else ""
+        raise StartupError(
+            f"{cpus_key}={num_cpus}{rounded} but this machine has {have} CPU(s): Ray could never place a client; "
+            f"use at most {have}"
+        )
+    if num_gpus <= 0:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise StartupError(
+            f"{gpus_key}={num_gpus} but this machine has no GPU that torch can use (torch.cuda.is_available() is "
+            f"False): Ray could never place a client; set {gpus_key}=0"
+        )
+    count = int(torch.cuda.device_count())
+    if num_gpus > count:
+        raise StartupError(
+            f"{gpus_key}={num_gpus} but this machine has {count} GPU(s): Ray could never place a client; use at "
+            f"most {count} (a fraction such as 0.5 lets clients share a GPU)"
+        )
+
+
+def check_run_start(cfg: RunConfig, output_dir: str | os.PathLike | None = None, output_key: str = "output_dir") -> None:
+    """Every start-up check of a run that needs no data: call it before loading data or Ray.
+
+    In order: the output folder (:func:`check_output_dir`), the torch device
+    (:func:`check_run_device`), the CPUs and GPUs asked per client
+    (:func:`check_client_resources`) and, for a runtime that starts Ray, the length of Ray's
+    socket paths (:func:`ray_temp_dir`, :func:`check_ray_socket_path`).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The validated run configuration.
+    output_dir : str or PathLike, optional
+        The run's folder when ``cfg.output_dir`` is not set (e.g. Hydra's job folder).
+    output_key : str, optional
+        The key that sets ``output_dir``, named in its error (default ``"output_dir"``).
+
+    Raises
+    ------
+    StartupError
+        The first check that fails; its message names the key (or environment variable).
+    """
+    if cfg.output_dir:
+        check_output_dir(cfg.output_dir, key="output_dir")
+    elif output_dir is not None:
+        check_output_dir(output_dir, key=output_key)
+    check_run_device(cfg.device)
+    check_client_resources(cfg.num_cpus_per_client, cfg.num_gpus_per_client, cfg.runtime)
+    ray = ray_temp_dir(cfg.runtime)
+    if ray is not None:
+        check_ray_socket_path(*ray, runtime=cfg.runtime)

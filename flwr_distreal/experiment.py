@@ -98,7 +98,7 @@ class Experiment:
                 f"resources={cfg.resources.kind} trace is tied to the dataset's devices, not to real nodes"
             )
         if not cfg.deployment and cfg.clients_per_round > self.num_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"clients_per_round={cfg.clients_per_round} exceeds the {self.num_devices} devices of {cfg.dataset.name}"
             )
         warn_unused_lut(cfg.strategy.name, cfg.lut)
@@ -111,7 +111,7 @@ class Experiment:
         self.model_name = cfg.model.small if cfg.strategy.name == "small" else cfg.model.name
         probe = build_model(self.model_name, self.num_classes)
         if tuple(probe.input_shape) != tuple(self.data.input_shape):
-            raise ValueError(
+            raise ConfigError(
                 f"model {self.model_name} takes input {probe.input_shape} but dataset {cfg.dataset.name} "
                 f"has {self.data.input_shape}"
             )

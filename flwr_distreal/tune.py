@@ -59,6 +59,7 @@ from typing import Any
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .checks import check_run_start
 from .config import RUNTIMES, STRATEGIES, ConfigError, RunConfig, register_configs, to_run_config
 
 __all__ = [
@@ -380,6 +381,8 @@ def _plan(settings: TuneSettings, base: Sequence[str]) -> tuple[list[_Run], dict
                     raise TuneError(f"tune: the run {entry.name} lr={lr} seed={seed} does not compose: {err}") from err
                 matches.setdefault(entry.name, _match_of(entry, node))
                 runs.append(_Run(entry, lr, seed, cfg, out / entry.folder / f"lr{lr:g}_seed{seed}"))
+    if runs:  # device, CPUs/GPUs, Ray's TMPDIR and the output folder are the same for every run
+        check_run_start(dataclasses.replace(runs[0].cfg, output_dir=None), out, output_key="tune.output")
     return runs, matches
 
 
@@ -821,7 +824,12 @@ def settings_from(node: DictConfig) -> TuneSettings:
 
 
 def main() -> None:
-    """``python -m flwr_distreal.tune [overrides]`` (Hydra, ``conf/tune.yaml``)."""
+    """``python -m flwr_distreal.tune [overrides]`` (Hydra, ``conf/tune.yaml``).
+
+    A refused setting or run config ends with one line ``error: <message>`` and exit code 2, a
+    failed run with one line and exit code 1, as in :mod:`flwr_distreal.main` (``DISTREAL_DEBUG=1``:
+    the traceback).
+    """
     import hydra
 
     register_configs()
@@ -833,12 +841,15 @@ def main() -> None:
         from hydra.core.hydra_config import HydraConfig
 
         from .callbacks import route_flower_logs
+        from .main import one_line_errors
 
         route_flower_logs()  # Flower's records through the job's handlers only (no duplicate lines)
         task = list(HydraConfig.get().overrides.task)
-        settings = settings_from(cfg.tune)
+        with one_line_errors(startup=True):  # a bad setting: one line and exit code 2 (main's rules)
+            settings = settings_from(cfg.tune)
         command = " ".join(["python -m flwr_distreal.tune", *(shlex.quote(o) for o in task)])
-        results = run_tuning(settings, task, command=command)
+        with one_line_errors():
+            results = run_tuning(settings, task, command=command)
         for name, r in results.items():
             log.info("%s: lr %s", name, r["lr"])
 
