@@ -31,7 +31,8 @@ The ServerApp checks the number of SuperNodes before round 1 and stops the run w
 Relative paths (``output-dir``, ``lut``, dataset roots) resolve against the working directory
 of the process that runs the app, i.e. of the local SuperLink (the directory the first
 ``flwr run`` that started it ran in). Without ``output-dir`` a run writes to
-``outputs/flwr_run/<run id>/``: ``config.yaml``, ``metrics.csv`` (one row per round) and
+``outputs/flwr_run/<run id>/``: ``config.yaml``, ``metrics.csv`` (one row per round),
+``draws.csv`` (the devices drawn each round), ``run.json`` (the LUT's SHA-256) and
 ``accuracy.png``.
 """
 
@@ -369,9 +370,10 @@ def _client_app():
 class RecordingMessageStrategy(Strategy):
     """Delegates every hook to a Message-API strategy, numbering rounds from ``offset + 1`` (a
     resumed run goes on where its checkpoint left it: clients seed their draws and place the round
-    on their clock by the round number), and hands each round's train metrics to a
-    :class:`~flwr_distreal.experiment.MetricsRecorder` (evaluation reaches it through
-    ``evaluate_fn``), so ``metrics.csv`` grows as the run goes."""
+    on their clock by the round number), and hands each round's train metrics and the devices the
+    strategy drew (its ``last_drawn``) to a :class:`~flwr_distreal.experiment.MetricsRecorder`
+    (evaluation reaches it through ``evaluate_fn``), so ``metrics.csv`` and ``draws.csv`` grow as
+    the run goes."""
 
     def __init__(
         self,
@@ -389,7 +391,15 @@ class RecordingMessageStrategy(Strategy):
         self.inner.summary()
 
     def configure_train(self, server_round, arrays, config, grid):
-        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+        messages = self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+        self._record_draw(server_round, "train")
+        return messages
+
+    def _record_draw(self, server_round: int, phase: str) -> None:
+        """Hand the devices the strategy just drew (``last_drawn``, if it keeps one) to the recorder."""
+        drawn = getattr(self.inner, "last_drawn", None)
+        if isinstance(drawn, dict) and hasattr(self.recorder, "on_draw"):
+            self.recorder.on_draw(server_round + self.offset, phase, list(drawn.get(phase, [])))
 
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
@@ -402,7 +412,9 @@ class RecordingMessageStrategy(Strategy):
         return arrays, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+        messages = self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+        self._record_draw(server_round, "evaluate")
+        return messages
 
     def aggregate_evaluate(self, server_round, replies):
         return self.inner.aggregate_evaluate(server_round + self.offset, replies)
@@ -428,7 +440,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     ckpt = check_run_dir(out, cfg)  # refuses a directory that holds a run, or a resume that does not fit
     if not cfg.deployment:  # simulation: one SuperNode per device of the dataset
         wait_for_supernodes(grid.get_node_ids, exp.num_devices, f"device of {cfg.dataset.name}")
-    recorder = start_output(out, cfg, ckpt.rows if ckpt else None)
+    recorder = start_output(out, cfg, ckpt.rows if ckpt else None, exp)  # also run.json: the LUT's SHA-256
     done = ckpt.round if ckpt else 0
     if cfg.deployment:
         log(
@@ -481,5 +493,5 @@ def _server_main(grid: Grid, context: Context) -> None:
     else:
         log(INFO, "the checkpoint in %s already holds all %s rounds", out, cfg.rounds)
     finish_output(out, cfg, recorder)
-    log(INFO, "%s", summary_line(cfg, recorder.rows))
+    log(INFO, "%s", summary_line(cfg, recorder.rows, out))
     check_failures(recorder.rows, cfg.failure_threshold)

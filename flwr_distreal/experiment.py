@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,11 @@ from flwr.server.strategy import Strategy
 __all__ = ["Experiment", "NodeConfigError", "RunDirectoryError", "RunFailedError", "MetricsRecorder", "RecordingStrategy", "run_experiment"]
 
 log = logging.getLogger(__name__)
+
+#: The per-round log of the devices drawn (:class:`MetricsRecorder`), beside ``metrics.csv``.
+DRAWS_FILE = "draws.csv"
+#: The run's record of what it used (the LUT and its SHA-256), beside ``metrics.csv``.
+RUN_RECORD_FILE = "run.json"
 
 #: Uniform LUT used when no DSE LUT is configured: rates 0, 0.01, ..., 0.5.
 UNIFORM_RATES = [round(0.01 * i, 2) for i in range(51)]
@@ -117,6 +122,8 @@ class Experiment:
             )
         # Loaded and checked once, here: a LUT that does not fit the model fails before the
         # simulation, not in every client; the clients share it (their models are all `probe`'s).
+        #: Which LUT the run uses, for ``run.json`` (:func:`lut_record`; no LUT but DISTREAL's).
+        self.lut_record: dict[str, Any] = {"lut": None, "lut_sha256": None}
         self.lut: LUT | None = self._load_lut(probe) if cfg.strategy.name == "distreal" else None
         self.full_forward_macs = count_macs(build_model(cfg.model.name, self.num_classes))
         self.factor = cfg.resources.step_macs_factor
@@ -169,19 +176,24 @@ class Experiment:
         """DISTREAL's LUT (``lut``): ``learned``, the DSE's LUT shipped for the model
         (:meth:`LUT.learned`); ``uniform``, equal rates in every layer; or a LUT file (checked
         against the model). Logs which one the run uses."""
+        from .lut import SHIPPED_DIR
+
         spec = str(self.cfg.lut)
+        file: Path | None = None
         if spec == "uniform":
             lut, source = LUT.uniform(model, UNIFORM_RATES), "uniform (the same rate in every layer, 0 to 0.5)"
         elif spec == "learned":
-            lut = LUT.learned(model)
+            lut, file = LUT.learned(model), SHIPPED_DIR / f"{model.model_name}.json"
             source = f"learned (flwr_distreal/luts/{model.model_name}.json"
             if "recosted_from_classes" in lut.meta:
                 source += f", learned with {lut.meta['recosted_from_classes']} classes, MACs recomputed for {model.num_classes}"
             source += ")"
         else:
-            lut, source = LUT.load(spec, model), spec
+            lut, source, file = LUT.load(spec, model), spec, Path(spec)
+        self.lut_record = lut_record(spec, lut, file)
         log.info(
-            "DISTREAL LUT: %s; %d vectors, %.3g to %.3g M MACs", source, len(lut), lut.min_macs / 1e6, lut.max_macs / 1e6
+            "DISTREAL LUT: %s; %d vectors, %.3g to %.3g M MACs; sha256 %s (%s)", source, len(lut), lut.min_macs / 1e6,
+            lut.max_macs / 1e6, self.lut_record["lut_sha256"], self.lut_record["lut_sha256_of"],
         )
         self.lut_source = source
         return lut
@@ -473,6 +485,43 @@ class NodeConfigError(ValueError):
     """A SuperNode's node config does not say which data the node trains on."""
 
 
+#: What ``lut_sha256`` hashes for a LUT the run generates (``lut=uniform``) rather than reads.
+CANONICAL_LUT = "canonical JSON of the LUT as used: LUT.to_dict(), sorted keys, no spaces, UTF-8"
+
+
+def lut_record(spec: str, lut: LUT, file: Path | None) -> dict[str, Any]:
+    """Which LUT a run uses, for its audit trail (``run.json``).
+
+    Parameters
+    ----------
+    spec : str
+        The config's ``lut``: ``learned``, ``uniform`` or a file.
+    lut : LUT
+        The LUT as the run uses it.
+    file : Path or None
+        The file it was read from (the shipped one for ``learned``); None when generated.
+
+    Returns
+    -------
+    dict
+        ``lut`` (the spec), ``lut_file``, ``lut_sha256`` (SHA-256 of the file's bytes, or for a
+        generated LUT of :data:`CANONICAL_LUT`), ``lut_sha256_of`` (``"file"`` or
+        :data:`CANONICAL_LUT`) and ``lut_content_sha256`` (:data:`CANONICAL_LUT`, always: it also
+        tells apart a learned LUT whose MACs were recomputed for another number of classes).
+    """
+    import hashlib
+
+    canonical = json.dumps(lut.to_dict(), sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
+    content = hashlib.sha256(canonical).hexdigest()
+    return {
+        "lut": spec,
+        "lut_file": str(file) if file is not None else None,
+        "lut_sha256": hashlib.sha256(file.read_bytes()).hexdigest() if file is not None else content,
+        "lut_sha256_of": "file" if file is not None else CANONICAL_LUT,
+        "lut_content_sha256": content,
+    }
+
+
 class MetricsRecorder:
     """Collects one row per round and writes ``metrics.csv`` as the run goes.
 
@@ -482,8 +531,15 @@ class MetricsRecorder:
     aggregated), resources (``mean_macs``, ``mean_utilisation``), the recipe's ``lr`` of the round,
     ``update_norm`` (L2 norm of the aggregated update: the new global model minus the previous one,
     over floating-point entries) and the clocks (``sim_time``, ``wall_time``).
+
+    Beside it, ``draws.csv`` (:attr:`DRAW_FIELDS`): per round, the devices (partition ids, sorted,
+    space-separated) drawn for training and for federated evaluation (empty: none drawn, as with
+    the runner's server-side evaluation), from :meth:`on_draw`; written with the round's metrics
+    row, so both files hold the same rounds. For one seed every method draws the same devices.
+    A resumed run keeps the rows of the rounds it resumes after and appends the rest.
     """
 
+    DRAW_FIELDS = ["round", "train_devices", "evaluate_devices"]
     FIELDS = [
         "round", "accuracy", "loss", "received", "failures", "stragglers", "refused", "clipped", "accepted",
         "mean_macs", "mean_utilisation", "lr", "update_norm", "sim_time", "wall_time",
@@ -501,6 +557,7 @@ class MetricsRecorder:
         self.lr_fn = lr_fn
         self.rows: list[dict[str, Any]] = [dict(r) for r in rows or []]
         self._fit: dict[int, dict[str, Scalar]] = {}
+        self._draws: dict[int, dict[str, str]] = {}
         self._previous: list | None = None
         # a resumed run's wall time goes on from where the checkpoint left it
         self._start = time.perf_counter() - (float(self.rows[-1]["wall_time"]) if self.rows else 0.0)
@@ -512,6 +569,27 @@ class MetricsRecorder:
                 writer.writeheader()
                 writer.writerows({k: r.get(k, "") for k in self.FIELDS} for r in self.rows)
             os.replace(tmp, path)
+            self._start_draws(path.with_name(DRAWS_FILE))
+
+    def _start_draws(self, path: Path) -> None:
+        """Write ``draws.csv``: a fresh run's header, or a resumed run's rows up to the round it
+        resumes after (a round drawn but not checkpointed is drawn again, alike)."""
+        done = int(self.rows[-1]["round"]) if self.rows else 0
+        kept: list[dict[str, str]] = []
+        if done and path.is_file():
+            kept = [r for r in _read_csv(path) if str(r.get("round", "")).isdigit() and int(r["round"]) <= done]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.DRAW_FIELDS)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in self.DRAW_FIELDS} for r in kept)
+        os.replace(tmp, path)
+
+    def on_draw(self, server_round: int, phase: str, devices: Sequence[int | str]) -> None:
+        """The devices drawn in round ``server_round`` for ``phase`` (``"train"`` or ``"evaluate"``)."""
+        if phase not in ("train", "evaluate"):
+            raise ValueError(f"phase must be 'train' or 'evaluate', got {phase!r}")
+        self._draws.setdefault(server_round, {})[f"{phase}_devices"] = " ".join(str(d) for d in devices)
 
     def on_fit(self, server_round: int, metrics: dict[str, Scalar]) -> None:
         self._fit[server_round] = dict(metrics)
@@ -555,6 +633,11 @@ class MetricsRecorder:
         if self.path is not None:
             with self.path.open("a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.FIELDS).writerow(row)
+            draws = self._draws.pop(server_round, {})
+            with self.path.with_name(DRAWS_FILE).open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.DRAW_FIELDS).writerow(
+                    {"round": server_round, "train_devices": "", "evaluate_devices": "", **draws}
+                )
         log.info(
             "round %s: accuracy %.4f loss %.4f stragglers %s/%s mean utilisation %.3f (%.1f s)",
             server_round, row["accuracy"], row["loss"], row["stragglers"], row["received"],
@@ -577,7 +660,10 @@ class RecordingStrategy(Strategy):
         return self.inner.initialize_parameters(client_manager)
 
     def configure_fit(self, server_round, parameters, client_manager):
-        return self.inner.configure_fit(server_round, parameters, client_manager)
+        pairs = self.inner.configure_fit(server_round, parameters, client_manager)
+        drawn = getattr(self.inner, "last_sampled", [client for client, _ in pairs])
+        self.recorder.on_draw(server_round, "train", _client_devices(drawn, client_manager))
+        return pairs
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures):
         params, metrics = self.inner.aggregate_fit(server_round, results, failures)
@@ -585,7 +671,11 @@ class RecordingStrategy(Strategy):
         return params, metrics
 
     def configure_evaluate(self, server_round, parameters, client_manager):
-        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+        # Flower's legacy loop evaluates federated after the server-side evaluation that closes the
+        # round's row: recorded only when federated evaluation comes first (not in this runner)
+        pairs = self.inner.configure_evaluate(server_round, parameters, client_manager)
+        self.recorder.on_draw(server_round, "evaluate", _client_devices([c for c, _ in pairs], client_manager))
+        return pairs
 
     def aggregate_evaluate(self, server_round, results, failures):
         return self.inner.aggregate_evaluate(server_round, results, failures)
@@ -602,6 +692,16 @@ class RecordingStrategy(Strategy):
         else:  # the initial model: the reference of round 1's update
             self.recorder.set_global(arrays)
         return out
+
+
+def _client_devices(clients: Sequence[ClientProxy], client_manager: ClientManager) -> list[int | str]:
+    """Legacy API: the sorted device ids of ``clients`` (the seeded client manager's cached
+    ``partition-id``; ``"client <cid>"`` where it knows none)."""
+    known = client_manager.device_ids(list(clients)) if hasattr(client_manager, "device_ids") and clients else {}
+    return [
+        *sorted(known[c.cid] for c in clients if c.cid in known),
+        *sorted(f"client {c.cid}" for c in clients if c.cid not in known),
+    ]
 
 
 class RunDirectoryError(ValueError):
@@ -680,12 +780,20 @@ def check_failures(rows: list[dict[str, Any]], threshold: float) -> None:
         )
 
 
-def start_output(out: Path | None, cfg: RunConfig, rows: list[dict[str, Any]] | None = None) -> MetricsRecorder:
-    """Create the run directory, write the resolved ``config.yaml`` and return the recorder
-    that writes ``metrics.csv`` there (``out=None``: record in memory only); ``rows``: the rows of
-    a resumed run so far (``metrics.csv`` is rewritten with exactly those)."""
+def start_output(
+    out: Path | None,
+    cfg: RunConfig,
+    rows: list[dict[str, Any]] | None = None,
+    exp: Experiment | None = None,
+) -> MetricsRecorder:
+    """Create the run directory, write the resolved ``config.yaml`` (and with ``exp``, the run
+    record ``run.json``, :func:`write_run_record`) and return the recorder that writes
+    ``metrics.csv`` and ``draws.csv`` there (``out=None``: record in memory only); ``rows``: the
+    rows of a resumed run so far (``metrics.csv`` is rewritten with exactly those)."""
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        if exp is not None:  # first: a resume with another LUT is refused before anything is written
+            write_run_record(out, cfg, exp.lut_record, int(rows[-1]["round"]) if rows else 0)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
     from .recipe import Recipe
 
@@ -693,10 +801,76 @@ def start_output(out: Path | None, cfg: RunConfig, rows: list[dict[str, Any]] | 
     return MetricsRecorder(out / "metrics.csv" if out is not None else None, cfg.deadline, rows, lr_fn)
 
 
-def summary_line(cfg: RunConfig, rows: list[dict[str, Any]]) -> str:
-    """End-of-run summary: final accuracy and the failures, refusals and stragglers of the run."""
+def write_run_record(out: Path, cfg: RunConfig, lut: Mapping[str, Any], resumed_after: int = 0) -> dict[str, Any]:
+    """Write the run's record ``run.json``: what the run used that ``config.yaml`` names only
+    (the LUT's SHA-256, :func:`lut_record`), and where the drawn devices are logged.
+
+    A fresh run (``resumed_after=0``) writes it; a resumed one keeps it and appends
+    ``{"after_round": resumed_after, "runtime": ...}`` to its ``resumed``.
+
+    Raises
+    ------
+    RunDirectoryError
+        If a resume would use another LUT (other bytes) than the run started with, naming both
+        hashes.
+    """
+    path = out / RUN_RECORD_FILE
+    record: dict[str, Any] = {
+        "strategy": cfg.strategy.name, "dataset": cfg.dataset.name, "model": cfg.model.name, "seed": cfg.seed,
+        "runtime": cfg.runtime, "deployment": cfg.deployment, **dict(lut), "draws": DRAWS_FILE, "resumed": [],
+    }
+    if resumed_after and path.is_file():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise RunDirectoryError(f"{path} is not a readable run record ({err}); move it away or restore it") from err
+        if before.get("lut_sha256") != lut.get("lut_sha256"):
+            raise RunDirectoryError(
+                f"resume=true but the LUT differs from the one the run in {out} started with: lut={lut.get('lut')!r} "
+                f"has sha256 {lut.get('lut_sha256')}, {path} records {before.get('lut_sha256')} "
+                f"(lut={before.get('lut')!r}); restore that LUT or start a fresh run (nothing was changed)"
+            )
+        record = before
+    if resumed_after:
+        record.setdefault("resumed", []).append({"after_round": int(resumed_after), "runtime": cfg.runtime})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return record
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV text file as strings.
+
+    Raises
+    ------
+    RunDirectoryError
+        If it cannot be read (not UTF-8, malformed), naming it.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error, OSError) as err:
+        raise RunDirectoryError(
+            f"{path} is not a readable CSV file ({type(err).__name__}: {err}); move it away or restore it "
+            "(nothing was changed)"
+        ) from err
+
+
+def summary_line(cfg: RunConfig, rows: list[dict[str, Any]], output_dir: str | os.PathLike | None = None) -> str:
+    """End-of-run summary: final accuracy and the failures, refusals and stragglers of the run;
+    with ``output_dir``, the LUT's SHA-256 from its ``run.json`` (DISTREAL)."""
+    lut = ""
+    record = Path(output_dir) / RUN_RECORD_FILE if output_dir is not None else None
+    if record is not None and record.is_file():
+        try:
+            sha = json.loads(record.read_text(encoding="utf-8")).get("lut_sha256")
+        except (OSError, UnicodeDecodeError, ValueError):
+            sha = None
+        if sha:
+            lut = f"; LUT {cfg.lut} sha256 {sha[:16]}"
     if not rows:
-        return f"{cfg.strategy.name}: no round completed"
+        return f"{cfg.strategy.name}: no round completed{lut}"
 
     def total(key: str) -> int:
         return int(sum(float(r.get(key, 0) or 0) for r in rows))
@@ -704,7 +878,7 @@ def summary_line(cfg: RunConfig, rows: list[dict[str, Any]]) -> str:
     return (
         f"{cfg.strategy.name}: {len(rows)} rounds, final accuracy {float(rows[-1]['accuracy']):.4f}; "
         f"failures {total('failures')}, refused {total('refused')}, clipped {total('clipped')}, "
-        f"stragglers {total('stragglers')} (of {total('received') + total('failures')} sampled)"
+        f"stragglers {total('stragglers')} (of {total('received') + total('failures')} sampled){lut}"
     )
 
 
@@ -739,8 +913,9 @@ def run_experiment(
     cfg : RunConfig
         The validated run configuration.
     output_dir : path, optional
-        Where ``metrics.csv``, ``config.yaml`` and ``accuracy.png`` go. The ``flwr-run`` runtime
-        needs one: without it, the run writes to a temporary folder that is removed after.
+        Where ``metrics.csv``, ``draws.csv``, ``run.json``, ``config.yaml`` and ``accuracy.png`` go.
+        The ``flwr-run`` runtime needs one: without it, the run writes to a temporary folder that
+        is removed after.
     show_rounds : bool, optional
         Print a line per finished round (default); a sweep prints a line per run instead.
 
@@ -981,7 +1156,7 @@ def run_legacy_simulation(cfg: RunConfig, output_dir: str | os.PathLike | None =
     cfg : RunConfig
         The validated run configuration.
     output_dir : path, optional
-        Where ``metrics.csv``, ``config.yaml`` and ``accuracy.png`` go.
+        Where ``metrics.csv``, ``draws.csv``, ``run.json``, ``config.yaml`` and ``accuracy.png`` go.
 
     Returns
     -------
@@ -1002,7 +1177,7 @@ def run_legacy_simulation(cfg: RunConfig, output_dir: str | os.PathLike | None =
     check_run_dir(out, cfg)
     cfg_dict = dataclasses.asdict(cfg)
     exp = _experiment_for(json.dumps(cfg_dict, sort_keys=True))
-    recorder = start_output(out, cfg)
+    recorder = start_output(out, cfg, exp=exp)
     _log_start(cfg, exp, "legacy run_simulation")
 
     def server_fn(context: Context) -> ServerAppComponents:

@@ -336,6 +336,9 @@ class _CoreFedAvg(FedAvg):
         #: Nodes a round waits for at most ``node_wait`` seconds: ``min_available_nodes`` until a
         #: wait ran out, then the nodes the run went on with (None: the run has not started).
         self._expected_nodes: int | None = None
+        #: The devices (partition ids; ``"node <id>"`` for a node without one) the last
+        #: ``configure_train`` / ``configure_evaluate`` drew, sorted: the run's audit trail.
+        self.last_drawn: dict[str, list[int | str]] = {"train": [], "evaluate": []}
 
     # -- metric keys, read from the core -----------------------------------------------
     @property
@@ -621,6 +624,13 @@ class _CoreFedAvg(FedAvg):
         flwr_log(INFO, "%s: Sampled %s nodes (out of %s)", what, len(picked), len(nodes))
         return picked
 
+    def _drawn_devices(self, nodes: Sequence[int]) -> list[int | str]:
+        """The devices of drawn ``nodes``, sorted: partition ids, then ``"node <id>"`` for a node
+        that reports none."""
+        ids = [as_device_id(self._properties.get(n, {}).get(self.partition_id_key)) for n in nodes]
+        named = sorted(i for i in ids if i is not None)
+        return [*named, *sorted(f"node {n}" for n, i in zip(nodes, ids) if i is None)]
+
     # -- train -------------------------------------------------------------------------
     def _node_configs(self, server_round: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
         """Extra train config per node; a node missing from the result is not trained."""
@@ -648,6 +658,7 @@ class _CoreFedAvg(FedAvg):
             One train message per drawn node, each with its own ``ConfigRecord``.
         """
         self._sent, self._sent_round, self._sent_messages = [], server_round, []
+        self.last_drawn["train"] = []
         if self.fraction_train == 0.0:
             return []
         self._keys = list(arrays.keys())
@@ -656,6 +667,7 @@ class _CoreFedAvg(FedAvg):
         nodes = self._sample(
             grid, self.fraction_train, self.min_train_nodes, self._train_rng, "configure_train"
         )
+        self.last_drawn["train"] = self._drawn_devices(nodes)
         config[C.SERVER_ROUND] = server_round
         extra = self._node_configs(server_round, nodes)
         messages: list[Message] = []
@@ -859,12 +871,14 @@ class _CoreFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """No federated evaluation with ``fraction_evaluate=0``; else the evaluation nodes are
         drawn seeded, with a generator of their own."""
+        self.last_drawn["evaluate"] = []
         self._evaluate_messages = []
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self._sample(
             grid, self.fraction_evaluate, self.min_evaluate_nodes, self._evaluate_rng, "configure_evaluate"
         )
+        self.last_drawn["evaluate"] = self._drawn_devices(nodes)
         config[C.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         self._evaluate_messages = list(self._construct_messages(record, nodes, MessageType.EVALUATE))

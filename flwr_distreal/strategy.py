@@ -257,6 +257,7 @@ class _ResourceAwareFedAvg(FedAvg):
         """
         self.core.broadcast(server_round, parameters_to_ndarrays(parameters))
         pairs = super().configure_fit(server_round, parameters, client_manager)
+        self.last_sampled = [client for client, _ in pairs]  # the round's draw, for the audit trail
         extra = self._client_configs(server_round, [client for client, _ in pairs])
         out: list[tuple[ClientProxy, FitIns]] = []
         for client, fit_ins in pairs:
