@@ -138,7 +138,7 @@ def run_one(x, y, x_held, y_held, variant, seed: int, args) -> dict:
         pred = logits.argmax(1)
         top_share = float(torch.bincount(pred, minlength=62).max()) / len(pred)
         h = model.forward_features(x_held)
-        fc1_out = torch.relu(model.fc1(h))
+        fc1_out = torch.relu(model.fc1(h.flatten(1)))  # forward_features returns the 4x4 map
         dead_fc1 = float((fc1_out.max(0).values <= 0).float().mean())
     return {"variant": name, "seed": seed, "clip_norm": clip, "inverted_scaling": scaling, "record": rec,
             "accuracy": float(acc), "top_class_share": top_share, "dead_fc1": dead_fc1, "diverged_at": diverged_at}

@@ -13,27 +13,20 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
-from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_distreal import contract as C
 from flwr_distreal import serverapp, strategy
 from flwr_distreal.aggregate import mac_weighted_update, update_norms
 from flwr_distreal.server_core import DistrealCore, Reply, RoundBounds, max_batches_for
 
-from test_serverapp import FakeGrid, reply  # noqa: E402  (tests/ is on sys.path)
-from test_strategy import FakeProxy  # noqa: E402
+from conftest import FakeGrid, FakeProxy, reply
 
 FULL = 1000.0  # full_macs_per_sample of the toy model
 KEYS = ["conv.weight", "fc.weight", "fc.bias", "bn.num_batches_tracked"]
 APIS = ["legacy", "message"]
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages need the ServerApp's task identity, which Flower sets in a real run."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _global(seed: int = 0) -> list[np.ndarray]:

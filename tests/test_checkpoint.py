@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
 from flwr_distreal.checkpoint import (
     CHECKPOINT_FILE,
@@ -22,7 +21,6 @@ from flwr_distreal.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from flwr_distreal.config import register_configs, to_run_config
 from flwr_distreal.experiment import (
     MetricsRecorder,
     RunDirectoryError,
@@ -32,13 +30,7 @@ from flwr_distreal.experiment import (
     start_output,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-register_configs()
-
-
-def _cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_run_config(compose(config_name="config", overrides=list(overrides)))
+from conftest import run_config
 
 
 def _ckpt(cfg, rnd: int = 3) -> Checkpoint:
@@ -49,7 +41,7 @@ def _ckpt(cfg, rnd: int = 3) -> Checkpoint:
 
 
 def test_checkpoint_round_trip(tmp_path) -> None:
-    cfg = _cfg()
+    cfg = run_config()
     saved = _ckpt(cfg)
     save_checkpoint(tmp_path, saved)
     loaded = load_checkpoint(tmp_path)
@@ -62,7 +54,7 @@ def test_checkpoint_round_trip(tmp_path) -> None:
 
 
 def test_a_checkpoint_truncated_mid_write_is_never_resumed_from(tmp_path) -> None:
-    cfg = _cfg()
+    cfg = run_config()
     save_checkpoint(tmp_path, _ckpt(cfg, 2))
     good = (tmp_path / CHECKPOINT_FILE).read_bytes()
     # a writer killed mid-write leaves only its temporary file: the last whole checkpoint stays
@@ -77,13 +69,13 @@ def test_a_checkpoint_truncated_mid_write_is_never_resumed_from(tmp_path) -> Non
 
 
 def test_config_differences_name_the_keys() -> None:
-    a = dataclasses.asdict(_cfg())
-    b = dataclasses.asdict(_cfg("lr=0.2", "resources.lam=4", "rounds=50", "resume=true"))
+    a = dataclasses.asdict(run_config())
+    b = dataclasses.asdict(run_config("lr=0.2", "resources.lam=4", "rounds=50", "resume=true"))
     assert config_differences(a, b) == ["lr: 0.1 -> 0.2", "resources.lam: 1.0 -> 4.0"]
 
 
 def test_a_run_into_a_used_directory_is_refused(tmp_path) -> None:
-    cfg = _cfg()
+    cfg = run_config()
     assert check_run_dir(tmp_path, cfg) is None  # empty: a fresh run
     recorder = start_output(tmp_path, cfg)
     recorder.on_fit(1, {"received": 3})
@@ -98,14 +90,14 @@ def test_a_run_into_a_used_directory_is_refused(tmp_path) -> None:
 
 def test_resume_into_an_empty_directory_or_to_fewer_rounds_is_refused(tmp_path) -> None:
     with pytest.raises(RunDirectoryError, match="holds no run to resume"):
-        check_run_dir(tmp_path / "empty", _cfg("resume=true"))
+        check_run_dir(tmp_path / "empty", run_config("resume=true"))
     tmp_path.mkdir(exist_ok=True)
     with pytest.raises(RunDirectoryError, match="holds no run to resume"):
-        check_run_dir(tmp_path, _cfg("resume=true"))
-    save_checkpoint(tmp_path, _ckpt(_cfg()))  # a checkpoint at round 3
+        check_run_dir(tmp_path, run_config("resume=true"))
+    save_checkpoint(tmp_path, _ckpt(run_config()))  # a checkpoint at round 3
     with pytest.raises(RunDirectoryError, match=r"rounds=2 is below the 3 rounds the checkpoint"):
-        check_run_dir(tmp_path, _cfg("resume=true", "rounds=2"))
-    assert check_run_dir(tmp_path, _cfg("resume=true", "rounds=3")).round == 3  # nothing left to run: fine
+        check_run_dir(tmp_path, run_config("resume=true", "rounds=2"))
+    assert check_run_dir(tmp_path, run_config("resume=true", "rounds=3")).round == 3  # nothing left to run: fine
 
 
 def test_an_unreadable_metrics_csv_is_refused_naming_the_file(tmp_path) -> None:
@@ -119,16 +111,16 @@ def test_an_unreadable_metrics_csv_is_refused_naming_the_file(tmp_path) -> None:
 
 
 def test_resume_with_another_config_is_refused_naming_the_keys(tmp_path) -> None:
-    cfg = _cfg()
+    cfg = run_config()
     save_checkpoint(tmp_path, _ckpt(cfg))
-    resumed = _cfg("resume=true", "rounds=40")  # more rounds: allowed
+    resumed = run_config("resume=true", "rounds=40")  # more rounds: allowed
     assert check_run_dir(tmp_path, resumed).round == 3
     with pytest.raises(RunDirectoryError, match=r"another config .*lr: 0.1 -> 0.3; seed: 0 -> 5"):
-        check_run_dir(tmp_path, _cfg("resume=true", "lr=0.3", "seed=5"))
+        check_run_dir(tmp_path, run_config("resume=true", "lr=0.3", "seed=5"))
 
 
 def test_resumed_metrics_keep_the_checkpoint_rows_and_go_on(tmp_path) -> None:
-    cfg = _cfg()
+    cfg = run_config()
     rows = _ckpt(cfg).rows
     (tmp_path / "metrics.csv").write_text("junk from a round after the checkpoint\n")
     recorder = start_output(tmp_path, cfg, rows)
@@ -152,7 +144,7 @@ def test_resume_and_legacy_runtime_refusal(tmp_path) -> None:
     from flwr_distreal.experiment import run_legacy_simulation
 
     with pytest.raises(RunDirectoryError, match="resume=true needs runtime=flwr-run"):
-        run_legacy_simulation(_cfg("resume=true", "runtime=legacy"), tmp_path)
+        run_legacy_simulation(run_config("resume=true", "runtime=legacy"), tmp_path)
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="the watchdog reads /proc")

@@ -24,6 +24,8 @@ from flwr_distreal.checks import (
 from flwr_distreal.data import FederatedData
 from flwr_distreal.resources import ResourceModel
 
+from conftest import run_config
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -168,15 +170,7 @@ def test_output_dir_check(tmp_path: Path) -> None:
 
 
 def _run_config(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from flwr_distreal.config import register_configs, to_run_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return to_run_config(
-            compose(config_name="config", overrides=["dataset.num_devices=4", "clients_per_round=2", *overrides])
-        )
+    return run_config("dataset.num_devices=4", "clients_per_round=2", *overrides)
 
 
 def test_a_run_refuses_at_start_up(tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ from flwr_distreal.resources import ResourceModel, r_max_for, step_macs
 from flwr_distreal.schedule import batch_sizes, plan_distreal_round
 from flwr_distreal.strategy import encode_subsets
 
+from conftest import random_images
+
 NUM_SAMPLES = 40
 BATCH = 16  # batches of 16, 16, 8
 DEVICE = 3
@@ -30,10 +32,7 @@ T = 1.0
 
 
 def _loader(num_samples: int = NUM_SAMPLES, batch: int = BATCH, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(num_samples, 1, 28, 28, generator=g)
-    y = torch.randint(0, 62, (num_samples,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+    return DataLoader(random_images(num_samples, 62, seed), batch_size=batch, shuffle=False)
 
 
 def _model(seed: int = 0, name: str = "femnist_cnn"):

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from flwr_distreal import contract as C
 from flwr_distreal.client import BaselineClient, DistrealClient, TrainerClient
@@ -33,23 +32,16 @@ from flwr_distreal.resources import ResourceModel, r_max_for, step_macs
 from flwr_distreal.schedule import batch_sizes
 from flwr_distreal.training import BaselineTrainer, DistrealTrainer, get_weights
 
+from conftest import random_images
+
 NUM_SAMPLES, BATCH, DEVICE = 40, 16, 3
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages take their sender from the process's task identity, which Flower sets in a real
-    ServerApp/ClientApp process."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _loader() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(NUM_SAMPLES, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (NUM_SAMPLES,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True, generator=torch.Generator())
+    return DataLoader(random_images(NUM_SAMPLES, 10), batch_size=BATCH, shuffle=True, generator=torch.Generator())
 
 
 def _resources() -> tuple[ResourceModel, float]:

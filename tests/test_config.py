@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
@@ -30,6 +29,8 @@ from flwr_distreal.config import (
     to_run_config,
 )
 
+from conftest import compose_config
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {
     "dataset": DatasetConfig,
@@ -41,11 +42,6 @@ GROUPS = {
 NEEDS = {("resources", "trace"): ["resources.trace_path=traces.csv"], ("dataset", "npz"): ["dataset.path=data.npz"]}
 
 register_configs()
-
-
-def _compose(overrides: list[str] | None = None):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides or [])
 
 
 def _options(group: str) -> list[str]:
@@ -71,7 +67,7 @@ def test_groups_have_the_documented_options() -> None:
 
 
 def test_default_config_matches_config_yaml() -> None:
-    run = to_run_config(_compose())
+    run = to_run_config(compose_config())
     assert isinstance(run, RunConfig)
     assert (run.dataset.name, run.model.name, run.strategy.name, run.resources.kind) == (
         "digits",
@@ -87,7 +83,7 @@ def test_default_config_matches_config_yaml() -> None:
 
 @pytest.mark.parametrize(("group", "option"), _group_options())
 def test_every_group_option_composes_and_converts(group, option) -> None:
-    cfg = _compose([f"{group}={option}", *NEEDS.get((group, option), [])])
+    cfg = compose_config(f"{group}={option}", *NEEDS.get((group, option), []))
     run = to_run_config(cfg)
     node = getattr(run, group)
     assert type(node) is (STRATEGY_SCHEMAS[option] if group == "strategy" else GROUPS[group])
@@ -107,22 +103,20 @@ def test_every_group_option_composes_and_converts(group, option) -> None:
 
 
 def test_plain_dict_and_dictconfig_convert_alike() -> None:
-    cfg = _compose(["strategy=heterofl", "resources=constant", "rounds=3"])
+    cfg = compose_config("strategy=heterofl", "resources=constant", "rounds=3")
     assert to_run_config(OmegaConf.to_container(cfg)) == to_run_config(cfg)
 
 
 def test_overrides_reach_the_run_config() -> None:
     run = to_run_config(
-        _compose(
-            [
-                "rounds=3",
-                "clients_per_round=4",
-                "deadline=2.5",
-                "dataset.num_devices=6",
-                "strategy.policy=paper",
-                "resources.lam=4",
-                "+extra.note=hi",
-            ]
+        compose_config(
+            "rounds=3",
+            "clients_per_round=4",
+            "deadline=2.5",
+            "dataset.num_devices=6",
+            "strategy.policy=paper",
+            "resources.lam=4",
+            "+extra.note=hi",
         )
     )
     assert (run.rounds, run.clients_per_round, run.deadline) == (3, 4, 2.5)
@@ -137,7 +131,7 @@ def test_overrides_reach_the_run_config() -> None:
 @pytest.mark.parametrize("group", list(GROUPS))
 def test_unknown_group_option_lists_the_options(group) -> None:
     with pytest.raises(MissingConfigException) as info:
-        _compose([f"{group}=nope"])
+        compose_config(f"{group}=nope")
     msg = str(info.value)
     assert f"{group}/nope" in msg
     for option in _options(group):
@@ -151,7 +145,7 @@ def test_unknown_group_option_lists_the_options(group) -> None:
 )
 def test_wrong_type_is_refused_at_composition(override, key) -> None:
     with pytest.raises(ConfigCompositionException, match="Error merging override") as info:
-        _compose([override])
+        compose_config(override)
     assert override in str(info.value)
     assert key in str(info.value.__cause__)
 
@@ -159,18 +153,18 @@ def test_wrong_type_is_refused_at_composition(override, key) -> None:
 @pytest.mark.parametrize("override", ["foo=1", "strategy.foo=1", "resources.trace=x.csv"])
 def test_unknown_key_without_plus_is_refused(override) -> None:
     with pytest.raises(ConfigCompositionException, match=f"Could not override '{override.split('=')[0]}'"):
-        _compose([override])
+        compose_config(override)
 
 
 def test_unknown_key_with_plus_is_accepted_by_hydra() -> None:
     """Real behaviour: Hydra's ``+key=value`` adds keys even to the typed (structured) nodes."""
-    cfg = _compose(["+foo=1", "+strategy.polcy=paper"])
+    cfg = compose_config("+foo=1", "+strategy.polcy=paper")
     assert cfg.foo == 1 and cfg.strategy.polcy == "paper"
     assert OmegaConf.get_type(cfg) is RunConfig and OmegaConf.get_type(cfg.strategy) is DistrealStrategyConfig
 
 
 def test_to_run_config_refuses_keys_outside_the_schema() -> None:
-    cfg = _compose(["+strategy.polcy=paper"])
+    cfg = compose_config("+strategy.polcy=paper")
     with pytest.raises(ConfigError, match="polcy"):
         to_run_config(cfg)
 
@@ -206,7 +200,7 @@ def test_to_run_config_refuses_keys_outside_the_schema() -> None:
 )
 def test_out_of_range_values_are_refused_naming_the_key(overrides, match) -> None:
     """Also a round timeout that a runtime cannot apply: refused, never ignored in silence."""
-    cfg = _compose(overrides)  # composition accepts them: the range checks run on conversion
+    cfg = compose_config(*overrides)  # composition accepts them: the range checks run on conversion
     with pytest.raises(ConfigError, match=match) as info:
         to_run_config(cfg)
     assert isinstance(info.value, ValueError)
@@ -243,7 +237,7 @@ def test_every_strategy_has_its_schema_in_the_registry_and_its_yaml() -> None:
     ],
 )
 def test_each_strategy_composes_with_its_documented_defaults(name, expected) -> None:
-    run = to_run_config(_compose([f"strategy={name}"]))
+    run = to_run_config(compose_config(f"strategy={name}"))
     assert type(run.strategy) is STRATEGY_SCHEMAS[name]
     fields = {k: v for k, v in dataclasses.asdict(run.strategy).items() if k != "name"}
     assert fields == expected
@@ -265,14 +259,14 @@ FOREIGN = [
 @pytest.mark.parametrize(("name", "key", "value"), FOREIGN)
 def test_an_option_of_another_strategy_is_refused_at_composition(name, key, value) -> None:
     with pytest.raises(ConfigCompositionException, match=f"Could not override 'strategy.{key}'") as info:
-        _compose([f"strategy={name}", f"strategy.{key}={value}"])
+        compose_config(f"strategy={name}", f"strategy.{key}={value}")
     cause = str(info.value.__cause__)
     assert f"Key '{key}' not in '{STRATEGY_SCHEMAS[name].__name__}'" in cause
 
 
 @pytest.mark.parametrize(("name", "key", "value"), FOREIGN)
 def test_an_option_of_another_strategy_added_with_plus_is_refused_naming_the_valid_keys(name, key, value) -> None:
-    cfg = _compose([f"strategy={name}", f"+strategy.{key}={value}"])
+    cfg = compose_config(f"strategy={name}", f"+strategy.{key}={value}")
     valid = sorted(f.name for f in dataclasses.fields(STRATEGY_SCHEMAS[name]))
     with pytest.raises(ConfigError) as info:
         to_run_config(cfg)
@@ -286,8 +280,8 @@ def test_renaming_the_strategy_keeps_the_other_strategys_options_out() -> None:
     """``strategy.name=heterofl`` on the distreal node: the node is checked against HeteroFL's
     schema, so DISTREAL's options are refused, naming the first."""
     with pytest.raises(ConfigError, match=r"unknown key 'strategy.policy'; valid keys of strategy=heterofl: \['aggregation', "):
-        to_run_config(_compose(["strategy.name=heterofl"]))
-    ok = to_run_config({**OmegaConf.to_container(_compose(["rounds=2"])), "strategy": {"name": "heterofl"}})
+        to_run_config(compose_config("strategy.name=heterofl"))
+    ok = to_run_config({**OmegaConf.to_container(compose_config("rounds=2")), "strategy": {"name": "heterofl"}})
     assert ok.strategy == HeteroFLStrategyConfig()
 
 
@@ -302,4 +296,4 @@ def test_npz_path_left_open_is_refused_before_the_run() -> None:
     """``path: ???`` in npz.yaml merges onto the schema default (None); the conversion refuses
     it, naming the key, before any data is loaded."""
     with pytest.raises(ConfigError, match="dataset.path"):
-        to_run_config(_compose(["dataset=npz"]))
+        to_run_config(compose_config("dataset=npz"))

@@ -34,33 +34,17 @@ from flwr_distreal.data import (
     split_indices,
 )
 
+from conftest import cifar_images, write_cifar10, write_leaf
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 # --------------------------------------------------------------------------- LEAF FEMNIST
 
 
-def _leaf_user(rng: np.random.Generator, n: int) -> dict[str, list]:
-    return {"x": rng.random((n, 784)).round(3).tolist(), "y": rng.integers(0, 62, n).tolist()}
-
-
-def _write_leaf(root: Path, writers: dict[str, tuple[int, int]], shards: int = 2, seed: int = 0) -> Path:
-    """LEAF layout: writers spread over `shards` train json files and matching test files."""
-    rng = np.random.default_rng(seed)
-    names = list(writers)
-    for split, col in (("train", 0), ("test", 1)):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for s in range(shards):
-            users = names[s::shards]
-            data = {u: _leaf_user(rng, writers[u][col]) for u in users}
-            shard = {"users": users, "num_samples": [writers[u][col] for u in users], "user_data": data}
-            (root / split / f"all_data_{s}_niid_0_keep_0_{split}_9.json").write_text(json.dumps(shard))
-    return root
-
-
 def test_leaf_loader_on_generated_shards(tmp_path: Path) -> None:
     writers = {"f0001": (5, 2), "f0002": (3, 1), "f0003": (7, 2)}
-    root = _write_leaf(tmp_path / "leaf", writers)
+    root = write_leaf(tmp_path / "leaf", writers)
     data = load_femnist(root)
     assert data.name == "femnist" and data.num_classes == 62 and data.input_shape == (1, 28, 28)
     # shard 0 holds writers 1 and 3, shard 1 writer 2
@@ -91,7 +75,7 @@ def test_leaf_loader_on_shared_femnist() -> None:
 
 
 def _leaf_refusal(tmp_path: Path, mutate) -> Path:  # noqa: ANN001
-    root = _write_leaf(tmp_path / "bad", {"a": (2, 1), "b": (2, 1)}, shards=1)
+    root = write_leaf(tmp_path / "bad", {"a": (2, 1), "b": (2, 1)}, shards=1)
     file = root / "train" / "all_data_0_niid_0_keep_0_train_9.json"
     shard = json.loads(file.read_text())
     text = mutate(shard)
@@ -129,7 +113,7 @@ def test_leaf_missing_directories_refused(tmp_path: Path) -> None:
     (tmp_path / "only_train" / "train").mkdir(parents=True)
     with pytest.raises(DataError, match="no \\*.json shards"):
         load_femnist(tmp_path / "only_train")
-    _write_leaf(tmp_path / "no_test", {"a": (1, 1)}, shards=1)
+    write_leaf(tmp_path / "no_test", {"a": (1, 1)}, shards=1)
     for f in (tmp_path / "no_test" / "test").iterdir():
         f.unlink()
     (tmp_path / "no_test" / "test").rmdir()
@@ -140,7 +124,7 @@ def test_leaf_missing_directories_refused(tmp_path: Path) -> None:
 
 
 def test_leaf_empty_test_split_refused_naming_the_folder(tmp_path: Path) -> None:
-    root = _write_leaf(tmp_path / "leaf", {"a": (3, 0), "b": (2, 0)}, shards=2)  # writers without test samples
+    root = write_leaf(tmp_path / "leaf", {"a": (3, 0), "b": (2, 0)}, shards=2)  # writers without test samples
     with pytest.raises(DataError, match="holds no samples") as info:
         load_femnist(root)
     assert f"FEMNIST LEAF test split {root / 'test'}" in str(info.value)
@@ -153,35 +137,8 @@ def test_leaf_empty_test_split_refused_naming_the_folder(tmp_path: Path) -> None
 # --------------------------------------------------------------------------- CIFAR
 
 
-def _cifar_images(n: int, offset: int) -> np.ndarray:
-    """uint8 images whose first byte encodes the sample's global index (mod 256)."""
-    rng = np.random.default_rng(offset)
-    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-    data[:, 0] = (np.arange(n) + offset) % 256
-    return data
-
-
-def _write_cifar10(root: Path, per_batch: int = 8, n_test: int = 6) -> Path:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for i in range(1, 6):
-        batch = {
-            "batch_label": f"training batch {i} of 5",
-            "labels": [(j + i) % 10 for j in range(per_batch)],
-            "data": _cifar_images(per_batch, (i - 1) * per_batch),
-            "filenames": [f"{j}.png" for j in range(per_batch)],
-        }
-        with (folder / f"data_batch_{i}").open("wb") as fh:
-            pickle.dump(batch, fh)
-    with (folder / "test_batch").open("wb") as fh:
-        pickle.dump({"labels": list(range(n_test)), "data": _cifar_images(n_test, 200)}, fh)
-    with (folder / "batches.meta").open("wb") as fh:
-        pickle.dump({"label_names": [str(i) for i in range(10)], "num_cases_per_batch": per_batch}, fh)
-    return folder
-
-
 def test_cifar10_loader_on_generated_pickles(tmp_path: Path) -> None:
-    folder = _write_cifar10(tmp_path)
+    folder = write_cifar10(tmp_path)
     data = load_cifar10(tmp_path, num_devices=4, samples_per_device=10, seed=3)
     assert data.input_shape == (3, 32, 32) and data.num_classes == 10
     assert data.partition_sizes() == [10, 10, 10, 10] and len(data.test) == 6
@@ -215,7 +172,7 @@ def test_cifar100_loader_on_generated_pickles(tmp_path: Path) -> None:
     folder.mkdir()
     for split, n in (("train", 12), ("test", 4)):
         with (folder / split).open("wb") as fh:
-            pickle.dump({"data": _cifar_images(n, 0), "fine_labels": [99 - i for i in range(n)],
+            pickle.dump({"data": cifar_images(n, 0), "fine_labels": [99 - i for i in range(n)],
                          "coarse_labels": [0] * n}, fh)
     data = load_cifar100(tmp_path, num_devices=3, samples_per_device=4)
     assert data.num_classes == 100 and data.partition_sizes() == [4, 4, 4]
@@ -233,7 +190,7 @@ def test_cifar100_loader_on_generated_pickles(tmp_path: Path) -> None:
     ],
 )
 def test_cifar_malformed_batches_refused(tmp_path: Path, batch: dict, match: str) -> None:
-    folder = _write_cifar10(tmp_path)
+    folder = write_cifar10(tmp_path)
     with (folder / "data_batch_3").open("wb") as fh:
         pickle.dump(batch, fh)
     with pytest.raises(DataError, match=match) as info:
@@ -244,7 +201,7 @@ def test_cifar_malformed_batches_refused(tmp_path: Path, batch: dict, match: str
 def test_cifar_missing_or_unreadable_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cifar10 not found under .*cifar-10-batches-py.*download=True"):
         load_cifar10(tmp_path, num_devices=2)
-    folder = _write_cifar10(tmp_path)
+    folder = write_cifar10(tmp_path)
     (folder / "data_batch_5").unlink()
     with pytest.raises(DataError, match="data_batch_5"):
         load_cifar10(tmp_path, num_devices=2)
@@ -254,7 +211,7 @@ def test_cifar_missing_or_unreadable_refused(tmp_path: Path) -> None:
 
 
 def test_cifar_too_many_samples_per_device_refused(tmp_path: Path) -> None:
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     with pytest.raises(DataError, match="cannot give 100 devices 500 samples each from 40"):
         load_cifar10(tmp_path)
 
@@ -567,7 +524,7 @@ def test_distort_refusals() -> None:
 
 
 def test_distorted_train_uses_dataset_normalisation(tmp_path: Path) -> None:
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     data = load_cifar10(tmp_path, num_devices=2, samples_per_device=20)
     raw = load_cifar10(tmp_path, num_devices=2, samples_per_device=20, normalize=False)
     dist = data.distorted_train(0.5).tensors[0]
@@ -596,7 +553,7 @@ def test_federated_data_loaders() -> None:
 
 
 def test_train_loader_applies_augmentation(tmp_path: Path) -> None:
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     data = load_cifar10(tmp_path, num_devices=2, samples_per_device=20)
     aug = next(iter(data.train_loader(0, 20, shuffle=False, seed=1)))[0]
     plain = next(iter(data.train_loader(0, 20, shuffle=False, augment=False)))[0]
@@ -626,7 +583,7 @@ def test_load_federated_dispatch(tmp_path: Path) -> None:
     assert list_datasets() == ["cifar10", "cifar100", "digits", "femnist", "mnist", "npz"]
     data = load_federated("digits", num_devices=5, seed=None, alpha=None)
     assert data.num_devices == 5
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     assert load_federated("cifar10", root=str(tmp_path), num_devices=2, samples_per_device=4).num_devices == 2
     with pytest.raises(DataError, match=r"unknown dataset 'imagenet'; valid: \['cifar10'"):
         load_federated("imagenet")

@@ -9,6 +9,8 @@ from flwr_distreal import DroppedWeightGuard, build_model, kept_counts, paramete
 from flwr_distreal.dropout import make_droppable
 from flwr_distreal.models.densenet import DenseNetBC
 
+from conftest import digits_tensors
+
 
 def _dense_small(**kw):
     return make_droppable(DenseNetBC(depth=10, num_classes=5, **kw), torch.zeros(2, 3, 32, 32), name="densenet_bc_10")
@@ -176,6 +178,7 @@ def test_compact_equals_masking_reference(factory):
         model.set_execution("sparse")
 
 
+@pytest.mark.slow
 def test_inverted_dropout_matches_full_model_in_expectation():
     # conv2 is linear in its inputs: averaging its output over random conv1 subsets must give the
     # full model's conv2 output (inputs rescaled by C/k).
@@ -235,12 +238,8 @@ def test_guard_keeps_dropped_weights_with_momentum_and_decay(make_opt):
 
 
 def _digits(size, channels):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x, y = digits_tensors()
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, channels, 1, 1)
-    y = torch.tensor(d.target, dtype=torch.long)
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(y), generator=g)
     return x[perm[:1400]], y[perm[:1400]], x[perm[1400:]], y[perm[1400:]]
@@ -283,6 +282,7 @@ def _running_means(x, vector, passes, scaling=True):
     return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("running_mean")}
 
 
+@pytest.mark.slow
 def test_batchnorm_sees_full_model_statistics_under_dropout():
     # The inverted-dropout factor C/k is applied after BatchNorm (in the consuming conv), so the
     # running means that BN collects under dropout stay close to the full model's, the statistics

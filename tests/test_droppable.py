@@ -24,6 +24,8 @@ from flwr_distreal.models.femnist_cnn import femnist_cnn
 from flwr_distreal.models.mobilenetv2 import InvertedResidual, mobilenet_v2
 from flwr_distreal.models.resnet import BasicBlock, resnet18, resnet20
 
+from conftest import flop_macs
+
 
 def user_cnn() -> nn.Module:
     """A user's CNN as people write it: conv-bn-relu-pool twice, flatten, linear."""
@@ -70,14 +72,6 @@ def zoo(request):
     return plain, before, model, x
 
 
-def _flop_macs(model, x) -> int:
-    with FlopCounterMode(display=False) as counter:
-        model(x)
-    flops = counter.get_total_flops()
-    assert flops % (2 * x.shape[0]) == 0
-    return flops // 2 // x.shape[0]
-
-
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Equal up to float summation order (BatchNorm over a few values amplifies it); a channel
     misalignment would differ by the values' own size."""
@@ -100,7 +94,7 @@ def test_count_macs_equals_flop_counter_in_training(zoo):
     rng = np.random.default_rng(3)
     for vector in (None, rng.uniform(0, 0.5, model.num_dropout_layers), rng.uniform(0, 0.5, model.num_dropout_layers)):
         model.set_dropout(vector)
-        assert _flop_macs(model, x) == count_macs(model, vector)
+        assert flop_macs(model, x) == count_macs(model, vector)
     assert count_macs(model, np.full(model.num_dropout_layers, 0.5)) < count_macs(model)
 
 

@@ -34,6 +34,8 @@ from flwr_distreal.dse import (
 from flwr_distreal.dse.datasets import default_distort, synthetic_data
 from flwr_distreal.dse.driver import CHECKPOINT_NAME
 
+from conftest import compose_config
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -340,6 +342,7 @@ def test_real_fitness_resume_equals_uninterrupted(tiny_real, tmp_path: Path) -> 
     LUT.load(tmp_path / "a" / "lut.json", model=model)
 
 
+@pytest.mark.slow
 def test_process_pool_matches_in_process(tiny_real) -> None:
     fit, _ = tiny_real
     vecs = np.array([[0.0, 0.0], [0.3, 0.1], [0.5, 0.5]])
@@ -353,12 +356,9 @@ def test_process_pool_matches_in_process(tiny_real) -> None:
 
 # -- the Hydra command ----------------------------------------------------------------------------
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
     import flwr_distreal.dse.__main__  # noqa: F401  (registers the dse schema)
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="dse_config", overrides=overrides)
+    return compose_config(*overrides, name="dse_config")
 
 
 def test_command_quick_preset_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,17 +26,6 @@ DISTREAL = REPO / "examples" / "quickstart-distreal"
 FILES = ["pyproject.toml", "pytorchexample/client_app.py", "pytorchexample/server_app.py", "pytorchexample/task.py"]
 
 
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages take their sender from the process's task identity, which Flower sets in a real
-    ServerApp/ClientApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
 def _changed_lines() -> dict[str, int]:
     out = {}
     for name in FILES:

@@ -35,6 +35,8 @@ from flwr_distreal.schedule import batch_sizes, plan_distreal_round
 from flwr_distreal.server_core import DistrealCore, Reply
 from flwr_distreal.training import DistrealTrainer, get_weights, set_weights
 
+from conftest import digits_tensors
+
 N = 90  # samples: batches of 16 x 5 and a last one of 10
 B = 16
 T = 1.0
@@ -52,11 +54,8 @@ def _net(seed: int = 0) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def digits() -> TensorDataset:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images[:N], dtype=torch.float32).unsqueeze(1) / 16.0
-    return TensorDataset(x, torch.tensor(d.target[:N]))
+    x, y = digits_tensors()
+    return TensorDataset(x[:N], y[:N])
 
 
 def _loader(data: TensorDataset, shuffle: bool = False) -> DataLoader:

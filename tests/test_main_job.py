@@ -15,42 +15,37 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from flwr_distreal.callbacks import count_sweep_jobs
-from flwr_distreal.config import register_configs, to_run_config
+from flwr_distreal.config import to_run_config
 from flwr_distreal.experiment import RunFailedError, run_experiment
 from flwr_distreal.tune import register_resolvers
 
+from conftest import compose_config
+
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 METHODS = ["distreal", "distreal_uniform", "full", "small", "feddropout", "heterofl"]
 
-register_configs()
 register_resolvers()
 
 
-def _compose(*overrides: str, hydra_node: bool = False):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_node)
-
-
 def test_main_job_sweeps_every_method_over_three_seeds_at_its_tuned_lr() -> None:
-    cfg = _compose("+experiment=main_digits", hydra_node=True)
+    cfg = compose_config("+experiment=main_digits", hydra_node=True)
     params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
     assert sorted(params["method"]) == sorted(METHODS)
     assert params["seed"] == ["0", "1", "2"]
     assert count_sweep_jobs(cfg) == 18
     tuned = {}
     for method in METHODS:
-        run = to_run_config(_compose("+experiment=main_digits", f"method={method}"))
+        run = to_run_config(compose_config("+experiment=main_digits", f"method={method}"))
         assert run.runtime == "inprocess" and run.dataset.name == "digits" and run.resources.lam == 2.0
         tuned[method] = run.lr
     # the lrs come from the tuned file, per method (not one shared value)
     assert len(set(tuned.values())) > 1, tuned
-    assert to_run_config(_compose("+experiment=main_digits", "method=distreal_uniform")).lut == "uniform"
+    assert to_run_config(compose_config("+experiment=main_digits", "method=distreal_uniform")).lut == "uniform"
 
 
+@pytest.mark.slow
 def test_main_job_prints_a_table_with_mean_and_sd(tmp_path: Path) -> None:
     """A shortened main job (2 methods, 2 seeds, 2 rounds) through the Hydra runner: one progress
     line per run and the final table (mean ± s.d. over the seeds); the report's CSV has mean and
@@ -81,7 +76,7 @@ def test_a_non_finite_test_loss_stops_the_run(tmp_path: Path) -> None:
     """A run whose global model diverges (lr 1e30, no clipping) stops at that round with an error
     naming it; metrics.csv keeps the round's row (loss nan, the huge update norm)."""
     cfg = to_run_config(
-        _compose(
+        compose_config(
             "runtime=inprocess", "strategy=full", "lr=1e30", "clip_norm=null", "rounds=3",
             "dataset.num_devices=6", "clients_per_round=3", "plot=false",
         )

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from flwr_distreal import build_model, count_macs, kept_count, kept_counts, list_models
 from flwr_distreal.macs import layer_macs, macs_of_counts
+
+from conftest import flop_macs
 
 
 @pytest.mark.parametrize(
@@ -72,12 +73,7 @@ def test_kept_count_rule():
 def _flop_macs(model, vector, batch=2):
     model.train()
     model.set_dropout(vector)
-    x = torch.randn(batch, *model.input_shape)
-    with FlopCounterMode(display=False) as counter:
-        model(x)
-    flops = counter.get_total_flops()
-    assert flops % (2 * batch) == 0
-    return flops // 2 // batch
+    return flop_macs(model, torch.randn(batch, *model.input_shape))
 
 
 @pytest.mark.parametrize(

@@ -3,26 +3,22 @@ own .npz, and refusals of bad node configs naming the key."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from flwr_distreal.config import ConfigError, register_configs, to_run_config
+from flwr_distreal.config import ConfigError
 from flwr_distreal.data import DataError, load_digits, node_data_from_npz, regroup
 from flwr_distreal.experiment import Experiment, NodeConfigError
 from flwr_distreal.training import DistrealTrainer
 from flwr_distreal.wallclock import MeasuredBaselineTrainer, MeasuredDistrealTrainer
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-register_configs()
+from conftest import run_config
 
 
 def _cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_run_config(compose(config_name="config", overrides=["dataset.num_devices=6", "clients_per_round=3", *overrides]))
+    return run_config("dataset.num_devices=6", "clients_per_round=3", *overrides)
 
 
 def test_regroup_keeps_whole_devices_and_every_sample() -> None:

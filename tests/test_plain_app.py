@@ -8,7 +8,6 @@ one through ``flwr.simulation.run_simulation`` (Ray).
 
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 from collections import Counter
@@ -20,7 +19,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from flwr_distreal import contract as C
@@ -31,15 +29,12 @@ from flwr_distreal.inprocess import InProcessGrid, run_app_in_process
 from flwr_distreal.macs import count_macs
 from flwr_distreal.server_core import DistrealCore
 
+from conftest import digits_tensors
+
 LOGGER = "flwr_distreal.serverapp"
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages need the ServerApp's task identity, which Flower sets in a real run."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 # ------------------------------------------------------------------------ a plain Flower app
@@ -63,18 +58,9 @@ NODES = 4
 BATCH = 32
 
 
-@functools.cache
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    return x, torch.tensor(bunch.target, dtype=torch.long)
-
-
 def _partition(pid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Node ``pid``'s training data: its share of the first 1,400 digits."""
-    x, y = _digits()
+    x, y = digits_tensors()
     idx = torch.arange(1400)[pid::NODES]
     return x[idx], y[idx]
 
@@ -368,7 +354,7 @@ def test_the_alias_bounds_the_claims_alike() -> None:
 
 def _server_app(strat_fn: Callable[[], serverapp.Distreal], accuracies: list[float], rounds: int) -> ServerApp:
     app = ServerApp()
-    x, y = _digits()
+    x, y = digits_tensors()
     test_x, test_y = x[1400:], y[1400:]
 
     @app.main()

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from flwr_distreal.callbacks import ConsoleFilter, SweepReport, count_sweep_jobs, route_flower_logs
 from flwr_distreal.config import register_configs, to_run_config
+
+from conftest import compose_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("fig*.yaml"))  # the figures; main_digits: see test_main_job
@@ -27,12 +28,6 @@ register_configs()
 
 
 @functools.lru_cache(maxsize=None)
-def _compose(*overrides: str, hydra_node: bool = False):
-    """The composed config (cached: composing is slow, and no test changes it)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_node)
-
-
 def test_the_figures_have_presets():
     assert set(PRESETS) >= {"fig5_femnist", "fig5_cifar10", "fig6_femnist", "fig6_cifar10"}
     for name in PRESETS:
@@ -41,7 +36,7 @@ def test_the_figures_have_presets():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_and_validates(preset):
-    run = to_run_config(_compose(f"+experiment={preset}", "lr=0.1"))
+    run = to_run_config(compose_config(f"+experiment={preset}", "lr=0.1"))
     assert run.runtime == "inprocess"  # the fast sequential runtime for sweeps
     assert run.rounds == 7500  # Fig. 5b/6b: accuracy after 7,500 rounds
     assert run.local_epochs == 1 and run.batch_size == 32
@@ -59,7 +54,7 @@ TABLE1 = {
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_use_the_papers_system_configuration(preset):
     want = TABLE1[preset.split("_", 1)[1]]
-    run = to_run_config(_compose(f"+experiment={preset}", "lr=0.1"))
+    run = to_run_config(compose_config(f"+experiment={preset}", "lr=0.1"))
     assert run.dataset.name == want["dataset"]
     assert run.model.name == want["model"]
     assert run.clients_per_round == want["per_round"]
@@ -78,16 +73,16 @@ def test_bn_models_evaluate_every_method_alike(preset):
     # running statistics while the others get recomputed ones; FEMNIST's CNN has no BN
     bn_model = "cifar" in preset
     for method in sorted(ALL_METHODS):
-        run = to_run_config(_compose(f"+experiment={preset}", "lr=0.1", f"method={method}"))
+        run = to_run_config(compose_config(f"+experiment={preset}", "lr=0.1", f"method={method}"))
         assert run.strategy.static_bn is bn_model or run.strategy.name in {"heterofl", "feddropout"}, method
         assert run.strategy.bn_recompute_devices() == (10 if run.strategy.static_bn else 0)
     assert not to_run_config(
-        _compose(f"+experiment={preset}", "lr=0.1", "method=distreal", "strategy.static_bn=false")
+        compose_config(f"+experiment={preset}", "lr=0.1", "method=distreal", "strategy.static_bn=false")
     ).strategy.static_bn
 
 
 def _sweep(preset: str) -> dict[str, list[str]]:
-    params = _compose(f"+experiment={preset}", hydra_node=True).hydra.sweeper.params
+    params = compose_config(f"+experiment={preset}", hydra_node=True).hydra.sweeper.params
     return {k: str(v).split(",") for k, v in params.items()}
 
 
@@ -97,7 +92,7 @@ def test_fig5_sweeps_every_method_under_constant_resources(preset):
     assert sweep == {"method": sweep["method"], "seed": ["0", "1", "2"]}
     assert set(sweep["method"]) == ALL_METHODS  # with DISTREAL's uniform-LUT variant
     # Fig. 5 studies heterogeneity across devices only: no change over time
-    assert to_run_config(_compose(f"+experiment={preset}", "lr=0.1")).resources.kind == "constant"
+    assert to_run_config(compose_config(f"+experiment={preset}", "lr=0.1")).resources.kind == "constant"
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p.startswith("fig6")])
@@ -106,36 +101,36 @@ def test_fig6_sweeps_lambda_for_distreal_and_the_submodel_baselines(preset):
     assert sweep["resources.lam"] == ["0.5", "1", "2", "4"]
     assert sweep["seed"] == ["0", "1", "2"]
     assert set(sweep["method"]) == {"distreal", "heterofl", "feddropout"}
-    assert to_run_config(_compose(f"+experiment={preset}", "lr=0.1")).resources.kind == "timevarying"
+    assert to_run_config(compose_config(f"+experiment={preset}", "lr=0.1")).resources.kind == "timevarying"
 
 
 @pytest.mark.parametrize(("preset", "jobs"), [("fig5_femnist", 18), ("fig5_cifar10", 18), ("fig6_cifar10", 36)])
 def test_sweep_size_and_directory(preset, jobs):
-    cfg = _compose(f"+experiment={preset}", hydra_node=True)
+    cfg = compose_config(f"+experiment={preset}", hydra_node=True)
     assert count_sweep_jobs(cfg) == jobs
     sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
     assert sweep["dir"].startswith(f"multirun/{preset}/")
     assert "${hydra.runtime.choices.method}" in sweep["subdir"] and "${seed}" in sweep["subdir"]
     # a sweep given on the command line replaces the preset's list of that key
-    assert count_sweep_jobs(_compose(f"+experiment={preset}", "seed=0", hydra_node=True)) == jobs // 3
+    assert count_sweep_jobs(compose_config(f"+experiment={preset}", "seed=0", hydra_node=True)) == jobs // 3
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_attach_the_report_callback(preset):
-    callbacks = _compose(f"+experiment={preset}", hydra_node=True).hydra.callbacks
+    callbacks = compose_config(f"+experiment={preset}", hydra_node=True).hydra.callbacks
     cb = instantiate(callbacks.sweep_report)
     assert isinstance(cb, SweepReport) and cb.report
     assert all(0 < t <= 1 for t in cb.targets) and cb.at_rounds
 
 
 def test_any_sweep_can_attach_the_report_callback():
-    cfg = _compose("hydra/callbacks=sweep_report", hydra_node=True)
+    cfg = compose_config("hydra/callbacks=sweep_report", hydra_node=True)
     assert isinstance(instantiate(cfg.hydra.callbacks.sweep_report), SweepReport)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_take_the_tuned_lr_per_setting(preset):
-    lr = OmegaConf.to_container(_compose(f"+experiment={preset}"), resolve=False)["lr"]
+    lr = OmegaConf.to_container(compose_config(f"+experiment={preset}"), resolve=False)["lr"]
     dataset = preset.split("_", 1)[1]
     assert lr == "${tuned_lr:" + (f"{dataset}_constant" if preset.startswith("fig5") else f"{dataset}_lam2") + "}"
 
@@ -150,21 +145,21 @@ def test_the_tuned_lr_resolves_per_method(tmp_path, monkeypatch):
     data = {"setting": "cifar10_lam2", "strategies": {
         name: {"lr": lr, "match": match.get(name, {"strategy.name": name})} for name, lr in lrs.items()}}
     (tmp_path / "cifar10_lam2.yaml").write_text(yaml.safe_dump(data))
-    got = {m: to_run_config(_compose("+experiment=fig6_cifar10", f"method={m}")).lr
+    got = {m: to_run_config(compose_config("+experiment=fig6_cifar10", f"method={m}")).lr
            for m in ("distreal", "distreal_uniform", "heterofl", "feddropout")}
     assert got == {"distreal": 0.07, "distreal_uniform": 0.2, "heterofl": 0.3, "feddropout": 0.15}
 
 
 @pytest.mark.parametrize("method", sorted(ALL_METHODS))
 def test_method_options_set_strategy_and_lut(method):
-    run = to_run_config(_compose(f"+method={method}"))
+    run = to_run_config(compose_config(f"+method={method}"))
     assert run.strategy.name == method.split("_")[0]
     if method.startswith("distreal"):
         assert run.lut == ("uniform" if method == "distreal_uniform" else "learned")
 
 
 def test_command_line_overrides_win_over_a_preset():
-    run = to_run_config(_compose("+experiment=fig5_femnist", "lr=0.1", "method=heterofl", "resources=timevarying",
+    run = to_run_config(compose_config("+experiment=fig5_femnist", "lr=0.1", "method=heterofl", "resources=timevarying",
                                  "resources.lam=2", "rounds=100", "dataset=femnist", "dataset.max_devices=3550"))
     assert (run.strategy.name, run.resources.kind, run.resources.lam, run.rounds) == ("heterofl", "timevarying", 2.0, 100)
     assert (run.dataset.name, run.dataset.max_devices, run.clients_per_round) == ("femnist", 3550, 35)
@@ -197,7 +192,7 @@ def test_console_filter_passes_warnings_and_the_named_loggers_info_only():
 
 
 def test_the_runner_uses_the_console_job_logging():
-    cfg = _compose(hydra_node=True)
+    cfg = compose_config(hydra_node=True)
     assert cfg.hydra.runtime.choices["hydra/job_logging"] == "distreal"
     logging_cfg = cfg.hydra.job_logging
     assert list(logging_cfg.root.handlers) == ["console", "file"]
@@ -230,7 +225,7 @@ def test_flower_records_reach_the_console_filtered_and_the_log_file_once(tmp_pat
     import flwr.supercore.logger
     from flwr.common.logger import log as flwr_log
 
-    cfg = _compose(f"hydra.runtime.output_dir={tmp_path}", "hydra.job.name=main", hydra_node=True)
+    cfg = compose_config(f"hydra.runtime.output_dir={tmp_path}", "hydra.job.name=main", hydra_node=True)
     logging.config.dictConfig(OmegaConf.to_container(cfg.hydra.job_logging, resolve=True))
     flwr_logger = logging.getLogger("flwr")
     assert flwr_logger.handlers == []  # Flower was imported first: the config took its handler off

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,16 +26,16 @@ from flwr_distreal.recipe import Recipe, resolve_device
 from flwr_distreal.training import BaselineTrainer, DistrealTrainer, LocalStep, get_weights
 from flwr_distreal.wallclock import MeasuredBaselineTrainer, MeasuredDistrealTrainer
 
+from conftest import random_images, run_config
+
 N, BATCH, CLASSES = 24, 8, 10  # three mini-batches per round
 
 
 def _data(seed: int = 0, nan_batch: int | None = None) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(N, 1, 28, 28, generator=g)
-    y = torch.randint(0, CLASSES, (N,), generator=g)
+    data = random_images(N, CLASSES, seed)
     if nan_batch is not None:
-        x[nan_batch * BATCH] = math.nan
-    return TensorDataset(x, y)
+        data.tensors[0][nan_batch * BATCH] = math.nan
+    return data
 
 
 def _loader(data: TensorDataset) -> DataLoader:
@@ -265,19 +264,12 @@ def test_a_non_finite_loss_stops_the_round(kind) -> None:
 
 
 def test_experiment_trains_with_the_run_recipe_on_the_resolved_device(monkeypatch) -> None:
-    from hydra import compose, initialize_config_dir
-
-    from flwr_distreal.config import register_configs, to_run_config
     from flwr_distreal.experiment import Experiment
 
-    register_configs()
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    overrides = [
+    cfg = run_config(
         "dataset.num_devices=4", "clients_per_round=2", "lr=0.2", "clip_norm=1.0", "lr_schedule=step",
         "lr_step_rounds=2", "lr_gamma=0.5", "rounds=6", "device=auto", "lut=uniform",
-    ]
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = to_run_config(compose(config_name="config", overrides=overrides))
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     exp = Experiment(cfg)
     trainer = exp.make_trainer(0)

@@ -4,35 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.common import (
-    Code,
-    DisconnectRes,
-    EvaluateIns,
-    EvaluateRes,
-    FitIns,
-    FitRes,
-    GetParametersIns,
-    GetParametersRes,
-    GetPropertiesIns,
-    GetPropertiesRes,
-    ReconnectIns,
-    Status,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
-from flwr.server.client_proxy import ClientProxy
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_distreal import contract as C
 from flwr_distreal import serverapp, strategy
@@ -41,101 +21,16 @@ from flwr_distreal.client_manager import SeededClientManager
 from flwr_distreal.dropout import kept_count, parameter_masks
 from flwr_distreal.models import build_model
 
+from conftest import ROUND_SAMPLES, FakeGrid, FakeProxy, reply
+
 MODEL = "femnist_cnn"
 FULL_MACS = 4_015_616
 T = 10.0
-ROUND_SAMPLES = 100
 R_FULL = 3.0 * ROUND_SAMPLES * FULL_MACS / T  # the full model's round takes exactly T
 LOGGER = "flwr_distreal.serverapp"
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages need the ServerApp's task identity, which Flower sets in a real run."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-
-
-# ------------------------------------------------------------------------- the fake grid
-
-Trainer = Callable[[Message], "Message | None"]
-
-
-class FakeGrid(Grid):
-    """Answers queries with the node's properties and train messages with ``trainer``'s reply
-    (None: no reply). ``mute`` nodes never answer anything; ``broken`` answer queries with an
-    error."""
-
-    def __init__(
-        self,
-        devices: Mapping[int, int],
-        trainer: Trainer | None = None,
-        *,
-        samples: int = ROUND_SAMPLES,
-        mute: Iterable[int] = (),
-        broken: Iterable[int] = (),
-    ) -> None:
-        self.devices = dict(devices)
-        self.trainer = trainer or (lambda msg: None)
-        self.samples = samples
-        self.mute, self.broken = set(mute), set(broken)
-        self.queries: Counter[int] = Counter()
-        self.train_messages: list[Message] = []
-        self._run = Run.create_empty(1)
-        self._outbox: list[Message] = []
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.devices)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        self._outbox = list(messages)
-        return [str(i) for i in range(len(self._outbox))]
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        replies = [self._answer(m) for m in self._outbox]
-        return [r for r in replies if r is not None]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
-
-    def _answer(self, msg: Message) -> Message | None:
-        node = msg.metadata.dst_node_id
-        if node in self.mute:
-            return None
-        if msg.metadata.message_type == MessageType.QUERY:
-            self.queries[node] += 1
-            if node in self.broken:
-                return Message(Error(code=1, reason="no properties here"), reply_to=msg)
-            props = MetricRecord({C.PARTITION_ID: self.devices[node], C.ROUND_SAMPLES: self.samples})
-            return Message(RecordDict({C.PROPERTIES_RECORD: props}), reply_to=msg)
-        self.train_messages.append(msg)
-        return self.trainer(msg)
-
-
-def reply(msg: Message, arrays: Mapping[str, np.ndarray] | None, metrics: Mapping[str, object]) -> Message:
-    """A train reply as a ClientApp builds it: ArrayRecord under "arrays", MetricRecord under "metrics"."""
-    content = RecordDict()
-    if arrays is not None:
-        content[C.ARRAYS_RECORD] = ArrayRecord({k: Array(np.asarray(a)) for k, a in arrays.items()})
-    record = MetricRecord()
-    for k, v in metrics.items():
-        if isinstance(v, bool):
-            record.__dict__["_data"][k] = v  # a bool that bypassed Flower's type check (custom transport)
-        else:
-            record[k] = v  # type: ignore[assignment]
-    content[C.METRICS_RECORD] = record
-    return Message(content, reply_to=msg)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _state(seed: int = 0) -> dict[str, np.ndarray]:
@@ -454,27 +349,9 @@ def test_submodel_refuses_device_mismatch_and_skips_nodes_without_round_samples(
 # ------------------------------------------------------------------------------ sampling
 
 
-class FakeProxy(ClientProxy):
-    """A legacy ClientProxy that answers get_properties only."""
-
-    def __init__(self, cid: str, device: int) -> None:
-        super().__init__(cid)
-        self.device = device
-
-    def get_properties(self, ins: GetPropertiesIns, timeout, group_id) -> GetPropertiesRes:
-        return GetPropertiesRes(Status(Code.OK, ""), {C.PARTITION_ID: self.device, C.ROUND_SAMPLES: ROUND_SAMPLES})
-
-    def get_parameters(self, ins: GetParametersIns, timeout, group_id) -> GetParametersRes:
-        raise NotImplementedError
-
-    def fit(self, ins: FitIns, timeout, group_id) -> FitRes:
-        raise NotImplementedError
-
-    def evaluate(self, ins: EvaluateIns, timeout, group_id) -> EvaluateRes:
-        raise NotImplementedError
-
-    def reconnect(self, ins: ReconnectIns, timeout, group_id) -> DisconnectRes:
-        return DisconnectRes(reason="")
+def _proxy(cid: str, device: int) -> FakeProxy:
+    """A legacy proxy of partition ``device`` with ``ROUND_SAMPLES`` samples a round."""
+    return FakeProxy(cid, {C.PARTITION_ID: device, C.ROUND_SAMPLES: ROUND_SAMPLES})
 
 
 def _drawn(seed: int, devices: Mapping[int, int], rounds: int = 4) -> tuple[list[list[int]], FakeGrid]:
@@ -503,7 +380,7 @@ def test_seeded_sampling_is_reproducible_and_matches_the_legacy_client_manager()
 
     manager = SeededClientManager(7)
     for node in range(20):
-        manager.register(FakeProxy(str(1000 + node), node))
+        manager.register(_proxy(str(1000 + node), node))
     legacy = [[p.device for p in manager.sample(5)] for _ in range(4)]  # type: ignore[attr-defined]
     assert legacy == runs[0]
 
@@ -553,7 +430,7 @@ def test_legacy_and_message_api_distreal_aggregate_identically() -> None:
     legacy = strategy.Distreal(
         full_macs_per_sample=FULL_MACS, min_fit_clients=1, min_available_clients=1, fraction_evaluate=0.0
     )
-    proxies = [FakeProxy(str(node), d) for node, d in devices.items()]
+    proxies = [_proxy(str(node), d) for node, d in devices.items()]
     _legacy_fit(legacy, g, proxies)
     results = [
         (p, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(list(updates[p.device].values())), 9, metrics[p.device]))
@@ -588,7 +465,7 @@ def test_legacy_and_message_api_federated_dropout_agree() -> None:
         min_available_clients=1,
         fraction_evaluate=0.0,
     )
-    proxies = [FakeProxy(str(node), d) for node, d in grid.devices.items()]
+    proxies = [_proxy(str(node), d) for node, d in grid.devices.items()]
     pairs = _legacy_fit(legacy, g, proxies, server_round=2)
     legacy_cfg = {int(fi.config[C.DEVICE_ID]): fi.config for _, fi in pairs}
     for d, (arrays, _, n, cfg) in store.items():

@@ -21,24 +21,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from flwr_distreal.config import RunConfig, register_configs, to_run_config
 from flwr_distreal.experiment import MetricsRecorder, RunDirectoryError, run_experiment
 from flwr_distreal.lut import LUT
 from flwr_distreal.models import build_model
 
+from conftest import run_config
+
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 SMALL = ["rounds=2", "clients_per_round=3", "dataset=digits", "dataset.num_devices=6", "resources=timevarying"]
-
-register_configs()
-
-
-def _run_config(overrides: list[str]) -> RunConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_run_config(compose(config_name="config", overrides=overrides))
 
 
 def _processes_with(marker: str) -> list[tuple[int, str]]:
@@ -112,6 +104,7 @@ def _metrics(rows: list[dict]) -> list[list[float]]:
     return [[float(r[k]) for k in KEYS] for r in rows]
 
 
+@pytest.mark.slow
 def test_message_api_run_end_to_end_equals_legacy(tmp_path, ray_tmp, flwr_runtime) -> None:
     """The default runtime (the Message-API app through ``flwr run``) writes the run's outputs;
     the same seeded experiment through the legacy pair on ``run_simulation`` gives the same
@@ -122,7 +115,7 @@ def test_message_api_run_end_to_end_equals_legacy(tmp_path, ray_tmp, flwr_runtim
     import ray
 
     strategy = "distreal"  # HeteroFL: test_submodel_baseline_in_process_equals_legacy
-    cfg = _run_config([*SMALL, f"strategy={strategy}"])
+    cfg = run_config(*SMALL, f"strategy={strategy}")
     assert cfg.runtime == "flwr-run"
     out = tmp_path / strategy
     rows = run_experiment(cfg, out)
@@ -171,11 +164,12 @@ def test_message_api_run_end_to_end_equals_legacy(tmp_path, ray_tmp, flwr_runtim
         run_experiment(cfg, out)  # refused before anything starts, nothing overwritten
 
 
+@pytest.mark.slow
 def test_submodel_baseline_in_process_equals_legacy(tmp_path, ray_tmp) -> None:
     """HeteroFL (per-node fixed subsets in the train messages, per-weight averaging) through the
     Message-API app in process gives the legacy pair's per-round metrics to the last bit (the
     in-process runtime equals ``flwr run``: see the DISTREAL test above)."""
-    cfg = _run_config([*SMALL, "strategy=heterofl", "runtime=inprocess"])
+    cfg = run_config(*SMALL, "strategy=heterofl", "runtime=inprocess")
     rows = run_experiment(cfg, tmp_path / "inprocess", show_rounds=False)
     assert [int(r["round"]) for r in _read_rows(tmp_path / "inprocess" / "metrics.csv")] == [1, 2]
     legacy = run_experiment(dataclasses.replace(cfg, runtime="legacy"))
@@ -185,6 +179,7 @@ def test_submodel_baseline_in_process_equals_legacy(tmp_path, ray_tmp) -> None:
     assert not leftovers, f"Ray processes left after the legacy run: {leftovers}"
 
 
+@pytest.mark.slow
 def test_hydra_main_subprocess(tmp_path) -> None:
     """A Hydra multirun over a key that the run directory's name does not show (the LUT) keeps
     every job's output apart."""
@@ -238,5 +233,5 @@ def test_a_lut_that_does_not_fit_fails_before_the_simulation_starts(tmp_path) ->
     lut_path = tmp_path / "femnist_lut.json"
     LUT.uniform(build_model("femnist_cnn")).save(lut_path)  # 62 classes; digits has 10
     with pytest.raises(LUTError, match="62 classes"):
-        Experiment(_run_config([*SMALL, f"lut={lut_path}"]))
-    Experiment(_run_config([*SMALL, f"lut={lut_path}", "strategy=full"]))  # baselines use no LUT
+        Experiment(run_config(*SMALL, f"lut={lut_path}"))
+    Experiment(run_config(*SMALL, f"lut={lut_path}", "strategy=full"))  # baselines use no LUT

@@ -5,28 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
 
 import numpy as np
 import pytest
 import torch
-from flwr.common import (
-    Code,
-    DisconnectRes,
-    EvaluateIns,
-    EvaluateRes,
-    FitIns,
-    FitRes,
-    GetParametersIns,
-    GetParametersRes,
-    GetPropertiesIns,
-    GetPropertiesRes,
-    ReconnectIns,
-    Scalar,
-    Status,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
+from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy.aggregate import aggregate as flwr_aggregate
@@ -48,40 +31,14 @@ from flwr_distreal.strategy import (
     make_evaluate_fn,
 )
 
+from conftest import FakeProxy
+
 MODEL = "femnist_cnn"
 FULL_MACS = 4_015_616  # forward MACs per sample of femnist_cnn
 T = 10.0  # round duration
 ROUND_SAMPLES = 100
 # availability at which the full model's round takes exactly T
 R_FULL = 3.0 * ROUND_SAMPLES * FULL_MACS / T
-
-
-class FakeProxy(ClientProxy):
-    """A ClientProxy that answers get_properties; the strategies never call the rest."""
-
-    def __init__(self, cid: str, properties: Mapping[str, Scalar] | None = None, fail: bool = False):
-        super().__init__(cid)
-        self._props = dict(properties or {})
-        self._fail = fail
-        self.property_calls = 0
-
-    def get_properties(self, ins: GetPropertiesIns, timeout: float | None, group_id: int | None) -> GetPropertiesRes:
-        self.property_calls += 1
-        if self._fail:
-            raise ConnectionError("node unreachable")
-        return GetPropertiesRes(Status(Code.OK, ""), dict(self._props))
-
-    def get_parameters(self, ins: GetParametersIns, timeout: float | None, group_id: int | None) -> GetParametersRes:
-        raise NotImplementedError("not used by the strategies")
-
-    def fit(self, ins: FitIns, timeout: float | None, group_id: int | None) -> FitRes:
-        raise NotImplementedError("not used by the strategies")
-
-    def evaluate(self, ins: EvaluateIns, timeout: float | None, group_id: int | None) -> EvaluateRes:
-        raise NotImplementedError("not used by the strategies")
-
-    def reconnect(self, ins: ReconnectIns, timeout: float | None, group_id: int | None) -> DisconnectRes:
-        return DisconnectRes(reason="")
 
 
 def _global_arrays(seed: int = 0) -> list[np.ndarray]:
@@ -652,6 +609,7 @@ def test_make_evaluate_fn_evaluates_full_model() -> None:
         evaluate_fn(3, g[:-1], {})
 
 
+@pytest.mark.slow
 def test_strategies_work_in_flower_simulation() -> None:
     """FederatedDropout through Flower's simulation engine: get_properties reaches the clients."""
     pytest.importorskip("ray")

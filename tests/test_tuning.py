@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from flwr_distreal import experiment
-from flwr_distreal.config import register_configs, to_run_config
+from flwr_distreal.config import to_run_config
 from flwr_distreal.data import DataError, FederatedData, load_digits
 from flwr_distreal.training import evaluate_model, set_weights
 from flwr_distreal.tune import (
@@ -35,15 +34,10 @@ from flwr_distreal.tune import (
     score_rows,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-register_configs()
+from conftest import compose_config
+
 register_tune_config()
 register_resolvers()
-
-
-def _compose(overrides: list[str], name: str = "config"):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
 
 
 # ---------------------------------------------------------------------------------------
@@ -111,9 +105,9 @@ def test_split_keeps_a_training_sample_and_refuses_bad_input(digits: FederatedDa
 
 def test_experiment_evaluates_on_the_held_out_samples(caplog: pytest.LogCaptureFixture) -> None:
     base = ["dataset.num_devices=4", "clients_per_round=2", "strategy=full", "resources=full"]
-    val = experiment.Experiment(to_run_config(_compose([*base, "validation_fraction=0.25", "evaluate_on=validation"])))
-    test = experiment.Experiment(to_run_config(_compose([*base, "validation_fraction=0.25"])))
-    plain = experiment.Experiment(to_run_config(_compose(base)))
+    val = experiment.Experiment(to_run_config(compose_config(*base, "validation_fraction=0.25", "evaluate_on=validation")))
+    test = experiment.Experiment(to_run_config(compose_config(*base, "validation_fraction=0.25")))
+    plain = experiment.Experiment(to_run_config(compose_config(*base)))
     held = val.data.validation
     assert len(held) > 0
     # training data and r_max come from what remains after the split, the same for every run of the seed
@@ -165,13 +159,13 @@ def test_entries_and_overrides_are_checked() -> None:
 
 
 def test_tune_yaml_keeps_the_run_configs_values_and_adds_tune() -> None:
-    cfg = _compose(["tune.setting=s", "rounds=7", "dataset.num_devices=4"], name="tune")
-    run = _compose([])
+    cfg = compose_config("tune.setting=s", "rounds=7", "dataset.num_devices=4", name="tune")
+    run = compose_config()
     assert cfg.rounds == 7 and cfg.dataset.num_devices == 4 and cfg.tune.setting == "s"
     assert (cfg.lr, cfg.clients_per_round, cfg.lut) == (run.lr, run.clients_per_round, run.lut)  # config.yaml's, not the schema defaults
     assert list(cfg.tune.strategies) == ["distreal", "full", "small", "feddropout", "heterofl"]
     with pytest.raises(Exception, match="tune.lrz"):
-        _compose(["tune.setting=s", "tune.lrz=[1]"], name="tune")
+        compose_config("tune.setting=s", "tune.lrz=[1]", name="tune")
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,8 +221,8 @@ def test_tuner_picks_by_validation_and_writes_its_outputs(tuned, shifted_npz: Pa
     # the test set would have picked the other lr: same runs, evaluated on the (shifted) test set
     on_test = {}
     for lr in LRS:
-        cfg = to_run_config(_compose([*_base(shifted_npz), "strategy=full", f"lr={lr}", "validation_fraction=0.2",
-                                      "runtime=inprocess"]))
+        cfg = to_run_config(compose_config(*_base(shifted_npz), "strategy=full", f"lr={lr}", "validation_fraction=0.2",
+                                           "runtime=inprocess"))
         rows = experiment.run_experiment(cfg, out / f"test_lr{lr}")
         on_test[lr] = np.mean([r["accuracy"] for r in rows[-2:]])
     assert on_test[0.005] > on_test[0.2]
@@ -247,12 +241,12 @@ def test_tuner_picks_by_validation_and_writes_its_outputs(tuned, shifted_npz: Pa
 
 def test_resolver_reads_the_written_file(tuned) -> None:
     out, _, _ = tuned
-    cfg = to_run_config(_compose(["strategy=full", f"lr=${{tuned_lr:{out / 'unit.yaml'}}}"]))
+    cfg = to_run_config(compose_config("strategy=full", f"lr=${{tuned_lr:{out / 'unit.yaml'}}}"))
     assert cfg.lr == 0.2
     with pytest.raises(Exception, match=r"no entry for strategy=heterofl.*tune.strategies"):
-        to_run_config(_compose(["strategy=heterofl", f"lr=${{tuned_lr:{out / 'unit.yaml'}}}"]))
+        to_run_config(compose_config("strategy=heterofl", f"lr=${{tuned_lr:{out / 'unit.yaml'}}}"))
     with pytest.raises(Exception, match=r"no tuned file .*nosuchsetting.yaml.*python -m flwr_distreal.tune tune.setting=nosuchsetting"):
-        to_run_config(_compose(["strategy=full", "lr=${tuned_lr:nosuchsetting}"]))
+        to_run_config(compose_config("strategy=full", "lr=${tuned_lr:nosuchsetting}"))
 
 
 def test_resume_reuses_finished_runs_and_reruns_unfinished_ones(tuned, shifted_npz: Path, tmp_path: Path, monkeypatch) -> None:
@@ -304,8 +298,8 @@ def test_resolver_tells_lut_variants_apart(tmp_path: Path) -> None:
     values["lut"] = "my_lut.json"
     with pytest.raises(TuneError, match="lut=my_lut.json"):
         lookup_tuned_lr(str(path), values.get)
-    assert to_run_config(_compose(["strategy=distreal", "lut=uniform", f"lr=${{tuned_lr:{path}}}"])).lr == 0.3
-    assert to_run_config(_compose(["strategy=full", "lut=uniform", f"lr=${{tuned_lr:{path}}}"])).lr == 0.05
+    assert to_run_config(compose_config("strategy=distreal", "lut=uniform", f"lr=${{tuned_lr:{path}}}")).lr == 0.3
+    assert to_run_config(compose_config("strategy=full", "lut=uniform", f"lr=${{tuned_lr:{path}}}")).lr == 0.05
 
 
 def test_a_failed_run_scores_nothing_and_is_not_rerun(shifted_npz: Path, tmp_path: Path, monkeypatch) -> None:
@@ -347,12 +341,12 @@ def test_lut_variants_are_tuned_apart_and_resolved(shifted_npz: Path, tmp_path: 
     assert results["distreal@lut=uniform"]["match"] == {"strategy.name": "distreal", "lut": "uniform"}
     assert (tmp_path / "runs" / "distreal@lut=uniform" / "lr0.2_seed0" / "metrics.csv").is_file()
     lr = f"lr=${{tuned_lr:{tmp_path / 'unit.yaml'}}}"
-    assert to_run_config(_compose(["strategy=distreal", "lut=uniform", lr])).lr == 0.2
-    assert to_run_config(_compose(["strategy=distreal", "lut=learned", lr])).lr == 0.005
+    assert to_run_config(compose_config("strategy=distreal", "lut=uniform", lr)).lr == 0.2
+    assert to_run_config(compose_config("strategy=distreal", "lut=learned", lr)).lr == 0.005
 
 
 def test_absolute_paths_keep_the_lut_keywords(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     for lut, expected in (("uniform", "uniform"), ("learned", "learned"), ("my.json", str(tmp_path / "my.json"))):
-        cfg = to_run_config(_compose(["strategy=distreal", f"lut={lut}"]))
+        cfg = to_run_config(compose_config("strategy=distreal", f"lut={lut}"))
         assert experiment.with_absolute_paths(cfg).lut == expected

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from flwr_distreal import contract as C
 from flwr_distreal.lut import LUT
@@ -29,6 +29,8 @@ from flwr_distreal.wallclock import (
     WallclockError,
     choose_vector,
 )
+
+from conftest import random_images
 
 FACTOR = 3.0
 BATCH = 8
@@ -76,10 +78,7 @@ FakeBaseline = _fake_timed(MeasuredBaselineTrainer)
 
 
 def _loader(n: int, batch: int = BATCH, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 28, 28, generator=g)
-    y = torch.randint(0, 62, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+    return DataLoader(random_images(n, 62, seed), batch_size=batch, shuffle=False)
 
 
 @pytest.fixture(scope="module")
