@@ -236,7 +236,11 @@ def format_run_config(values: Mapping[str, Any]) -> str:
 
 
 def tagged_pids(tag: str) -> list[int]:
-    """Live (non-zombie) processes whose environment carries ``tag`` (Linux ``/proc``)."""
+    """Live (non-zombie) processes whose environment carries ``tag`` (Linux ``/proc``).
+
+    Misses a process that wrote its title over its environment (Ray's agents) or dropped the
+    tag: :class:`ProcessFamily` finds those too.
+    """
     pids = []
     proc = Path("/proc")
     if not proc.is_dir():

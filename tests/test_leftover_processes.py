@@ -48,6 +48,15 @@ def _wait_gone(pids: list[int], within: float = 30.0) -> list[int]:
     return left
 
 
+def _tagged(tag: str, *pids: int) -> None:
+    """Wait until the processes show ``tag`` in ``/proc/PID/environ``: ``Popen`` returns as soon as
+    ``exec`` has closed the child's descriptors, a moment before the kernel sets up its environment."""
+    end = time.monotonic() + 30
+    while set(pids) - set(tagged_pids(tag)) and time.monotonic() < end:
+        time.sleep(0.02)
+    assert not set(pids) - set(tagged_pids(tag)), f"{pids} never showed the tag"
+
+
 @pytest.fixture
 def reaper():
     """Remember (PID, start time) of every process a test starts; SIGKILL the live ones after it."""
@@ -102,6 +111,7 @@ def test_family_holds_the_tagged_processes_and_nothing_else(reaper) -> None:
     other_tag = subprocess.Popen(["sleep", "300"], env=_env(uuid.uuid4().hex))  # another run's
     stranger = subprocess.Popen(["sleep", "300"], env=_env(None), start_new_session=True)
     reaper(tagged.pid, other_tag.pid, stranger.pid)
+    _tagged(tag, tagged.pid)
     assert ProcessFamily(tag).scan() == [tagged.pid]
     for proc in (tagged, other_tag, stranger):
         proc.kill()
@@ -117,6 +127,7 @@ def test_family_follows_a_session_seen_while_its_leader_lived(reaper) -> None:
         env=_env(tag), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
     )
     reaper(leader.pid)
+    _tagged(tag, leader.pid)
     assert family.scan() == [leader.pid]  # the tagged leader, before it starts anything
     leader.stdin.write("\n")
     leader.stdin.flush()
@@ -154,6 +165,7 @@ def test_family_remembers_a_process_that_drops_its_tag(reaper) -> None:
     )
     proc = subprocess.Popen([sys.executable, "-c", code], env=_env(tag), stdin=subprocess.PIPE, text=True)
     reaper(proc.pid)
+    _tagged(tag, proc.pid)
     family = ProcessFamily(tag)
     assert family.scan() == [proc.pid]
     proc.stdin.write("\n")
@@ -180,6 +192,7 @@ def test_stop_family_kills_what_ignores_sigterm(reaper) -> None:
     polite = subprocess.Popen(["sleep", "300"], env=_env(tag))
     reaper(polite.pid)
     assert stubborn.stdout.readline().strip() == "ready"
+    _tagged(tag, stubborn.pid, polite.pid)
     left = stop_family(ProcessFamily(tag), grace_s=0.5, kill_s=30)
     stubborn.wait(30)
     polite.wait(30)
@@ -246,6 +259,7 @@ def test_the_watchdog_of_a_runtime_stopped_normally_leaves_nothing(reaper) -> No
     reaper(watchdog)
     child = subprocess.Popen(["sleep", "300"], env=runtime.env, start_new_session=True)
     reaper(child.pid)
+    _tagged(runtime.tag, child.pid)
     assert runtime.pids() == [child.pid]
     root = runtime.root
     assert runtime.stop(grace_s=5) == []
@@ -260,6 +274,7 @@ def test_one_kill_9_trial_of_the_runner_leaves_no_process() -> None:
     raylet runs; nothing of it may be left (checked by ``scripts/kill_trials.py``'s own search)."""
     spec = importlib.util.spec_from_file_location("kill_trials", REPO / "scripts" / "kill_trials.py")
     kill_trials = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("kill_trials", kill_trials)  # its dataclasses look their module up
     spec.loader.exec_module(kill_trials)
     trial = kill_trials.one_trial(1, ["rounds=3"], "ray", limit=60.0, poll=0.5, startup=600.0)
     assert trial.error == ""
