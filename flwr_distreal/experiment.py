@@ -160,15 +160,21 @@ class Experiment:
         """A fresh model of the run's architecture (the small one for ``strategy=small``), with the
         strategy's model-level switches set (inverted scaling, static BatchNorm), in the run's memory
         layout (``layout``; ``auto``: :func:`flwr_distreal.layout.resolve_layout`, cached per machine)."""
-        if self._layout is None:
+        if getattr(self, "_layout", None) is None:  # (getattr: also on an Experiment made without __init__)
             from .layout import resolve_layout
             from .recipe import resolve_device
 
-            self._layout = resolve_layout(
-                self.cfg.layout, self.model_name, self.cfg.batch_size, num_classes=self.num_classes,
-                torch_device=resolve_device(self.cfg.device), precision=self.cfg.precision,
-            )
-        model = build_model(self.model_name, self.num_classes, channels_last=self._layout == "channels_last")
+            try:
+                self._layout = resolve_layout(
+                    self.cfg.layout, self.model_name, self.cfg.batch_size, num_classes=self.num_classes,
+                    torch_device=resolve_device(self.cfg.device), precision=self.cfg.precision,
+                )
+            except (RuntimeError, TypeError, ValueError) as err:  # a speed choice never stops a run
+                log.warning("layout=%s: calibration failed (%s); using channels-last", self.cfg.layout, err)
+                self._layout = "channels_last"
+        model = build_model(self.model_name, self.num_classes)  # channels-last
+        if self._layout == "nchw":
+            model = model.to(memory_format=torch.contiguous_format)
         self.cfg.strategy.apply_to(model)
         return model
 

@@ -181,6 +181,21 @@ def test_experiment_builds_every_model_in_the_calibrated_layout(monkeypatch, tmp
     assert (tmp_path / "flwr_distreal" / "layouts.json").exists()
 
 
+def test_a_failed_calibration_warns_and_keeps_channels_last(monkeypatch, tmp_path: Path, caplog) -> None:
+    from flwr_distreal.experiment import Experiment
+
+    def broken(*a, **k):
+        raise RuntimeError("oneDNN exploded")
+
+    monkeypatch.setattr(L, "measure_layouts", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    exp = Experiment(_cfg("layout=auto", "device=cpu"))
+    with caplog.at_level("WARNING"):
+        model = exp.build_model()
+    assert L.model_layout(model) == "channels_last"
+    assert "calibration failed (oneDNN exploded)" in caplog.text
+
+
 @pytest.mark.parametrize("forced", ["channels_last", "nchw"])
 def test_experiment_forced_layout(monkeypatch, forced: str) -> None:
     from flwr_distreal.experiment import Experiment
