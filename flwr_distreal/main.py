@@ -185,7 +185,7 @@ def _run(run_cfg: RunConfig, out: str) -> float:
     final = rows[-1]["accuracy"] if rows else float("nan")
     log.info("final accuracy %.4f; metrics, config and plot in %s", final, out)
     if not sweep:
-        print(summary_line(run_cfg, rows))
+        print(summary_line(run_cfg, rows, out))
     print(f"Done: final accuracy {final:.4f}. Metrics: {out}/metrics.csv  Plot: {out}/accuracy.png")
     return final
 
