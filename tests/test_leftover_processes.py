@@ -272,12 +272,68 @@ def test_the_watchdog_of_a_runtime_stopped_normally_leaves_nothing(reaper) -> No
 def test_one_kill_9_trial_of_the_runner_leaves_no_process() -> None:
     """The real thing: ``python -m flwr_distreal.main`` (``flwr run`` with Ray), kill -9 once Ray's
     raylet runs; nothing of it may be left (checked by ``scripts/kill_trials.py``'s own search)."""
-    spec = importlib.util.spec_from_file_location("kill_trials", REPO / "scripts" / "kill_trials.py")
-    kill_trials = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("kill_trials", kill_trials)  # its dataclasses look their module up
-    spec.loader.exec_module(kill_trials)
+    kill_trials = _load_kill_trials()
     trial = kill_trials.one_trial(1, ["rounds=3"], "ray", limit=60.0, poll=0.5, startup=600.0)
     assert trial.error == ""
     assert trial.processes_at_kill >= 5, "the search should see the SuperLink, Ray and the watchdog"
     assert trial.left == []
     assert trial.folder_removed
+
+
+# -- the measuring scripts -------------------------------------------------------------------------
+
+
+def _load_kill_trials():
+    """``scripts/kill_trials.py`` as a module (registered in ``sys.modules``: its dataclasses
+    look their module up)."""
+    if "kill_trials" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("kill_trials", REPO / "scripts" / "kill_trials.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kill_trials"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["kill_trials"]
+
+
+@pytest.mark.parametrize("script", ["kill_trials.py", "kill_and_resume.py"])
+def test_kill_scripts_answer_help(script: str) -> None:
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "usage:" in res.stdout and "kill -9" in res.stdout
+
+
+def test_kill_trials_refuses_no_trials() -> None:
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "kill_trials.py"), "--trials", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "--trials must be >= 1" in res.stderr
+
+
+def test_kill_trials_counts_the_runners_tree_its_sessions_and_its_folder(tmp_path, reaper) -> None:
+    """The script's own search (not the runtime's tag): the runner (here a session leader), its
+    child, still counted as an orphan after the runner's kill, a process naming the trial's
+    folder; not a stranger."""
+    kill_trials = _load_kill_trials()
+    folder = str(tmp_path)
+    runner = subprocess.Popen(
+        [sys.executable, "-c", _LEADER, TAG_VAR, "300"], env=_env(None), stdout=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    reaper(runner.pid)
+    child = int(runner.stdout.readline())
+    reaper(child)
+    user = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", folder], env=_env(None))
+    stranger = subprocess.Popen(["sleep", "300"], env=_env(None), start_new_session=True)
+    reaper(user.pid, stranger.pid)
+    run = kill_trials.RunProcesses(runner.pid, folder)
+    end = time.monotonic() + 30  # the folder shows in the command line once exec is done
+    while user.pid not in run.alive() and time.monotonic() < end:
+        time.sleep(0.05)
+    assert run.alive() == sorted([runner.pid, child, user.pid])
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.wait(30)
+    user.kill()
+    user.wait(30)
+    assert run.alive() == [child], "the orphan of the killed runner is still the run's"
+    assert stranger.pid not in run.alive()
+    assert kill_trials.describe(child).startswith(f"{child} S sleep")
