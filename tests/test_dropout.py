@@ -178,7 +178,6 @@ def test_compact_equals_masking_reference(factory):
         model.set_execution("sparse")
 
 
-@pytest.mark.slow
 def test_inverted_dropout_matches_full_model_in_expectation():
     # conv2 is linear in its inputs: averaging its output over random conv1 subsets must give the
     # full model's conv2 output (inputs rescaled by C/k).

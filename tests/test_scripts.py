@@ -212,7 +212,6 @@ def test_compare_runtimes_composes_both_runtimes_and_compares_their_rows(load, m
     assert "bit-identical per-round metrics" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_bench_cifar_round_plain_variant_on_generated_cifar(load, tmp_path) -> None:
     """The ``plain`` variant (the round's trainers and the evaluation, no runtime) as a child runs
     it, on CIFAR-10 pickles of 40 images; the other variants are the runtimes'."""
