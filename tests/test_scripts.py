@@ -34,14 +34,10 @@ TESTS = REPO / "tests"
 #: (their names must appear there: :func:`test_every_script_is_named_by_a_test`).
 ELSEWHERE = {
     "bench_droppable.py",  # test_bench_droppable.py (and its --help here)
-    "bench_layout_precision.py",
     "claim_share.py",
-    "deploy_local.py",
     "hostile_clients.py",
     "kill_and_resume.py",
-    "kill_supernode.py",
     "kill_trials.py",
-    "startup_refusals.py",
 }
 PY_SCRIPTS = sorted(p.name for p in SCRIPTS.glob("*.py") if p.name not in ELSEWHERE - {"bench_droppable.py"})
 SHELL_SCRIPTS = sorted(p.name for p in SCRIPTS.glob("*.sh"))
