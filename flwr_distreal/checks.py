@@ -38,6 +38,7 @@ __all__ = [
     "check_client_resources",
     "check_output_dir",
     "check_ray_socket_path",
+    "flwr_runtime_base",
     "check_run_device",
     "check_run_start",
     "check_seed",
@@ -318,8 +319,7 @@ _RAY_LONGEST_SOCKET = ("sockets", "plasma_store")
 
 #: :class:`flwr_distreal.local_runtime.LocalFlwrRuntime` puts Ray's folder at
 #: ``<base>/fdr-XXXXXXXX/ray`` (``tempfile.mkdtemp(prefix="fdr-")``: 8 random characters), where
-#: ``base`` is the temporary folder when its path has at most 40 characters, else ``/tmp``.
-_FLWR_RUNTIME_MAX_BASE = 40
+#: ``base`` is :func:`flwr_runtime_base`: the temporary folder where the sockets fit, else ``/tmp``.
 _FLWR_RUNTIME_FOLDER = "fdr-XXXXXXXX"
 
 
@@ -377,11 +377,37 @@ def ray_socket_path(ray_tmpdir: str | os.PathLike, pid_digits: int | None = None
     return os.path.join(os.fspath(ray_tmpdir), "ray", session, *_RAY_LONGEST_SOCKET)
 
 
+def flwr_runtime_base(base: str | os.PathLike | None = None) -> str:
+    """The folder the ``flwr-run`` runtime makes its own temporary folder in: the temporary
+    folder (``TMPDIR``) where Ray's sockets under it fit :func:`unix_socket_limit`, else ``/tmp``.
+
+    One rule for :class:`~flwr_distreal.local_runtime.LocalFlwrRuntime` (which makes the folder)
+    and :func:`ray_temp_dir` (which the start-up check reads): a long ``TMPDIR`` (macOS's
+    ``/var/folders/...``, pytest's) is replaced by ``/tmp`` instead of failing inside Ray.
+
+    Parameters
+    ----------
+    base : str or PathLike, optional
+        The temporary folder (default :func:`tempfile.gettempdir`).
+
+    Returns
+    -------
+    str
+        ``base`` when ``<base>/fdr-XXXXXXXX/ray``'s longest socket fits (or ``/tmp`` is no
+        folder), else ``/tmp``.
+    """
+    base = os.fspath(tempfile.gettempdir() if base is None else base)
+    ray_dir = os.path.join(base, _FLWR_RUNTIME_FOLDER, "ray")
+    if len(ray_socket_path(ray_dir).encode()) <= unix_socket_limit() or not Path("/tmp").is_dir():
+        return base
+    return "/tmp"
+
+
 def ray_temp_dir(runtime: str, environ: Mapping[str, str] | None = None) -> tuple[str, str, str] | None:
     """Where a runtime puts Ray's temporary folder, and the environment variable that decides it.
 
     ``flwr-run``: the local runtime's folder under the temporary folder (``TMPDIR``; ``/tmp``
-    when that path is longer than 40 characters), see
+    where Ray's sockets under it would not fit, :func:`flwr_runtime_base`), see
     :class:`~flwr_distreal.local_runtime.LocalFlwrRuntime`. ``legacy``: Ray's own choice in this
     process, ``RAY_TMPDIR`` if set, else ``TMPDIR`` (on Linux), else ``/tmp``.
 
@@ -403,8 +429,7 @@ def ray_temp_dir(runtime: str, environ: Mapping[str, str] | None = None) -> tupl
         return None
     if runtime == "flwr-run":
         base = tempfile.gettempdir()
-        chosen = base if len(base) <= _FLWR_RUNTIME_MAX_BASE or not Path("/tmp").is_dir() else "/tmp"
-        return os.path.join(chosen, _FLWR_RUNTIME_FOLDER, "ray"), "TMPDIR", base
+        return os.path.join(flwr_runtime_base(base), _FLWR_RUNTIME_FOLDER, "ray"), "TMPDIR", base
     # ray._common.utils.get_default_system_temp_dir, which run_simulation's Ray uses here
     if "RAY_TMPDIR" in environ:
         return environ["RAY_TMPDIR"], "RAY_TMPDIR", environ["RAY_TMPDIR"]

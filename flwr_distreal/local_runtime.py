@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checks import flwr_runtime_base
+
 __all__ = [
     "FlwrRunError",
     "FlwrRunResult",
@@ -417,8 +419,7 @@ class LocalFlwrRuntime:
         self._own_root = root is None
         if root is None:
             # Ray's Unix socket paths under root must fit 107 bytes: a long TMPDIR would not do
-            base = tempfile.gettempdir()
-            root = tempfile.mkdtemp(prefix="fdr-", dir=base if len(base) <= 40 or not Path("/tmp").is_dir() else "/tmp")
+            root = tempfile.mkdtemp(prefix="fdr-", dir=flwr_runtime_base())
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.home = self.root / "flwr-home"

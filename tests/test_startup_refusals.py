@@ -136,18 +136,21 @@ def test_socket_path_at_the_limit_passes_one_byte_more_is_refused(monkeypatch) -
         check_ray_socket_path(longer, "TMPDIR", longer, "legacy")
 
 
-def test_issue_tmpdir_of_30_characters_is_refused_for_flwr_run(monkeypatch, tmp_path) -> None:
-    # issue 20: a 30-character TMPDIR broke Ray's socket path (113 > 107 bytes) under flwr run
+def test_issue_tmpdir_of_30_characters_falls_back_to_tmp_for_flwr_run(monkeypatch, tmp_path) -> None:
+    # issue 20: a 30-character TMPDIR broke Ray's socket path (113 > 107 bytes) under flwr run;
+    # the runtime now makes its folder in /tmp whenever the sockets would not fit under TMPDIR
     monkeypatch.setattr(checks, "_pid_digits", lambda: 5)
     base = "/tmp/" + "d" * 25
     _tempdir(monkeypatch, base)
+    assert len(ray_socket_path(os.path.join(base, "fdr-XXXXXXXX", "ray"))) == 113
+    assert checks.flwr_runtime_base() == "/tmp"
     ray_dir, variable, value = ray_temp_dir("flwr-run")
-    assert (variable, value) == ("TMPDIR", base)
-    assert len(ray_socket_path(ray_dir)) == 113
-    with pytest.raises(StartupError, match=r"^TMPDIR=/tmp/d{25} is too long for Ray \(runtime=flwr-run\).*113 bytes"
-                       r".*at most 24 characters"):
-        check_ray_socket_path(ray_dir, variable, value, "flwr-run")
-    _tempdir(monkeypatch, "/tmp/" + "d" * 19)  # 24 characters: fits
+    assert (ray_dir, variable, value) == ("/tmp/fdr-XXXXXXXX/ray", "TMPDIR", base)
+    check_ray_socket_path(ray_dir, variable, value, "flwr-run")
+    fits = "/tmp/" + "d" * 19  # 24 characters: the sockets fit, TMPDIR is kept
+    _tempdir(monkeypatch, fits)
+    assert checks.flwr_runtime_base() == fits
+    assert ray_temp_dir("flwr-run")[0] == os.path.join(fits, "fdr-XXXXXXXX", "ray")
     check_ray_socket_path(*ray_temp_dir("flwr-run"), runtime="flwr-run")
 
 
@@ -213,8 +216,11 @@ def test_run_start_checks_device_gpus_and_tmpdir_of_the_config(monkeypatch, tmp_
     with pytest.raises(StartupError, match=r"^num_gpus_per_client=1.0 "):
         check_run_start(run_config(out, "num_gpus_per_client=1"))
     _tempdir(monkeypatch, "/tmp/" + "d" * 25)
-    with pytest.raises(StartupError, match=r"^TMPDIR=.* too long for Ray \(runtime=flwr-run\)"):
-        check_run_start(run_config(out))
+    check_run_start(run_config(out))  # flwr-run makes its folder in /tmp instead
+    monkeypatch.setenv("TMPDIR", "/tmp/" + "d" * 50)  # legacy: Ray uses TMPDIR as it is
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    with pytest.raises(StartupError, match=r"^TMPDIR=.* too long for Ray \(runtime=legacy\)"):
+        check_run_start(run_config(out, "runtime=legacy"))
     check_run_start(run_config(out, "runtime=inprocess"))  # no Ray: TMPDIR does not matter
 
 
