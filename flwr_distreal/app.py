@@ -41,22 +41,26 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from omegaconf import OmegaConf
 
+from .checkpoint import Checkpoint, save_checkpoint
+from .clientapp import arrays_from_record, build_client_app, record_from_arrays
 from .config import RunConfig, register_configs, to_run_config
 from .contract import METRICS_RECORD
-
-if TYPE_CHECKING:
-    from .experiment import Experiment
+from .experiment import Experiment, experiment_for
+from .recording import RunFailedError, check_failures, check_run_dir, finish_output, start_output, summary_line
+from .resolvers import register_resolvers
 
 __all__ = [
     "APP_DIR",
@@ -69,6 +73,7 @@ __all__ = [
     "overrides_from_run_config",
     "run_config_from_flower",
     "server_app",
+    "server_main",
     "wait_for_supernodes",
 ]
 
@@ -173,11 +178,6 @@ def run_config_from_flower(run_config: dict[str, Any]) -> RunConfig:
         For an unknown key; Hydra's errors for an unknown group option or a wrongly typed
         value; :class:`~flwr_distreal.config.ConfigError` for a value out of range.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from .tune import register_resolvers
-
     if not (CONF_DIR / "config.yaml").is_file():
         raise FileNotFoundError(
             f"Hydra config {CONF_DIR / 'config.yaml'} not found: the app needs the conf/ folder next to "
@@ -187,8 +187,6 @@ def run_config_from_flower(run_config: dict[str, Any]) -> RunConfig:
     overrides = overrides_from_run_config(run_config)
     config_file = run_config.get(CONFIG_FILE_KEY)
     if config_file:
-        from omegaconf import OmegaConf
-
         others = [k for k, v in run_config.items() if k in _VALUES and k != "output-dir" and v not in ("", None)]
         if others:
             raise ValueError(
@@ -198,6 +196,11 @@ def run_config_from_flower(run_config: dict[str, Any]) -> RunConfig:
         if not path.is_file():
             raise FileNotFoundError(f"run-config {CONFIG_FILE_KEY!r}: no such file {path}")
         return to_run_config(OmegaConf.load(path))
+    # Lazy on purpose: Hydra is needed only to compose from run-config keys; a run started by the
+    # runner (config-file, above) and each of its ClientApp processes never load it.
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
     register_configs()
     register_resolvers()  # lr: ${tuned_lr:<setting>}
     GlobalHydra.instance().clear()
@@ -347,10 +350,8 @@ def _experiment_cached(run_config_json: str, config_file_contents: str = "") -> 
     """Compose once per run config and process: the ClientApp handles every message of every
     round, and a Hydra composition per message would be repeated work. ``config_file_contents``
     only keys the cache."""
-    from .experiment import _experiment_for
-
     cfg = run_config_from_flower(json.loads(run_config_json))
-    return cfg, _experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+    return cfg, experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
 
 
 def _trainer_fn(context: Context):
@@ -362,8 +363,6 @@ def _trainer_fn(context: Context):
 
 
 def _client_app():
-    from .clientapp import build_client_app
-
     return build_client_app(_trainer_fn)
 
 
@@ -371,7 +370,7 @@ class RecordingMessageStrategy(Strategy):
     """Delegates every hook to a Message-API strategy, numbering rounds from ``offset + 1`` (a
     resumed run goes on where its checkpoint left it: clients seed their draws and place the round
     on their clock by the round number), and hands each round's train metrics and the devices the
-    strategy drew (its ``last_drawn``) to a :class:`~flwr_distreal.experiment.MetricsRecorder`
+    strategy drew (its ``last_drawn``) to a :class:`~flwr_distreal.recording.MetricsRecorder`
     (evaluation reaches it through ``evaluate_fn``), so ``metrics.csv`` and ``draws.csv`` grow as
     the run goes."""
 
@@ -425,15 +424,9 @@ server_app = ServerApp()
 
 
 @server_app.main()
-def _server_main(grid: Grid, context: Context) -> None:
+def server_main(grid: Grid, context: Context) -> None:
     """Run the configured experiment: check the federation and the output directory, train,
     record and checkpoint every round, resume from a checkpoint, plot."""
-    import math
-
-    from .checkpoint import Checkpoint, save_checkpoint
-    from .clientapp import arrays_from_record, record_from_arrays
-    from .experiment import RunFailedError, check_failures, check_run_dir, finish_output, start_output, summary_line
-
     cfg, exp = _experiment(context)
     given = context.run_config.get("output-dir")
     out = Path(str(given)).expanduser().resolve() if given else output_dir_for(cfg, context.run_id)

@@ -34,6 +34,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from .clientapp import forget_run
+
 __all__ = ["InProcessGrid", "run_app_in_process"]
 
 log = logging.getLogger(__name__)
@@ -166,6 +168,4 @@ def run_app_in_process(
         server_main(grid, Context(run_id, 0, {}, RecordDict(), dict(run_config)))
     finally:
         TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-        from .clientapp import forget_run
-
         forget_run(run_id)

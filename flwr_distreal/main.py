@@ -13,7 +13,7 @@ starts where the check needs neither (:func:`flwr_distreal.config.to_run_config`
 :func:`flwr_distreal.checks.check_run_start`): one line ``error: <message>`` on stderr, naming
 the key, and exit code 2 (:data:`EXIT_REFUSED`). The project's own input errors raised later
 (a data folder, a LUT, a checkpoint that does not fit) end the same way; a run that fails
-(:class:`~flwr_distreal.experiment.RunFailedError`, a ``flwr run`` that did not complete) prints
+(:class:`~flwr_distreal.recording.RunFailedError`, a ``flwr run`` that did not complete) prints
 one line and exits with 1 (:data:`EXIT_FAILED`). The job's log file keeps the traceback; set
 ``DISTREAL_DEBUG=1`` (or Hydra's ``HYDRA_FULL_ERROR=1``) to have it printed instead. In a
 multirun (``-m``) a refused or failed job logs its one line and the sweep goes on with the
@@ -33,13 +33,15 @@ from typing import NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from .callbacks import route_flower_logs
 from .checks import check_run_start
 from .config import RunConfig, register_configs, to_run_config
-from .tune import register_resolvers
+from .recording import summary_line
+from .resolvers import register_resolvers
 
 log = logging.getLogger("flwr_distreal.main")  # not "__main__" under python -m
 
@@ -59,7 +61,8 @@ DEBUG_VARIABLES = ("DISTREAL_DEBUG", "HYDRA_FULL_ERROR")
 _REFUSALS = {
     "flwr_distreal.config": ("ConfigError",),
     "flwr_distreal.checks": ("StartupError",),
-    "flwr_distreal.experiment": ("RunDirectoryError", "NodeConfigError"),
+    "flwr_distreal.recording": ("RunDirectoryError",),
+    "flwr_distreal.experiment": ("NodeConfigError",),
     "flwr_distreal.checkpoint": ("CheckpointError",),
     "flwr_distreal.data": ("DataError",),
     "flwr_distreal.lut": ("LUTError",),
@@ -68,7 +71,7 @@ _REFUSALS = {
 }
 #: Errors of a run that started and failed: module -> class names.
 _FAILURES = {
-    "flwr_distreal.experiment": ("RunFailedError",),
+    "flwr_distreal.recording": ("RunFailedError",),
     "flwr_distreal.local_runtime": ("FlwrRunError",),
 }
 #: What the start-up (config conversion and checks) raises for a bad input.
@@ -130,8 +133,6 @@ def _stop(err: BaseException, code: int) -> NoReturn:
     what = "refused" if code == EXIT_REFUSED else "failed"
     log.info("run %s (%s); traceback:", what, type(err).__name__, exc_info=err)  # the log file only
     mode = HydraConfig.get().mode if HydraConfig.initialized() else None
-    from hydra.types import RunMode
-
     if mode == RunMode.MULTIRUN:  # Hydra records the job as failed and runs the next one
         log.error("%s", message)
         raise JobError(message) from err
@@ -176,9 +177,9 @@ def main(cfg: DictConfig) -> float:
 
 def _run(run_cfg: RunConfig, out: str) -> float:
     """Run the simulation into ``out``; print its summary; return the final accuracy."""
-    from hydra.types import RunMode
-
-    from .experiment import run_experiment, summary_line
+    # Lazy on purpose (the one in-function import of this entry point): the runtimes load Flower
+    # (the ServerApp, ClientApp, strategies); a run refused at start-up answers without them.
+    from .runtimes import run_experiment
 
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN  # a sweep prints a line per job, not per round
     rows = run_experiment(run_cfg, out, show_rounds=not sweep)

@@ -12,7 +12,7 @@ the test set::
 
 For each entry of ``tune.strategies`` (a strategy, or a variant ``<strategy>@<key>=<value>``
 such as ``distreal@lut=uniform``), each lr of ``tune.lrs`` and each seed of ``tune.seeds`` it
-runs the federated experiment (:func:`flwr_distreal.experiment.run_experiment`, runtime
+runs the federated experiment (:func:`flwr_distreal.runtimes.run_experiment`, runtime
 ``tune.runtime``) with ``validation_fraction=tune.validation_fraction`` and
 ``evaluate_on=validation``, everything else as composed from ``conf/config.yaml`` and the
 command's overrides. The score of a run is its mean validation accuracy over the last
@@ -27,7 +27,7 @@ columns: entries, best marked), ``runs.csv`` (one row per run), ``tuning.png`` (
 accuracy against lr) in ``tune.output``, and the tuned file ``conf/tuned/<tune.setting>.yaml``
 (``tune.write``) with, per entry, the chosen lr, the grid, the scores, the command and the date.
 
-A run config takes the tuned lr with the ``tuned_lr`` resolver (:func:`register_resolvers`)::
+A run config takes the tuned lr with the ``tuned_lr`` resolver (:mod:`flwr_distreal.resolvers`)::
 
     lr: ${tuned_lr:femnist_lam2}
 
@@ -56,11 +56,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hydra
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .callbacks import route_flower_logs
+from .checkpoint import config_differences
 from .checks import check_run_start
-from .config import RUNTIMES, STRATEGIES, ConfigError, RunConfig, register_configs, to_run_config
+from .config import RUNTIMES, STRATEGIES, RunConfig, register_configs, to_run_config
+from .local_runtime import FlwrRunError
+from .main import one_line_errors
+from .recording import RunFailedError, read_metrics, with_absolute_paths
+from .resolvers import (  # the resolver's side, re-exported: it was defined here
+    CONF_DIR,
+    TUNED_DIR,
+    TuneError,
+    load_tuned,
+    lookup_tuned_lr,
+    register_resolvers,
+    tuned_path,
+)
 
 __all__ = [
     "TUNED_DIR",
@@ -79,9 +98,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The Hydra config folder of the package (``conf/``) and its ``tuned/`` folder of tuned values.
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-TUNED_DIR = CONF_DIR / "tuned"
 #: Run-config keys the tuner sets itself (from ``tune.*``); the command must not set them.
 TUNER_KEYS = {
     "strategy": "tune.strategies",
@@ -98,10 +114,6 @@ TUNER_KEYS = {
 _NOT_RESULT_KEYS = ("output_dir", "resume", "plot", "runtime", "checkpoint_every")
 _SETTING_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STATUS_FILE = "tune_status.json"
-
-
-class TuneError(ConfigError):
-    """A tuning setting is invalid, a run folder does not fit, or a tuned file is missing or wrong."""
 
 
 @dataclass
@@ -288,8 +300,6 @@ def register_tune_config() -> None:
     and then ``base_tune``; in ``base_tune`` every run key is MISSING, which a merge leaves as it
     was, so only the typed ``tune`` node (:class:`TuneSettings`) is added.
     """
-    from hydra.core.config_store import ConfigStore
-
     register_configs()
     hints = typing.get_type_hints(RunConfig)
     fields = [(f.name, hints[f.name], field(default=MISSING)) for f in dataclasses.fields(RunConfig)]
@@ -325,9 +335,6 @@ def run_overrides(task_overrides: Sequence[str]) -> list[str]:
 def compose_run(overrides: Sequence[str]) -> tuple[RunConfig, DictConfig]:
     """``conf/config.yaml`` composed with ``overrides``: the validated run config and the
     composed node (for :func:`_match_of`)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     register_configs()
     register_resolvers()
     if GlobalHydra.instance().is_initialized():
@@ -404,9 +411,6 @@ def _previous(run: _Run, last_k: int) -> str:
     TuneError
         If the folder holds a run of another config.
     """
-    from .checkpoint import config_differences
-    from .experiment import _read_metrics, with_absolute_paths
-
     saved_file = run.folder / "config.yaml"
     if not run.folder.exists() or not saved_file.is_file():
         return "partial" if run.folder.exists() and any(run.folder.iterdir()) else "empty"
@@ -424,7 +428,7 @@ def _previous(run: _Run, last_k: int) -> str:
             "tune.output (or tune.setting), or delete that folder to rerun it"
         )
     status = _read_status(run.folder)
-    rows = _read_metrics(run.folder / "metrics.csv")
+    rows = read_metrics(run.folder / "metrics.csv")
     if len(rows) >= run.cfg.rounds:
         run.score = score_rows(rows[: run.cfg.rounds], last_k)
         run.seconds = float(status.get("seconds", float("nan")))
@@ -450,25 +454,26 @@ def _write_status(folder: Path, **status: Any) -> None:
 
 def _execute(run: _Run, last_k: int) -> None:
     """Run one tuning run into its folder and set its score, status and time."""
-    from . import experiment
+    # Lazy on purpose (with main's, the one in-function import of this entry point): the runtimes load
+    # Flower; bad tune settings or overrides are refused without them. Called through the module,
+    # so a test can stand in for the run (monkeypatch runtimes.run_experiment).
+    from . import runtimes
 
-    failures: tuple[type[BaseException], ...] = (experiment.RunFailedError,)
+    failures: tuple[type[BaseException], ...] = (RunFailedError,)
     if run.cfg.runtime == "flwr-run":  # a diverged run ends the ServerApp with an error (not recorded:
-        from .local_runtime import FlwrRunError  # it may be the runtime's; a rerun of the command retries it)
-
-        failures += (FlwrRunError,)
+        failures += (FlwrRunError,)  # it may be the runtime's; a rerun of the command retries it)
     start = time.perf_counter()
     try:
-        rows = experiment.run_experiment(run.cfg, run.folder, show_rounds=False)
+        rows = runtimes.run_experiment(run.cfg, run.folder, show_rounds=False)
     except failures as err:
         run.seconds = time.perf_counter() - start
-        rows = experiment._read_metrics(run.folder / "metrics.csv")
+        rows = read_metrics(run.folder / "metrics.csv")
         if len(rows) >= run.cfg.rounds:  # every round recorded, failed after (e.g. too many failures)
             run.status, run.score = "done", score_rows(rows[: run.cfg.rounds], last_k)
             _write_status(run.folder, status="done", seconds=run.seconds, note=f"{type(err).__name__}: {err}")
         else:
             run.status, run.reason = "failed", f"{type(err).__name__}: {err}"
-            if isinstance(err, experiment.RunFailedError):  # the run's own verdict: reused on resume
+            if isinstance(err, RunFailedError):  # the run's own verdict: reused on resume
                 _write_status(run.folder, status="failed", seconds=run.seconds, reason=run.reason)
         return
     run.seconds = time.perf_counter() - start
@@ -654,6 +659,7 @@ def _num(value: float) -> str | float:
 
 
 def _plot(settings: TuneSettings, results: dict[str, dict[str, Any]], path: Path) -> None:
+    # lazy: matplotlib is heavy and only the plot needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -681,7 +687,7 @@ def _plot(settings: TuneSettings, results: dict[str, dict[str, Any]], path: Path
 def _write_tuned(settings: TuneSettings, results: dict[str, dict[str, Any]], command: str, rounds: int) -> None:
     """Write (or update: entries not tuned now are kept) the tuned file, atomically."""
     path = settings.tuned_file()
-    data = _load_tuned(path) if path.is_file() else {"setting": settings.setting, "strategies": {}}
+    data = load_tuned(path) if path.is_file() else {"setting": settings.setting, "strategies": {}}
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     for name, r in results.items():
         data["strategies"][name] = {
@@ -708,105 +714,6 @@ def _write_tuned(settings: TuneSettings, results: dict[str, dict[str, Any]], com
 
 
 # ---------------------------------------------------------------------------------------
-# Reading the tuned values: the resolver
-# ---------------------------------------------------------------------------------------
-
-
-def tuned_path(setting: str) -> Path:
-    """The tuned file of ``setting``: ``conf/tuned/<setting>.yaml``, or ``setting`` itself when it
-    is a path to a ``.yaml`` file."""
-    text = str(setting).strip()
-    if text.endswith((".yaml", ".yml")) or "/" in text or os.sep in text:
-        return Path(text).expanduser()
-    return TUNED_DIR / f"{text}.yaml"
-
-
-def _load_tuned(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise TuneError(f"tuned file {path} is unreadable: {err}") from err
-    if not isinstance(data, dict) or not isinstance(data.get("strategies"), dict):
-        raise TuneError(f"tuned file {path} has no 'strategies' mapping; rewrite it with python -m flwr_distreal.tune")
-    return data
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return float(a) == float(b)
-    return a == b
-
-
-def lookup_tuned_lr(setting: str, value_of: Callable[[str], Any]) -> float:
-    """The tuned lr of a run from the tuned file of ``setting``.
-
-    Parameters
-    ----------
-    setting : str
-        The setting (``conf/tuned/<setting>.yaml``) or a path to a tuned file.
-    value_of : callable
-        The run's value of a dotted config key (``strategy.name``, ``lut``, ...).
-
-    Returns
-    -------
-    float
-        The lr of the entry that matches the run (its strategy, DISTREAL's LUT and the variant's
-        keys); of several, the one that fixes the most keys.
-
-    Raises
-    ------
-    TuneError
-        If the file is missing (naming it and the command that writes it), or it has no entry
-        for the run, or that entry's every tuning run failed.
-    """
-    path = tuned_path(setting)
-    strategy = value_of("strategy.name")
-    if not path.is_file():
-        name = path.stem if path.parent == TUNED_DIR else str(path)
-        raise TuneError(
-            f"tuned_lr:{setting}: no tuned file {path}; write it with: python -m flwr_distreal.tune "
-            f"tune.setting={name} <the comparison's dataset/model/resources/rounds overrides> "
-            "(see the README's 'Tuning the learning rate')"
-        )
-    data = _load_tuned(path)
-    found = []
-    for name, entry in data["strategies"].items():
-        match = entry.get("match") or {"strategy.name": str(name).split("@")[0]}
-        if all(_same(value_of(key), want) for key, want in match.items()):
-            found.append((len(match), name, entry))
-    if not found:
-        lut = value_of("lut")
-        commands = sorted({str(e.get("command")) for e in data["strategies"].values() if e.get("command")})
-        written = f"; it was written by: {commands[0]}" if commands else ""
-        raise TuneError(
-            f"tuned_lr:{setting}: {path} has no entry for strategy={strategy}"
-            f"{f' lut={lut}' if strategy == 'distreal' else ''} (its entries: {list(data['strategies'])}); "
-            f"tune it with the same command and 'tune.strategies=[\"{strategy}{f'@lut={lut}' if strategy == 'distreal' else ''}\"]'"
-            f"{written}"
-        )
-    found.sort(key=lambda t: -t[0])
-    _, name, entry = found[0]
-    lr = entry.get("lr")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-        raise TuneError(f"tuned_lr:{setting}: entry {name!r} of {path} has no lr (lr: {lr!r}: every tuning run failed?)")
-    return float(lr)
-
-
-def _resolve_tuned_lr(setting: str, *, _root_: DictConfig) -> float:
-    return lookup_tuned_lr(str(setting), lambda key: OmegaConf.select(_root_, key, default=None))
-
-
-def register_resolvers() -> None:
-    """Register the ``tuned_lr`` OmegaConf resolver (idempotent): ``lr: ${tuned_lr:<setting>}``
-    in a run config takes the lr tuned for the run's strategy (:func:`lookup_tuned_lr`). Called
-    by the Hydra runner and wherever the run config is composed, before composing."""
-    if not OmegaConf.has_resolver("tuned_lr"):
-        OmegaConf.register_new_resolver("tuned_lr", _resolve_tuned_lr, use_cache=False)
-
-
-# ---------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------
 
@@ -830,19 +737,12 @@ def main() -> None:
     failed run with one line and exit code 1, as in :mod:`flwr_distreal.main` (``DISTREAL_DEBUG=1``:
     the traceback).
     """
-    import hydra
-
     register_configs()
     register_tune_config()
     register_resolvers()
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="tune")
     def _main(cfg: DictConfig) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
-        from .callbacks import route_flower_logs
-        from .main import one_line_errors
-
         route_flower_logs()  # Flower's records through the job's handlers only (no duplicate lines)
         task = list(HydraConfig.get().overrides.task)
         with one_line_errors(startup=True):  # a bad setting: one line and exit code 2 (main's rules)

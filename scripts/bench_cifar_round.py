@@ -71,7 +71,8 @@ def _child(variant: str, args: argparse.Namespace, out: Path) -> dict:
 
     from flwr_distreal import contract as C
     from flwr_distreal.config import register_configs, to_run_config
-    from flwr_distreal.experiment import Experiment, run_experiment
+    from flwr_distreal.experiment import Experiment
+    from flwr_distreal.runtimes import run_experiment
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):

@@ -137,7 +137,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    from flwr_distreal.experiment import run_experiment
+    from flwr_distreal.runtimes import run_experiment
 
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as mem:
         t0 = time.perf_counter()

@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (after --)")
     args = parser.parse_args()
 
-    from flwr_distreal.experiment import run_experiment
+    from flwr_distreal.runtimes import run_experiment
 
     report: dict = {"overrides": args.overrides, "strategies": {}}
     for strategy in args.strategies.split(","):

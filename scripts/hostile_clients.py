@@ -1,7 +1,7 @@
 """DISTREAL with hostile clients through ``flwr run`` (the default runtime), next to the same run
 without them, and a run that ``failure_threshold`` stops.
 
-Every run is the project's own ServerApp (:func:`flwr_distreal.app._server_main`: the run's
+Every run is the project's own ServerApp (:func:`flwr_distreal.app.server_main`: the run's
 Message-API strategy with its reply gate and round bounds, ``round_timeout``, ``metrics.csv``,
 ``draws.csv``, checkpoints and the ``failure_threshold`` check) on a private local SuperLink
 (:class:`flwr_distreal.local_runtime.LocalFlwrRuntime`), one simulated SuperNode per device, with
@@ -204,7 +204,7 @@ def _build_server_app() -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        from flwr_distreal.app import _server_main
+        from flwr_distreal.app import server_main
 
         events = _Events()
         gate_log = logging.getLogger("flwr_distreal")
@@ -212,7 +212,7 @@ def _build_server_app() -> ServerApp:
         level = gate_log.level
         gate_log.setLevel(logging.INFO)
         try:
-            _server_main(grid, _own_context(context))
+            server_main(grid, _own_context(context))
         finally:
             gate_log.removeHandler(events)
             gate_log.setLevel(level)

@@ -2,14 +2,15 @@
 the summary line), and which devices were drawn each round (``draws.csv``).
 
 The fast tests run the main job's setting (``+experiment=main_digits``) for 2 rounds in the
-in-process runtime, 4 clients per round: every method draws the same devices for one seed. The
-slow one checks that ``flwr run`` and the legacy runtime log the same draws.
+in-process runtime, 4 clients per round: every method draws the same devices for one seed. That
+``flwr run`` and the legacy runtime log the same draws and LUT hash as the in-process run is
+checked in ``test_simulation.py::test_message_api_run_end_to_end_equals_legacy`` (which runs all
+three anyway).
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import json
 import random
@@ -26,11 +27,11 @@ from flwr_distreal.experiment import (
     Experiment,
     MetricsRecorder,
     RunDirectoryError,
-    run_experiment,
     summary_line,
     write_run_record,
 )
 from flwr_distreal.lut import SHIPPED_DIR, LUT
+from flwr_distreal.runtimes import run_experiment
 from flwr_distreal.server_core import sample_size, seeded_draw
 from flwr_distreal.tune import register_resolvers
 
@@ -149,14 +150,3 @@ def test_a_resumed_recorder_keeps_the_draws_of_the_rounds_it_resumes_after(tmp_p
         resumed.on_draw(4, "fit", [1])
 
 
-@pytest.mark.slow
-def test_flwr_run_and_legacy_log_the_same_draws_as_in_process(runs: dict[str, Path], tmp_path: Path) -> None:
-    """The default runtime (flwr run) and the legacy one draw and log the devices the in-process
-    run did, and record the same LUT hash."""
-    reference = _draws(runs["distreal"])
-    sha = json.loads((runs["distreal"] / RUN_RECORD_FILE).read_text())["lut_sha256"]
-    for runtime in ("flwr-run", "legacy"):
-        cfg = dataclasses.replace(_config("method=distreal"), runtime=runtime, torch_threads=1)
-        run_experiment(cfg, tmp_path / runtime, show_rounds=False)
-        assert _draws(tmp_path / runtime) == reference, runtime
-        assert json.loads((tmp_path / runtime / RUN_RECORD_FILE).read_text())["lut_sha256"] == sha

@@ -101,7 +101,7 @@ def test_resume_into_an_empty_directory_or_to_fewer_rounds_is_refused(tmp_path) 
 
 
 def test_an_unreadable_metrics_csv_is_refused_naming_the_file(tmp_path) -> None:
-    from flwr_distreal.experiment import _read_metrics
+    from flwr_distreal.recording import read_metrics as _read_metrics
 
     bad = tmp_path / "metrics.csv"
     bad.write_bytes(b"round,accuracy\n1,\xff\xfe0.5\n")
@@ -141,7 +141,7 @@ def test_a_run_whose_clients_fail_every_round_fails() -> None:
 
 
 def test_resume_and_legacy_runtime_refusal(tmp_path) -> None:
-    from flwr_distreal.experiment import run_legacy_simulation
+    from flwr_distreal.runtimes import run_legacy_simulation
 
     with pytest.raises(RunDirectoryError, match="resume=true needs runtime=flwr-run"):
         run_legacy_simulation(run_config("resume=true", "runtime=legacy"), tmp_path)

@@ -18,7 +18,8 @@ import pytest
 
 from flwr_distreal.callbacks import count_sweep_jobs
 from flwr_distreal.config import to_run_config
-from flwr_distreal.experiment import RunFailedError, run_experiment
+from flwr_distreal.recording import RunFailedError
+from flwr_distreal.runtimes import run_experiment
 from flwr_distreal.tune import register_resolvers
 
 from conftest import compose_config

@@ -136,7 +136,7 @@ def test_presets_take_the_tuned_lr_per_setting(preset):
 
 
 def test_the_tuned_lr_resolves_per_method(tmp_path, monkeypatch):
-    tune = pytest.importorskip("flwr_distreal.tune")
+    tune = pytest.importorskip("flwr_distreal.resolvers")  # the tuned_lr resolver and its TUNED_DIR
     tune.register_resolvers()
     monkeypatch.setattr(tune, "TUNED_DIR", tmp_path)
     lrs = {"distreal": 0.07, "distreal@lut=uniform": 0.2, "heterofl": 0.3, "feddropout": 0.15}

@@ -183,7 +183,7 @@ def test_compare_runtimes_composes_both_runtimes_and_compares_their_rows(load, m
     """The script's own logic over stubbed runs (the runtimes themselves are tested in
     test_simulation.py and test_flwr_run.py): each strategy runs under both runtimes with the
     overrides, and the report says whether their metrics are bit-identical."""
-    import flwr_distreal.experiment as experiment
+    import flwr_distreal.runtimes as runtimes
 
     module = load("compare_runtimes.py")
     calls = []
@@ -194,7 +194,7 @@ def test_compare_runtimes_composes_both_runtimes_and_compares_their_rows(load, m
         return [{"round": r, "accuracy": acc, "loss": 1.0, "mean_macs": 1.0, "stragglers": 0, "accepted": 2,
                  "wall_time": float(r)} for r in (1, 2)]
 
-    monkeypatch.setattr(experiment, "run_experiment", fake_run)
+    monkeypatch.setattr(runtimes, "run_experiment", fake_run)
     report_path = tmp_path / "report.json"
     _main(module, ["--strategies", "distreal,heterofl", "--out", str(tmp_path), "--json", str(report_path),
                    "--", "rounds=2", "dataset.num_devices=4", "clients_per_round=2"], monkeypatch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -23,7 +24,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from flwr_distreal.experiment import MetricsRecorder, RunDirectoryError, run_experiment
+from flwr_distreal.recording import MetricsRecorder, RunDirectoryError
+from flwr_distreal.runtimes import run_experiment
 from flwr_distreal.lut import LUT
 from flwr_distreal.models import build_model
 
@@ -147,12 +149,21 @@ def test_message_api_run_end_to_end_equals_legacy(tmp_path, ray_tmp, flwr_runtim
     assert (out / "checkpoint.npz").is_file()
     resumed = run_experiment(dataclasses.replace(cfg, rounds=3, resume=True), out)
     assert [int(r["round"]) for r in _read_rows(out / "metrics.csv")] == [1, 2, 3]
-    legacy = run_experiment(dataclasses.replace(cfg, rounds=3, runtime="legacy"))
+    legacy = run_experiment(dataclasses.replace(cfg, rounds=3, runtime="legacy"), tmp_path / "legacy")
     assert _metrics(legacy) == _metrics(resumed)
     assert _metrics(legacy)[:2] == _metrics(rows)
     # the in-process runtime runs the same app: the same metrics, bit for bit
     inprocess = run_experiment(dataclasses.replace(cfg, runtime="inprocess"), tmp_path / f"{strategy}_inprocess")
     assert _metrics(inprocess) == _metrics(rows)
+    # the audit trail (issue 20): every runtime logs the same devices per round and the same LUT hash
+    draws = {name: _read_rows(d / "draws.csv") for name, d in
+             (("flwr-run", out), ("legacy", tmp_path / "legacy"), ("inprocess", tmp_path / f"{strategy}_inprocess"))}
+    assert [r["round"] for r in draws["flwr-run"]] == ["1", "2", "3"]
+    assert all(r["train_devices"] for r in draws["flwr-run"])
+    assert [r["train_devices"] for r in draws["legacy"]] == [r["train_devices"] for r in draws["flwr-run"]]
+    assert draws["inprocess"] == draws["flwr-run"][:2]
+    hashes = {json.loads((d / "run.json").read_text())["lut_sha256"] for d in (out, tmp_path / "legacy")}
+    assert len(hashes) == 1 and len(hashes.pop()) == 64
     assert all(float(r["update_norm"]) > 0 and float(r["lr"]) == cfg.lr for r in inprocess)
     assert not ray.is_initialized()
     leftovers = _wait_until_gone(ray_tmp)
@@ -182,7 +193,7 @@ def test_submodel_baseline_in_process_equals_legacy(tmp_path, ray_tmp) -> None:
 @pytest.mark.slow
 def test_hydra_main_subprocess(tmp_path) -> None:
     """A Hydra multirun over a key that the run directory's name does not show (the LUT) keeps
-    every job's output apart."""
+    every job's output apart (in process: the runtimes themselves are tested above)."""
     sweep_dir = tmp_path / "sweep"
     lut_path = tmp_path / "uniform_lut.json"
     LUT.uniform(build_model("femnist_cnn", num_classes=10), rates=[0.0, 0.25, 0.5]).save(lut_path)
@@ -199,6 +210,7 @@ def test_hydra_main_subprocess(tmp_path) -> None:
             "rounds=1",
             "clients_per_round=2",
             "dataset.num_devices=4",
+            "runtime=inprocess",
             f"lut=uniform,{lut_path}",
             f"hydra.sweep.dir={sweep_dir}",
         ],

@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from flwr_distreal import experiment
+from flwr_distreal import experiment, runtimes
 from flwr_distreal.config import to_run_config
 from flwr_distreal.data import DataError, FederatedData, load_digits
 from flwr_distreal.training import evaluate_model, set_weights
@@ -223,7 +223,7 @@ def test_tuner_picks_by_validation_and_writes_its_outputs(tuned, shifted_npz: Pa
     for lr in LRS:
         cfg = to_run_config(compose_config(*_base(shifted_npz), "strategy=full", f"lr={lr}", "validation_fraction=0.2",
                                            "runtime=inprocess"))
-        rows = experiment.run_experiment(cfg, out / f"test_lr{lr}")
+        rows = runtimes.run_experiment(cfg, out / f"test_lr{lr}")
         on_test[lr] = np.mean([r["accuracy"] for r in rows[-2:]])
     assert on_test[0.005] > on_test[0.2]
     assert lines[0].startswith("tuning lr of ['full']")
@@ -263,9 +263,9 @@ def test_resume_reuses_finished_runs_and_reruns_unfinished_ones(tuned, shifted_n
             writer = csv.writer(f)
             writer.writerow(["round", "accuracy", "loss"])
             writer.writerows([[r, 0.9, 0.1] for r in range(1, cfg.rounds + 1)])
-        return experiment._read_metrics(Path(folder) / "metrics.csv")
+        return experiment.read_metrics(Path(folder) / "metrics.csv")
 
-    monkeypatch.setattr(experiment, "run_experiment", fake_run)
+    monkeypatch.setattr(runtimes, "run_experiment", fake_run)
     lines: list[str] = []
     again = run_tuning(_settings(out), _base(shifted_npz), echo=lines.append)
     assert calls == []  # everything reused
@@ -312,9 +312,9 @@ def test_a_failed_run_scores_nothing_and_is_not_rerun(shifted_npz: Path, tmp_pat
             raise experiment.RunFailedError("the test loss became non-finite (round 1)")
         with (Path(folder) / "metrics.csv").open("w", newline="") as f:
             csv.writer(f).writerows([["round", "accuracy"], *([r, 0.3] for r in range(1, cfg.rounds + 1))])
-        return experiment._read_metrics(Path(folder) / "metrics.csv")
+        return experiment.read_metrics(Path(folder) / "metrics.csv")
 
-    monkeypatch.setattr(experiment, "run_experiment", fake_run)
+    monkeypatch.setattr(runtimes, "run_experiment", fake_run)
     lines: list[str] = []
     results = run_tuning(_settings(tmp_path), _base(shifted_npz), echo=lines.append)
     assert results["full"]["lr"] == 0.005 and np.isnan(results["full"]["scores"][1])
@@ -332,9 +332,9 @@ def test_lut_variants_are_tuned_apart_and_resolved(shifted_npz: Path, tmp_path: 
         good = (cfg.lut == "learned") == (cfg.lr == 0.005)
         with (Path(folder) / "metrics.csv").open("w", newline="") as f:
             csv.writer(f).writerows([["round", "accuracy"], *([r, 0.8 if good else 0.4] for r in range(1, cfg.rounds + 1))])
-        return experiment._read_metrics(Path(folder) / "metrics.csv")
+        return experiment.read_metrics(Path(folder) / "metrics.csv")
 
-    monkeypatch.setattr(experiment, "run_experiment", fake_run)
+    monkeypatch.setattr(runtimes, "run_experiment", fake_run)
     settings = _settings(tmp_path, strategies=["distreal", "distreal@lut=uniform"])
     results = run_tuning(settings, _base(shifted_npz), echo=lambda line: None)
     assert (results["distreal"]["lr"], results["distreal@lut=uniform"]["lr"]) == (0.005, 0.2)

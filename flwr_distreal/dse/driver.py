@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,10 @@ import pygmo as pg
 from ..dropout import DropoutModel
 from ..lut import LUT
 from .evaluator import CachedEvaluator, EvalRecord
-from .front import DEFAULT_REFERENCE, best_gain_at_budget, hypervolume, non_dominated, spread_evenly
+from .front import best_gain_at_budget, hypervolume, non_dominated, spread_evenly
+from .plot import plot_fronts
 from .problem import MAX_RATE, DropoutProblem, DSEError, Normaliser, SharedEvaluator, vector_key
+from .settings import DSESettings, is_int
 
 __all__ = ["DSESettings", "DSEResult", "run_dse", "CHECKPOINT_NAME", "nsga2_seed"]
 
@@ -47,99 +48,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.json"
 CHECKPOINT_FORMAT = "flwr-distreal-dse-checkpoint/1"
-_MIN_POPULATION = 5  # pagmo's nsga2 refuses fewer individuals (verified with pygmo 2.20)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def nsga2_seed(seed: int, generation: int) -> int:
     """Seed of generation ``generation``'s ``nsga2`` instance (32 bits, pagmo's seed type)."""
     return int(np.random.SeedSequence([int(seed), 1, int(generation)]).generate_state(1, dtype=np.uint32)[0])
-
-
-@dataclass(frozen=True)
-class DSESettings:
-    """Settings of the NSGA-II search.
-
-    Parameters
-    ----------
-    population : int
-        Individuals per generation (paper: 64; pagmo's NSGA-II needs at least 5).
-    generations : int
-        Generations after the initial population (paper: 50; 0 only evaluates the initial
-        population).
-    seed : int
-        Seed of the initial population and of every generation's NSGA-II.
-    lut_size : int
-        Vectors written to the LUT (about; fewer if the front is smaller).
-    cr, eta_c, m, eta_m : float
-        NSGA-II crossover probability, crossover distribution index, mutation probability and
-        mutation distribution index (pygmo's defaults).
-    reference : tuple of float
-        Hypervolume reference point in normalised objective space.
-    uniform_rates : tuple of float
-        Equal-rate vectors evaluated at the end for the comparison (default 0, 0.05, ..., 0.5).
-    plot_generations : int
-        How many generations (evenly spaced, always the first and last) the front plot shows.
-    """
-
-    population: int = 64
-    generations: int = 50
-    seed: int = 0
-    lut_size: int = 64
-    cr: float = 0.95
-    eta_c: float = 10.0
-    m: float = 0.01
-    eta_m: float = 50.0
-    reference: tuple[float, float] = DEFAULT_REFERENCE
-    uniform_rates: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(11))
-    plot_generations: int = 5
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.population) or self.population < _MIN_POPULATION:
-            raise DSEError(
-                f"population must be an integer >= {_MIN_POPULATION} (pygmo's NSGA-II needs at least "
-                f"5 individuals), got {self.population!r}"
-            )
-        if not _is_int(self.generations) or self.generations < 0:
-            raise DSEError(f"generations must be an integer >= 0, got {self.generations!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise DSEError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not _is_int(self.lut_size) or self.lut_size < 2:
-            raise DSEError(f"lut_size must be an integer >= 2, got {self.lut_size!r}")
-        if not 0.0 <= self.cr < 1.0:
-            raise DSEError(f"cr must be in [0, 1), got {self.cr}")
-        if not 0.0 <= self.eta_c < 100.0:
-            raise DSEError(f"eta_c must be in [0, 100), got {self.eta_c}")
-        if not 0.0 <= self.m <= 1.0:
-            raise DSEError(f"m must be in [0, 1], got {self.m}")
-        if not 0.0 <= self.eta_m < 100.0:
-            raise DSEError(f"eta_m must be in [0, 100), got {self.eta_m}")
-        ref = tuple(float(r) for r in self.reference)
-        if len(ref) != 2 or not all(math.isfinite(r) for r in ref) or min(ref) <= 1.0:
-            raise DSEError(
-                f"reference must be two finite numbers > 1 (the extremes map to 0 and 1), got {list(self.reference)}"
-            )
-        object.__setattr__(self, "reference", ref)
-        rates = tuple(float(r) for r in self.uniform_rates)
-        if any(not (0.0 <= r <= MAX_RATE) for r in rates):
-            raise DSEError(f"uniform_rates must lie in [0, {MAX_RATE}], got {list(rates)}")
-        object.__setattr__(self, "uniform_rates", rates)
-        if not _is_int(self.plot_generations) or self.plot_generations < 1:
-            raise DSEError(f"plot_generations must be an integer >= 1, got {self.plot_generations!r}")
-
-    def search_fingerprint(self) -> dict[str, Any]:
-        """Settings that determine the search path (must match to resume)."""
-        return {
-            "population": self.population,
-            "seed": self.seed,
-            "cr": self.cr,
-            "eta_c": self.eta_c,
-            "m": self.m,
-            "eta_m": self.eta_m,
-        }
 
 
 @dataclass
@@ -283,7 +196,7 @@ def run_dse(
         raise DSEError(
             f"model has {model.num_dropout_layers} dropout layers, the fitness {n_layers}"
         )
-    if stop_after is not None and (not _is_int(stop_after) or stop_after < 0):
+    if stop_after is not None and (not is_int(stop_after) or stop_after < 0):
         raise DSEError(f"stop_after must be a non-negative integer, got {stop_after!r}")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -578,9 +491,7 @@ def _finish(
     }
     paths["summary"] = out / "summary.json"
     _atomic_write_json(paths["summary"], summary)
-    try:
-        from .plot import plot_fronts
-
+    try:  # plot_fronts imports matplotlib when called
         paths["plot"] = plot_fronts(history, front_f, uni_f, settings, out / "front.png",
                                     title=f"{evaluations['model']}: DSE front vs equal rates")
     except ImportError as err:  # matplotlib is a dependency; a broken install only loses the plot
@@ -602,16 +513,3 @@ def _finish(
         paths=paths,
         evaluator=evaluator,
     )
-
-
-def front_history(history: Sequence[dict[str, Any]], count: int) -> list[tuple[int, np.ndarray]]:
-    """``count`` evenly spaced generations (first and last included) with their population's
-    non-dominated objectives."""
-    if not history:
-        return []
-    idx = np.unique(np.round(np.linspace(0, len(history) - 1, max(1, count))).astype(int))
-    out = []
-    for i in idx:
-        F = np.asarray(history[i]["population_f"], dtype=np.float64)
-        out.append((int(history[i]["generation"]), F[non_dominated(F)]))
-    return out

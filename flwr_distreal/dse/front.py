@@ -1,4 +1,5 @@
-"""Pareto-front utilities of the DSE: non-dominated points, hypervolume, even spreading.
+"""Pareto-front utilities of the DSE: non-dominated points, hypervolume, even spreading, the
+fronts of a search's history.
 
 All functions work on minimised two-objective points ``F`` of shape ``(n, 2)``, i.e. the
 normalised ``(f1, f2)`` of the paper's equation (1).
@@ -7,6 +8,7 @@ normalised ``(f1, f2)`` of the paper's equation (1).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pygmo as pg
@@ -19,6 +21,7 @@ __all__ = [
     "hypervolume",
     "spread_evenly",
     "best_gain_at_budget",
+    "front_history",
 ]
 
 #: Hypervolume reference point in normalised objective space.
@@ -164,4 +167,17 @@ def best_gain_at_budget(
         fits = macs <= b
         if fits.any():
             out[j] = float(dacc[fits].max())
+    return out
+
+
+def front_history(history: Sequence[dict[str, Any]], count: int) -> list[tuple[int, np.ndarray]]:
+    """``count`` evenly spaced generations (first and last included) with their population's
+    non-dominated objectives."""
+    if not history:
+        return []
+    idx = np.unique(np.round(np.linspace(0, len(history) - 1, max(1, count))).astype(int))
+    out = []
+    for i in idx:
+        F = np.asarray(history[i]["population_f"], dtype=np.float64)
+        out.append((int(history[i]["generation"]), F[non_dominated(F)]))
     return out

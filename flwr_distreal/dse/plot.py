@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .driver import DSESettings
+from .front import front_history
+from .settings import DSESettings
 
 __all__ = ["plot_fronts"]
 
@@ -45,12 +45,10 @@ def plot_fronts(
     Path
         The written file.
     """
-    import matplotlib
+    import matplotlib  # lazy: the plot is the DSE's only use of matplotlib, and it is heavy
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .driver import front_history
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
