@@ -4,6 +4,12 @@ Each group (dataset, model, strategy, resources) has a dataclass schema stored i
 ConfigStore; every YAML of the group extends it, so a wrong type or an unknown key fails when
 the config is composed, and the range checks in ``__post_init__`` run when
 :func:`to_run_config` converts the composed config (before round 1).
+
+The schemas hold every default of the run configuration; the YAMLs do not restate them (Hydra
+fills a key a YAML leaves out from its schema). A default that a library class shares (the
+training recipe, the DISTREAL policy, HeteroFL's levels, ...) is read from
+:mod:`flwr_distreal.defaults`, which the classes read too; the recipe's values are validated by
+:class:`~flwr_distreal.recipe.Recipe` (``tests/test_defaults.py`` checks that all agree).
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from . import defaults as D
 from .aggregate import SUBMODEL_RULES
+from .recipe import DEVICES, SCHEDULES, Recipe
+from .schedule import POLICIES
 
 __all__ = [
     "STRATEGY_SCHEMAS",
@@ -41,10 +50,10 @@ TIME_TABLES = ("measure", "proportional")
 #: How a run executes: the Message-API app through ``flwr run`` (Flower's supported way), or the
 #: legacy NumPyClient/Strategy pair on the deprecated ``run_simulation``.
 RUNTIMES = ("flwr-run", "legacy", "inprocess")
-#: Round-based learning-rate schedules (:mod:`flwr_distreal.recipe`).
-LR_SCHEDULES = ("constant", "cosine", "step")
-#: Where a run's torch work happens: ``auto`` picks CUDA when available.
-DEVICES = ("auto", "cpu", "cuda")
+#: Round-based learning-rate schedules (:data:`flwr_distreal.recipe.SCHEDULES`).
+LR_SCHEDULES = SCHEDULES
+# DEVICES (where a run's torch work happens: ``auto`` picks CUDA when available):
+# :data:`flwr_distreal.recipe.DEVICES`, imported above.
 #: What the server evaluates the global model on each round.
 EVALUATE_ON = ("test", "validation")
 
@@ -119,7 +128,12 @@ class StrategyConfig:
     """
 
     name: str = MISSING
+    # true: static BatchNorm (as HeteroFL's sBN): training normalises with batch statistics, the
+    # server recomputes the statistics from bn_devices devices' training data before each
+    # evaluation. Turn it on for every method of a comparison on a BN model so that all are
+    # evaluated alike (the baselines have it on by default). A no-op for a model without BN.
     static_bn: bool = False
+    # devices whose training data the server recomputes BN statistics from (seeded sample)
     bn_devices: int = 10
 
     def __post_init__(self) -> None:
@@ -159,24 +173,29 @@ def _check_choice(key: str, value: object, choices: typing.Iterable[str]) -> Non
 class DistrealStrategyConfig(StrategyConfig):
     """DISTREAL (Rapp et al., AAAI 2022).
 
-    ``policy``: the per-batch budget rule (``paper``: r(t) * T / B, the paper's D[r];
-    ``deadline``: time left * r(t) / batches left). ``stop_at_deadline``: stop at the deadline
-    and send the completed steps, weighted by their MACs. ``on_excess``: ``refuse`` or ``clip``
-    a reply that claims more MACs than possible. ``inverted_scaling``: a layer that reads ``k``
-    of a producer's ``C`` channels under the per-batch random dropout multiplies them by
+    ``policy``: the per-batch budget rule (``deadline``, the default: time left * r(t) /
+    batches left; ``paper``: r(t) * T / B, the paper's D[r]). ``stop_at_deadline``: stop at the
+    deadline and send the completed steps, weighted by their MACs. ``on_excess``: ``refuse`` or
+    ``clip`` a reply that claims more MACs than possible. ``inverted_scaling``: a layer that reads
+    ``k`` of a producer's ``C`` channels under the per-batch random dropout multiplies them by
     ``C / k`` (standard inverted dropout; on by default). ``static_bn``, ``bn_devices``: see
     :class:`StrategyConfig` (off by default: running statistics, as a plain full model keeps).
     """
 
     name: str = "distreal"
-    policy: str = "paper"
-    stop_at_deadline: bool = True
-    on_excess: str = "refuse"
+    # deadline: time left * r(t) / samples left per batch; paper: r(t) * T / B (the paper's D[r])
+    policy: str = D.POLICY
+    # stop at the deadline and send the completed steps, weighted by their MACs
+    stop_at_deadline: bool = D.STOP_AT_DEADLINE
+    # refuse or clip a reply that claims more MACs than possible
+    on_excess: str = D.ON_EXCESS
+    # per-batch random dropout scales the k kept of C channels by C/k (inverted dropout,
+    # Srivastava et al. 2014)
     inverted_scaling: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice("policy", self.policy, ("paper", "deadline"))
+        _check_choice("policy", self.policy, POLICIES)
         _check_choice("on_excess", self.on_excess, ("refuse", "clip"))
 
     def apply_to(self, model: Any) -> None:
@@ -216,7 +235,7 @@ class SubmodelStrategyConfig(StrategyConfig):
     """
 
     inverted_scaling: bool = True
-    aggregation: str = "per_weight"
+    aggregation: str = D.AGGREGATION
     static_bn: bool = True
 
     def __post_init__(self) -> None:
@@ -236,6 +255,15 @@ class FedDropoutStrategyConfig(SubmodelStrategyConfig):
     BatchNorm."""
 
     name: str = "feddropout"
+    # false: the client trains its random subset as a repacked narrower network, unscaled
+    # (DISTREAL paper, Related Work "Train NN Subsets": FD trains "a repacked smaller network";
+    # the DISTREAL authors' own FD, github.com/k1l1/SLT nets/SubsetNets/*.py, has no scaler).
+    # aggregation per_weight: each weight averaged over the clients whose submodel holds it
+    # (k1l1/SLT algorithms/fd.py, model_averaging). static_bn true: k1l1/SLT builds every
+    # BatchNorm of its models (nets/Baseline and nets/SubsetNets densenet_cifar.py,
+    # resnet_cifar.py) with track_running_stats=False: running statistics are never kept; with
+    # running statistics of the submodels averaged, DenseNet-BC-40's full model stays at chance
+    # (README, "Baseline conventions").
     inverted_scaling: bool = False
 
 
@@ -249,8 +277,15 @@ class HeteroFLStrategyConfig(SubmodelStrategyConfig):
     """
 
     name: str = "heterofl"
-    shrink: float = 0.7
-    levels: int = 5
+    # s; level p keeps the first ceil(s**(p-1) * C) filters (DISTREAL paper: s = 0.7)
+    shrink: float = D.HETEROFL_SHRINK
+    levels: int = D.HETEROFL_LEVELS
+    # true: HeteroFL's Scaler (paper, section 3 "Scaler"; repository diaoenmao/HeteroFL-...
+    # src/modules/modules.py, on in every run of src/make.py): the k of C kept channels are scaled
+    # by C/k. aggregation per_weight: HeteroFL's per-parameter average over the clients holding it
+    # (src/fed.py, Federation.combine). static_bn true: sBN (paper, section 3 "Static Batch
+    # Normalization"; models built with track_running_stats=False, statistics recomputed before
+    # testing by src/train_classifier_fed.py, stats).
     inverted_scaling: bool = True
 
     def __post_init__(self) -> None:
@@ -291,9 +326,9 @@ class ResourcesConfig:
 
     kind: str = MISSING
     variability: Optional[float] = None
-    lam: float = 1.0
+    lam: float = 1.0  # availability changes per round (paper: 0.5, 1, 2, 4)
     trace_path: Optional[str] = None
-    step_macs_factor: float = 3.0
+    step_macs_factor: float = D.STEP_MACS_FACTOR
     time_table: str = "measure"
     table_path: Optional[str] = None
     margin: float = 0.1
@@ -338,39 +373,51 @@ class RunConfig:
     model: ModelConfig = MISSING
     strategy: StrategyConfig = MISSING
     resources: ResourcesConfig = MISSING
-    rounds: int = 10
+    rounds: int = 20
     clients_per_round: int = 10
-    seed: int = 0
-    deadline: float = 1.0
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    clip_norm: Optional[float] = 1.0
-    lr_schedule: str = "constant"
-    lr_min: float = 0.0
-    lr_step_rounds: int = 50
-    lr_gamma: float = 0.1
-    device: str = "auto"
-    validation_fraction: float = 0.0
-    evaluate_on: str = "test"
+    seed: int = D.SEED
+    deadline: float = 1.0  # round duration T (simulated seconds; r_max is derived from it)
+    # The training recipe (flwr_distreal.recipe.Recipe, which validates these keys). clip_norm:
+    # gradient-norm clipping per local step (null: none), the stable default (README, "Training
+    # recipe"). lr_schedule: constant, cosine (to lr_min at the last round), step (x lr_gamma
+    # every lr_step_rounds).
+    lr: float = D.LR
+    momentum: float = D.MOMENTUM
+    weight_decay: float = D.WEIGHT_DECAY
+    clip_norm: Optional[float] = D.CLIP_NORM
+    lr_schedule: str = D.LR_SCHEDULE
+    lr_min: float = D.LR_MIN
+    lr_step_rounds: int = D.LR_STEP_ROUNDS
+    lr_gamma: float = D.LR_GAMMA
+    device: str = "auto"  # auto: CUDA when available, else CPU; cpu; cuda (clients and server evaluation)
+    validation_fraction: float = 0.0  # part of each device's training data held out as the validation split (lr tuning)
+    evaluate_on: str = "test"  # test, or validation (the held-out split; what lr tuning judges by)
     batch_size: int = 32
-    local_epochs: int = 1
+    local_epochs: int = D.LOCAL_EPOCHS
+    # DISTREAL's LUT: learned (the DSE's LUT shipped for the model, flwr_distreal/luts/), uniform
+    # (equal rates), or a LUT file.
     lut: Optional[str] = "learned"
-    skip_straggler_training: bool = True
+    skip_straggler_training: bool = D.SKIP_STRAGGLER_TRAINING
     eval_batch_size: int = 512
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
     torch_threads: int = 1
+    # Memory layout of the models: auto (channels-last or NCHW, whichever a few-second calibration
+    # finds faster for model and batch size; cached per machine), channels_last, nchw.
     layout: str = "auto"
-    precision: str = "fp32"
+    # fp32; bf16 (autocast: CPUs with AVX-512 BF16/AMX, refused elsewhere; CUDA AMP); fp16 (CUDA
+    # only, with a GradScaler). Losses, weights and BN statistics stay fp32.
+    precision: str = D.PRECISION
     output_dir: Optional[str] = None
+    # flwr-run: the Message-API app via `flwr run` (private local SuperLink); legacy: NumPyClient +
+    # legacy strategy on run_simulation; inprocess: the clients in this process.
     runtime: str = "flwr-run"
     deployment: bool = False
     min_nodes: int = 2
     round_timeout: Optional[float] = None
     node_wait: Optional[float] = None
     resume: bool = False
-    checkpoint_every: int = 1
+    checkpoint_every: int = 1  # rounds between checkpoints (atomic; the last round always)
     failure_threshold: float = 0.5
     plot: bool = True
     extra: dict = field(default_factory=dict)
@@ -389,18 +436,10 @@ class RunConfig:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if not self.deadline > 0:
             raise ConfigError(f"deadline must be > 0, got {self.deadline}")
-        if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
-            raise ConfigError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {self.lr}, {self.momentum}, {self.weight_decay}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ConfigError(f"clip_norm must be > 0 (or null: no clipping), got {self.clip_norm}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if not 0 <= self.lr_min <= self.lr:
-            raise ConfigError(f"lr_min must be in [0, lr={self.lr}], got {self.lr_min}")
-        if self.lr_step_rounds < 1 or not 0 < self.lr_gamma <= 1:
-            raise ConfigError(
-                f"need lr_step_rounds >= 1 and 0 < lr_gamma <= 1, got {self.lr_step_rounds}, {self.lr_gamma}"
-            )
+        try:  # the recipe keys (lr, momentum, ..., clip_norm, lr_schedule, ...): validated by the Recipe
+            Recipe.from_config(self)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
         if self.layout not in ("auto", "channels_last", "nchw"):  # flwr_distreal.layout.LAYOUTS

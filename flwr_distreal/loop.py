@@ -96,6 +96,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import contract as C
+from . import defaults as D
 from .dropout import DroppableModel
 from .lut import LUT
 from .macs import count_macs
@@ -607,9 +608,10 @@ class DistrealRound(_Round):
         The round (1-based): places it on the device's clock (``[(t-1) T, t T]``).
     r_max : float, optional
         This device's upper availability bound, if it differs from the resource model's.
-    policy : {"paper", "deadline"} (default: "paper")
+    policy : {"paper", "deadline"} (default: "deadline", the run config's ``strategy.policy``)
         Per-batch budget rule (:func:`~flwr_distreal.schedule.select_vector`): the paper's
         ``r(t) T / B``, or deadline-aware (time left times ``r(t)`` over the samples left).
+        Until 2026-12 the default here was ``paper``.
     stop_at_deadline : bool (default: True)
         End the round before a step that would end after the deadline (the device sends what
         it trained, not a straggler). False: the paper's device, which trains every mini-batch
@@ -665,9 +667,9 @@ class DistrealRound(_Round):
         device_id: int,
         server_round: int = 1,
         r_max: float | None = None,
-        policy: str = "paper",
-        stop_at_deadline: bool = True,
-        step_macs_factor: float = 3.0,
+        policy: str = D.POLICY,
+        stop_at_deadline: bool = D.STOP_AT_DEADLINE,
+        step_macs_factor: float = D.STEP_MACS_FACTOR,
         batch_size: int | None = None,
         round_samples: int | None = None,
         planned_sizes: Sequence[int] | None = None,

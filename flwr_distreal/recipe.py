@@ -10,9 +10,16 @@ over the server rounds. Every trainer of :mod:`flwr_distreal.training` and
 (:class:`flwr_distreal.training.LocalStep`), so DISTREAL and every baseline train with exactly
 the same one.
 
-The paper trains with plain SGD (no momentum, no weight decay, no clipping) and a constant
-learning rate; that is :meth:`Recipe.constant`'s default. The schedule is per *server round*:
-all local steps of round ``t`` use :meth:`Recipe.lr_at` ``(t)``.
+The defaults of :class:`Recipe` are the run configuration's (:mod:`flwr_distreal.defaults`,
+read by the schema :class:`flwr_distreal.config.RunConfig` too): ``Recipe()`` is the recipe of
+``python -m flwr_distreal.main`` without overrides (lr 0.1, gradient-norm clipping at 1.0, no
+momentum, no weight decay, constant lr). The paper trains with plain SGD (no momentum, no weight
+decay, no clipping) and a constant learning rate: :meth:`Recipe.constant`. The schedule is per
+*server round*: all local steps of round ``t`` use :meth:`Recipe.lr_at` ``(t)``.
+
+The recipe's values are validated here, once: the schema's range checks of ``lr``,
+``momentum``, ``weight_decay``, ``clip_norm``, ``lr_schedule``, ``lr_min``, ``lr_step_rounds``
+and ``lr_gamma`` are :meth:`Recipe.from_config`'s.
 
 :func:`resolve_device` turns the ``device`` setting (``auto``, ``cpu``, ``cuda``) into the
 torch device a trainer and the server's evaluation run on.
@@ -28,6 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from . import defaults as D
 
 __all__ = ["DEVICES", "SCHEDULES", "Recipe", "resolve_device"]
 
@@ -56,15 +65,16 @@ class Recipe:
 
     Parameters
     ----------
-    lr : float (default: 0.05)
+    lr : float (default: 0.1, the run config's ``lr``)
         Learning rate of round 1 (and of every round with ``schedule="constant"``); > 0.
     momentum : float (default: 0.0)
         SGD momentum, >= 0 (the paper: 0).
     weight_decay : float (default: 0.0)
         SGD weight decay (L2), >= 0 (the paper: 0).
-    clip_norm : float or None (default: None)
+    clip_norm : float or None (default: 1.0, the run config's ``clip_norm``)
         Clip the gradient of every local step to this global L2 norm (over all parameters)
-        after the backward pass and before the optimiser step; ``None``: no clipping.
+        after the backward pass and before the optimiser step; ``None``: no clipping (the
+        paper).
     schedule : {"constant", "cosine", "step"} (default: "constant")
         How the learning rate changes over the server rounds (see :meth:`lr_at`).
     lr_min : float (default: 0.0)
@@ -80,25 +90,32 @@ class Recipe:
     ------
     ValueError
         Naming the field that is out of range or of the wrong type.
+
+    Notes
+    -----
+    Every default is :mod:`flwr_distreal.defaults`' (the schema's). Until 2026-12 ``Recipe()``
+    had lr 0.05 and no clipping while the runner trained with lr 0.1 and ``clip_norm=1.0``; a
+    library user now gets the runner's recipe. The old one: ``Recipe(lr=0.05, clip_norm=None)``.
     """
 
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    clip_norm: float | None = None
-    schedule: str = "constant"
-    lr_min: float = 0.0
-    step_rounds: int = 50
-    gamma: float = 0.1
+    lr: float = D.LR
+    momentum: float = D.MOMENTUM
+    weight_decay: float = D.WEIGHT_DECAY
+    clip_norm: float | None = D.CLIP_NORM
+    schedule: str = D.LR_SCHEDULE
+    lr_min: float = D.LR_MIN
+    step_rounds: int = D.LR_STEP_ROUNDS
+    gamma: float = D.LR_GAMMA
     total_rounds: int = 1
 
     def __post_init__(self) -> None:
+        sgd = "need lr > 0, momentum >= 0, weight_decay >= 0"
         lr = _real("lr", self.lr)
         if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+            raise ValueError(f"lr must be > 0, got {self.lr!r} ({sgd})")
         for name in ("momentum", "weight_decay"):
             if not _real(name, getattr(self, name)) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r} ({sgd})")
         if self.clip_norm is not None and not _real("clip_norm", self.clip_norm) > 0:
             raise ValueError(f"clip_norm must be > 0 (or None: no clipping), got {self.clip_norm!r}")
         if self.schedule not in SCHEDULES:
@@ -114,9 +131,11 @@ class Recipe:
 
     @classmethod
     def constant(
-        cls, lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0, clip_norm: float | None = None
+        cls, lr: float = D.LR, momentum: float = D.MOMENTUM, weight_decay: float = D.WEIGHT_DECAY,
+        clip_norm: float | None = None,
     ) -> "Recipe":
-        """A recipe with a constant learning rate (the paper's plain SGD with the defaults)."""
+        """A recipe with a constant learning rate: the paper's plain SGD (no clipping unless
+        ``clip_norm`` is given; momentum and weight decay 0) at the run config's lr by default."""
         return cls(lr=lr, momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm)
 
     @classmethod
@@ -132,7 +151,9 @@ class Recipe:
         Raises
         ------
         ValueError
-            If an attribute is missing (naming it) or out of range (naming the config key).
+            If an attribute is missing (naming it) or out of range (naming the config key). The
+            schema's conversion (:func:`flwr_distreal.config.to_run_config`) raises it as a
+            ``ConfigError``: this is where the recipe keys of a run config are validated.
         """
         keys = {
             "lr": "lr",

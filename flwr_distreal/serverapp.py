@@ -111,6 +111,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
 from . import contract as C
+from . import defaults as D
 from .aggregate import OnExcess, RefusalReason, SubmodelAggregation, ValidationResult
 from .contract import ContractError, is_number, metric_values
 from .dropout import DropoutModel
@@ -220,7 +221,7 @@ def _short_reason(reason: str, most: int = 200) -> str:
 EVALUATE_WEIGHT_KEY = "num-examples"
 
 #: Seconds a round waits for enough nodes to connect, by default (``node_wait``).
-DEFAULT_NODE_WAIT = 60.0
+DEFAULT_NODE_WAIT = D.NODE_WAIT
 #: Seconds between two "Waiting for nodes" log lines while a round waits.
 _WAIT_LOG_EVERY_S = 10.0
 
@@ -999,9 +1000,9 @@ class Distreal(_CoreFedAvg):
         self,
         *,
         full_macs_per_sample: float | None = None,
-        on_excess: OnExcess = "refuse",
+        on_excess: OnExcess = D.ON_EXCESS,
         batch_size: int | None = None,
-        local_epochs: int = 1,
+        local_epochs: int = D.LOCAL_EPOCHS,
         max_batches_fn: Callable[[int], int] | None = None,
         update_bound: float | None = 10.0,
         on_outlier: OnOutlier = "refuse",
@@ -1011,7 +1012,7 @@ class Distreal(_CoreFedAvg):
         share_bound: float | None = SHARE_BOUND,
         robust: Robust | None = None,
         trim_beta: float = 0.2,
-        seed: int = 0,
+        seed: int = D.SEED,
         weighted_by_key: str = C.MACS,
         num_batches_key: str = C.NUM_BATCHES,
         straggler_key: str = C.STRAGGLER,
@@ -1183,7 +1184,7 @@ class SmallNetwork(_CoreFedAvg):
     def __init__(
         self,
         *,
-        seed: int = 0,
+        seed: int = D.SEED,
         update_bound: float | None = 10.0,
         on_outlier: OnOutlier = "refuse",
         update_norm: UpdateNorm = "model",
@@ -1301,10 +1302,10 @@ class SubmodelStrategy(_CoreFedAvg):
         round_duration: float,
         num_classes: int | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
-        step_macs_factor: float = 3.0,
+        step_macs_factor: float = D.STEP_MACS_FACTOR,
         round_samples_fn: Callable[[int], int] | None = None,
-        seed: int = 0,
-        aggregation: SubmodelAggregation = "per_weight",
+        seed: int = D.SEED,
+        aggregation: SubmodelAggregation = D.AGGREGATION,
         update_bound: float | None = 10.0,
         on_outlier: OnOutlier = "refuse",
         update_norm: UpdateNorm = "model",
@@ -1452,7 +1453,7 @@ class HeteroFL(SubmodelStrategy):
         The arguments of :class:`SubmodelStrategy` and of FedAvg.
     """
 
-    def __init__(self, *, shrink: float = 0.7, levels: int = 5, **kwargs: Any) -> None:
+    def __init__(self, *, shrink: float = D.HETEROFL_SHRINK, levels: int = D.HETEROFL_LEVELS, **kwargs: Any) -> None:
         HeteroFLPlanner.check_args(shrink, levels)
         self._level_args = (shrink, levels)
         super().__init__(**kwargs)

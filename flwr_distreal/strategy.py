@@ -75,6 +75,7 @@ from flwr.server.strategy import FedAvg
 from torch import Tensor
 
 from . import contract as C
+from . import defaults as D
 from .aggregate import OnExcess, SubmodelAggregation
 from .client_manager import fetch_properties
 from .contract import decode_subsets, encode_subsets, is_number
@@ -454,9 +455,9 @@ class Distreal(_ResourceAwareFedAvg):
         self,
         *,
         full_macs_per_sample: float | None = None,
-        on_excess: OnExcess = "refuse",
+        on_excess: OnExcess = D.ON_EXCESS,
         batch_size: int | None = None,
-        local_epochs: int = 1,
+        local_epochs: int = D.LOCAL_EPOCHS,
         max_batches_fn: Callable[[int], int] | None = None,
         update_bound: float | None = 10.0,
         on_outlier: OnOutlier = "refuse",
@@ -710,11 +711,11 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
         round_duration: float,
         num_classes: int | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
-        step_macs_factor: float = 3.0,
+        step_macs_factor: float = D.STEP_MACS_FACTOR,
         round_samples_fn: Callable[[int], int] | None = None,
         device_id_fn: Callable[[ClientProxy], int] | None = None,
-        seed: int = 0,
-        aggregation: SubmodelAggregation = "per_weight",
+        seed: int = D.SEED,
+        aggregation: SubmodelAggregation = D.AGGREGATION,
         update_bound: float | None = 10.0,
         on_outlier: OnOutlier = "refuse",
         update_norm: UpdateNorm = "model",
@@ -928,7 +929,7 @@ class HeteroFL(SubmodelStrategy):
         As :class:`SubmodelStrategy`, or if ``shrink`` or ``levels`` is out of range.
     """
 
-    def __init__(self, *, shrink: float = 0.7, levels: int = 5, **kwargs: Any) -> None:
+    def __init__(self, *, shrink: float = D.HETEROFL_SHRINK, levels: int = D.HETEROFL_LEVELS, **kwargs: Any) -> None:
         HeteroFLPlanner.check_args(shrink, levels)
         self._level_args = (shrink, levels)
         super().__init__(**kwargs)

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import contract as C
+from . import defaults as D
 from .dropout import DroppedWeightGuard, DropoutModel
 from .loop import DistrealRound, round_metrics
 from .lut import LUT
@@ -288,23 +289,17 @@ class DeviceTrainer:
         lr: float | None = None,
         momentum: float | None = None,
         weight_decay: float | None = None,
-        local_epochs: int = 1,
-        step_macs_factor: float = 3.0,
-        skip_straggler_training: bool = True,
+        local_epochs: int = D.LOCAL_EPOCHS,
+        step_macs_factor: float = D.STEP_MACS_FACTOR,
+        skip_straggler_training: bool = D.SKIP_STRAGGLER_TRAINING,
         torch_device: str = "cpu",
         seed: int | None = None,
-        precision: str = "fp32",
+        precision: str = D.PRECISION,
     ) -> None:
         self.precision = check_precision(precision, torch_device)
-        if recipe is None:
-            lr = 0.05 if lr is None else lr
-            momentum = 0.0 if momentum is None else momentum
-            weight_decay = 0.0 if weight_decay is None else weight_decay
-            if not lr > 0 or not momentum >= 0 or not weight_decay >= 0:
-                raise ValueError(
-                    f"need lr > 0, momentum >= 0, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}"
-                )
-            recipe = Recipe.constant(lr, momentum, weight_decay)
+        if recipe is None:  # the old keyword arguments: a constant recipe, validated by Recipe
+            given = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+            recipe = Recipe.constant(**{k: v for k, v in given.items() if v is not None})
         elif not isinstance(recipe, Recipe):
             raise ValueError(f"recipe must be a Recipe, got {type(recipe).__name__}")
         elif lr is not None or momentum is not None or weight_decay is not None:
@@ -504,16 +499,18 @@ class DistrealTrainer(DeviceTrainer):
         Resource availability of all devices; ``None`` trains without limits (full model).
     r_max : float, optional
         This device's upper availability bound (MACs/s), if it differs from the model's.
-    policy : {"paper", "deadline"}
-        Per-batch budget rule.
+    policy : {"deadline", "paper"} (default: "deadline", the run config's ``strategy.policy``)
+        Per-batch budget rule (``paper``: the paper's ``r(t) * T / B``). Until 2026-12 the
+        default here was ``paper`` while the runner ran ``deadline``.
     recipe : Recipe, optional
         How to train (:mod:`flwr_distreal.recipe`): learning rate and its schedule over the
         rounds, momentum, weight decay, gradient-norm clipping. With momentum or weight decay,
         weights dropped in a step keep their value and optimiser state
         (:class:`DroppedWeightGuard`).
     lr, momentum, weight_decay : float, optional
-        Without ``recipe``: a constant recipe of these (defaults 0.05, 0, 0: the paper's plain
-        SGD). Not together with ``recipe``.
+        Without ``recipe``: :meth:`Recipe.constant <flwr_distreal.recipe.Recipe.constant>` of
+        these, the paper's plain SGD (no clipping) with the run config's defaults (lr 0.1, was
+        0.05 until 2026-12; momentum 0, weight decay 0). Not together with ``recipe``.
     local_epochs : int
         Passes over the local data per round.
     step_macs_factor : float
@@ -550,8 +547,8 @@ class DistrealTrainer(DeviceTrainer):
         lut: LUT,
         resources: ResourceModel | None,
         *,
-        policy: str = "paper",
-        stop_at_deadline: bool = True,
+        policy: str = D.POLICY,
+        stop_at_deadline: bool = D.STOP_AT_DEADLINE,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, train_loader, device_id, resources, **kwargs)

@@ -114,7 +114,7 @@ def test_step_schedule_by_hand() -> None:
         ({"clip_norm": 0.0}, "clip_norm must be > 0"),
         ({"clip_norm": "1"}, "clip_norm must be a finite number"),
         ({"schedule": "linear"}, r"schedule must be one of \['constant', 'cosine', 'step'\]"),
-        ({"lr_min": 0.5}, r"lr_min must be in \[0, lr=0.05\]"),
+        ({"lr_min": 0.5}, r"lr_min must be in \[0, lr=0.1\]"),  # Recipe()'s lr: the run config's
         ({"step_rounds": 0}, "step_rounds must be >= 1"),
         ({"step_rounds": 2.5}, "step_rounds must be an integer"),
         ({"gamma": 0.0}, r"gamma must be in \(0, 1\]"),
@@ -239,7 +239,7 @@ def test_schedule_and_clipping_reach_every_client_kind(kind, clip) -> None:
 def test_trainer_keeps_the_old_keyword_arguments() -> None:
     model = _model()
     t = BaselineTrainer(model, _loader(_data()), 0, None, lr=0.3, momentum=0.5)
-    assert t.recipe == Recipe(lr=0.3, momentum=0.5) and t.lr == 0.3
+    assert t.recipe == Recipe.constant(lr=0.3, momentum=0.5) and t.lr == 0.3
     with pytest.raises(ValueError, match="not both"):
         BaselineTrainer(model, _loader(_data()), 0, None, recipe=Recipe(), lr=0.3)
 
@@ -249,7 +249,7 @@ def test_a_non_finite_loss_stops_the_round(kind) -> None:
     """Batch 2 holds a NaN: training stops there, the two steps before it are kept (finite
     weights equal to two hand-made steps), train_loss is NaN and the rest is incomplete."""
     model, data = _model(), _data(nan_batch=2)
-    trainer = _trainer(kind, copy.deepcopy(model), data, Recipe(lr=0.1))
+    trainer = _trainer(kind, copy.deepcopy(model), data, Recipe(lr=0.1, clip_norm=None))
     res = trainer.fit(get_weights(model), {C.SERVER_ROUND: 1, C.UNLIMITED: True})
     assert math.isnan(res.metrics[C.TRAIN_LOSS])
     assert res.metrics[C.NUM_BATCHES] == 2 and res.num_examples == 2 * BATCH
