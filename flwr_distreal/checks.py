@@ -517,7 +517,9 @@ def check_client_resources(
     Ray places a client only where its request fits; a request above what the machine has
     leaves every client unplaced, and the run fails late ("An error was encountered", after the
     runtime has started). ``flwr-run`` reserves whole CPUs (the request rounded up). A runtime
-    without Ray (``inprocess``) places no client: a GPU request there is only warned about.
+    without Ray (``inprocess``) places no client: a GPU request there is only warned about. With
+    ``RAY_ADDRESS`` set (the run joins an existing Ray cluster) that cluster's nodes place the
+    clients, and nothing is checked against this machine.
 
     Parameters
     ----------
@@ -542,6 +544,9 @@ def check_client_resources(
                 "%s=%s is not applied by runtime=%s (no Ray: its clients run one after another in this "
                 "process, on the torch device of the key device)", gpus_key, num_gpus, runtime,
             )
+        return
+    if os.environ.get("RAY_ADDRESS") and cpu_count is None:  # an existing Ray cluster places the clients, not this machine
+        log.info("RAY_ADDRESS=%s: %s and %s are left to that cluster to place", os.environ["RAY_ADDRESS"], cpus_key, gpus_key)
         return
     cpus = math.ceil(num_cpus) if runtime == "flwr-run" else num_cpus
     have = os.cpu_count() if cpu_count is None else int(cpu_count)
