@@ -136,6 +136,7 @@ def test_each_role_tampers_with_the_reply_as_documented(hostile, identity) -> No
     assert [a.tolist() for a in arrays(inflated)] == [a.tolist() for a in arrays(honest)]
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_the_hostile_run_through_flwr_run(hostile, tmp_path: Path, capsys) -> None:
     """1 round through flwr run (round timeout 30 s, the sleeper 32 s): the hostile devices are refused or fail, the run completes; the

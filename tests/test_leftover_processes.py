@@ -268,6 +268,7 @@ def test_the_watchdog_of_a_runtime_stopped_normally_leaves_nothing(reaper) -> No
     assert not root.exists()
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_one_kill_9_trial_of_the_runner_leaves_no_process() -> None:
     """The real thing: ``python -m flwr_distreal.main`` (``flwr run`` with Ray), kill -9 once Ray's

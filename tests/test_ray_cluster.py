@@ -213,6 +213,7 @@ def test_client_resources_are_left_to_an_existing_cluster(monkeypatch) -> None:
 # --------------------------------------------------------------------------------- the real run
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds processes through /proc (Linux)")
 @pytest.mark.parametrize("runtime", ["flwr-run", "legacy"])
