@@ -156,8 +156,9 @@ def test_message_api_run_end_to_end_equals_legacy(tmp_path, ray_tmp, flwr_runtim
     inprocess = run_experiment(dataclasses.replace(cfg, runtime="inprocess"), tmp_path / f"{strategy}_inprocess")
     assert _metrics(inprocess) == _metrics(rows)
     # the audit trail (issue 20): every runtime logs the same devices per round and the same LUT hash
-    draws = {name: _read_rows(d / "draws.csv") for name, d in
+    draws = {name: list(csv.DictReader((d / "draws.csv").open(newline=""))) for name, d in
              (("flwr-run", out), ("legacy", tmp_path / "legacy"), ("inprocess", tmp_path / f"{strategy}_inprocess"))}
+    assert all(list(rows_[0]) == MetricsRecorder.DRAW_FIELDS for rows_ in draws.values())
     assert [r["round"] for r in draws["flwr-run"]] == ["1", "2", "3"]
     assert all(r["train_devices"] for r in draws["flwr-run"])
     assert [r["train_devices"] for r in draws["legacy"]] == [r["train_devices"] for r in draws["flwr-run"]]
