@@ -99,7 +99,7 @@ def runtime():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("app", [PLAIN, DISTREAL], ids=["fedavg", "distreal"])
+@pytest.mark.parametrize("app", [pytest.param(PLAIN, marks=pytest.mark.heavy), DISTREAL], ids=["fedavg", "distreal"])
 def test_flwr_run_runs_the_example_app_for_2_rounds(runtime, app: Path, tmp_path: Path) -> None:
     pyproject = (app / "pyproject.toml").read_bytes()
     result = runtime.run(app, 4, {"num-server-rounds": 2}, log_path=tmp_path / "run.log", timeout=400)

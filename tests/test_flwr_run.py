@@ -307,6 +307,7 @@ def test_flwr_run_completes_and_writes_metrics(flwr_env: FlwrEnv) -> None:
     assert flwr_env.runtime.pids(), "no SuperLink found with the test's tag: cleanup would miss it"
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_flwr_run_refuses_wrong_supernode_count(flwr_env: FlwrEnv) -> None:
     out_dir = flwr_env.root / "out-wrong"

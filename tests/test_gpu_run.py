@@ -167,6 +167,7 @@ def test_a_failed_smoke_run_stops_before_the_timed_run(gr, capsys, monkeypatch, 
     assert set(json.loads((out / "summary.json").read_text())["runs"]) == {"smoke"}
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_tiny_smoke_and_timed_run_on_cpu(gr, capsys, tmp_path: Path) -> None:
     out = tmp_path / "o"

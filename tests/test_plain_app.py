@@ -384,6 +384,7 @@ def test_plain_app_trains_end_to_end_in_process(caplog) -> None:
     print("accuracy by round:", [round(a, 3) for a in accuracies])
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_plain_app_through_flowers_simulation(caplog) -> None:
     """The same through ``flwr.simulation.run_simulation`` (Ray): Flower's own runtime answers
