@@ -87,7 +87,27 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 Trainer = Callable[[Message], "Message | None"]
 
 
-class FakeGrid(Grid):
+class GridWithoutSuperLink(Grid):
+    """What every fake ``Grid`` here shares: a run, and messages created as Flower's grids do
+    (``push_messages``, ``pull_messages``, ``get_node_ids`` and ``send_and_receive`` are each
+    fake's own)."""
+
+    def __init__(self) -> None:
+        self._run = Run.create_empty(1)
+        self._outbox: list[Message] = []
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id, ttl=ttl)
+
+
+class FakeGrid(GridWithoutSuperLink):
     """A ``Grid`` without SuperLink: answers queries with the node's properties and train messages
     with ``trainer``'s reply (None: no reply). ``mute`` nodes never answer anything; ``broken``
     ones answer queries with an error.
@@ -126,18 +146,7 @@ class FakeGrid(Grid):
         self.mute, self.broken = set(mute), set(broken)
         self.queries: Counter[int] = Counter()
         self.train_messages: list[Message] = []
-        self._run = Run.create_empty(1)
-        self._outbox: list[Message] = []
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id, ttl=ttl)
+        super().__init__()
 
     def get_node_ids(self) -> list[int]:
         return list(self.devices)

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -27,8 +26,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+from conftest import GridWithoutSuperLink
 from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_distreal import contract as C
@@ -75,7 +73,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return fake
 
 
-class LossyGrid(Grid):
+class LossyGrid(GridWithoutSuperLink):
     """Nodes (node id -> partition id) that can disappear. Pushing gives every message an id
     (as Flower's grids do); a train or evaluate message to a node in ``dead`` is answered as
     Flower's SuperLink answers for a node without heartbeats (an error from the SuperLink's node
@@ -89,18 +87,7 @@ class LossyGrid(Grid):
         self.crash: set[int] = set()
         self.superlink_errors = superlink_errors
         self.node_id_calls = 0
-        self._run = Run.create_empty(1)
-        self._outbox: list[Message] = []
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id, ttl=ttl)
+        super().__init__()
 
     def get_node_ids(self) -> list[int]:
         self.node_id_calls += 1
