@@ -3,7 +3,7 @@
 The core (dropout, models, MACs, LUT) is imported eagerly and has no Flower or Hydra imports.
 The Flower pieces (strategies, clients) are exported lazily, so ``import flwr_distreal`` and
 the core modules never import Flower. ``flwr_distreal.Distreal`` and the baselines at the top
-level are the legacy-API strategies; the Message-API ones are in :mod:`flwr_distreal.serverapp`.
+level are the legacy-API strategies; the Message-API ones are in :mod:`flwr_distreal.flower.serverapp`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 # free. It is read at the first convolution; a value the user set is kept.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
 
-from .dropout import (
+from .core.dropout import (
     DroppableModel,
     DroppedWeightGuard,
     UnsupportedModelError,
@@ -28,33 +28,33 @@ from .dropout import (
     parameter_masks,
     validate_vector,
 )
-from .lut import LUT, BudgetError, LUTError
-from .macs import count_macs, kept_counts
+from .core.lut import LUT, BudgetError, LUTError
+from .core.macs import count_macs, kept_counts
 from .models import build_model, list_models
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Distreal": "strategy",
-    "FullResources": "strategy",
-    "SmallNetwork": "strategy",
-    "FederatedDropout": "strategy",
-    "HeteroFL": "strategy",
-    "make_evaluate_fn": "strategy",
-    "fit_metrics_aggregation": "strategy",
-    "DistrealClient": "client",
-    "BaselineClient": "client",
-    "TrainerClient": "client",
-    "DistrealRound": "loop",
-    "MeasuredDistrealRound": "wallclock",
-    "DeviceTrainer": "training",
-    "DistrealTrainer": "training",
-    "BaselineTrainer": "training",
-    "MeasuredDistrealTrainer": "wallclock",
-    "MeasuredBaselineTrainer": "wallclock",
-    "build_client_app": "clientapp",
-    "SeededClientManager": "client_manager",
-    "ResourceModel": "resources",
+    "Distreal": "flower.legacy.strategy",
+    "FullResources": "flower.legacy.strategy",
+    "SmallNetwork": "flower.legacy.strategy",
+    "FederatedDropout": "flower.legacy.strategy",
+    "HeteroFL": "flower.legacy.strategy",
+    "make_evaluate_fn": "flower.legacy.strategy",
+    "fit_metrics_aggregation": "flower.legacy.strategy",
+    "DistrealClient": "flower.legacy.client",
+    "BaselineClient": "flower.legacy.client",
+    "TrainerClient": "flower.legacy.client",
+    "DistrealRound": "training.loop",
+    "MeasuredDistrealRound": "training.wallclock",
+    "DeviceTrainer": "training.trainers",
+    "DistrealTrainer": "training.trainers",
+    "BaselineTrainer": "training.trainers",
+    "MeasuredDistrealTrainer": "training.wallclock",
+    "MeasuredBaselineTrainer": "training.wallclock",
+    "build_client_app": "flower.clientapp",
+    "SeededClientManager": "flower.legacy.client_manager",
+    "ResourceModel": "core.resources",
     "load_federated": "data",
     "FederatedData": "data",
 }

@@ -16,7 +16,7 @@ Each variant runs in a fresh process (the allocator setting is per process):
     start-up; its round time from ``metrics.csv`` is shown too.
 
 ``--malloc default`` keeps glibc's allocator (``FLWR_DISTREAL_MALLOC=default``), ``tuned`` reuses
-freed memory (:mod:`flwr_distreal.allocator`, the default of every run). CPU times are the whole
+freed memory (:mod:`flwr_distreal.core.allocator`, the default of every run). CPU times are the whole
 process's for ``plain`` and ``inprocess`` (exact), and the whole machine's for ``flwr-run``
 (``/proc/stat``: its SuperLink and Ray workers are not our children; run that on an idle machine). Prints a table: wall, user and system CPU seconds, and the ratio of
 each variant's wall time to the plain loop's with the same allocator.
@@ -69,17 +69,17 @@ def _child(variant: str, args: argparse.Namespace, out: Path) -> dict:
     sys.path.insert(0, str(ROOT))
     from hydra import compose, initialize_config_dir
 
-    from flwr_distreal import contract as C
-    from flwr_distreal.config import register_configs, to_run_config
-    from flwr_distreal.experiment import Experiment
-    from flwr_distreal.runtimes import run_experiment
+    from flwr_distreal.core import contract as C
+    from flwr_distreal.run.config import register_configs, to_run_config
+    from flwr_distreal.run.experiment import Experiment
+    from flwr_distreal.run.runtimes import run_experiment
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = to_run_config(compose("config", overrides=_overrides(args) + [f"runtime={variant if variant != 'plain' else 'inprocess'}"]))
     import random
 
-    from flwr_distreal.server_core import seeded_draw
+    from flwr_distreal.server.core import seeded_draw
 
     # flwr run's work happens in processes that are not our children (SuperLink, Ray): whole machine
     cpu = _proc_stat if variant == "flwr-run" else _own_cpu

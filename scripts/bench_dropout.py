@@ -9,7 +9,7 @@ variants and reports ratios:
 
 * ``full``: the model without dropout (one variant, the denominator);
 * ``compact``: the model under the vector in compact execution (only kept filters are
-  computed: :mod:`flwr_distreal.dropout`), a fresh random filter subset every step;
+  computed: :mod:`flwr_distreal.core.dropout`), a fresh random filter subset every step;
 * ``narrow``: a natively narrow network, ``build_model(name, widths=kept_counts(vector))``,
   trained without dropout through the same code path (the practical limit of these kernels);
 * ``mask``: the same vector in mask execution (computes every filter and multiplies the
@@ -76,8 +76,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from flwr_distreal.dropout import DropoutModel
-from flwr_distreal.macs import count_macs, kept_counts
+from flwr_distreal.core.dropout import DropoutModel
+from flwr_distreal.core.macs import count_macs, kept_counts
 from flwr_distreal.models import build_model, list_models
 
 TARGET_COMPACT_VS_NARROW = 1.15

@@ -3,14 +3,14 @@
 For each model (one row) this measures, on the CPU:
 
 * ``groups``: the dropout groups that tracing found (:func:`flwr_distreal.make_droppable`);
-* MACs of the full model and at uniform rate 0.5 (:func:`flwr_distreal.macs.count_macs`), each
+* MACs of the full model and at uniform rate 0.5 (:func:`flwr_distreal.core.macs.count_macs`), each
   checked against ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2 / batch of a training
   forward of the droppable model, and of the natively narrow model): ``ok`` or ``MISMATCH``;
 * training-step time (forward, cross-entropy, backward, plain SGD step on a fixed random batch)
   of three separate model instances timed side by side, interleaved ``A B C A B C ...``
   (medians): ``full`` (no dropout), ``compact`` (uniform rate 0.5 in compact execution, a fresh
   random filter subset every step) and ``narrow`` (the natively narrow network of the same kept
-  widths: :func:`flwr_distreal.submodel.extract_submodel`, a plain module of the user's class
+  widths: :func:`flwr_distreal.core.submodel.extract_submodel`, a plain module of the user's class
   with resized layers, trained without any dropout machinery). The issue's goal:
   compact / narrow <= 1.15;
 * switching overhead: one compact model trains on a stream of steps in which a seeded coin
@@ -65,11 +65,11 @@ from bench_dropout import (  # noqa: E402  (the DenseNet benchmark's helpers and
 )
 from bench_dropout import _train_step as train_step  # noqa: E402
 
-from flwr_distreal.dropout import DroppableModel, make_droppable  # noqa: E402
-from flwr_distreal.lut import LUT, LUTError  # noqa: E402
-from flwr_distreal.macs import count_macs, kept_counts  # noqa: E402
+from flwr_distreal.core.dropout import DroppableModel, make_droppable  # noqa: E402
+from flwr_distreal.core.lut import LUT, LUTError  # noqa: E402
+from flwr_distreal.core.macs import count_macs, kept_counts  # noqa: E402
 from flwr_distreal.models import build_model  # noqa: E402
-from flwr_distreal.submodel import extract_submodel  # noqa: E402
+from flwr_distreal.core.submodel import extract_submodel  # noqa: E402
 
 TARGET_COMPACT_VS_NARROW = 1.15
 TARGET_SWITCH_OVERHEAD_PCT = 3.0

@@ -2,7 +2,7 @@
 """Step times side by side: memory layout (NCHW, channels-last) x precision (fp32, bf16) (issue 21).
 
 For each model (default: DenseNet-BC-40 at batch 64, the FEMNIST CNN at batch 32) it times the
-training step the runner takes (:class:`~flwr_distreal.training.LocalStep`: forward under the
+training step the runner takes (:class:`~flwr_distreal.training.trainers.LocalStep`: forward under the
 precision's autocast, float32 loss, backward, SGD update) for
 
 * ``full``: the full model;
@@ -15,7 +15,7 @@ precision's autocast, float32 loss, backward, SGD update) for
 in the four combinations NCHW/channels-last x fp32/bf16. All (combination, kind) pairs are
 visited round-robin within every repetition (the start rotated each repetition), so a load
 change hits them alike; the table shows medians and the ratio to NCHW fp32. It then prints what
-``layout: auto`` picks for each model on this machine (:func:`flwr_distreal.layout.calibrate_layout`,
+``layout: auto`` picks for each model on this machine (:func:`flwr_distreal.training.layout.calibrate_layout`,
 measured anew and written to the per-machine cache) next to what the table's own full + uniform
 0.5 medians say. bf16 is skipped on a CPU without native bf16 (the run would refuse it).
 
@@ -40,11 +40,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dropout import _device, _loadavg, _machine  # noqa: E402  (the benchmarks' shared helpers)
 
-from flwr_distreal.layout import calibrate_layout  # noqa: E402
+from flwr_distreal.training.layout import calibrate_layout  # noqa: E402
 from flwr_distreal.models import build_model  # noqa: E402
-from flwr_distreal.precision import autocast, check_precision  # noqa: E402
-from flwr_distreal.recipe import Recipe  # noqa: E402
-from flwr_distreal.training import LocalStep  # noqa: E402
+from flwr_distreal.core.precision import autocast, check_precision  # noqa: E402
+from flwr_distreal.training.recipe import Recipe  # noqa: E402
+from flwr_distreal.training.trainers import LocalStep  # noqa: E402
 
 COMBOS = [("nchw", "fp32"), ("channels_last", "fp32"), ("nchw", "bf16"), ("channels_last", "bf16")]
 KINDS = ["full", "uniform 0.5", "cycling 0.1-0.5", "eval"]

@@ -86,7 +86,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from flwr_distreal.config import register_configs, to_run_config
+    from flwr_distreal.run.config import register_configs, to_run_config
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -98,8 +98,8 @@ def plain_loop(cfg) -> list[float]:
     import torch
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
-    from flwr_distreal.aggregate import mac_weighted_update, weighted_average
-    from flwr_distreal.experiment import Experiment
+    from flwr_distreal.server.aggregate import mac_weighted_update, weighted_average
+    from flwr_distreal.run.experiment import Experiment
 
     exp = Experiment(cfg)
     torch.set_num_threads(cfg.torch_threads)
@@ -137,7 +137,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    from flwr_distreal.runtimes import run_experiment
+    from flwr_distreal.run.runtimes import run_experiment
 
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as mem:
         t0 = time.perf_counter()

@@ -8,8 +8,8 @@ hits both variants alike; medians and the B/A ratio are printed.
    after, the gap bookkeeping, :meth:`ThroughputEstimator.update`, :func:`choose_vector` and the
    step record. B trains the same vector as A (the choice is computed, then the benchmark's
    vector is used), so both do identical compute and the difference is the overhead.
-2. Per round. A: :class:`~flwr_distreal.training.DistrealTrainer` without resource limits
-   (the full model on every mini-batch). B: :class:`~flwr_distreal.wallclock.MeasuredDistrealTrainer`
+2. Per round. A: :class:`~flwr_distreal.training.trainers.DistrealTrainer` without resource limits
+   (the full model on every mini-batch). B: :class:`~flwr_distreal.training.wallclock.MeasuredDistrealTrainer`
    with a one-vector LUT (the full model) and a far deadline, so it also trains the full model
    on every mini-batch while measuring, estimating and selecting.
 
@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from flwr_distreal.dropout import DroppedWeightGuard
-from flwr_distreal.lut import LUT
-from flwr_distreal.macs import count_macs
+from flwr_distreal.core.dropout import DroppedWeightGuard
+from flwr_distreal.core.lut import LUT
+from flwr_distreal.core.macs import count_macs
 from flwr_distreal.models import build_model
-from flwr_distreal.resources import step_macs
-from flwr_distreal.training import DistrealTrainer, get_weights
-from flwr_distreal.wallclock import (
+from flwr_distreal.core.resources import step_macs
+from flwr_distreal.training.trainers import DistrealTrainer, get_weights
+from flwr_distreal.training.wallclock import (
     MeasuredDistrealTrainer,
     StepRecord,
     StepTimeTable,

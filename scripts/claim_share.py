@@ -5,7 +5,7 @@ Rapp et al., AAAI 2022). A client can claim anything; the server bounds the clai
 it configured (``batch_size``: the node's ``round-samples`` or the reply's ``num-examples``), by
 ``claim_bound`` times the round's median claim, and by ``share_bound``: no reply weighs more than
 ``k`` times the mean of the others, so one reply holds at most ``k / (n + k - 1)`` of the round's
-weight (:func:`flwr_distreal.server_core.cap_shares`).
+weight (:func:`flwr_distreal.server.core.cap_shares`).
 
 Part 1, the attack. Honest replies come from the real resources model of the FEMNIST preset
 (``+experiment=fig6_femnist resources.lam=2``: time-varying availability at lambda = 2, 105
@@ -48,12 +48,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from flwr_distreal import contract as C  # noqa: E402
-from flwr_distreal.aggregate import mac_weighted_update  # noqa: E402
-from flwr_distreal.lut import LUT  # noqa: E402
-from flwr_distreal.resources import ResourceModel, batch_sizes  # noqa: E402
-from flwr_distreal.schedule import plan_distreal_round  # noqa: E402
-from flwr_distreal.server_core import (  # noqa: E402
+from flwr_distreal.core import contract as C  # noqa: E402
+from flwr_distreal.server.aggregate import mac_weighted_update  # noqa: E402
+from flwr_distreal.core.lut import LUT  # noqa: E402
+from flwr_distreal.core.resources import ResourceModel, batch_sizes  # noqa: E402
+from flwr_distreal.training.schedule import plan_distreal_round  # noqa: E402
+from flwr_distreal.server.core import (
     SHARE_BOUND,
     Accepted,
     DistrealCore,
@@ -104,9 +104,9 @@ class Devices:
 
 
 def devices_of_preset(overrides: Sequence[str]) -> Devices:
-    """The devices of a Hydra preset, as :class:`flwr_distreal.experiment.Experiment` builds them."""
-    from flwr_distreal.experiment import Experiment
-    from flwr_distreal.tune import compose_run
+    """The devices of a Hydra preset, as :class:`flwr_distreal.run.experiment.Experiment` builds them."""
+    from flwr_distreal.run.experiment import Experiment
+    from flwr_distreal.cli.tune import compose_run
 
     cfg, _ = compose_run(list(overrides))
     exp = Experiment(cfg)

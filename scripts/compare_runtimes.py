@@ -2,7 +2,7 @@
 
 ``runtime=legacy``: the legacy pair (``NumPyClient`` + legacy strategy) on Flower's deprecated
 ``run_simulation``; ``runtime=flwr-run``: the Message-API app (ClientApp handlers +
-``flwr_distreal.serverapp`` strategies) through ``flwr run`` on a private local SuperLink.
+``flwr_distreal.flower.serverapp`` strategies) through ``flwr run`` on a private local SuperLink.
 
 For every strategy it prints per-round accuracy and stragglers of both runtimes, whether they are
 bit-identical, and the wall time: the median time per round after the first, the first round
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from flwr_distreal.config import RunConfig, register_configs, to_run_config  # noqa: E402
+from flwr_distreal.run.config import RunConfig, register_configs, to_run_config  # noqa: E402
 
 RUNTIMES = ("legacy", "flwr-run")
 
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (after --)")
     args = parser.parse_args()
 
-    from flwr_distreal.runtimes import run_experiment
+    from flwr_distreal.run.runtimes import run_experiment
 
     report: dict = {"overrides": args.overrides, "strategies": {}}
     for strategy in args.strategies.split(","):

@@ -10,9 +10,9 @@ end at about ``slowdown + (load * deadline - slowdown) * 2`` = 12 s.
 
 Per run, two clients in turn (order alternating between runs):
 
-* DISTREAL (:class:`~flwr_distreal.wallclock.MeasuredDistrealTrainer`, uniform LUT of 11 rates,
+* DISTREAL (:class:`~flwr_distreal.training.wallclock.MeasuredDistrealTrainer`, uniform LUT of 11 rates,
   ``"deadline"`` policy): selects a vector before every mini-batch from its measured speed;
-* a fixed-submodel baseline (:class:`~flwr_distreal.wallclock.MeasuredBaselineTrainer`): at
+* a fixed-submodel baseline (:class:`~flwr_distreal.training.wallclock.MeasuredBaselineTrainer`): at
   round start, as Federated Dropout's server would, the largest uniform rate whose predicted
   round time fits the deadline at the speed measured then is fixed for the round (random
   filter subset); it trains all its mini-batches however long it takes.
@@ -42,12 +42,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from flwr_distreal import contract as C
-from flwr_distreal.dropout import kept_count
-from flwr_distreal.lut import LUT
+from flwr_distreal.core import contract as C
+from flwr_distreal.core.dropout import kept_count
+from flwr_distreal.core.lut import LUT
 from flwr_distreal.models import build_model
-from flwr_distreal.training import get_weights
-from flwr_distreal.wallclock import MeasuredBaselineTrainer, MeasuredDistrealTrainer, StepRecord, StepTimeTable
+from flwr_distreal.training.trainers import get_weights
+from flwr_distreal.training.wallclock import MeasuredBaselineTrainer, MeasuredDistrealTrainer, StepRecord, StepTimeTable
 
 HOG = (
     "import os, sys, time\n"

@@ -36,8 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flwr_distreal.deploy import DeploymentError, LocalDeployment, TlsFiles  # noqa: E402
-from flwr_distreal.local_runtime import FlwrRunError, format_run_config  # noqa: E402
+from flwr_distreal.run.deploy import DeploymentError, LocalDeployment, TlsFiles  # noqa: E402
+from flwr_distreal.run.local_runtime import FlwrRunError, format_run_config  # noqa: E402
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, str]:

@@ -3,7 +3,7 @@
 No federation: ``femnist_cnn`` trains on the pooled FEMNIST LEAF sample (every writer's
 training data in one pool; a seeded slice of it is held out) with batch 32 and plain SGD at a
 high learning rate (default 0.3), through the same step helper every client uses
-(:class:`flwr_distreal.training.LocalStep`, so ``clip_norm`` is exactly the trainers' clipping).
+(:class:`flwr_distreal.training.trainers.LocalStep`, so ``clip_norm`` is exactly the trainers' clipping).
 Variants:
 
 * ``full``: the full model on every mini-batch (no dropout);
@@ -55,10 +55,10 @@ import numpy as np
 import torch
 
 from flwr_distreal.data import DataError, load_federated
-from flwr_distreal.lut import LUT
+from flwr_distreal.core.lut import LUT
 from flwr_distreal.models import build_model
-from flwr_distreal.recipe import Recipe
-from flwr_distreal.training import LocalStep, evaluate_model
+from flwr_distreal.training.recipe import Recipe
+from flwr_distreal.training.trainers import LocalStep, evaluate_model
 
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "femnist_leaf"

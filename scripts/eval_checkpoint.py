@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from flwr_distreal.checkpoint import load_checkpoint
-from flwr_distreal.config import to_run_config
-from flwr_distreal.dropout import recompute_bn_statistics
-from flwr_distreal.experiment import Experiment
-from flwr_distreal.training import evaluate_model, set_weights
+from flwr_distreal.run.checkpoint import load_checkpoint
+from flwr_distreal.run.config import to_run_config
+from flwr_distreal.core.dropout import recompute_bn_statistics
+from flwr_distreal.run.experiment import Experiment
+from flwr_distreal.training.trainers import evaluate_model, set_weights
 
 
 def main(argv: list[str] | None = None) -> int:

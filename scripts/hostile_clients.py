@@ -1,10 +1,10 @@
 """DISTREAL with hostile clients through ``flwr run`` (the default runtime), next to the same run
 without them, and a run that ``failure_threshold`` stops.
 
-Every run is the project's own ServerApp (:func:`flwr_distreal.app.server_main`: the run's
+Every run is the project's own ServerApp (:func:`flwr_distreal.run.flwr_app.server_main`: the run's
 Message-API strategy with its reply gate and round bounds, ``round_timeout``, ``metrics.csv``,
 ``draws.csv``, checkpoints and the ``failure_threshold`` check) on a private local SuperLink
-(:class:`flwr_distreal.local_runtime.LocalFlwrRuntime`), one simulated SuperNode per device, with
+(:class:`flwr_distreal.run.local_runtime.LocalFlwrRuntime`), one simulated SuperNode per device, with
 a ClientApp whose train handler lets some devices tamper with their reply. The app is this file:
 ``flwr run`` loads it from a Flower app folder the script writes (``pyproject.toml`` naming
 ``hostile_app:server_app`` and ``hostile_app:client_app``, and this file as ``hostile_app.py``);
@@ -118,8 +118,8 @@ def _own_context(context: Context) -> Context:
 def tamper(role: str | None, received: Message, honest: Message, full_macs_per_sample: float) -> Message:
     """The reply a device with ``role`` sends instead of ``honest`` (unchanged for no role, and for
     ``sleep`` and ``raise``, which act before training)."""
-    from flwr_distreal import contract as C
-    from flwr_distreal.clientapp import arrays_from_record, record_from_arrays
+    from flwr_distreal.core import contract as C
+    from flwr_distreal.flower.clientapp import arrays_from_record, record_from_arrays
 
     if role not in ("nan", "huge", "inflate", "scale50"):
         return honest
@@ -147,7 +147,7 @@ def tamper(role: str | None, received: Message, honest: Message, full_macs_per_s
 
 def _trainer(context: Context):
     """The project's trainer of the node (its device's DISTREAL trainer)."""
-    from flwr_distreal import app as project_app
+    from flwr_distreal.run import flwr_app as project_app
 
     return project_app._trainer_fn(_own_context(context))
 
@@ -155,8 +155,8 @@ def _trainer(context: Context):
 def _build_client_app() -> ClientApp:
     """The project's ClientApp (its trainers, query handler) whose train handler lets the devices
     in ``hostile-roles`` tamper with their reply."""
-    from flwr_distreal import app as project_app
-    from flwr_distreal.clientapp import TrainerCache, make_query_handler, make_train_handler
+    from flwr_distreal.run import flwr_app as project_app
+    from flwr_distreal.flower.clientapp import TrainerCache, make_query_handler, make_train_handler
 
     cache = TrainerCache(_trainer)
     honest = make_train_handler(cache)
@@ -204,7 +204,7 @@ def _build_server_app() -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        from flwr_distreal.app import server_main
+        from flwr_distreal.run.flwr_app import server_main
 
         events = _Events()
         gate_log = logging.getLogger("flwr_distreal")
@@ -274,8 +274,8 @@ def _config(overrides: Sequence[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from flwr_distreal.config import register_configs, to_run_config
-    from flwr_distreal.tune import register_resolvers
+    from flwr_distreal.run.config import register_configs, to_run_config
+    from flwr_distreal.cli.tune import register_resolvers
 
     register_configs()
     register_resolvers()
@@ -286,7 +286,7 @@ def _config(overrides: Sequence[str]):
 
 def replay_draws(num_devices: int, clients_per_round: int, rounds: int, seed: int) -> list[list[int]]:
     """The devices the strategies draw each round for ``seed`` (one SuperNode per device)."""
-    from flwr_distreal.server_core import sample_size, seeded_draw
+    from flwr_distreal.server.core import sample_size, seeded_draw
 
     k = sample_size(num_devices, clients_per_round / num_devices, clients_per_round)
     rng = random.Random(seed)
@@ -434,7 +434,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def plan(args: argparse.Namespace) -> dict[str, Any]:
     """The config, devices and roles of each run (no Flower run started)."""
-    from flwr_distreal.experiment import Experiment, with_absolute_paths
+    from flwr_distreal.run.experiment import Experiment, with_absolute_paths
 
     overrides = [*args.overrides, *([f"rounds={args.rounds}"] if args.rounds else [])]
     cfg = with_absolute_paths(_config([*overrides, f"round_timeout={args.timeout}"]))  # the app runs elsewhere
@@ -477,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(f"app folder: {app_dir} (dry run: nothing started)")
         return 0
-    from flwr_distreal.local_runtime import LocalFlwrRuntime
+    from flwr_distreal.run.local_runtime import LocalFlwrRuntime
 
     runs = []
     with LocalFlwrRuntime() as runtime:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from flwr_distreal.plotting import plot_runs, read_metrics
+from flwr_distreal.run.plotting import plot_runs, read_metrics
 
 
 def find_runs(paths: list[str]) -> list[Path]:

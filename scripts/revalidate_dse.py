@@ -23,7 +23,7 @@ import numpy as np
 from flwr_distreal.dse import CachedEvaluator, Normaliser, ShortTrainingFitness, ShortTrainingSettings, Snapshot
 from flwr_distreal.dse.datasets import load_dse_data
 from flwr_distreal.dse.front import best_gain_at_budget, hypervolume
-from flwr_distreal.lut import LUT
+from flwr_distreal.core.lut import LUT
 
 
 def main() -> None:

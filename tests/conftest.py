@@ -60,7 +60,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from flwr_distreal import contract as C
+from flwr_distreal.core import contract as C
 
 #: The repository's root and its Hydra config folder.
 REPO = Path(__file__).resolve().parents[1]
@@ -248,7 +248,7 @@ def compose_config(*overrides: str, name: str = "config", hydra_node: bool = Fal
     schemas registered first); ``hydra_node``: with the ``hydra`` node (sweeper, run dirs)."""
     from hydra import compose, initialize_config_dir
 
-    from flwr_distreal.config import register_configs
+    from flwr_distreal.run.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -256,8 +256,8 @@ def compose_config(*overrides: str, name: str = "config", hydra_node: bool = Fal
 
 
 def run_config(*overrides: str):
-    """The validated :class:`flwr_distreal.config.RunConfig` of ``conf/config.yaml`` with ``overrides``."""
-    from flwr_distreal.config import to_run_config
+    """The validated :class:`flwr_distreal.run.config.RunConfig` of ``conf/config.yaml`` with ``overrides``."""
+    from flwr_distreal.run.config import to_run_config
 
     return to_run_config(compose_config(*overrides))
 

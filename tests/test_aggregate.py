@@ -1,4 +1,4 @@
-"""Tests for flwr_distreal.aggregate: Algorithm 2, masked averaging, reply validation."""
+"""Tests for flwr_distreal.server.aggregate: Algorithm 2, masked averaging, reply validation."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from flwr.server.strategy.aggregate import aggregate as flwr_aggregate
 from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 
-from flwr_distreal.aggregate import (
+from flwr_distreal.server.aggregate import (
     RefusalReason,
     ValidationResult,
     mac_weighted_update,
@@ -279,7 +279,7 @@ def test_caller_errors_raise() -> None:
         validate_arrays(_arrays(), SHAPES, ["f"])
 
 
-@pytest.mark.parametrize("module", ["aggregate.py", "server_core.py", "contract.py"])
+@pytest.mark.parametrize("module", ["server/aggregate.py", "server/core.py", "core/contract.py"])
 def test_core_module_imports_no_flower_or_hydra(module: str) -> None:
     src = Path(__file__).resolve().parents[1] / "flwr_distreal" / module
     tree = ast.parse(src.read_text())
@@ -296,7 +296,7 @@ def test_core_module_imports_no_flower_or_hydra(module: str) -> None:
 def test_server_core_loads_no_flower_at_all() -> None:
     """Not even indirectly: the shared server core runs where Flower is not installed."""
     code = (
-        "import sys; import flwr_distreal.server_core; "
+        "import sys; import flwr_distreal.server.core; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'hydra', 'omegaconf')); "
         "print(bad); sys.exit(1 if bad else 0)"
     )

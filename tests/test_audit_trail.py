@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from flwr_distreal.config import RunConfig, register_configs, to_run_config
-from flwr_distreal.experiment import (
+from flwr_distreal.run.config import RunConfig, register_configs, to_run_config
+from flwr_distreal.run.experiment import (
     CANONICAL_LUT,
     DRAWS_FILE,
     RUN_RECORD_FILE,
@@ -30,10 +30,10 @@ from flwr_distreal.experiment import (
     summary_line,
     write_run_record,
 )
-from flwr_distreal.lut import SHIPPED_DIR, LUT
-from flwr_distreal.runtimes import run_experiment
-from flwr_distreal.server_core import sample_size, seeded_draw
-from flwr_distreal.tune import register_resolvers
+from flwr_distreal.core.lut import SHIPPED_DIR, LUT
+from flwr_distreal.run.runtimes import run_experiment
+from flwr_distreal.server.core import sample_size, seeded_draw
+from flwr_distreal.cli.tune import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["distreal", "feddropout", "heterofl", "full", "small"]

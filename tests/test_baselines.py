@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flwr_distreal import serverapp, strategy
-from flwr_distreal.aggregate import SUBMODEL_RULES, masked_average, weighted_average, zero_padded_average
-from flwr_distreal.config import (
+from flwr_distreal.flower import serverapp
+from flwr_distreal.flower.legacy import strategy
+from flwr_distreal.server.aggregate import SUBMODEL_RULES, masked_average, weighted_average, zero_padded_average
+from flwr_distreal.run.config import (
     ConfigError,
     DistrealStrategyConfig,
     FedDropoutStrategyConfig,
@@ -23,11 +24,11 @@ from flwr_distreal.config import (
     HeteroFLStrategyConfig,
     SmallStrategyConfig,
 )
-from flwr_distreal.dropout import make_droppable, parameter_masks, recompute_bn_statistics
+from flwr_distreal.core.dropout import make_droppable, parameter_masks, recompute_bn_statistics
 from flwr_distreal.models.densenet import DenseNetBC
 from flwr_distreal.models.femnist_cnn import FemnistCNN
-from flwr_distreal.server_core import HeteroFLPlanner, Reply, RoundBounds, SubmodelCore
-from flwr_distreal.training import get_weights
+from flwr_distreal.server.core import HeteroFLPlanner, Reply, RoundBounds, SubmodelCore
+from flwr_distreal.training.trainers import get_weights
 
 
 @pytest.fixture(autouse=True)
@@ -345,7 +346,7 @@ def test_heterofl_config_switches_static_bn_and_logs_once_when_the_model_has_non
     assert not any(m.static_stats for m in running.batchnorm_layers)
     cnn = _tiny_cnn()
     cnn.model_name = "tiny_cnn_for_the_log_test"
-    with caplog.at_level(logging.INFO, logger="flwr_distreal.config"):
+    with caplog.at_level(logging.INFO, logger="flwr_distreal.run.config"):
         cfg.apply_to(cnn)
         cfg.apply_to(_tiny_cnn_named("tiny_cnn_for_the_log_test"))
     notes = [r for r in caplog.records if "has no BatchNorm" in r.getMessage()]
@@ -381,13 +382,13 @@ class _StubData:
 @pytest.fixture
 def tiny_run_model(monkeypatch):
     """The run's model registry answers every name with a depth-10 DenseNet-BC (BatchNorm)."""
-    monkeypatch.setattr("flwr_distreal.experiment.build_model", lambda name, num_classes: _tiny_densenet())
+    monkeypatch.setattr("flwr_distreal.run.experiment.build_model", lambda name, num_classes: _tiny_densenet())
 
 
 def _experiment(strategy_cfg):
     """An Experiment on a tiny DenseNet-BC with stub data, without loading a dataset."""
-    from flwr_distreal.config import DatasetConfig, ModelConfig, ResourcesConfig, RunConfig
-    from flwr_distreal.experiment import Experiment
+    from flwr_distreal.run.config import DatasetConfig, ModelConfig, ResourcesConfig, RunConfig
+    from flwr_distreal.run.experiment import Experiment
 
     exp = Experiment.__new__(Experiment)
     exp.cfg = RunConfig(
@@ -429,7 +430,7 @@ def test_every_method_can_switch_to_static_bn_and_its_evaluation_recomputes(tiny
 
 
 def test_static_bn_evaluation_recomputes_statistics_from_a_seeded_sample_of_devices(tiny_run_model) -> None:
-    from flwr_distreal.training import set_weights
+    from flwr_distreal.training.trainers import set_weights
 
     exp = _experiment(HeteroFLStrategyConfig(bn_devices=2))
     _, arrays = exp.initial_arrays()

@@ -14,10 +14,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
 
-from flwr_distreal import contract as C
-from flwr_distreal import serverapp, strategy
-from flwr_distreal.aggregate import mac_weighted_update, update_norms
-from flwr_distreal.server_core import DistrealCore, Reply, RoundBounds, max_batches_for
+from flwr_distreal.core import contract as C
+from flwr_distreal.flower import serverapp
+from flwr_distreal.flower.legacy import strategy
+from flwr_distreal.server.aggregate import mac_weighted_update, update_norms
+from flwr_distreal.server.core import DistrealCore, Reply, RoundBounds, max_batches_for
 
 from conftest import FakeGrid, FakeProxy, reply
 

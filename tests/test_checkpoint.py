@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flwr_distreal.checkpoint import (
+from flwr_distreal.run.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
     CheckpointError,
@@ -21,7 +21,7 @@ from flwr_distreal.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from flwr_distreal.experiment import (
+from flwr_distreal.run.experiment import (
     MetricsRecorder,
     RunDirectoryError,
     RunFailedError,
@@ -101,7 +101,7 @@ def test_resume_into_an_empty_directory_or_to_fewer_rounds_is_refused(tmp_path) 
 
 
 def test_an_unreadable_metrics_csv_is_refused_naming_the_file(tmp_path) -> None:
-    from flwr_distreal.recording import read_metrics as _read_metrics
+    from flwr_distreal.run.recording import read_metrics as _read_metrics
 
     bad = tmp_path / "metrics.csv"
     bad.write_bytes(b"round,accuracy\n1,\xff\xfe0.5\n")
@@ -141,7 +141,7 @@ def test_a_run_whose_clients_fail_every_round_fails() -> None:
 
 
 def test_resume_and_legacy_runtime_refusal(tmp_path) -> None:
-    from flwr_distreal.runtimes import run_legacy_simulation
+    from flwr_distreal.run.runtimes import run_legacy_simulation
 
     with pytest.raises(RunDirectoryError, match="resume=true needs runtime=flwr-run"):
         run_legacy_simulation(run_config("resume=true", "runtime=legacy"), tmp_path)
@@ -150,11 +150,11 @@ def test_resume_and_legacy_runtime_refusal(tmp_path) -> None:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="the watchdog reads /proc")
 def test_the_watchdog_stops_tagged_processes_after_kill_9_of_their_owner(tmp_path) -> None:
     """An owner that dies by SIGKILL cannot clean up: its watchdog stops what it started."""
-    from flwr_distreal.local_runtime import tagged_pids
+    from flwr_distreal.run.local_runtime import tagged_pids
 
     script = (
         "import subprocess, sys, time\n"
-        "from flwr_distreal.local_runtime import ProcessGuard\n"
+        "from flwr_distreal.run.local_runtime import ProcessGuard\n"
         "with ProcessGuard() as guard:\n"
         "    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
         "    print(guard.tag, child.pid, flush=True)\n"
@@ -179,7 +179,7 @@ def test_a_checkpoint_keeps_0d_arrays(tmp_path) -> None:
     """BatchNorm's ``num_batches_tracked`` is 0-d: saved and loaded with its shape."""
     import numpy as np
 
-    from flwr_distreal.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from flwr_distreal.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
     arrays = [np.zeros((2, 3), np.float32), np.array(7, dtype=np.int64)]
     save_checkpoint(tmp_path, Checkpoint(1, ["w", "n"], arrays, {"seed": 0}, [], {}))

@@ -1,4 +1,4 @@
-"""Tests of the start-up checks (flwr_distreal.checks): each refusal names its key and value."""
+"""Tests of the start-up checks (flwr_distreal.run.checks): each refusal names its key and value."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from flwr_distreal.checks import (
+from flwr_distreal.run.checks import (
     StartupError,
     check_classes,
     check_output_dir,
@@ -22,7 +22,7 @@ from flwr_distreal.checks import (
     warn_unused_lut,
 )
 from flwr_distreal.data import FederatedData
-from flwr_distreal.resources import ResourceModel
+from flwr_distreal.core.resources import ResourceModel
 
 from conftest import run_config
 
@@ -37,7 +37,7 @@ def _data(num_classes: int = 10, devices: int = 3) -> FederatedData:
 
 
 def test_checks_import_neither_flower_nor_hydra() -> None:
-    code = "import sys, flwr_distreal.checks; print(sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'hydra')))"
+    code = "import sys, flwr_distreal.run.checks; print(sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'hydra')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
@@ -59,7 +59,7 @@ def test_classes_that_fit_pass(caplog: pytest.LogCaptureFixture) -> None:
     assert check_classes(None, _data(10)) == 10
     assert check_classes(10, _data(10)) == 10
     assert check_classes(np.int64(10), _data(10)) == 10
-    with caplog.at_level(logging.WARNING, logger="flwr_distreal.checks"):
+    with caplog.at_level(logging.WARNING, logger="flwr_distreal.run.checks"):
         assert check_classes(12, _data(10)) == 12
     assert "model.num_classes=12 exceeds the 10 classes of dataset tiny" in caplog.text
 
@@ -115,7 +115,7 @@ def test_trace_file_problems_name_the_key(tmp_path: Path) -> None:
 
 
 def test_lut_for_a_strategy_without_one_is_warned(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="flwr_distreal.checks"):
+    with caplog.at_level(logging.WARNING, logger="flwr_distreal.run.checks"):
         message = warn_unused_lut("heterofl", "results/lut.npz")
     assert message is not None
     assert "lut=results/lut.npz is ignored" in message and "strategy=heterofl" in message
@@ -174,8 +174,8 @@ def _run_config(*overrides: str):
 
 
 def test_a_run_refuses_at_start_up(tmp_path: Path) -> None:
-    from flwr_distreal.config import ConfigError
-    from flwr_distreal.experiment import Experiment
+    from flwr_distreal.run.config import ConfigError
+    from flwr_distreal.run.experiment import Experiment
 
     with pytest.raises(StartupError, match="model.num_classes"):
         Experiment(_run_config("model.num_classes=5"))  # digits has 10 classes

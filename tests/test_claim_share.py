@@ -1,6 +1,6 @@
 """No single reply carries more than a bounded share of a round's weight (issue 20, item 3).
 
-The share cap (:func:`flwr_distreal.server_core.cap_shares`, ``share_bound``), the batch size the
+The share cap (:func:`flwr_distreal.server.core.cap_shares`, ``share_bound``), the batch size the
 server states in every train message, the ``num_batches`` bound from a reply's examples, through
 the core and both APIs; honest heterogeneous rounds of the real resources model are not clipped."""
 
@@ -18,13 +18,14 @@ from flwr.common import ndarrays_to_parameters
 from flwr.server.client_manager import SimpleClientManager
 from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_distreal import contract as C
-from flwr_distreal import serverapp, strategy
-from flwr_distreal.aggregate import mac_weighted_update
+from flwr_distreal.core import contract as C
+from flwr_distreal.flower import serverapp
+from flwr_distreal.flower.legacy import strategy
+from flwr_distreal.server.aggregate import mac_weighted_update
 from flwr_distreal.models import build_model
-from flwr_distreal.lut import LUT
-from flwr_distreal.resources import size_resources
-from flwr_distreal.server_core import (
+from flwr_distreal.core.lut import LUT
+from flwr_distreal.core.resources import size_resources
+from flwr_distreal.server.core import (
     SHARE_BOUND,
     DistrealCore,
     Reply,
@@ -289,7 +290,7 @@ def test_with_batch_size_examples_inflated_too_the_share_cap_holds() -> None:
 def digits_devices():
     """The digits preset's devices without its data: femnist_cnn (10 classes) with the shipped
     LUT, the partition sizes, time-varying availability at lambda = 2 (variability 3), every
-    device's r_max from its own samples, as :class:`flwr_distreal.experiment.Experiment` sizes them."""
+    device's r_max from its own samples, as :class:`flwr_distreal.run.experiment.Experiment` sizes them."""
     cs = _script()
     model = build_model("femnist_cnn", 10)
     sizing = size_resources(model, 32, DIGITS_SIZES, variability=3.0)

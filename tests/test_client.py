@@ -1,4 +1,4 @@
-"""Tests of the Flower clients (flwr_distreal.client): DISTREAL's Algorithm 1 and the baselines.
+"""Tests of the Flower clients (flwr_distreal.flower.legacy.client): DISTREAL's Algorithm 1 and the baselines.
 
 Real femnist_cnn models, real LUTs and resource models; tiny random data so that a fit takes
 a fraction of a second.
@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from flwr_distreal.client import BaselineClient, DistrealClient, get_weights, set_weights
-from flwr_distreal.dropout import kept_count, parameter_masks
-from flwr_distreal.lut import LUT, LUTError
-from flwr_distreal.macs import count_macs, macs_of_counts
+from flwr_distreal.flower.legacy.client import BaselineClient, DistrealClient, get_weights, set_weights
+from flwr_distreal.core.dropout import kept_count, parameter_masks
+from flwr_distreal.core.lut import LUT, LUTError
+from flwr_distreal.core.macs import count_macs, macs_of_counts
 from flwr_distreal.models import build_model
-from flwr_distreal.resources import ResourceModel, r_max_for, step_macs
-from flwr_distreal.schedule import batch_sizes, plan_distreal_round
-from flwr_distreal.strategy import encode_subsets
+from flwr_distreal.core.resources import ResourceModel, r_max_for, step_macs
+from flwr_distreal.training.schedule import batch_sizes, plan_distreal_round
+from flwr_distreal.flower.legacy.strategy import encode_subsets
 
 from conftest import random_images
 

@@ -1,6 +1,6 @@
 """The Message-API ClientApp handlers on fake messages, against the legacy NumPyClient.
 
-Both wrap the same Flower-free trainer (:mod:`flwr_distreal.training`), so for the same global
+Both wrap the same Flower-free trainer (:mod:`flwr_distreal.training.trainers`), so for the same global
 model, config and seed they must return the same arrays and metrics.
 """
 
@@ -14,9 +14,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from torch.utils.data import DataLoader
 
-from flwr_distreal import contract as C
-from flwr_distreal.client import BaselineClient, DistrealClient, TrainerClient
-from flwr_distreal.clientapp import (
+from flwr_distreal.core import contract as C
+from flwr_distreal.flower.legacy.client import BaselineClient, DistrealClient, TrainerClient
+from flwr_distreal.flower.clientapp import (
     TrainerCache,
     arrays_from_record,
     build_client_app,
@@ -25,12 +25,12 @@ from flwr_distreal.clientapp import (
     make_train_handler,
     record_from_arrays,
 )
-from flwr_distreal.lut import LUT
-from flwr_distreal.macs import count_macs
+from flwr_distreal.core.lut import LUT
+from flwr_distreal.core.macs import count_macs
 from flwr_distreal.models import build_model
-from flwr_distreal.resources import ResourceModel, r_max_for, step_macs
-from flwr_distreal.schedule import batch_sizes
-from flwr_distreal.training import BaselineTrainer, DistrealTrainer, get_weights
+from flwr_distreal.core.resources import ResourceModel, r_max_for, step_macs
+from flwr_distreal.training.schedule import batch_sizes
+from flwr_distreal.training.trainers import BaselineTrainer, DistrealTrainer, get_weights
 
 from conftest import random_images
 
@@ -207,9 +207,9 @@ def test_legacy_clients_are_adapters_over_trainers() -> None:
 def test_records_keep_every_shape_of_a_batchnorm_model() -> None:
     """DenseNet's BatchNorm layers hold 0-d ``num_batches_tracked`` tensors: a round trip through
     an ArrayRecord keeps their shape (a 1-d copy would be refused by ``set_weights``)."""
-    from flwr_distreal.clientapp import arrays_from_record, record_from_arrays
+    from flwr_distreal.flower.clientapp import arrays_from_record, record_from_arrays
     from flwr_distreal.models import build_model
-    from flwr_distreal.training import get_weights, set_weights
+    from flwr_distreal.training.trainers import get_weights, set_weights
 
     model = build_model("densenet_bc_19", 10)
     keys = list(model.state_dict().keys())

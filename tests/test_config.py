@@ -1,4 +1,4 @@
-"""Tests of the Hydra configuration (conf/ and flwr_distreal.config).
+"""Tests of the Hydra configuration (conf/ and flwr_distreal.run.config).
 
 Composes ``conf/config.yaml`` with Hydra's compose API, as ``python -m flwr_distreal.main``
 does, for every option of every group, and checks the refusals.
@@ -14,7 +14,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from flwr_distreal.config import (
+from flwr_distreal.run.config import (
     STRATEGY_SCHEMAS,
     ConfigError,
     DatasetConfig,

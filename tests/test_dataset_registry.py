@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 import flwr_distreal
 import flwr_distreal.data as data_pkg
-from flwr_distreal.config import register_configs, to_run_config
+from flwr_distreal.run.config import register_configs, to_run_config
 from flwr_distreal.data import (
     DataError,
     FederatedData,
@@ -30,7 +30,7 @@ from flwr_distreal.data import (
     register_dataset,
     unregister_dataset,
 )
-from flwr_distreal.experiment import Experiment
+from flwr_distreal.run.experiment import Experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

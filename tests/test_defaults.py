@@ -1,10 +1,10 @@
 """Every default is stated once (issue 19, item 3): the YAMLs, the schema and the library agree.
 
-The schemas of :mod:`flwr_distreal.config` hold the defaults of the run configuration; the
+The schemas of :mod:`flwr_distreal.run.config` hold the defaults of the run configuration; the
 YAMLs of ``conf/`` extend them and restate none (Hydra fills a key a YAML leaves out from its
 schema), and a library class whose argument means the same as a schema key (``Recipe.lr`` and
 ``lr``, ``DistrealTrainer``'s ``policy`` and ``strategy.policy``, ``HeteroFL``'s ``levels`` and
-``strategy.levels``, ...) has the schema's default, read from :mod:`flwr_distreal.defaults`.
+``strategy.levels``, ...) has the schema's default, read from :mod:`flwr_distreal.core.defaults`.
 Each test here fails when one place gets a default of its own:
 
 * a run key in ``conf/config.yaml`` or an option key in ``conf/strategy/*.yaml`` (a second
@@ -26,8 +26,11 @@ import pytest
 from conftest import CONF, compose_config
 from omegaconf import OmegaConf
 
-from flwr_distreal import client, clientapp, defaults, loop, serverapp, strategy, training, wallclock
-from flwr_distreal.config import (
+from flwr_distreal.flower.legacy import client, strategy
+from flwr_distreal.flower import clientapp, serverapp
+from flwr_distreal.core import defaults
+from flwr_distreal.training import loop, trainers as training, wallclock
+from flwr_distreal.run.config import (
     STRATEGY_SCHEMAS,
     ConfigError,
     DatasetConfig,
@@ -40,7 +43,7 @@ from flwr_distreal.config import (
     StrategyConfig,
     to_run_config,
 )
-from flwr_distreal.recipe import Recipe
+from flwr_distreal.training.recipe import Recipe
 
 #: The keys that pick a group's option (the identity of the YAML, not a default).
 IDENTITY = {"name", "kind"}
@@ -81,7 +84,7 @@ def test_config_yaml_sets_no_run_key() -> None:
     """conf/config.yaml picks the default options and configures Hydra; every run key's
     default is RunConfig's."""
     keys = _yaml(CONF / "config.yaml")
-    assert not keys, f"conf/config.yaml sets {sorted(keys)}: a run key's default belongs in flwr_distreal.config.RunConfig"
+    assert not keys, f"conf/config.yaml sets {sorted(keys)}: a run key's default belongs in flwr_distreal.run.config.RunConfig"
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGY_SCHEMAS))
@@ -242,9 +245,9 @@ def test_the_checked_arguments_cover_the_known_shared_settings() -> None:
             if _schema_default(qualname.split(".", 1)[1], arg) is not None:
                 seen.add((qualname, arg))
     for needed in [
-        ("training.DeviceTrainer", "local_epochs"), ("training.DeviceTrainer", "step_macs_factor"),
-        ("training.DeviceTrainer", "skip_straggler_training"), ("training.DeviceTrainer", "precision"),
-        ("training.DistrealTrainer", "policy"), ("training.DistrealTrainer", "stop_at_deadline"),
+        ("trainers.DeviceTrainer", "local_epochs"), ("trainers.DeviceTrainer", "step_macs_factor"),
+        ("trainers.DeviceTrainer", "skip_straggler_training"), ("trainers.DeviceTrainer", "precision"),
+        ("trainers.DistrealTrainer", "policy"), ("trainers.DistrealTrainer", "stop_at_deadline"),
         ("serverapp.Distreal", "on_excess"), ("serverapp.Distreal", "local_epochs"), ("serverapp.Distreal", "seed"),
         ("strategy.Distreal", "on_excess"), ("strategy.Distreal", "local_epochs"),
         ("serverapp.SubmodelStrategy", "aggregation"), ("serverapp.SubmodelStrategy", "step_macs_factor"),

@@ -1,7 +1,7 @@
 """The app on Flower's deployment runtime: a real SuperLink and real SuperNodes on 127.0.0.1.
 
 The slow tests start ``flower-superlink`` and ``flower-supernode`` processes through
-:class:`flwr_distreal.deploy.LocalDeployment` (private temporary folder, free ports, private
+:class:`flwr_distreal.run.deploy.LocalDeployment` (private temporary folder, free ports, private
 ``FLWR_HOME``, runtime dependency installation off) and submit the app with ``flwr run``; at the
 end every process that carries the deployment's tag (SuperLink, SuperNodes, SuperExecs,
 ServerApp, ClientApps) is stopped by PID and checked gone. The fast tests check that the
@@ -21,13 +21,13 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("cryptography")
 
-from flwr_distreal.deploy import (  # noqa: E402
+from flwr_distreal.run.deploy import (
     LocalDeployment,
     make_node_key_pair,
     make_tls_certificates,
     write_connection_config,
 )
-from flwr_distreal.local_runtime import tagged_pids  # noqa: E402
+from flwr_distreal.run.local_runtime import tagged_pids  # noqa: E402
 
 #: Seconds a 2-round run may take (far more than it needs on 2 idle cores).
 RUN_TIMEOUT_S = 480

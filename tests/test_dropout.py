@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from flwr_distreal import DroppedWeightGuard, build_model, kept_counts, parameter_masks
-from flwr_distreal.dropout import make_droppable
+from flwr_distreal.core.dropout import make_droppable
 from flwr_distreal.models.densenet import DenseNetBC
 
 from conftest import digits_tensors

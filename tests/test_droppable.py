@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from flwr_distreal import make_droppable, parameter_masks
-from flwr_distreal.channel_graph import UnsupportedModelError
-from flwr_distreal.lut import LUT
-from flwr_distreal.macs import count_macs
+from flwr_distreal.core.channel_graph import UnsupportedModelError
+from flwr_distreal.core.lut import LUT
+from flwr_distreal.core.macs import count_macs
 from flwr_distreal.models.densenet import densenet_bc_40
 from flwr_distreal.models.femnist_cnn import femnist_cnn
 from flwr_distreal.models.mobilenetv2 import InvertedResidual, mobilenet_v2

@@ -11,8 +11,8 @@ import pygmo as pg
 import pytest
 import torch
 
-from flwr_distreal.lut import LUT
-from flwr_distreal.macs import count_macs, kept_counts
+from flwr_distreal.core.lut import LUT
+from flwr_distreal.core.macs import count_macs, kept_counts
 from flwr_distreal.models import build_model
 from flwr_distreal.dse import (
     CachedEvaluator,
@@ -453,7 +453,7 @@ def test_command_refuses_cuda_without_a_gpu_and_a_missing_gpu_index(
 
 
 def test_command_refuses_a_bad_output_at_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import flwr_distreal.checks as checks
+    import flwr_distreal.run.checks as checks
     from flwr_distreal.dse.__main__ import run
 
     _refuse_before_data(monkeypatch)

@@ -3,7 +3,7 @@
 The fast tests check what the README claims of the DISTREAL app (its diff against the FedAvg
 app, the user's model and loop untouched) and run its ClientApp's train handler in process.
 The slow test runs both apps end to end with ``flwr run`` for 2 rounds on a private local
-SuperLink (:class:`flwr_distreal.local_runtime.LocalFlwrRuntime`; every process stopped by PID).
+SuperLink (:class:`flwr_distreal.run.local_runtime.LocalFlwrRuntime`; every process stopped by PID).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _train_message(arrays: ArrayRecord, server_round: int) -> Message:
 
 def test_the_distreal_client_trains_the_users_net_with_dropout_and_reports_what_the_strategy_needs(task_identity) -> None:
     from flwr_distreal import count_macs, make_droppable
-    from flwr_distreal.contract import MACS, NUM_BATCHES, STRAGGLER
+    from flwr_distreal.core.contract import MACS, NUM_BATCHES, STRAGGLER
 
     client, task = _load_example(DISTREAL)
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def test_the_distreal_client_trains_the_users_net_with_dropout_and_reports_what_
 
 @pytest.fixture(scope="module")
 def runtime():
-    from flwr_distreal.local_runtime import FlwrRunError, LocalFlwrRuntime
+    from flwr_distreal.run.local_runtime import FlwrRunError, LocalFlwrRuntime
 
     if not Path("/proc/self/environ").exists():
         pytest.skip("finding the processes flwr starts needs /proc (Linux)")

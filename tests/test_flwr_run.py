@@ -1,7 +1,7 @@
 """``flwr run .`` end to end on Flower's local simulation runtime, and the app's own checks.
 
 The end-to-end tests (``slow``) run the ``flwr`` CLI on a private local SuperLink
-(:class:`flwr_distreal.local_runtime.LocalFlwrRuntime`: ``FLWR_HOME`` in a temporary directory, so
+(:class:`flwr_distreal.run.local_runtime.LocalFlwrRuntime`: ``FLWR_HOME`` in a temporary directory, so
 the user's ``~/.flwr`` is untouched, free ports, runtime dependency installation off, and a unique
 tag in the environment); at the end every process that carries the tag (SuperLink, simulation,
 Ray) is stopped by PID and checked gone.
@@ -26,8 +26,8 @@ except ImportError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 pytest.importorskip("flwr")
 
-from flwr_distreal import app  # noqa: E402
-from flwr_distreal.config import to_run_config  # noqa: E402
+from flwr_distreal.run import flwr_app as app  # noqa: E402
+from flwr_distreal.run.config import to_run_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = REPO / "pyproject.toml"
@@ -52,7 +52,7 @@ def test_default_run_config_is_conf_config_yaml() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from flwr_distreal.config import register_configs
+    from flwr_distreal.run.config import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -99,7 +99,7 @@ def test_fab_holds_package_and_conf() -> None:
     names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(REPO))).namelist())
     conf = {p.relative_to(REPO).as_posix() for p in (REPO / "conf").rglob("*.yaml")}
     assert conf <= names
-    assert {"flwr_distreal/app.py", "flwr_distreal/experiment.py", "flwr_distreal/models/femnist_cnn.py"} <= names
+    assert {"flwr_distreal/run/flwr_app.py", "flwr_distreal/run/experiment.py", "flwr_distreal/models/femnist_cnn.py"} <= names
     assert not {n for n in names if n.startswith(("tests/", "scripts/", "outputs/", "results/"))}
 
 
@@ -161,7 +161,7 @@ def _fake_flwr(code: str) -> list[str]:
 
 
 def test_stream_flwr_run_returns_the_started_run_id(tmp_path: Path) -> None:
-    from flwr_distreal.local_runtime import stream_flwr_run
+    from flwr_distreal.run.local_runtime import stream_flwr_run
 
     children: list[subprocess.Popen] = []
     polls = []
@@ -177,7 +177,7 @@ def test_stream_flwr_run_returns_the_started_run_id(tmp_path: Path) -> None:
 
 
 def test_stream_flwr_run_exit_code_and_missing_start(tmp_path: Path) -> None:
-    from flwr_distreal.local_runtime import FlwrRunError, stream_flwr_run
+    from flwr_distreal.run.local_runtime import FlwrRunError, stream_flwr_run
 
     started_then_failed = _fake_flwr("print('Successfully started run 7'); raise SystemExit(3)")
     kwargs = {"env": {}, "cwd": tmp_path, "log_file": tmp_path / "run.log", "children": [], "poll_s": 0.05}
@@ -190,7 +190,7 @@ def test_stream_flwr_run_exit_code_and_missing_start(tmp_path: Path) -> None:
 
 
 def test_stream_flwr_run_timeout_stops_the_process(tmp_path: Path) -> None:
-    from flwr_distreal.local_runtime import FlwrRunError, stream_flwr_run
+    from flwr_distreal.run.local_runtime import FlwrRunError, stream_flwr_run
 
     children: list[subprocess.Popen] = []
     with pytest.raises(FlwrRunError, match=r"did not finish within 0.5 s(.|\n)*still going(.|\n)*CONTEXT"):
@@ -203,7 +203,7 @@ def test_stream_flwr_run_timeout_stops_the_process(tmp_path: Path) -> None:
 
 
 def test_poll_until_polls_and_times_out() -> None:
-    from flwr_distreal.local_runtime import FlwrRunError, poll_until
+    from flwr_distreal.run.local_runtime import FlwrRunError, poll_until
 
     calls, polls = [], []
 
@@ -263,7 +263,7 @@ class FlwrEnv:
 
 @pytest.fixture(scope="module")
 def flwr_env() -> Iterator[FlwrEnv]:
-    from flwr_distreal.local_runtime import FlwrRunError, LocalFlwrRuntime
+    from flwr_distreal.run.local_runtime import FlwrRunError, LocalFlwrRuntime
 
     if not Path("/proc/self/environ").exists():
         pytest.skip("finding the processes flwr starts needs /proc (Linux)")

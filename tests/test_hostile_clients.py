@@ -17,8 +17,8 @@ pytest.importorskip("flwr")
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 
-from flwr_distreal import contract as C  # noqa: E402
-from flwr_distreal.clientapp import arrays_from_record, record_from_arrays  # noqa: E402
+from flwr_distreal.core import contract as C  # noqa: E402
+from flwr_distreal.flower.clientapp import arrays_from_record, record_from_arrays  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,14 +16,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from flwr_distreal import layout as L
-from flwr_distreal import precision as P
-from flwr_distreal.loop import DistrealRound
-from flwr_distreal.lut import LUT
+from flwr_distreal.training import layout as L
+from flwr_distreal.core import precision as P
+from flwr_distreal.training.loop import DistrealRound
+from flwr_distreal.core.lut import LUT
 from flwr_distreal.models import build_model
-from flwr_distreal.training import BaselineTrainer, DistrealTrainer, LocalStep, evaluate_model
-from flwr_distreal.recipe import Recipe
-from flwr_distreal.wallclock import MeasuredBaselineTrainer, MeasuredDistrealRound, MeasuredDistrealTrainer, StepTimeTable
+from flwr_distreal.training.trainers import BaselineTrainer, DistrealTrainer, LocalStep, evaluate_model
+from flwr_distreal.training.recipe import Recipe
+from flwr_distreal.training.wallclock import MeasuredBaselineTrainer, MeasuredDistrealRound, MeasuredDistrealTrainer, StepTimeTable
 
 from conftest import random_images, run_config
 
@@ -147,7 +147,7 @@ def _cfg(*overrides: str):
 
 
 def test_run_config_refuses_bad_layout_and_precision() -> None:
-    from flwr_distreal.config import ConfigError
+    from flwr_distreal.run.config import ConfigError
 
     with pytest.raises(ConfigError, match="layout must be one of"):
         _cfg("layout=nhwc")
@@ -158,7 +158,7 @@ def test_run_config_refuses_bad_layout_and_precision() -> None:
 
 
 def test_experiment_refuses_bf16_on_a_cpu_without_it(monkeypatch) -> None:
-    from flwr_distreal.experiment import Experiment
+    from flwr_distreal.run.experiment import Experiment
 
     monkeypatch.setattr(P, "cpu_bf16_native", lambda: False)
     with pytest.raises(ValueError, match="avx512_bf16"):
@@ -167,7 +167,7 @@ def test_experiment_refuses_bf16_on_a_cpu_without_it(monkeypatch) -> None:
 
 @pytest.mark.parametrize("answer", ["channels_last", "nchw"])
 def test_experiment_builds_every_model_in_the_calibrated_layout(monkeypatch, tmp_path: Path, answer: str) -> None:
-    from flwr_distreal.experiment import Experiment
+    from flwr_distreal.run.experiment import Experiment
 
     calls: list = []
     monkeypatch.setattr(L, "measure_layouts", _fake_measure(answer, calls))
@@ -182,7 +182,7 @@ def test_experiment_builds_every_model_in_the_calibrated_layout(monkeypatch, tmp
 
 
 def test_a_failed_calibration_warns_and_keeps_channels_last(monkeypatch, tmp_path: Path, caplog) -> None:
-    from flwr_distreal.experiment import Experiment
+    from flwr_distreal.run.experiment import Experiment
 
     def broken(*a, **k):
         raise RuntimeError("oneDNN exploded")
@@ -198,7 +198,7 @@ def test_a_failed_calibration_warns_and_keeps_channels_last(monkeypatch, tmp_pat
 
 @pytest.mark.parametrize("forced", ["channels_last", "nchw"])
 def test_experiment_forced_layout(monkeypatch, forced: str) -> None:
-    from flwr_distreal.experiment import Experiment
+    from flwr_distreal.run.experiment import Experiment
 
     monkeypatch.setattr(L, "measure_layouts", lambda *a, **k: pytest.fail("forced layout measured"))
     exp = Experiment(_cfg(f"layout={forced}", "device=cpu"))
@@ -207,7 +207,7 @@ def test_experiment_forced_layout(monkeypatch, forced: str) -> None:
 
 @pytest.mark.parametrize("strategy", ["distreal", "full", "heterofl"])
 def test_experiment_passes_precision_to_its_trainers_and_evaluation(bf16_ok, strategy: str) -> None:
-    from flwr_distreal.experiment import Experiment
+    from flwr_distreal.run.experiment import Experiment
 
     resources = "resources=full" if strategy == "full" else "resources=constant"
     exp = Experiment(_cfg(f"strategy={strategy}", resources, "precision=bf16", "layout=nchw", "device=cpu"))

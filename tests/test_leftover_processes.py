@@ -4,7 +4,7 @@ Ray's ``ray::DashboardAgent`` and ``ray::RuntimeEnvAgent`` overwrite the memory 
 ``/proc/PID/environ`` shows with their process title, so the runtime's tag cannot be read from
 them, and the raylet that started them may be gone first. These tests build the same situations
 from real processes (``sleep`` and small Python programs) and check that
-:class:`~flwr_distreal.local_runtime.ProcessFamily` and the watchdog still find and stop them,
+:class:`~flwr_distreal.run.local_runtime.ProcessFamily` and the watchdog still find and stop them,
 and leave alone what is not theirs. Every process a test starts is killed by PID at teardown.
 """
 
@@ -24,7 +24,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc (Linux)")
 
-from flwr_distreal.local_runtime import (  # noqa: E402
+from flwr_distreal.run.local_runtime import (
     TAG_VAR,
     ProcessFamily,
     _read_stat,
@@ -208,7 +208,7 @@ _OWNER = textwrap.dedent(
     """
     import os, subprocess, sys, time
     from pathlib import Path
-    from flwr_distreal.local_runtime import TAG_VAR, _start_watchdog
+    from flwr_distreal.run.local_runtime import TAG_VAR, _start_watchdog
     tag, folder = sys.argv[1], Path(sys.argv[2])
     watchdog = _start_watchdog(os.getpid(), tag, folder)
     env = dict(os.environ, **{TAG_VAR: tag})
@@ -252,7 +252,7 @@ def test_watchdog_stops_the_family_and_removes_the_folder_after_kill_9_of_the_ow
 
 def test_the_watchdog_of_a_runtime_stopped_normally_leaves_nothing(reaper) -> None:
     """``stop()`` ends the watchdog (it must not linger as a leftover either)."""
-    from flwr_distreal.local_runtime import LocalFlwrRuntime
+    from flwr_distreal.run.local_runtime import LocalFlwrRuntime
 
     runtime = LocalFlwrRuntime()
     watchdog = runtime._watchdog.pid

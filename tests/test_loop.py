@@ -1,4 +1,4 @@
-"""Tests of the per-batch API (flwr_distreal.loop): DISTREAL inside a hand-written training loop.
+"""Tests of the per-batch API (flwr_distreal.training.loop): DISTREAL inside a hand-written training loop.
 
 A user's own nn.Sequential CNN on 8x8 digits (scikit-learn's embedded set), made droppable with
 make_droppable, trained by hand with Adam and a label-smoothed loss inside DistrealRound.batches.
@@ -16,13 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from flwr_distreal import contract as C
-from flwr_distreal.dropout import DroppedWeightGuard, kept_count, make_droppable
-from flwr_distreal.loop import DistrealRound, batch_len
-from flwr_distreal.wallclock import MeasuredDistrealRound
-from flwr_distreal.lut import LUT
-from flwr_distreal.macs import count_macs
-from flwr_distreal.resources import (
+from flwr_distreal.core import contract as C
+from flwr_distreal.core.dropout import DroppedWeightGuard, kept_count, make_droppable
+from flwr_distreal.training.loop import DistrealRound, batch_len
+from flwr_distreal.training.wallclock import MeasuredDistrealRound
+from flwr_distreal.core.lut import LUT
+from flwr_distreal.core.macs import count_macs
+from flwr_distreal.core.resources import (
     DEADLINE_RTOL,
     ResourceModel,
     RoundClock,
@@ -31,9 +31,9 @@ from flwr_distreal.resources import (
     r_max_for,
     step_macs,
 )
-from flwr_distreal.schedule import batch_sizes, plan_distreal_round
-from flwr_distreal.server_core import DistrealCore, Reply
-from flwr_distreal.training import DistrealTrainer, get_weights, set_weights
+from flwr_distreal.training.schedule import batch_sizes, plan_distreal_round
+from flwr_distreal.server.core import DistrealCore, Reply
+from flwr_distreal.training.trainers import DistrealTrainer, get_weights, set_weights
 
 from conftest import digits_tensors
 
@@ -414,9 +414,9 @@ def test_readme_example_runs() -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     from flwr_distreal import LUT, DroppedWeightGuard
-    from flwr_distreal.dropout import make_droppable
-    from flwr_distreal.loop import DistrealRound
-    from flwr_distreal.resources import size_resources
+    from flwr_distreal.core.dropout import make_droppable
+    from flwr_distreal.training.loop import DistrealRound
+    from flwr_distreal.core.resources import size_resources
 
     # your model and your data
     net = nn.Sequential(
@@ -462,10 +462,10 @@ def test_readme_flower_client_example() -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     from flwr_distreal import LUT, DroppedWeightGuard
-    from flwr_distreal.dropout import make_droppable
-    from flwr_distreal.loop import DistrealRound
-    from flwr_distreal.resources import ResourceModel
-    from flwr_distreal.training import get_weights, set_weights
+    from flwr_distreal.core.dropout import make_droppable
+    from flwr_distreal.training.loop import DistrealRound
+    from flwr_distreal.core.resources import ResourceModel
+    from flwr_distreal.training.trainers import get_weights, set_weights
 
     class MyClient(NumPyClient):
         def __init__(self, device_id: int, model, lut: LUT, loader: DataLoader, resources: ResourceModel) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flwr_distreal import LUT, BudgetError, LUTError, build_model, count_macs
-from flwr_distreal.lut import LUT_FORMAT, LUT_VERSION
+from flwr_distreal.core.lut import LUT_FORMAT, LUT_VERSION
 
 FEMNIST_FULL_MACS = 4_015_616
 DENSENET40_FULL_MACS = 72_365_352
@@ -561,7 +561,7 @@ def test_npz_refuses_bad_macs(tmp_path, femnist_lut, kind):
 
 
 def test_learned_lut_is_recosted_for_another_classifier_and_refuses_unknown_models(tmp_path, monkeypatch) -> None:
-    import flwr_distreal.lut as lut_module
+    import flwr_distreal.core.lut as lut_module
     from flwr_distreal.models import build_model
 
     monkeypatch.setattr(lut_module, "SHIPPED_DIR", tmp_path)
@@ -582,7 +582,7 @@ def test_learned_lut_is_recosted_for_another_classifier_and_refuses_unknown_mode
 
 
 def test_shipped_luts_fit_their_models() -> None:
-    from flwr_distreal.lut import SHIPPED_DIR
+    from flwr_distreal.core.lut import SHIPPED_DIR
     from flwr_distreal.models import build_model
 
     shipped = sorted(SHIPPED_DIR.glob("*.json"))
@@ -600,7 +600,7 @@ def test_shipped_luts_fit_their_models() -> None:
 
 
 def test_lut_null_is_refused_with_the_named_options() -> None:
-    from flwr_distreal.config import ConfigError, to_run_config
+    from flwr_distreal.run.config import ConfigError, to_run_config
 
     base = {"dataset": {"name": "digits"}, "model": {"name": "femnist_cnn", "small": "femnist_cnn_small"},
             "strategy": {"name": "distreal"}, "resources": {"kind": "timevarying"}}

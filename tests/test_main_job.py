@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from flwr_distreal.callbacks import count_sweep_jobs
-from flwr_distreal.config import to_run_config
-from flwr_distreal.recording import RunFailedError
-from flwr_distreal.runtimes import run_experiment
-from flwr_distreal.tune import register_resolvers
+from flwr_distreal.cli.callbacks import count_sweep_jobs
+from flwr_distreal.run.config import to_run_config
+from flwr_distreal.run.recording import RunFailedError
+from flwr_distreal.run.runtimes import run_experiment
+from flwr_distreal.cli.tune import register_resolvers
 
 from conftest import compose_config
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flwr_distreal import build_model, count_macs, kept_count, kept_counts, list_models
-from flwr_distreal.macs import layer_macs, macs_of_counts
+from flwr_distreal.core.macs import layer_macs, macs_of_counts
 
 from conftest import flop_macs
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from flwr_distreal.config import ConfigError
+from flwr_distreal.run.config import ConfigError
 from flwr_distreal.data import DataError, load_digits, node_data_from_npz, regroup
-from flwr_distreal.experiment import Experiment, NodeConfigError
-from flwr_distreal.training import DistrealTrainer
-from flwr_distreal.wallclock import MeasuredBaselineTrainer, MeasuredDistrealTrainer
+from flwr_distreal.run.experiment import Experiment, NodeConfigError
+from flwr_distreal.training.trainers import DistrealTrainer
+from flwr_distreal.training.wallclock import MeasuredBaselineTrainer, MeasuredDistrealTrainer
 
 from conftest import run_config
 

@@ -3,10 +3,10 @@
 Over a fake ``Grid`` whose nodes can disappear (no SuperLink, no Ray): the Message-API
 strategies' wait for nodes is bounded by ``node_wait`` (the clock and ``time.sleep`` are
 replaced by a fake clock, so no test sleeps), after which a round goes on with the nodes it has
-or the run ends with :class:`flwr_distreal.serverapp.NodeWaitError`; a node that replied with an
+or the run ends with :class:`flwr_distreal.flower.serverapp.NodeWaitError`; a node that replied with an
 error and sent no reply (Flower's SuperLink answers for a node that stopped its heartbeats with an
 error of its own, from the SuperLink's node id) is one failure. Also: ``node_wait`` in the run
-config, and the per-SuperNode watchdog of :mod:`flwr_distreal.deploy` that stops a killed
+config, and the per-SuperNode watchdog of :mod:`flwr_distreal.run.deploy` that stops a killed
 SuperNode's SuperExec and ClientApps.
 """
 
@@ -29,11 +29,11 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 from conftest import GridWithoutSuperLink
 from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_distreal import contract as C
-from flwr_distreal import serverapp
-from flwr_distreal.experiment import Experiment
+from flwr_distreal.core import contract as C
+from flwr_distreal.flower import serverapp
+from flwr_distreal.run.experiment import Experiment
 
-LOGGER = "flwr_distreal.serverapp"
+LOGGER = "flwr_distreal.flower.serverapp"
 SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the source of the SuperLink's own error replies
 
 
@@ -46,7 +46,7 @@ def _identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class FakeClock:
-    """``time.monotonic`` and ``time.sleep`` of :mod:`flwr_distreal.serverapp`: sleeping advances
+    """``time.monotonic`` and ``time.sleep`` of :mod:`flwr_distreal.flower.serverapp`: sleeping advances
     the clock; ``on_sleep(now)`` may change the grid while the server waits."""
 
     def __init__(self, on_sleep: Callable[[float], None] | None = None) -> None:
@@ -314,14 +314,14 @@ def test_node_wait_default_follows_round_timeout() -> None:
 
 @pytest.mark.parametrize("bad", [0.0, -5.0, float("inf")])
 def test_run_config_refuses_a_bad_node_wait(bad) -> None:
-    from flwr_distreal.config import ConfigError, RunConfig
+    from flwr_distreal.run.config import ConfigError, RunConfig
 
     with pytest.raises(ConfigError, match="node_wait"):
         RunConfig(node_wait=bad)
 
 
 def test_node_wait_is_a_run_config_key() -> None:
-    from flwr_distreal import app
+    from flwr_distreal.run import flwr_app as app
 
     assert app._VALUES["node-wait"] == "node_wait"
     assert app.overrides_from_run_config({"node-wait": 30.0}) == ["node_wait=30.0"]
@@ -340,11 +340,11 @@ time.sleep(600)
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="the watchdog finds processes in /proc (Linux)")
 def test_a_killed_supernodes_children_are_stopped_by_its_watchdog() -> None:
-    """What :class:`flwr_distreal.deploy.LocalDeployment` does per SuperNode: its processes carry
+    """What :class:`flwr_distreal.run.deploy.LocalDeployment` does per SuperNode: its processes carry
     its tag, and a watchdog stops them once it is gone. Here a "SuperNode" that started a child
     (as a SuperNode starts its SuperExec) is killed with SIGKILL alone; the child must go."""
-    from flwr_distreal.deploy import NODE_TAG_VAR
-    from flwr_distreal.local_runtime import _start_watchdog, tagged_pids
+    from flwr_distreal.run.deploy import NODE_TAG_VAR
+    from flwr_distreal.run.local_runtime import _start_watchdog, tagged_pids
 
     tag = uuid.uuid4().hex
     parent = subprocess.Popen(

@@ -2,7 +2,7 @@
 and ``@app.evaluate()`` (no query handler), as written for Flower's ``FedAvg``.
 
 The fast tests run Flower's own ``ClientApp`` (its "no query function registered" error included)
-through the project's in-process grid (:class:`flwr_distreal.inprocess.InProcessGrid`); the slow
+through the project's in-process grid (:class:`flwr_distreal.run.inprocess.InProcessGrid`); the slow
 one through ``flwr.simulation.run_simulation`` (Ray).
 """
 
@@ -21,17 +21,18 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from flwr_distreal import contract as C
-from flwr_distreal import serverapp, strategy
-from flwr_distreal.contract import ContractError
-from flwr_distreal.dropout import make_droppable
-from flwr_distreal.inprocess import InProcessGrid, run_app_in_process
-from flwr_distreal.macs import count_macs
-from flwr_distreal.server_core import DistrealCore
+from flwr_distreal.core import contract as C
+from flwr_distreal.flower import serverapp
+from flwr_distreal.flower.legacy import strategy
+from flwr_distreal.core.contract import ContractError
+from flwr_distreal.core.dropout import make_droppable
+from flwr_distreal.run.inprocess import InProcessGrid, run_app_in_process
+from flwr_distreal.core.macs import count_macs
+from flwr_distreal.server.core import DistrealCore
 
 from conftest import digits_tensors
 
-LOGGER = "flwr_distreal.serverapp"
+LOGGER = "flwr_distreal.flower.serverapp"
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -336,7 +337,7 @@ def test_full_macs_per_batch_is_a_deprecated_alias(make) -> None:
 def test_the_alias_bounds_the_claims_alike() -> None:
     """The alias maps to the same bound: a claim of 2 x full per batch is refused by both."""
     g = [np.zeros(2, np.float32)]
-    from flwr_distreal.server_core import Reply
+    from flwr_distreal.server.core import Reply
 
     for kw in ({"full_macs_per_sample": 10.0}, {"full_macs_per_batch": 10.0}):
         with warnings.catch_warnings():

@@ -15,8 +15,8 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from flwr_distreal.callbacks import ConsoleFilter, SweepReport, count_sweep_jobs, route_flower_logs
-from flwr_distreal.config import register_configs, to_run_config
+from flwr_distreal.cli.callbacks import ConsoleFilter, SweepReport, count_sweep_jobs, route_flower_logs
+from flwr_distreal.run.config import register_configs, to_run_config
 
 from conftest import compose_config
 
@@ -136,7 +136,7 @@ def test_presets_take_the_tuned_lr_per_setting(preset):
 
 
 def test_the_tuned_lr_resolves_per_method(tmp_path, monkeypatch):
-    tune = pytest.importorskip("flwr_distreal.resolvers")  # the tuned_lr resolver and its TUNED_DIR
+    tune = pytest.importorskip("flwr_distreal.run.resolvers")  # the tuned_lr resolver and its TUNED_DIR
     tune.register_resolvers()
     monkeypatch.setattr(tune, "TUNED_DIR", tmp_path)
     lrs = {"distreal": 0.07, "distreal@lut=uniform": 0.2, "heterofl": 0.3, "feddropout": 0.15}
@@ -178,14 +178,14 @@ def _record(name: str, level: int, msg: str = "m"):
 def test_console_filter_passes_warnings_and_the_named_loggers_info_only():
     import logging
 
-    f = ConsoleFilter(info_from=["hydra", "flwr_distreal.callbacks"])
+    f = ConsoleFilter(info_from=["hydra", "flwr_distreal.cli.callbacks"])
     assert f.filter(_record("flwr", logging.WARNING))
     assert not f.filter(_record("flwr", logging.INFO))
-    assert not f.filter(_record("flwr_distreal.experiment", logging.INFO))  # the per-round log line: file only
-    assert f.filter(_record("flwr_distreal.callbacks", logging.INFO))
+    assert not f.filter(_record("flwr_distreal.run.experiment", logging.INFO))  # the per-round log line: file only
+    assert f.filter(_record("flwr_distreal.cli.callbacks", logging.INFO))
     assert f.filter(_record("hydra._internal.core_plugins.basic_launcher", logging.INFO))
     assert not f.filter(_record("hydra_other", logging.INFO))  # a name covers its children, not prefixes
-    assert not f.filter(_record("flwr_distreal.callbacks", logging.DEBUG))
+    assert not f.filter(_record("flwr_distreal.cli.callbacks", logging.DEBUG))
     assert ConsoleFilter(level="ERROR").filter(_record("x", logging.WARNING)) is False
     with pytest.raises(ValueError, match="unknown log level"):
         ConsoleFilter(level="LOUD")
@@ -235,8 +235,8 @@ def test_flower_records_reach_the_console_filtered_and_the_log_file_once(tmp_pat
     assert flwr_logger.handlers == [] and not route_flower_logs()
     flwr_log(logging.INFO, "flower info line")
     flwr_log(logging.WARNING, "flower warning line")
-    logging.getLogger("flwr_distreal.callbacks").info("[1/2] job finished")
-    logging.getLogger("flwr_distreal.experiment").info("round 1: accuracy 0.5")
+    logging.getLogger("flwr_distreal.cli.callbacks").info("[1/2] job finished")
+    logging.getLogger("flwr_distreal.run.experiment").info("round 1: accuracy 0.5")
     for handler in logging.getLogger().handlers:
         handler.flush()
     captured = capsys.readouterr()

@@ -197,7 +197,7 @@ def test_round_lines_show_round_times(rc) -> None:
 def test_client_resources_are_left_to_an_existing_cluster(monkeypatch) -> None:
     """With RAY_ADDRESS set the cluster places the clients: a request above this machine's CPUs
     is not refused (it is without RAY_ADDRESS)."""
-    from flwr_distreal.checks import StartupError, check_client_resources
+    from flwr_distreal.run.checks import StartupError, check_client_resources
 
     too_many = (os.cpu_count() or 1) + 8
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

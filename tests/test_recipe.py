@@ -1,4 +1,4 @@
-"""The training recipe (flwr_distreal.recipe): the learning-rate schedules, validation, the device
+"""The training recipe (flwr_distreal.training.recipe): the learning-rate schedules, validation, the device
 setting, and that one recipe (schedule and gradient clipping) reaches every client kind through
 the shared step helper (training.LocalStep).
 
@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from flwr_distreal import contract as C
-from flwr_distreal.lut import LUT
+from flwr_distreal.core import contract as C
+from flwr_distreal.core.lut import LUT
 from flwr_distreal.models import build_model
-from flwr_distreal.recipe import Recipe, resolve_device
-from flwr_distreal.training import BaselineTrainer, DistrealTrainer, LocalStep, get_weights
-from flwr_distreal.wallclock import MeasuredBaselineTrainer, MeasuredDistrealTrainer
+from flwr_distreal.training.recipe import Recipe, resolve_device
+from flwr_distreal.training.trainers import BaselineTrainer, DistrealTrainer, LocalStep, get_weights
+from flwr_distreal.training.wallclock import MeasuredBaselineTrainer, MeasuredDistrealTrainer
 
 from conftest import random_images, run_config
 
@@ -264,7 +264,7 @@ def test_a_non_finite_loss_stops_the_round(kind) -> None:
 
 
 def test_experiment_trains_with_the_run_recipe_on_the_resolved_device(monkeypatch) -> None:
-    from flwr_distreal.experiment import Experiment
+    from flwr_distreal.run.experiment import Experiment
 
     cfg = run_config(
         "dataset.num_devices=4", "clients_per_round=2", "lr=0.2", "clip_norm=1.0", "lr_schedule=step",

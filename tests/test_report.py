@@ -1,4 +1,4 @@
-"""Tests of the sweep report (flwr_distreal.report) and the sweep callback (flwr_distreal.callbacks).
+"""Tests of the sweep report (flwr_distreal.cli.report) and the sweep callback (flwr_distreal.cli.callbacks).
 
 The maths on hand-made rows; the report on a small fake sweep directory written here (a
 ``config.yaml`` and a ``metrics.csv`` per job, as the runner writes them); the callback's
@@ -17,8 +17,8 @@ import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from flwr_distreal.callbacks import SweepReport, format_duration, progress_line
-from flwr_distreal.report import (
+from flwr_distreal.cli.callbacks import SweepReport, format_duration, progress_line
+from flwr_distreal.cli.report import (
     Group,
     ReportError,
     Run,
@@ -327,7 +327,7 @@ def test_sweep_callback_prints_progress_and_writes_the_report_after_the_last_job
     cb.on_multirun_start(_multirun_config(sweep, {"method": "distreal,distreal_uniform,heterofl", "seed": "0,1,2"},
                                           ["+experiment=fig6_test", "resources.lam=1,2", "lr=0.1"]))
     assert cb.total == 18
-    caplog.set_level(logging.INFO, logger="flwr_distreal.callbacks")
+    caplog.set_level(logging.INFO, logger="flwr_distreal.cli.callbacks")
     for i, job in enumerate(jobs):
         cfg = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(job)}, "sweep": {"dir": str(sweep)}}})
         cb.on_job_start(cfg)
@@ -338,7 +338,7 @@ def test_sweep_callback_prints_progress_and_writes_the_report_after_the_last_job
             ret.status = JobStatus.FAILED
         assert not (sweep / "report").exists()  # not before the last job
         cb.on_job_end(cfg, ret)
-    lines = [r.getMessage() for r in caplog.records if r.name == "flwr_distreal.callbacks"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "flwr_distreal.cli.callbacks"]
     assert lines[0].startswith(f"[1/18] {jobs[0].name} finished in ")
     assert lines[4].startswith(f"[5/18] {jobs[4].name} FAILED after ") and "(RuntimeError: loss is NaN)" in lines[4]
     assert f"(ValueError: {'x' * 145}...)" in lines[5] and len(lines[5]) < 260  # long errors cut short
@@ -362,7 +362,7 @@ def test_sweep_callback_reports_at_multirun_end_when_it_cannot_count(sweep: Path
 
 def test_sweep_callback_is_silent_in_a_single_run(tmp_path: Path, caplog):
     cb = SweepReport()
-    caplog.set_level(logging.INFO, logger="flwr_distreal.callbacks")
+    caplog.set_level(logging.INFO, logger="flwr_distreal.cli.callbacks")
     cfg = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path)}}})
     cb.on_job_start(cfg)
     cb.on_job_end(cfg, JobReturn())

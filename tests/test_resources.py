@@ -1,4 +1,4 @@
-"""Tests of the resource model and simulated clock (flwr_distreal.resources)."""
+"""Tests of the resource model and simulated clock (flwr_distreal.core.resources)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from flwr_distreal.resources import (
+from flwr_distreal.core.resources import (
     DEADLINE_RTOL,
     ConstantResources,
     ResourceError,
@@ -27,7 +27,7 @@ from flwr_distreal.resources import (
     size_resources,
     step_macs,
 )
-from flwr_distreal.schedule import batch_sizes, plan_fixed_round
+from flwr_distreal.training.schedule import batch_sizes, plan_fixed_round
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -426,7 +426,7 @@ def _tiny_droppable():
     import torch
     from torch import nn
 
-    from flwr_distreal.dropout import make_droppable
+    from flwr_distreal.core.dropout import make_droppable
 
     class Tiny(nn.Module):
         def __init__(self) -> None:
@@ -463,7 +463,7 @@ def test_size_resources_lets_each_full_model_round_end_exactly_at_the_deadline()
 
 
 def test_size_resources_counts_the_models_macs() -> None:
-    from flwr_distreal.macs import count_macs
+    from flwr_distreal.core.macs import count_macs
 
     _, model = _tiny_droppable()
     assert size_resources(model, 10, 60).full_macs_per_sample == count_macs(model) > 0
@@ -499,8 +499,8 @@ def test_sized_resources_make_a_small_model_drop_where_a_fixed_r_max_does_not() 
     """The README's old ``r_max=5e8`` is ~10x what a small model's round needs: no device ever
     drops and utilisation stays low. Sized from the model, the weaker devices drop filters
     (Algorithm 1) and use most of what they have."""
-    from flwr_distreal.lut import LUT
-    from flwr_distreal.schedule import plan_distreal_round
+    from flwr_distreal.core.lut import LUT
+    from flwr_distreal.training.schedule import plan_distreal_round
 
     _, model = _tiny_droppable()
     lut = LUT.uniform(model)

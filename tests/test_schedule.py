@@ -1,4 +1,4 @@
-"""Tests of the round planning of Algorithm 1 (flwr_distreal.schedule).
+"""Tests of the round planning of Algorithm 1 (flwr_distreal.training.schedule).
 
 Every budget here is recomputed by hand from the policy's formula (module docstring of
 ``schedule``): ``paper``: ``r(t) * T * b_j / N``; ``deadline``:
@@ -13,9 +13,9 @@ import math
 import numpy as np
 import pytest
 
-from flwr_distreal.lut import LUT
+from flwr_distreal.core.lut import LUT
 from flwr_distreal.models import build_model
-from flwr_distreal.resources import (
+from flwr_distreal.core.resources import (
     DEADLINE_RTOL,
     ConstantResources,
     ResourceTrace,
@@ -24,7 +24,7 @@ from flwr_distreal.resources import (
     TraceResources,
     step_macs,
 )
-from flwr_distreal.schedule import (
+from flwr_distreal.training.schedule import (
     POLICIES,
     RoundPlan,
     batch_sizes,

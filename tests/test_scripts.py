@@ -183,7 +183,7 @@ def test_compare_runtimes_composes_both_runtimes_and_compares_their_rows(load, m
     """The script's own logic over stubbed runs (the runtimes themselves are tested in
     test_simulation.py and test_flwr_run.py): each strategy runs under both runtimes with the
     overrides, and the report says whether their metrics are bit-identical."""
-    import flwr_distreal.runtimes as runtimes
+    import flwr_distreal.run.runtimes as runtimes
 
     module = load("compare_runtimes.py")
     calls = []
@@ -262,9 +262,9 @@ def test_diagnose_lr_trains_replays_and_refuses_a_missing_folder(load, monkeypat
 def _fake_run(folder: Path, *overrides: str, acc=(0.3, 0.5)) -> Path:
     """A run directory as a run leaves it (``config.yaml``, ``metrics.csv``, ``checkpoint.npz``
     of the model's initial weights), written by the package's own recorder, without training."""
-    from flwr_distreal.checkpoint import Checkpoint, save_checkpoint
-    from flwr_distreal.experiment import Experiment, start_output
-    from flwr_distreal.training import get_weights
+    from flwr_distreal.run.checkpoint import Checkpoint, save_checkpoint
+    from flwr_distreal.run.experiment import Experiment, start_output
+    from flwr_distreal.training.trainers import get_weights
 
     cfg = run_config("dataset.num_devices=4", "clients_per_round=2", f"rounds={len(acc)}", *overrides)
     recorder = start_output(folder, cfg)

@@ -1,4 +1,4 @@
-"""Tests for flwr_distreal.serverapp: the Message-API strategies over a fake Grid (no Ray)."""
+"""Tests for flwr_distreal.flower.serverapp: the Message-API strategies over a fake Grid (no Ray)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.server.client_manager import SimpleClientManager
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from flwr_distreal import contract as C
-from flwr_distreal import serverapp, strategy
-from flwr_distreal.aggregate import mac_weighted_update, masked_average
-from flwr_distreal.client_manager import SeededClientManager
-from flwr_distreal.dropout import kept_count, parameter_masks
+from flwr_distreal.core import contract as C
+from flwr_distreal.flower import serverapp
+from flwr_distreal.flower.legacy import strategy
+from flwr_distreal.server.aggregate import mac_weighted_update, masked_average
+from flwr_distreal.flower.legacy.client_manager import SeededClientManager
+from flwr_distreal.core.dropout import kept_count, parameter_masks
 from flwr_distreal.models import build_model
 
 from conftest import ROUND_SAMPLES, FakeGrid, FakeProxy, reply
@@ -27,7 +28,7 @@ MODEL = "femnist_cnn"
 FULL_MACS = 4_015_616
 T = 10.0
 R_FULL = 3.0 * ROUND_SAMPLES * FULL_MACS / T  # the full model's round takes exactly T
-LOGGER = "flwr_distreal.serverapp"
+LOGGER = "flwr_distreal.flower.serverapp"
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")

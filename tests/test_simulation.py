@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from flwr_distreal.recording import MetricsRecorder, RunDirectoryError
-from flwr_distreal.runtimes import run_experiment
-from flwr_distreal.lut import LUT
+from flwr_distreal.run.recording import MetricsRecorder, RunDirectoryError
+from flwr_distreal.run.runtimes import run_experiment
+from flwr_distreal.core.lut import LUT
 from flwr_distreal.models import build_model
 
 from conftest import run_config
@@ -78,7 +78,7 @@ def ray_tmp(monkeypatch) -> Iterator[str]:
 def flwr_runtime() -> Iterator[object]:
     """One private local SuperLink runtime for this module's runs (as a Hydra multirun shares
     one), stopped after them; every process it started must be gone."""
-    from flwr_distreal import local_runtime
+    from flwr_distreal.run import local_runtime
 
     if not Path("/proc/self/environ").exists():
         pytest.skip("finding the runtime's processes needs /proc (Linux)")
@@ -240,8 +240,8 @@ def test_hydra_main_subprocess(tmp_path) -> None:
 
 def test_a_lut_that_does_not_fit_fails_before_the_simulation_starts(tmp_path) -> None:
     """Not in every client of every round (Flower would count those as failures and go on)."""
-    from flwr_distreal.experiment import Experiment
-    from flwr_distreal.lut import LUTError
+    from flwr_distreal.run.experiment import Experiment
+    from flwr_distreal.core.lut import LUTError
 
     lut_path = tmp_path / "femnist_lut.json"
     LUT.uniform(build_model("femnist_cnn")).save(lut_path)  # 62 classes; digits has 10

@@ -1,6 +1,6 @@
 """Start-up refusals of a run (issue 20, item 5): a CUDA device or GPUs this machine lacks, more
 CPUs per client than it has, a TMPDIR too long for Ray's socket paths, an output_dir that is a
-file; each refused by flwr_distreal.checks before data or Ray, naming the key. And the runner's
+file; each refused by flwr_distreal.run.checks before data or Ray, naming the key. And the runner's
 errors: one line and exit code 2, the traceback only with DISTREAL_DEBUG=1."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flwr_distreal import checks
-from flwr_distreal.checks import (
+from flwr_distreal.run import checks
+from flwr_distreal.run.checks import (
     StartupError,
     check_client_resources,
     check_ray_socket_path,
@@ -27,7 +27,7 @@ from flwr_distreal.checks import (
     ray_temp_dir,
     unix_socket_limit,
 )
-from flwr_distreal.config import ConfigError
+from flwr_distreal.run.config import ConfigError
 
 from conftest import run_config
 
@@ -93,7 +93,7 @@ def test_more_gpus_per_client_than_the_machine_has_are_refused(monkeypatch) -> N
 
 def test_gpu_request_without_ray_is_warned_not_refused(monkeypatch, caplog) -> None:
     _gpus(monkeypatch, 0)
-    with caplog.at_level(logging.WARNING, logger="flwr_distreal.checks"):
+    with caplog.at_level(logging.WARNING, logger="flwr_distreal.run.checks"):
         check_client_resources(1, 1, "inprocess")
     assert "num_gpus_per_client=1 is not applied by runtime=inprocess" in caplog.text
 
@@ -163,7 +163,7 @@ def test_flwr_run_replaces_a_temp_folder_over_40_characters_by_tmp(monkeypatch) 
 
 def test_flwr_run_prediction_matches_the_local_runtime(monkeypatch) -> None:
     """ray_temp_dir predicts the folder LocalFlwrRuntime makes its root in (caught at mkdtemp)."""
-    from flwr_distreal import local_runtime
+    from flwr_distreal.run import local_runtime
 
     class Made(Exception):
         pass
@@ -228,8 +228,8 @@ def test_run_start_checks_device_gpus_and_tmpdir_of_the_config(monkeypatch, tmp_
 
 
 def test_exit_codes_of_the_runner() -> None:
-    from flwr_distreal.local_runtime import FlwrRunError
-    from flwr_distreal.main import EXIT_FAILED, EXIT_REFUSED, exit_code, one_line
+    from flwr_distreal.run.local_runtime import FlwrRunError
+    from flwr_distreal.cli.main import EXIT_FAILED, EXIT_REFUSED, exit_code, one_line
 
     assert exit_code(ConfigError("rounds must be >= 1")) == EXIT_REFUSED == 2
     assert exit_code(StartupError("device='cuda' ...")) == EXIT_REFUSED

@@ -1,4 +1,4 @@
-"""Tests for flwr_distreal.strategy: Distreal (Algorithm 2) and the baseline strategies."""
+"""Tests for flwr_distreal.flower.legacy.strategy: Distreal (Algorithm 2) and the baseline strategies."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy.aggregate import aggregate as flwr_aggregate
 
-from flwr_distreal.aggregate import mac_weighted_update, masked_average
-from flwr_distreal.client_manager import SeededClientManager
-from flwr_distreal.dropout import kept_count, parameter_masks
-from flwr_distreal.macs import count_macs, macs_of_counts
+from flwr_distreal.server.aggregate import mac_weighted_update, masked_average
+from flwr_distreal.flower.legacy.client_manager import SeededClientManager
+from flwr_distreal.core.dropout import kept_count, parameter_masks
+from flwr_distreal.core.macs import count_macs, macs_of_counts
 from flwr_distreal.models import build_model
-from flwr_distreal.strategy import (
+from flwr_distreal.flower.legacy.strategy import (
     Distreal,
     FederatedDropout,
     FullResources,
@@ -172,7 +172,7 @@ def test_distreal_refuses_bad_replies(metrics, arrays_fn, reason, caplog) -> Non
         (good_proxy, _fit_res(good, macs=FULL_MACS, num_batches=1)),
         (bad_proxy, _fit_res(bad, **metrics)),
     ]
-    with caplog.at_level(logging.WARNING, logger="flwr_distreal.strategy"):
+    with caplog.at_level(logging.WARNING, logger="flwr_distreal.flower.legacy.strategy"):
         params, out_metrics = strategy.aggregate_fit(1, results, [])
     assert out_metrics["refused"] == 1 and out_metrics["accepted"] == 1
     for o, e in zip(parameters_to_ndarrays(params), good):
@@ -227,7 +227,7 @@ def test_distreal_keeps_global_when_nothing_valid(caplog) -> None:
         (proxies[1], _fit_res(_perturbed(g, 1, 2), macs=FULL_MACS, num_batches=1, straggler=True)),
         (proxies[2], _fit_res(_perturbed(g, 1, 3), macs=0, num_batches=1)),  # valid but zero weight
     ]
-    with caplog.at_level(logging.WARNING, logger="flwr_distreal.strategy"):
+    with caplog.at_level(logging.WARNING, logger="flwr_distreal.flower.legacy.strategy"):
         params, metrics = strategy.aggregate_fit(1, results, [])
     for o, e in zip(parameters_to_ndarrays(params), g):
         np.testing.assert_array_equal(o, e)
@@ -458,7 +458,7 @@ def test_submodel_strategy_refuses_mismatched_or_unassigned_replies(caplog) -> N
         (proxies[0], _fit_res(good, **{"partition-id": 0})),
         (proxies[1], _fit_res(_perturbed(g, 5.0, 2), **{"partition-id": 1})),  # never assigned
     ]
-    with caplog.at_level(logging.WARNING, logger="flwr_distreal.strategy"):
+    with caplog.at_level(logging.WARNING, logger="flwr_distreal.flower.legacy.strategy"):
         params, metrics = strategy.aggregate_fit(1, results, [])
     assert metrics["refused"] == 1 and "unassigned-client" in caplog.text
     for o, e in zip(parameters_to_ndarrays(params), good):
@@ -467,7 +467,7 @@ def test_submodel_strategy_refuses_mismatched_or_unassigned_replies(caplog) -> N
     caplog.clear()
     _broadcast(strategy, g, proxies[:1], 2)
     lying = [(proxies[0], _fit_res(good, **{"partition-id": 5}))]
-    with caplog.at_level(logging.WARNING, logger="flwr_distreal.strategy"):
+    with caplog.at_level(logging.WARNING, logger="flwr_distreal.flower.legacy.strategy"):
         params, metrics = strategy.aggregate_fit(2, lying, [])
     assert metrics["refused"] == 1 and "device-mismatch" in caplog.text
     for o, e in zip(parameters_to_ndarrays(params), g):

@@ -1,4 +1,4 @@
-"""Physically narrow submodels (flwr_distreal.submodel): class, shapes, and equality with the
+"""Physically narrow submodels (flwr_distreal.core.submodel): class, shapes, and equality with the
 compact training forward under the same fixed subsets."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flwr_distreal.dropout import DroppableModel, make_droppable
-from flwr_distreal.macs import count_macs, kept_counts, macs_of_counts
+from flwr_distreal.core.dropout import DroppableModel, make_droppable
+from flwr_distreal.core.macs import count_macs, kept_counts, macs_of_counts
 from flwr_distreal.models import build_model
 from flwr_distreal.models.densenet import DenseNetBC
 from flwr_distreal.models.femnist_cnn import FemnistCNN
 from flwr_distreal.models.resnet import CifarResNet
-from flwr_distreal.submodel import extract_submodel, plain_class, resolve_kept
+from flwr_distreal.core.submodel import extract_submodel, plain_class, resolve_kept
 
 
 class _DepthwiseNet(nn.Module):
@@ -100,7 +100,7 @@ def test_submodel_equals_compact_forward_with_fixed_subsets(factory, cls):
     assert type(narrow) is cls
     assert not isinstance(narrow, DroppableModel)
     for m in narrow.modules():
-        assert type(m).__module__ != "flwr_distreal.dropout"
+        assert type(m).__module__ != "flwr_distreal.core.dropout"
         assert not any(k.startswith("_dr_") for k in vars(m))
 
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from flwr_distreal import experiment, runtimes
-from flwr_distreal.config import to_run_config
+from flwr_distreal.run import experiment, runtimes
+from flwr_distreal.run.config import to_run_config
 from flwr_distreal.data import DataError, FederatedData, load_digits
-from flwr_distreal.training import evaluate_model, set_weights
-from flwr_distreal.tune import (
+from flwr_distreal.training.trainers import evaluate_model, set_weights
+from flwr_distreal.cli.tune import (
     TuneError,
     TuneSettings,
     choose_lr,
@@ -115,7 +115,7 @@ def test_experiment_evaluates_on_the_held_out_samples(caplog: pytest.LogCaptureF
     assert val.r_max == [val.r_max_for_samples(n) for n in val.data.partition_sizes()]
     assert val.r_max != plain.r_max
     _, arrays = val.initial_arrays()
-    with caplog.at_level(logging.INFO, logger="flwr_distreal.experiment"):
+    with caplog.at_level(logging.INFO, logger="flwr_distreal.run.experiment"):
         loss, acc, n = val.evaluate(arrays)
     assert f"evaluating on the validation split ({len(held)} samples)" in caplog.text
     model = val.build_model()

@@ -1,4 +1,4 @@
-"""Tests of the wall-clock resource mode (flwr_distreal.wallclock).
+"""Tests of the wall-clock resource mode (flwr_distreal.training.wallclock).
 
 Deterministic: the trainers run real femnist_cnn steps on tiny random data, but time comes from
 an injected fake clock that a test subclass advances by a fake step-time model
@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from flwr_distreal import contract as C
-from flwr_distreal.lut import LUT
-from flwr_distreal.macs import count_macs, macs_of_counts
+from flwr_distreal.core import contract as C
+from flwr_distreal.core.lut import LUT
+from flwr_distreal.core.macs import count_macs, macs_of_counts
 from flwr_distreal.models import build_model
-from flwr_distreal.resources import step_macs
-from flwr_distreal.training import BaselineTrainer, DistrealTrainer, get_weights
-from flwr_distreal.wallclock import (
+from flwr_distreal.core.resources import step_macs
+from flwr_distreal.training.trainers import BaselineTrainer, DistrealTrainer, get_weights
+from flwr_distreal.training.wallclock import (
     ROUND_DEADLINE_AT,
     MeasuredBaselineTrainer,
     MeasuredDistrealTrainer,

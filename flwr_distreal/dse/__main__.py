@@ -8,7 +8,7 @@ Usage (from the repository root)::
     python -m flwr_distreal.dse dse.generations=80 resume=true         # continue a run
 
 ``conf/dse_config.yaml`` composes the shared ``model`` and ``dataset`` groups (the same as the
-federated runs, :mod:`flwr_distreal.config`) with the DSE's own ``dse`` group
+federated runs, :mod:`flwr_distreal.run.config`) with the DSE's own ``dse`` group
 ``conf/dse/{default,quick}.yaml`` (population, generations, batches, batch_size, seeds,
 workers, output, snapshot, ...), typed by :class:`DSEConfig`; everything is validated before
 any work starts. Relative paths are resolved against the directory the command was started in.
@@ -28,8 +28,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import to_absolute_path
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ..checks import StartupError, check_output_dir, check_torch_device
-from ..config import DatasetConfig, ModelConfig, register_configs, unknown_keys
+from ..run.checks import StartupError, check_output_dir, check_torch_device
+from ..run.resolvers import CONF_DIR
+from ..run.config import DatasetConfig, ModelConfig, register_configs, unknown_keys
 from ..models import build_model, list_models
 from .datasets import load_dse_data
 from .driver import CHECKPOINT_NAME, DSESettings, run_dse
@@ -157,7 +158,7 @@ def _check_paths_and_device(d: DSEConfig, task: str, output: Path, snapshot_path
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Execute the command for a composed config; returns a small summary (for tests)."""
     _validate_top(cfg)
-    from ..allocator import keep_freed_memory
+    from ..core.allocator import keep_freed_memory
 
     keep_freed_memory()
     d: DSEConfig = OmegaConf.to_object(cfg.dse)  # type: ignore[assignment]
@@ -230,7 +231,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="dse_config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="dse_config")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     run(cfg)

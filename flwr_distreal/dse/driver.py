@@ -6,7 +6,7 @@ generation at a time, and writes
 * ``checkpoint.json`` after every generation (atomically): decision vectors and objectives
   of the population, the generation index, the random-stream state, the normalisation, the
   per-generation history and the whole evaluation cache;
-* at the end: the LUT (``lut.json``, :class:`flwr_distreal.lut.LUT`) with about ``lut_size``
+* at the end: the LUT (``lut.json``, :class:`flwr_distreal.core.lut.LUT`) with about ``lut_size``
   vectors spread evenly along the non-dominated front of *all* evaluated vectors (always
   including the all-zero vector), ``evaluations.json`` (every vector with MACs, accuracy gain
   per seed, mean, normalised objectives, generation), ``summary.json`` (hypervolumes of the
@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import pygmo as pg
 
-from ..dropout import DropoutModel
-from ..lut import LUT
+from ..core.dropout import DropoutModel
+from ..core.lut import LUT
 from .evaluator import CachedEvaluator, EvalRecord
 from .front import best_gain_at_budget, hypervolume, non_dominated, spread_evenly
 from .plot import plot_fronts

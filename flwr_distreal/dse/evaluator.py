@@ -121,7 +121,7 @@ def _init_worker(backend: FitnessBackend, threads: int) -> None:
     global _WORKER_BACKEND
     import torch
 
-    from ..allocator import keep_freed_memory
+    from ..core.allocator import keep_freed_memory
 
     keep_freed_memory()
     torch.set_num_threads(threads)

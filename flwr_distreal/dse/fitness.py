@@ -11,7 +11,7 @@ averaged.
 * :func:`make_snapshot` trains the snapshot once; :class:`Snapshot` saves/loads it with its
   metadata (model, data, steps, ...), and refuses a snapshot that does not match the model.
 * :class:`ShortTrainingFitness` is the :class:`~flwr_distreal.dse.evaluator.FitnessBackend`:
-  exact MACs via :func:`flwr_distreal.macs.count_macs` and the accuracy gain of the short
+  exact MACs via :func:`flwr_distreal.core.macs.count_macs` and the accuracy gain of the short
   training. Every vector sees, for seed number ``s``, the same mini-batches and the same
   dropout random stream, so two vectors differ only by their dropout. Two vectors with the
   same kept filter counts train identically (the dropout layers draw ``randperm`` only for
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..dropout import DropoutModel
-from ..macs import count_macs, kept_counts
+from ..core.dropout import DropoutModel
+from ..core.macs import count_macs, kept_counts
 from ..models import build_model
 from .problem import DSEError, canonical_vector
 
@@ -464,7 +464,7 @@ class ShortTrainingFitness:
         }
 
     def macs(self, vector: np.ndarray) -> int:
-        """Exact forward MACs per sample (:func:`flwr_distreal.macs.count_macs`)."""
+        """Exact forward MACs per sample (:func:`flwr_distreal.core.macs.count_macs`)."""
         return int(count_macs(self.model, vector))
 
     def training_key(self, vector: np.ndarray) -> bytes:

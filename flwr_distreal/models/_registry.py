@@ -8,7 +8,7 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
-from ..dropout import DroppableModel, make_droppable
+from ..core.dropout import DroppableModel, make_droppable
 
 __all__ = ["build_model", "is_model", "list_models", "register_model"]
 
@@ -53,7 +53,7 @@ def is_model(name: str) -> bool:
 def build_model(
     name: str, num_classes: int | None = None, *, channels_last: bool = True, **kwargs: Any
 ) -> DroppableModel:
-    """Build a registered model and make it droppable (:func:`~flwr_distreal.dropout.make_droppable`).
+    """Build a registered model and make it droppable (:func:`~flwr_distreal.core.dropout.make_droppable`).
 
     Parameters
     ----------
@@ -69,7 +69,7 @@ def build_model(
         the CPU, the model, the batch size and the dropout rate (channels-last was 0.71x NCHW on
         one CPU and slower than NCHW for compact steps on another), so the runner does not rely
         on this default: its ``layout: auto`` measures both per machine
-        (:func:`flwr_distreal.layout.resolve_layout`) and passes the answer here;
+        (:func:`flwr_distreal.training.layout.resolve_layout`) and passes the answer here;
         ``scripts/bench_layout_precision.py`` times both side by side. Values, names and shapes
         of parameters are the same in both layouts. ``False`` keeps the classic contiguous
         (NCHW) layout.

@@ -1,0 +1,272 @@
+"""Message-API ClientApp pieces: handler factories over :mod:`flwr_distreal.training.trainers`.
+
+A DISTREAL or baseline device in a Flower ``ClientApp`` is a
+:class:`~flwr_distreal.training.trainers.DeviceTrainer` (the same Flower-free core the legacy
+``NumPyClient`` adapters wrap) plus three handlers:
+
+``@app.train()``
+    :func:`make_train_handler`: reads the global model (``ArrayRecord`` under ``"arrays"``,
+    keyed by ``state_dict`` names) and the train config (``ConfigRecord`` under ``"config"``),
+    runs :meth:`DeviceTrainer.fit`, and replies with the trained ``ArrayRecord`` and a
+    ``MetricRecord`` under ``"metrics"`` holding the train metrics of
+    :mod:`flwr_distreal.core.contract` (bools as 0/1) and ``num-examples``, so Flower's own
+    aggregations keep working.
+``@app.query()``
+    :func:`make_query_handler`: replies with the device's properties (``partition-id``,
+    ``round-samples``) under ``"properties"``; the strategies of
+    :mod:`flwr_distreal.flower.serverapp` ask once per node, for seeded sampling and round-start
+    budgets.
+``@app.evaluate()``
+    :func:`make_evaluate_handler`: loss and accuracy of the full model on local data.
+
+:func:`build_client_app` registers all of them on a new ``ClientApp``::
+
+    from flwr_distreal import LUT, ResourceModel, build_model
+    from flwr_distreal.clientapp import build_client_app
+    from flwr_distreal.training import DistrealTrainer
+
+    def trainer_fn(context):
+        device = int(context.node_config["partition-id"])
+        model = build_model("femnist_cnn")
+        return DistrealTrainer(model, my_loader(device), device, LUT.uniform(model), resources, lr=0.1)
+
+    app = build_client_app(trainer_fn)
+
+Trainers are built once per (run, node) and kept (in a bounded cache): every round then reuses
+the model and data of its node, and :meth:`DeviceTrainer.fit` loads the global arrays first, so
+nothing of an earlier round leaks into the next.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..core import contract as C
+from ..training.trainers import DeviceTrainer, evaluate_model
+
+__all__ = [
+    "TrainerCache",
+    "arrays_from_record",
+    "build_client_app",
+    "forget_run",
+    "make_evaluate_handler",
+    "make_query_handler",
+    "make_train_handler",
+    "record_from_arrays",
+]
+
+TrainerFn = Callable[[Context], DeviceTrainer]
+Handler = Callable[[Message, Context], Message]
+
+
+#: Trainers of this process, per cache token: Flower's simulation pickles the ClientApp for
+#: every message it sends to a Ray actor, so the copies of one :class:`TrainerCache` in an actor
+#: process find their trainers here.
+_PROCESS_TRAINERS: dict[str, OrderedDict[tuple[int, int], DeviceTrainer]] = {}
+_PROCESS_LOCK = threading.Lock()
+
+
+def forget_run(run_id: int) -> int:
+    """Drop this process's trainers of run ``run_id`` (every cache); returns how many.
+
+    A process that runs many runs one after another (the in-process runtime of a sweep) frees
+    each run's models and data this way when the run ends.
+    """
+    dropped = 0
+    with _PROCESS_LOCK:
+        for trainers in _PROCESS_TRAINERS.values():
+            for key in [k for k in trainers if k[0] == int(run_id)]:
+                del trainers[key]
+                dropped += 1
+    return dropped
+
+
+class TrainerCache:
+    """Builds a node's trainer on first use and keeps it, keyed by ``(run_id, node_id)``.
+
+    The trainers live in this process, shared by every unpickled copy of the cache (Flower's
+    simulation ships the ClientApp to its Ray actors with every message), so a node's model,
+    data and wall-clock calibration are built once per process, not once per round.
+
+    Parameters
+    ----------
+    trainer_fn : Callable[[Context], DeviceTrainer]
+        Builds the trainer of the node that ``context`` describes (its ``node_config`` holds
+        e.g. ``partition-id``).
+    max_size : int, optional
+        Trainers kept at most (least recently used first out). Defaults to 256.
+    """
+
+    def __init__(self, trainer_fn: TrainerFn, max_size: int = 256) -> None:
+        if not callable(trainer_fn):
+            raise ValueError("trainer_fn must be a callable (Context) -> DeviceTrainer")
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        self.trainer_fn = trainer_fn
+        self.max_size = int(max_size)
+        self._token = uuid.uuid4().hex
+        self._bind()
+
+    def _bind(self) -> None:
+        with _PROCESS_LOCK:
+            self._trainers = _PROCESS_TRAINERS.setdefault(self._token, OrderedDict())
+        self._lock = _PROCESS_LOCK
+
+    def __getstate__(self) -> dict:
+        """Pickled (Ray ships the ClientApp to its actors) without lock and trainers."""
+        return {"trainer_fn": self.trainer_fn, "max_size": self.max_size, "token": self._token}
+
+    def __setstate__(self, state: dict) -> None:
+        self.trainer_fn, self.max_size, self._token = state["trainer_fn"], state["max_size"], state["token"]
+        self._bind()
+
+    def __call__(self, context: Context) -> DeviceTrainer:
+        key = (int(context.run_id), int(context.node_id))
+        with self._lock:
+            trainer = self._trainers.get(key)
+            if trainer is not None:
+                self._trainers.move_to_end(key)
+                return trainer
+        trainer = self.trainer_fn(context)
+        if not isinstance(trainer, DeviceTrainer):
+            raise TypeError(f"trainer_fn returned {type(trainer).__name__}, expected a DeviceTrainer")
+        with self._lock:
+            self._trainers[key] = trainer
+            while len(self._trainers) > self.max_size:
+                self._trainers.popitem(last=False)
+        return trainer
+
+
+def arrays_from_record(record: ArrayRecord, keys: Iterable[str]) -> list[np.ndarray]:
+    """The arrays of ``record`` in the order of ``keys`` (a model's ``state_dict`` keys).
+
+    Raises
+    ------
+    ValueError
+        If the record's keys are not exactly ``keys``, naming the missing and unexpected ones.
+    """
+    keys = list(keys)
+    missing = [k for k in keys if k not in record]
+    extra = [k for k in record.keys() if k not in set(keys)]
+    if missing or extra:
+        raise ValueError(
+            f"the ArrayRecord does not match the model's state_dict: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
+    return [record[k].numpy() for k in keys]
+
+
+def record_from_arrays(keys: Iterable[str], arrays: Iterable[np.ndarray]) -> ArrayRecord:
+    """An ``ArrayRecord`` keyed by ``keys`` (``state_dict`` order), C-ordered arrays. Shapes are
+    kept exactly, 0-d ones too (BatchNorm's ``num_batches_tracked``): ``np.ascontiguousarray``
+    would make those 1-d."""
+    return ArrayRecord(OrderedDict((k, Array(np.asarray(a, order="C"))) for k, a in zip(keys, arrays, strict=True)))
+
+
+def _resolve(trainers: TrainerFn | TrainerCache) -> TrainerCache:
+    return trainers if isinstance(trainers, TrainerCache) else TrainerCache(trainers)
+
+
+def make_train_handler(trainers: TrainerFn | TrainerCache) -> Handler:
+    """A ``@app.train()`` handler that runs one round of Algorithm 1 (or a baseline's round).
+
+    Parameters
+    ----------
+    trainers : Callable[[Context], DeviceTrainer] or TrainerCache
+        Builds (once per node) the node's trainer.
+
+    Returns
+    -------
+    Callable[[Message, Context], Message]
+        The handler. Its reply holds ``"arrays"`` (the trained model, keyed like the received
+        one) and ``"metrics"`` (the train metrics and ``num-examples``).
+    """
+    cache = _resolve(trainers)
+
+    def train(msg: Message, context: Context) -> Message:
+        trainer = cache(context)
+        keys = list(trainer.model.state_dict().keys())
+        arrays = arrays_from_record(msg.content[C.ARRAYS_RECORD], keys)
+        config = dict(msg.content[C.CONFIG_RECORD]) if C.CONFIG_RECORD in msg.content else {}
+        result = trainer.fit(arrays, config)
+        metrics = C.metric_values(result.metrics)
+        metrics[C.NUM_EXAMPLES] = int(result.num_examples)
+        content = RecordDict(
+            {C.ARRAYS_RECORD: record_from_arrays(keys, result.arrays), C.METRICS_RECORD: MetricRecord(metrics)}
+        )
+        return Message(content=content, reply_to=msg)
+
+    return train
+
+
+def make_query_handler(trainers: TrainerFn | TrainerCache) -> Handler:
+    """A ``@app.query()`` handler that replies with the node's properties
+    (``partition-id``, ``round-samples``) as a ``MetricRecord`` under ``"properties"``."""
+    cache = _resolve(trainers)
+
+    def query(msg: Message, context: Context) -> Message:
+        props = C.metric_values(cache(context).properties())
+        return Message(content=RecordDict({C.PROPERTIES_RECORD: MetricRecord(props)}), reply_to=msg)
+
+    return query
+
+
+def make_evaluate_handler(
+    trainers: TrainerFn | TrainerCache, loader_fn: Callable[[Context], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+) -> Handler:
+    """A ``@app.evaluate()`` handler: loss and accuracy of the received (full) model on the
+    node's evaluation data (``loader_fn(context)``, built once per node).
+
+    The reply's ``"metrics"`` hold ``loss``, ``accuracy`` and ``num-examples``.
+    """
+    cache = _resolve(trainers)
+    loaders: dict[tuple[int, int], Iterable] = {}
+
+    def evaluate(msg: Message, context: Context) -> Message:
+        trainer = cache(context)
+        key = (int(context.run_id), int(context.node_id))
+        if key not in loaders:
+            loaders[key] = loader_fn(context)
+        keys = list(trainer.model.state_dict().keys())
+        trainer.load(arrays_from_record(msg.content[C.ARRAYS_RECORD], keys))
+        precision = getattr(trainer, "precision", "fp32")  # the run's, as its training
+        loss, accuracy, n = evaluate_model(trainer.model, loaders[key], trainer.torch_device, precision)
+        metrics = MetricRecord({"loss": loss, "accuracy": accuracy, C.NUM_EXAMPLES: n})
+        return Message(content=RecordDict({C.METRICS_RECORD: metrics}), reply_to=msg)
+
+    return evaluate
+
+
+def build_client_app(
+    trainer_fn: TrainerFn,
+    *,
+    evaluate_loader_fn: Callable[[Context], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    max_trainers: int = 256,
+) -> ClientApp:
+    """A ``ClientApp`` with DISTREAL's train and query handlers (and evaluate, if asked).
+
+    Parameters
+    ----------
+    trainer_fn : Callable[[Context], DeviceTrainer]
+        Builds a node's trainer (a :class:`~flwr_distreal.training.trainers.DistrealTrainer` or
+        :class:`~flwr_distreal.training.trainers.BaselineTrainer`) from its context.
+    evaluate_loader_fn : Callable[[Context], Iterable], optional
+        The node's evaluation data; with it the app also answers evaluate messages.
+    max_trainers : int, optional
+        Trainers kept per process (see :class:`TrainerCache`). Defaults to 256.
+    """
+    cache = TrainerCache(trainer_fn, max_trainers)
+    app = ClientApp()
+    app.train()(make_train_handler(cache))
+    app.query()(make_query_handler(cache))
+    if evaluate_loader_fn is not None:
+        app.evaluate()(make_evaluate_handler(cache, evaluate_loader_fn))
+    return app

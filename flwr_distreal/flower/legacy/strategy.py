@@ -1,0 +1,977 @@
+"""Flower strategies (legacy API): DISTREAL (Algorithm 2) and the paper's baselines.
+
+Every strategy here is a legacy :class:`flwr.server.strategy.FedAvg` subclass for
+clients that are ``NumPyClient`` instances wired through ``ClientApp(client_fn=...)``.
+The classes are thin adapters: they unpack Flower's ``FitRes`` into the neutral
+:class:`flwr_distreal.server.core.Reply`, let the Flower-free core
+(:mod:`flwr_distreal.server.core`: the gate, the aggregation rules, the submodel
+planners) decide, and pack ``Parameters``. The Message-API twins in
+:mod:`flwr_distreal.flower.serverapp` run the same core, so both APIs give bit-identical
+global models for the same replies.
+
+Model parameters travel as the model's ``state_dict()`` values in ``state_dict``
+order, in both directions.
+
+Strategies
+----------
+Distreal
+    Algorithm 2 of Rapp et al. (AAAI 2022): the server averages the clients'
+    updates weighted by the MACs each reports having spent.
+FullResources
+    FedAvg on the full model, with clients told to ignore their resource limits
+    (the paper's upper bound).
+SmallNetwork
+    FedAvg on a network small enough for the weakest device.
+FederatedDropout
+    Caldas et al. (2018), extended as in the paper: one dropout rate for all
+    layers per device, chosen by the server at round start from the device's
+    availability; a random filter subset fixed for the round; the ``aggregation``
+    rule (per-weight by default).
+HeteroFL
+    Diao et al. (2021): width levels ``s**(p-1)``, the first channels of every
+    layer, a level per device chosen at round start; the ``aggregation`` rule
+    (per-weight by default).
+
+What a client sends and receives
+--------------------------------
+The keys are those of :mod:`flwr_distreal.core.contract`. Fit config (server to client,
+kebab-case): ``"server-round"`` (int) always; ``"unlimited"`` (bool,
+:class:`FullResources` only); for the submodel baselines ``"device-id"`` (int),
+``"fixed-subsets"`` (JSON, see :func:`encode_subsets`), ``"submodel-macs"`` (forward
+MACs per sample of the assigned submodel) and ``"dropout-rate"``
+(:class:`FederatedDropout`) or ``"width-level"`` and ``"width"`` (:class:`HeteroFL`).
+
+Fit metrics (client to server; key names are constructor arguments): ``"macs"``
+(the MACs ``c`` spent, Algorithm 1), ``"num_batches"``, ``"straggler"`` (bool),
+``"available_macs"`` (what the device could have spent in the round, same unit as
+``"macs"``) and ``"partition-id"`` (replies are combined in device order).
+
+Client properties (``NumPyClient.get_properties``), used by the submodel baselines
+at round start: ``"partition-id"`` (the device id of the resource model) and
+``"round-samples"`` (samples processed in one round of local training: the sum of
+the mini-batch sizes over all local steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from flwr.common import (
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+from torch import Tensor
+
+from ...core import contract as C
+from ...core import defaults as D
+from ...server.aggregate import OnExcess, SubmodelAggregation
+from .client_manager import fetch_properties
+from ...core.contract import decode_subsets, encode_subsets, is_number
+from ...training.trainers import evaluate_model, set_weights
+from ...core.dropout import DropoutModel
+from ...server.core import (
+    AvailabilityFn,
+    DistrealCore,
+    OnOutlier,
+    Robust,
+    SHARE_BOUND,
+    RoundBounds,
+    UpdateNorm,
+    FedAvgCore,
+    FederatedDropoutPlanner,
+    HeteroFLPlanner,
+    Reply,
+    ReplyGate,
+    SubmodelCore,
+    SubmodelPlanner,
+    as_device_id,
+    full_macs_argument,
+    fit_metrics_aggregation,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Distreal",
+    "FederatedDropout",
+    "FullResources",
+    "HeteroFL",
+    "SmallNetwork",
+    "SubmodelStrategy",
+    "decode_subsets",
+    "encode_subsets",
+    "fit_metrics_aggregation",
+    "make_evaluate_fn",
+]
+
+EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def make_evaluate_fn(
+    model_name: str,
+    num_classes: int | None,
+    test_loader_factory: Callable[[], Iterable[tuple[Tensor, Tensor]]],
+    device: str = "cpu",
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> EvaluateFn:
+    """Build Flower's server-side ``evaluate_fn``: test loss and accuracy of the full model.
+
+    The model is built once, on first use; every call loads the global parameters
+    into it and evaluates in eval mode without dropout.
+
+    Parameters
+    ----------
+    model_name : str
+        Registry name of the model (see :func:`flwr_distreal.models.list_models`).
+    num_classes : int | None
+        Classifier outputs; None keeps the model's default.
+    test_loader_factory : Callable[[], Iterable[tuple[Tensor, Tensor]]]
+        Returns the test data as an iterable of ``(inputs, labels)`` batches (e.g. a
+        ``DataLoader``). Called once, on first use; the result is iterated every round,
+        so it must be re-iterable.
+    device : str, optional
+        Torch device to evaluate on. Defaults to ``"cpu"``.
+    model_kwargs : Mapping[str, Any] | None, optional
+        Extra builder arguments (e.g. ``widths``). Defaults to None.
+
+    Returns
+    -------
+    EvaluateFn
+        ``evaluate_fn(server_round, parameters_ndarrays, config)`` returning
+        ``(mean cross-entropy loss, {"accuracy": fraction correct, "num_examples": n})``.
+    """
+    from ...models import build_model  # local import: registry builds torch models
+
+    state: dict[str, Any] = {}
+
+    def evaluate_fn(
+        server_round: int, parameters_ndarrays: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, dict[str, Scalar]]:
+        if "model" not in state:
+            model = build_model(model_name, num_classes, **dict(model_kwargs or {}))
+            state["model"] = model.to(device)
+            state["loader"] = test_loader_factory()
+        model = state["model"]
+        set_weights(model, parameters_ndarrays)
+        loss, accuracy, n = evaluate_model(model, state["loader"], device)
+        log.info("round %s: server-side test accuracy %.4f, loss %.4f", server_round, accuracy, loss)
+        return loss, {"accuracy": accuracy, "num_examples": n}
+
+    return evaluate_fn
+
+
+
+def _check_minimums(fedavg_kwargs: Mapping[str, Any]) -> None:
+    """Fail fast on inconsistent client minimums (legacy FedAvg only warns)."""
+    min_fit = fedavg_kwargs.get("min_fit_clients", 2)
+    min_eval = fedavg_kwargs.get("min_evaluate_clients", 2)
+    min_avail = fedavg_kwargs.get("min_available_clients", 2)
+    if min_fit > min_avail:
+        raise ValueError(f"min_available_clients ({min_avail}) must be >= min_fit_clients ({min_fit})")
+    if fedavg_kwargs.get("fraction_evaluate", 1.0) > 0 and min_eval > min_avail:
+        raise ValueError(
+            f"min_available_clients ({min_avail}) must be >= min_evaluate_clients ({min_eval}) "
+            "when clients evaluate (fraction_evaluate > 0)"
+        )
+
+
+# -------------------------------------------------------------------- the base class
+
+
+class _ResourceAwareFedAvg(FedAvg):
+    """FedAvg over a :class:`flwr_distreal.server.core.ReplyGate`: the adapter.
+
+    ``configure_fit`` samples as FedAvg does (through the client manager), hands the
+    broadcast parameters to the core and adds per-client config (:meth:`_client_configs`);
+    ``aggregate_fit`` turns every ``FitRes`` into a :class:`~flwr_distreal.server.core.Reply`
+    and lets the core gate and combine them.
+
+    Parameters
+    ----------
+    core : ReplyGate
+        The Flower-free gate and aggregation rule.
+    **fedavg_kwargs : Any
+        Passed to :class:`flwr.server.strategy.FedAvg`.
+    """
+
+    def __init__(self, core: ReplyGate, **fedavg_kwargs: Any) -> None:
+        _check_minimums(fedavg_kwargs)
+        super().__init__(**fedavg_kwargs)
+        self.core = core
+
+    # metric keys, read from the core
+    @property
+    def macs_key(self) -> str:
+        """Fit metric with the MACs spent."""
+        return self.core.macs_key
+
+    @property
+    def num_batches_key(self) -> str:
+        """Fit metric with the mini-batches trained."""
+        return self.core.num_batches_key
+
+    @property
+    def straggler_key(self) -> str:
+        """Fit metric that is true for a straggler."""
+        return self.core.straggler_key
+
+    @property
+    def available_macs_key(self) -> str:
+        """Fit metric with the MACs the device could have spent."""
+        return self.core.available_macs_key
+
+    # -- configure ---------------------------------------------------------------------
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Sample clients as FedAvg does, keep the broadcast parameters, add config.
+
+        Parameters
+        ----------
+        server_round : int
+            The current round (1-based).
+        parameters : Parameters
+            The global parameters ``theta_{t-1}`` broadcast this round.
+        client_manager : ClientManager
+            Holds the available clients.
+
+        Returns
+        -------
+        list[tuple[ClientProxy, FitIns]]
+            One instruction per selected client; every config has ``"server-round"``
+            plus the strategy's own keys.
+        """
+        self.core.broadcast(server_round, parameters_to_ndarrays(parameters))
+        pairs = super().configure_fit(server_round, parameters, client_manager)
+        self.last_sampled = [client for client, _ in pairs]  # the round's draw, for the audit trail
+        extra = self._client_configs(server_round, [client for client, _ in pairs])
+        out: list[tuple[ClientProxy, FitIns]] = []
+        for client, fit_ins in pairs:
+            if client.cid not in extra:
+                continue
+            config: dict[str, Scalar] = dict(fit_ins.config)
+            config[C.SERVER_ROUND] = server_round
+            config.update(extra[client.cid])
+            out.append((client, FitIns(fit_ins.parameters, config)))
+        return out
+
+    def _client_configs(
+        self, server_round: int, clients: list[ClientProxy]
+    ) -> dict[str, dict[str, Scalar]]:
+        """Extra fit config per client cid; a client missing from the result is not trained."""
+        return {client.cid: {} for client in clients}
+
+    # -- aggregate ---------------------------------------------------------------------
+    def _reply(self, proxy: ClientProxy, fit_res: FitRes) -> Reply:
+        """A ``FitRes`` as the core's neutral reply."""
+        metrics = fit_res.metrics or {}
+        return Reply(
+            node=proxy.cid,
+            device_id=as_device_id(metrics.get(self.core.partition_id_key)),
+            arrays=parameters_to_ndarrays(fit_res.parameters),
+            num_examples=fit_res.num_examples,
+            metrics=metrics,
+        )
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Drop stragglers, validate replies, aggregate the rest (in device order).
+
+        Parameters
+        ----------
+        server_round : int
+            The current round.
+        results : list[tuple[ClientProxy, FitRes]]
+            Successful replies.
+        failures : list[tuple[ClientProxy, FitRes] | BaseException]
+            Replies that failed in Flower (tolerated unless ``accept_failures`` is False).
+
+        Returns
+        -------
+        tuple[Parameters | None, dict[str, Scalar]]
+            The new global parameters (the broadcast ones, unchanged, when no reply
+            could be aggregated; None when failures are not accepted) and the metrics
+            ``received``, ``failures``, ``stragglers``, ``refused``, ``clipped``, ``accepted``,
+            ``mean_macs`` and ``mean_utilisation`` (over the accepted replies), plus
+            whatever ``fit_metrics_aggregation_fn`` returns for the accepted replies.
+
+        Raises
+        ------
+        RuntimeError
+            If no parameters were broadcast by :meth:`configure_fit` before.
+        """
+        if failures:
+            log.warning("round %s: %s client failures, ignored", server_round, len(failures))
+            if not self.accept_failures:
+                log.warning("round %s: failures not accepted, global model unchanged", server_round)
+                return None, {
+                    "received": len(results),
+                    "failures": len(failures),
+                    "stragglers": 0,
+                    "refused": 0,
+                    "clipped": 0,
+                    "accepted": 0,
+                }
+        global_arrays = self.core.global_arrays
+        outcome = self.core.aggregate(
+            server_round,
+            [self._reply(proxy, fit_res) for proxy, fit_res in results],
+            failures=len(failures),
+            logger=log,
+        )
+        metrics: dict[str, Scalar] = dict(outcome.metrics)
+        if self.fit_metrics_aggregation_fn is not None and outcome.accepted:
+            user = self.fit_metrics_aggregation_fn(
+                [(int(a.reply.num_examples), dict(a.reply.metrics)) for a in outcome.accepted]
+            )
+            metrics.update(user)
+        new_arrays = global_arrays if outcome.arrays is None else outcome.arrays
+        return ndarrays_to_parameters(new_arrays), metrics
+
+
+# ---------------------------------------------------------------------------- DISTREAL
+
+
+class Distreal(_ResourceAwareFedAvg):
+    """DISTREAL server: average updates weighted by the MACs each client spent.
+
+    Implements Algorithm 2 of Rapp et al. (AAAI 2022):
+    ``theta_t = theta_{t-1} + sum_i c_i (theta_i - theta_{t-1}) / sum_i c_i``, where
+    ``c_i`` is the MACs client ``i`` reports (accumulated per mini-batch by
+    Algorithm 1, see :class:`flwr_distreal.flower.legacy.client.DistrealClient`). With equal
+    ``c_i`` this is FedAvg. The rule is :class:`flwr_distreal.server.core.DistrealCore`.
+
+    A reply is discarded when its straggler metric is true (the client missed the
+    round's deadline). Every other reply passes :func:`flwr_distreal.server.aggregate.validate_reply`:
+    it is refused, with a logged reason, when its MACs are missing, not a number,
+    NaN/inf, negative or above ``num_batches * full_macs_per_sample`` (the most the
+    client could have spent), or when its arrays have the wrong count, shapes or
+    dtypes or non-finite values. With ``batch_size`` (or ``max_batches_fn``) the
+    reported ``num_batches`` is also bounded by what the server configured: the
+    clients' ``round-samples`` property (asked once per client), the batch size and
+    the local epochs. The survivors are screened against each other
+    (:class:`flwr_distreal.server.core.RoundBounds`): an update whose norm per
+    ``sqrt(num_batches)`` exceeds ``update_bound`` times the round's median is refused
+    or clipped, a MACs claim above ``claim_bound`` times the round's median clipped or
+    refused. Failures reported by Flower are tolerated. When no valid reply remains,
+    the previous global model is kept.
+
+    Parameters
+    ----------
+    full_macs_per_sample : float
+        The full model's forward MACs per sample, ``count_macs(model)``. Algorithm 1
+        adds, once per mini-batch, the forward MACs per sample of the (sub)model it
+        trained, so this is the most one mini-batch adds to a reply's ``macs``
+        (bound: ``num_batches`` times it).
+    on_excess : {"refuse", "clip"}, optional
+        What to do with a reply whose MACs exceed the maximum (or whose
+        ``num_batches`` exceeds the server's limit): refuse it, or clip its MACs to
+        the maximum (logged). Defaults to "refuse".
+    batch_size : int | None, optional
+        The clients' mini-batch size; with ``local_epochs`` and each client's
+        ``round-samples`` property it bounds ``num_batches``. Defaults to None (no
+        such bound).
+    local_epochs : int, optional
+        The clients' local epochs per round. Defaults to 1.
+    max_batches_fn : Callable[[int], int] | None, optional
+        ``max_batches_fn(device_id)``: the most mini-batches a device trains per
+        round (device id from the ``partition-id`` property); overrides
+        ``batch_size``. Defaults to None.
+    update_bound : float | None, optional
+        ``k`` (> 1): an update norm (per ``sqrt(batches)``) above ``k`` times the
+        round's median is an outlier; None disables it. Defaults to 10.
+    on_outlier : {"refuse", "clip"}, optional
+        Refuse an outlier update, or scale it down to the bound. Defaults to "refuse".
+    update_norm : {"model", "layer"}, optional
+        Compare whole-model norms or per-array norms. Defaults to "model".
+    claim_bound : float | None, optional
+        ``m`` (> 1): a MACs claim above ``m`` times the round's median is an outlier;
+        None disables it. Defaults to 10.
+    on_claim_outlier : {"refuse", "clip"}, optional
+        Clip an outlier claim to ``m`` times the median, or refuse the reply.
+        Defaults to "clip".
+    share_bound : float | None, optional
+        ``k`` (>= 1): no reply weighs more than ``k`` times the mean of the round's other
+        accepted replies, i.e. holds at most ``k / (n + k - 1)`` of the round's weight, whatever
+        it claims (:func:`flwr_distreal.server.core.cap_shares`); None disables it. Defaults to
+        :data:`~flwr_distreal.server.core.SHARE_BOUND` (4).
+    robust : {"clip-to-median", "median", "trimmed-mean"} | None, optional
+        Robust aggregation for adversarial settings. Defaults to None (Algorithm 2).
+    trim_beta : float, optional
+        Fraction trimmed at each end with ``robust="trimmed-mean"``. Defaults to 0.2.
+    properties_timeout : float | None, optional
+        Timeout in seconds of each ``get_properties`` call. Defaults to None.
+    macs_key : str, optional
+        Fit metric with the MACs ``c_i`` spent. Defaults to ``"macs"``.
+    num_batches_key : str, optional
+        Fit metric with the number of mini-batches trained. Defaults to ``"num_batches"``.
+    straggler_key : str, optional
+        Fit metric that is true for a client that missed the deadline. Defaults to
+        ``"straggler"``.
+    available_macs_key : str, optional
+        Fit metric with the MACs the client could have spent in the round (for the
+        ``mean_utilisation`` metric). Defaults to ``"available_macs"``.
+    full_macs_per_batch : float, optional
+        Deprecated name of ``full_macs_per_sample`` (a ``DeprecationWarning``; same value).
+    **fedavg_kwargs : Any
+        Passed to :class:`flwr.server.strategy.FedAvg` (``fraction_fit``,
+        ``min_fit_clients``, ``evaluate_fn``, ``on_fit_config_fn``,
+        ``initial_parameters``, ``accept_failures``, ``fit_metrics_aggregation_fn``,
+        ...). ``min_available_clients`` must not be below ``min_fit_clients``, nor
+        below ``min_evaluate_clients`` unless ``fraction_evaluate`` is 0.
+
+    Raises
+    ------
+    ValueError
+        If ``full_macs_per_sample`` is not a positive finite number, ``on_excess`` is
+        not "refuse" or "clip", a bound is out of range, a key is empty, or the client
+        minimums are inconsistent.
+    TypeError
+        If both or neither of ``full_macs_per_sample`` and ``full_macs_per_batch`` are given.
+    """
+
+    core: DistrealCore
+
+    def __init__(
+        self,
+        *,
+        full_macs_per_sample: float | None = None,
+        on_excess: OnExcess = D.ON_EXCESS,
+        batch_size: int | None = None,
+        local_epochs: int = D.LOCAL_EPOCHS,
+        max_batches_fn: Callable[[int], int] | None = None,
+        update_bound: float | None = 10.0,
+        on_outlier: OnOutlier = "refuse",
+        update_norm: UpdateNorm = "model",
+        claim_bound: float | None = 10.0,
+        on_claim_outlier: OnOutlier = "clip",
+        share_bound: float | None = SHARE_BOUND,
+        robust: Robust | None = None,
+        trim_beta: float = 0.2,
+        properties_timeout: float | None = None,
+        macs_key: str = C.MACS,
+        num_batches_key: str = C.NUM_BATCHES,
+        straggler_key: str = C.STRAGGLER,
+        available_macs_key: str = C.AVAILABLE_MACS,
+        full_macs_per_batch: float | None = None,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        core = DistrealCore(
+            full_macs_per_sample=full_macs_argument(full_macs_per_sample, full_macs_per_batch),  # type: ignore[arg-type]
+            on_excess=on_excess,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            max_batches_fn=max_batches_fn,
+            bounds=RoundBounds(
+                update_bound=update_bound,
+                on_outlier=on_outlier,
+                update_norm=update_norm,
+                claim_bound=claim_bound,
+                on_claim_outlier=on_claim_outlier,
+                share_bound=share_bound,
+                robust=robust,
+                trim_beta=trim_beta,
+            ),
+            macs_key=macs_key,
+            num_batches_key=num_batches_key,
+            straggler_key=straggler_key,
+            available_macs_key=available_macs_key,
+        )
+        super().__init__(core, **fedavg_kwargs)
+        self.properties_timeout = properties_timeout
+        self._properties: dict[str, dict[str, Scalar]] = {}
+
+    def _client_configs(
+        self, server_round: int, clients: list[ClientProxy]
+    ) -> dict[str, dict[str, Scalar]]:
+        """Set every client's ``num_batches`` limit from its properties (asked once per
+        client proxy) when the batches are bounded; every client's config states the batch size
+        and local epochs it is bounded by (``batch-size``, ``local-epochs``)."""
+        core = self.core
+        if core.bounds_batches:
+            required = [core.partition_id_key] if core.max_batches_fn is not None else [C.ROUND_SAMPLES]
+            todo = [c for c in clients if c.cid not in self._properties]
+            if todo:
+                self._properties.update(fetch_properties(todo, required, self.properties_timeout))
+            known = {
+                c.cid: (
+                    self._properties.get(c.cid, {}).get(core.partition_id_key),
+                    self._properties.get(c.cid, {}).get(C.ROUND_SAMPLES),
+                )
+                for c in clients
+            }
+            core.limit_round(server_round, known, logger=log)
+        return {client.cid: core.train_config() for client in clients}
+
+    @property
+    def full_macs_per_sample(self) -> float:
+        """The full model's forward MACs per sample: the most one mini-batch adds to ``macs``."""
+        return self.core.full_macs_per_sample
+
+    @property
+    def full_macs_per_batch(self) -> float:
+        """Deprecated name of :attr:`full_macs_per_sample` (a ``DeprecationWarning``)."""
+        warnings.warn("full_macs_per_batch is deprecated, read full_macs_per_sample", DeprecationWarning, stacklevel=2)
+        return self.core.full_macs_per_sample
+
+    @property
+    def on_excess(self) -> OnExcess:
+        """"refuse" or "clip" MACs above the maximum."""
+        return self.core.on_excess
+
+    def __repr__(self) -> str:
+        return (
+            f"Distreal(full_macs_per_sample={self.full_macs_per_sample:g}, on_excess={self.on_excess!r}, "
+            f"accept_failures={self.accept_failures})"
+        )
+
+
+# --------------------------------------------------------------- FedAvg-type baselines
+
+
+class SmallNetwork(_ResourceAwareFedAvg):
+    """Baseline "small network": FedAvg on a network that fits the weakest device.
+
+    The small model (e.g. ``femnist_cnn_small``, DenseNet-BC-19 for CIFAR-10) lives
+    on the clients and in the initial parameters; server-side this is FedAvg
+    weighted by the number of examples, with stragglers discarded and every reply's
+    arrays validated (count, shapes, dtypes, finiteness; refusals are logged). The
+    rule is :class:`flwr_distreal.server.core.FedAvgCore`.
+
+    Parameters
+    ----------
+    straggler_key : str, optional
+        Fit metric that is true for a client that missed the deadline. Defaults to
+        ``"straggler"``.
+    macs_key : str, optional
+        Fit metric with the MACs spent (only for the ``mean_macs`` metric).
+        Defaults to ``"macs"``.
+    available_macs_key : str, optional
+        Fit metric with the MACs available (for ``mean_utilisation``). Defaults to
+        ``"available_macs"``.
+    update_bound, on_outlier, update_norm, robust, trim_beta : optional
+        The round's update bounds and robust aggregation, as in :class:`Distreal`
+        (defaults 10, "refuse", "model", None, 0.2); robust rules weight by examples.
+    **fedavg_kwargs : Any
+        Passed to :class:`flwr.server.strategy.FedAvg`.
+    """
+
+    def __init__(
+        self,
+        *,
+        straggler_key: str = C.STRAGGLER,
+        macs_key: str = C.MACS,
+        available_macs_key: str = C.AVAILABLE_MACS,
+        update_bound: float | None = 10.0,
+        on_outlier: OnOutlier = "refuse",
+        update_norm: UpdateNorm = "model",
+        robust: Robust | None = None,
+        trim_beta: float = 0.2,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        core = FedAvgCore(
+            bounds=RoundBounds(
+                update_bound=update_bound,
+                on_outlier=on_outlier,
+                update_norm=update_norm,
+                claim_bound=None,
+                robust=robust,
+                trim_beta=trim_beta,
+            ),
+            macs_key=macs_key,
+            straggler_key=straggler_key,
+            available_macs_key=available_macs_key,
+        )
+        super().__init__(core, **fedavg_kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(accept_failures={self.accept_failures})"
+
+
+class FullResources(SmallNetwork):
+    """Baseline "full resources": FedAvg on the full model with no resource limits.
+
+    The paper's upper bound. Every fit config carries ``"unlimited": True`` so that
+    clients train the full model on every mini-batch and never become stragglers.
+    Aggregation is FedAvg weighted by the number of examples (see
+    :class:`SmallNetwork` for the arguments).
+    """
+
+    def _client_configs(
+        self, server_round: int, clients: list[ClientProxy]
+    ) -> dict[str, dict[str, Scalar]]:
+        return {client.cid: {C.UNLIMITED: True} for client in clients}
+
+
+# ------------------------------------------------------------ submodel baselines (base)
+
+
+class SubmodelStrategy(_ResourceAwareFedAvg):
+    """Shared base of the baselines that assign a fixed submodel per client at round start.
+
+    At round start, for every selected client, the server finds the device id and
+    its round workload (client properties ``"partition-id"`` and ``"round-samples"``,
+    asked once per client proxy with ``get_properties`` and cached), reads the
+    device's availability at the round's start time, converts it into a forward-MACs
+    budget per sample, and lets the planner choose a submodel (kept filters per
+    dropout layer). The client receives the subset in ``"fixed-subsets"`` and trains
+    it for the whole round, so a drop in resources mid-round makes it a straggler.
+    Aggregation combines the replies, weighted by examples, with the ``aggregation``
+    rule (``per_weight``: every weight averaged over the clients whose submodel trained
+    it; ``all_clients``: FedAvg over the zero-padded updates), with the masks of
+    :func:`flwr_distreal.core.dropout.parameter_masks` for the assigned subsets. The round
+    logic is :class:`flwr_distreal.server.core.SubmodelCore`.
+
+    The budget assumes the availability at round start lasts the whole round:
+    ``availability_fn(device, t0) * round_duration / (step_macs_factor * round_samples)``
+    forward MACs per sample, with ``t0 = (server_round - 1) * round_duration`` (the
+    round timing of :class:`flwr_distreal.core.resources.ResourceModel`).
+
+    Parameters
+    ----------
+    model_name : str
+        Registry name of the full model the clients train (the server builds one
+        instance to compute MACs and masks).
+    availability_fn : Callable[[int, float], float]
+        ``availability_fn(device_id, t)``: the device's resource availability in
+        MACs per second at simulated time ``t``, e.g.
+        ``lambda d, t: resource_model.trace(d).rate_at(t)``.
+    round_duration : float
+        Round duration ``T`` in seconds of simulated time (the deadline).
+    num_classes : int | None, optional
+        Classifier outputs of the model; None keeps its default. Defaults to None.
+    model_kwargs : Mapping[str, Any] | None, optional
+        Extra builder arguments for the model. Defaults to None.
+    step_macs_factor : float, optional
+        Cost of a training step relative to its forward pass, as in
+        :func:`flwr_distreal.core.resources.step_macs`. Defaults to 3.0.
+    round_samples_fn : Callable[[int], int] | None, optional
+        ``round_samples_fn(device_id)``: samples the device processes in one round
+        of local training (sum of mini-batch sizes over its local steps). None
+        (default) asks the client's ``"round-samples"`` property.
+    device_id_fn : Callable[[ClientProxy], int] | None, optional
+        Maps a client proxy to its device id. None (default) asks the client's
+        ``"partition-id"`` property (Flower's ``cid`` is a node id, not the
+        partition id).
+    seed : int, optional
+        Seed for the random parts of the assignment. Defaults to 0.
+    aggregation : {"per_weight", "all_clients"}, optional
+        The submodel rule (:data:`flwr_distreal.server.aggregate.SUBMODEL_RULES`). Defaults to
+        ``"per_weight"``.
+    update_bound, on_outlier, update_norm : optional
+        The round's update bounds, as in :class:`Distreal` (defaults 10, "refuse",
+        "model").
+    robust : {"clip-to-median"} | None, optional
+        Every update clipped to the round's median normalised norm. Defaults to None.
+    properties_timeout : float | None, optional
+        Timeout in seconds of each ``get_properties`` call. Defaults to None.
+    partition_id_key : str, optional
+        Property and fit-metric key with the device id. Defaults to ``"partition-id"``.
+    round_samples_key : str, optional
+        Property key with the round's samples. Defaults to ``"round-samples"``.
+    straggler_key, macs_key, available_macs_key : str, optional
+        Fit metric keys, as in :class:`Distreal`.
+    **fedavg_kwargs : Any
+        Passed to :class:`flwr.server.strategy.FedAvg`.
+
+    Raises
+    ------
+    ValueError
+        If the model name is unknown, ``round_duration`` or ``step_macs_factor`` is
+        not a positive finite number, a bound is out of range (``robust`` other than
+        "clip-to-median"), or the FedAvg arguments are inconsistent.
+    """
+
+    core: SubmodelCore
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        availability_fn: AvailabilityFn,
+        round_duration: float,
+        num_classes: int | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        step_macs_factor: float = D.STEP_MACS_FACTOR,
+        round_samples_fn: Callable[[int], int] | None = None,
+        device_id_fn: Callable[[ClientProxy], int] | None = None,
+        seed: int = D.SEED,
+        aggregation: SubmodelAggregation = D.AGGREGATION,
+        update_bound: float | None = 10.0,
+        on_outlier: OnOutlier = "refuse",
+        update_norm: UpdateNorm = "model",
+        robust: Robust | None = None,
+        properties_timeout: float | None = None,
+        partition_id_key: str = C.PARTITION_ID,
+        round_samples_key: str = C.ROUND_SAMPLES,
+        straggler_key: str = C.STRAGGLER,
+        macs_key: str = C.MACS,
+        available_macs_key: str = C.AVAILABLE_MACS,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        from ...models import build_model
+
+        SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor, aggregation)
+        _check_minimums(fedavg_kwargs)
+        bounds = RoundBounds(
+            update_bound=update_bound, on_outlier=on_outlier, update_norm=update_norm, claim_bound=None, robust=robust
+        )
+        model: DropoutModel = build_model(model_name, num_classes, **dict(model_kwargs or {}))
+        core = SubmodelCore(
+            self._make_planner(model, seed),
+            availability_fn=availability_fn,
+            round_duration=round_duration,
+            step_macs_factor=step_macs_factor,
+            bounds=bounds,
+            aggregation=aggregation,
+            macs_key=macs_key,
+            straggler_key=straggler_key,
+            available_macs_key=available_macs_key,
+            partition_id_key=partition_id_key,
+        )
+        super().__init__(core, **fedavg_kwargs)
+        self.model_name = model_name
+        self.round_samples_fn = round_samples_fn
+        self.device_id_fn = device_id_fn
+        self.seed = int(seed)
+        self.properties_timeout = properties_timeout
+        self.round_samples_key = round_samples_key
+        self._properties: dict[str, dict[str, Scalar]] = {}
+
+    @abstractmethod
+    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
+        """The baseline's round-start planner for ``model``."""
+
+    # state of the core, as attributes of the strategy
+    @property
+    def model(self) -> DropoutModel:
+        """The full model (for MACs and masks)."""
+        return self.core.model
+
+    @property
+    def widths(self) -> list[int]:
+        """Filters per dropout layer of the full model."""
+        return self.core.widths
+
+    @property
+    def availability_fn(self) -> AvailabilityFn:
+        """``availability_fn(device_id, t)`` in MACs per second."""
+        return self.core.availability_fn
+
+    @property
+    def round_duration(self) -> float:
+        """Round duration ``T``."""
+        return self.core.round_duration
+
+    @property
+    def step_macs_factor(self) -> float:
+        """Cost of a training step relative to its forward pass."""
+        return self.core.step_macs_factor
+
+    @property
+    def partition_id_key(self) -> str:
+        """Property and fit-metric key with the device id."""
+        return self.core.partition_id_key
+
+    @property
+    def aggregation(self) -> SubmodelAggregation:
+        """The submodel rule: ``"per_weight"`` or ``"all_clients"``."""
+        return self.core.aggregation
+
+    def round_start(self, server_round: int) -> float:
+        """Simulated time at which round ``server_round`` starts, ``(server_round - 1) * T``."""
+        return self.core.round_start(server_round)
+
+    def forward_budget(self, device_id: int, server_round: int, round_samples: int) -> float:
+        """Forward MACs per sample a device can afford this round, judged at round start
+        (see :meth:`flwr_distreal.server.core.SubmodelCore.forward_budget`)."""
+        return self.core.forward_budget(device_id, server_round, round_samples)
+
+    # -- device look-up ----------------------------------------------------------------
+    def _required_properties(self) -> list[str]:
+        keys = []
+        if self.device_id_fn is None:
+            keys.append(self.partition_id_key)
+        if self.round_samples_fn is None:
+            keys.append(self.round_samples_key)
+        return keys
+
+    def _fetch_properties(self, clients: list[ClientProxy]) -> None:
+        """Ask uncached clients for their properties, in parallel, and cache them."""
+        required = self._required_properties()
+        todo = [c for c in clients if c.cid not in self._properties]
+        if required and todo:
+            self._properties.update(fetch_properties(todo, required, self.properties_timeout))
+
+    def _raw_device(self, client: ClientProxy) -> tuple[object, object]:
+        """(device id, round samples) of a client as known, unvalidated."""
+        props = self._properties.get(client.cid, {})
+        if self.device_id_fn is not None:
+            device_id: object = self.device_id_fn(client)
+        else:
+            device_id = props.get(self.partition_id_key)
+        if self.round_samples_fn is not None and is_number(device_id):
+            samples: object = self.round_samples_fn(int(device_id))  # type: ignore[arg-type]
+        else:
+            samples = props.get(self.round_samples_key)
+        return device_id, samples
+
+    def _client_configs(
+        self, server_round: int, clients: list[ClientProxy]
+    ) -> dict[str, dict[str, Scalar]]:
+        if self.device_id_fn is None or self.round_samples_fn is None:
+            self._fetch_properties(clients)
+        devices = {client.cid: self._raw_device(client) for client in clients}
+        return self.core.plan_round(server_round, devices, logger=log)
+
+
+# -------------------------------------------------------------------- Federated Dropout
+
+
+class FederatedDropout(SubmodelStrategy):
+    """Baseline Federated Dropout (Caldas et al. 2018), extended as in the paper.
+
+    At round start the server picks, per selected device, ONE dropout rate for all
+    layers from the device's availability at that moment (the most expensive rate
+    whose submodel fits the device's budget, see :class:`SubmodelStrategy`), and a
+    random subset of ``kept_count(rate, C)`` filters per layer, fixed for the
+    whole round and seeded by ``(seed, server_round, device_id)``
+    (:class:`flwr_distreal.server.core.FederatedDropoutPlanner`). Clients get
+    ``"dropout-rate"`` and ``"fixed-subsets"``; aggregation by the ``aggregation``
+    rule of :class:`SubmodelStrategy`.
+
+    Parameters
+    ----------
+    rate_for_budget : Callable[[float], float] | None, optional
+        Maps a forward-MACs-per-sample budget to a rate in [0, 0.5]. None (default)
+        uses a uniform LUT over ``rates``: the lowest rate whose MACs fit, or 0.5
+        when none fits (the device will then likely be a straggler).
+    rates : Sequence[float] | None, optional
+        Candidate rates of the default selection. Defaults to 0, 0.01, ..., 0.5.
+    **kwargs : Any
+        The arguments of :class:`SubmodelStrategy` (``model_name``,
+        ``availability_fn``, ``round_duration``, ...) and of FedAvg.
+
+    Raises
+    ------
+    ValueError
+        As :class:`SubmodelStrategy`, or if a rate is outside [0, 0.5].
+    """
+
+    def __init__(
+        self,
+        *,
+        rate_for_budget: Callable[[float], float] | None = None,
+        rates: Sequence[float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._rate_args = (rate_for_budget, None if rates is None else list(rates))
+        super().__init__(**kwargs)
+
+    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
+        rate_for_budget, rates = self._rate_args
+        return FederatedDropoutPlanner(model, rate_for_budget=rate_for_budget, rates=rates, seed=seed)
+
+    @property
+    def rate_for_budget(self) -> Callable[[float], float]:
+        """Maps a forward-MACs-per-sample budget to a dropout rate."""
+        return self.core.planner.rate_for_budget  # type: ignore[attr-defined, no-any-return]
+
+    def __repr__(self) -> str:
+        return f"FederatedDropout(model_name={self.model_name!r}, seed={self.seed}, aggregation={self.aggregation!r})"
+
+
+# ---------------------------------------------------------------------------- HeteroFL
+
+
+class HeteroFL(SubmodelStrategy):
+    """Baseline HeteroFL (Diao, Ding and Tarokh 2021) as in the paper.
+
+    Width level ``p = 1 .. levels`` keeps the FIRST ``ceil(s**(p-1) * C)`` filters of
+    every dropout layer with ``C`` filters. At round start each selected device gets
+    the widest level whose forward MACs fit its budget (see
+    :class:`SubmodelStrategy`), or the narrowest level when none fits
+    (:class:`flwr_distreal.server.core.HeteroFLPlanner`). Clients get
+    ``"width-level"``, ``"width"`` and ``"fixed-subsets"``; aggregation by the
+    ``aggregation`` rule of :class:`SubmodelStrategy`.
+
+    Parameters
+    ----------
+    shrink : float, optional
+        Shrinking ratio ``s`` in (0, 1). Defaults to 0.7 (the paper's choice).
+    levels : int, optional
+        Number of width levels (>= 1). Defaults to 5 (widths 1, 0.7, 0.49, 0.343, 0.24).
+    **kwargs : Any
+        The arguments of :class:`SubmodelStrategy` and of FedAvg.
+
+    Raises
+    ------
+    ValueError
+        As :class:`SubmodelStrategy`, or if ``shrink`` or ``levels`` is out of range.
+    """
+
+    def __init__(self, *, shrink: float = D.HETEROFL_SHRINK, levels: int = D.HETEROFL_LEVELS, **kwargs: Any) -> None:
+        HeteroFLPlanner.check_args(shrink, levels)
+        self._level_args = (shrink, levels)
+        super().__init__(**kwargs)
+
+    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
+        shrink, levels = self._level_args
+        return HeteroFLPlanner(model, shrink=shrink, levels=levels)
+
+    @property
+    def _planner(self) -> HeteroFLPlanner:
+        return self.core.planner  # type: ignore[return-value]
+
+    @property
+    def shrink(self) -> float:
+        """Shrinking ratio ``s``."""
+        return self._planner.shrink
+
+    @property
+    def levels(self) -> int:
+        """Number of width levels."""
+        return self._planner.levels
+
+    @property
+    def level_counts(self) -> list[list[int]]:
+        """Filters kept per dropout layer at each level."""
+        return self._planner.level_counts
+
+    @property
+    def level_macs(self) -> list[int]:
+        """Forward MACs per sample at each level."""
+        return self._planner.level_macs
+
+    def counts_for_width(self, width: float) -> list[int]:
+        """Filters kept per dropout layer at width fraction ``width``: ``ceil(width * C)``."""
+        return self._planner.counts_for_width(width)
+
+    def level_for_budget(self, budget: float) -> int:
+        """The widest level (smallest ``p``) whose MACs fit ``budget``; the last if none fits."""
+        return self._planner.level_for_budget(budget)
+
+    def __repr__(self) -> str:
+        return (
+            f"HeteroFL(model_name={self.model_name!r}, shrink={self.shrink}, levels={self.levels}, "
+            f"aggregation={self.aggregation!r})"
+        )

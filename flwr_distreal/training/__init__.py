@@ -1,0 +1,10 @@
+"""Local training on a device: the recipe (:mod:`.recipe`), the per-mini-batch choice of a
+dropout vector (Algorithm 1: :mod:`.schedule`, :mod:`.loop`), the trainers of DISTREAL and the
+baselines (:mod:`.trainers`), the wall-clock mode (:mod:`.wallclock`) and the memory layout
+(:mod:`.layout`). Imports :mod:`flwr_distreal.core` only; no Flower, no Hydra.
+
+``from flwr_distreal.training import DistrealTrainer, evaluate_model`` (the README's examples)
+keeps working: the trainers are re-exported here.
+"""
+from .trainers import *  # noqa: F401,F403  (the public trainers, as before the move)
+from .trainers import __all__  # noqa: F401
