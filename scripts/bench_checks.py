@@ -1,6 +1,6 @@
 """Server aggregation time per round with and without the round's bounds, side by side.
 
-One DISTREAL round on the server (:class:`flwr_distreal.server.core.DistrealCore`, the core both
+One DISTREAL round on the server (:class:`flwr_distreal.server.rules.DistrealCore`, the core both
 the legacy and the Message-API strategies run): ``--replies`` (10) replies of a DenseNet-BC-40
 sized model (``build_model("densenet_bc_40")``'s ``state_dict``: weights, BatchNorm statistics
 and counters), each the broadcast model plus a small random update, with honest MACs. Variants,
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from flwr_distreal.core import contract as C  # noqa: E402
 from flwr_distreal.core.macs import count_macs  # noqa: E402
 from flwr_distreal.models import build_model  # noqa: E402
-from flwr_distreal.server.core import DistrealCore, Reply, RoundBounds  # noqa: E402
+from flwr_distreal.server import DistrealCore, Reply, RoundBounds  # noqa: E402
 
 
 def _replies(g: list[np.ndarray], n: int, seed: int) -> list[Reply]:

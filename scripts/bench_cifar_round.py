@@ -79,7 +79,7 @@ def _child(variant: str, args: argparse.Namespace, out: Path) -> dict:
         cfg = to_run_config(compose("config", overrides=_overrides(args) + [f"runtime={variant if variant != 'plain' else 'inprocess'}"]))
     import random
 
-    from flwr_distreal.server.core import seeded_draw
+    from flwr_distreal.server import seeded_draw
 
     # flwr run's work happens in processes that are not our children (SuperLink, Ray): whole machine
     cpu = _proc_stat if variant == "flwr-run" else _own_cpu

@@ -5,7 +5,7 @@ Rapp et al., AAAI 2022). A client can claim anything; the server bounds the clai
 it configured (``batch_size``: the node's ``round-samples`` or the reply's ``num-examples``), by
 ``claim_bound`` times the round's median claim, and by ``share_bound``: no reply weighs more than
 ``k`` times the mean of the others, so one reply holds at most ``k / (n + k - 1)`` of the round's
-weight (:func:`flwr_distreal.server.core.cap_shares`).
+weight (:func:`flwr_distreal.server.bounds.cap_shares`).
 
 Part 1, the attack. Honest replies come from the real resources model of the FEMNIST preset
 (``+experiment=fig6_femnist resources.lam=2``: time-varying availability at lambda = 2, 105
@@ -53,7 +53,7 @@ from flwr_distreal.server.aggregate import mac_weighted_update  # noqa: E402
 from flwr_distreal.core.lut import LUT  # noqa: E402
 from flwr_distreal.core.resources import ResourceModel, batch_sizes  # noqa: E402
 from flwr_distreal.training.schedule import plan_distreal_round  # noqa: E402
-from flwr_distreal.server.core import (
+from flwr_distreal.server import (
     SHARE_BOUND,
     Accepted,
     DistrealCore,

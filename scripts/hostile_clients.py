@@ -286,7 +286,7 @@ def _config(overrides: Sequence[str]):
 
 def replay_draws(num_devices: int, clients_per_round: int, rounds: int, seed: int) -> list[list[int]]:
     """The devices the strategies draw each round for ``seed`` (one SuperNode per device)."""
-    from flwr_distreal.server.core import sample_size, seeded_draw
+    from flwr_distreal.server import sample_size, seeded_draw
 
     k = sample_size(num_devices, clients_per_round / num_devices, clients_per_round)
     rng = random.Random(seed)

@@ -32,7 +32,7 @@ from flwr_distreal.run.experiment import (
 )
 from flwr_distreal.core.lut import SHIPPED_DIR, LUT
 from flwr_distreal.run.runtimes import run_experiment
-from flwr_distreal.server.core import sample_size, seeded_draw
+from flwr_distreal.server import sample_size, seeded_draw
 from flwr_distreal.cli.tune import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]

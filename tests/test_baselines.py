@@ -27,7 +27,7 @@ from flwr_distreal.run.config import (
 from flwr_distreal.core.dropout import make_droppable, parameter_masks, recompute_bn_statistics
 from flwr_distreal.models.densenet import DenseNetBC
 from flwr_distreal.models.femnist_cnn import FemnistCNN
-from flwr_distreal.server.core import HeteroFLPlanner, Reply, RoundBounds, SubmodelCore
+from flwr_distreal.server import HeteroFLPlanner, Reply, RoundBounds, SubmodelCore
 from flwr_distreal.training.trainers import get_weights
 
 

@@ -1,4 +1,4 @@
-"""Round-level bounds on updates and claims (server_core.RoundBounds, DistrealCore limits),
+"""Round-level bounds on updates and claims (server.bounds.RoundBounds, server.rules.DistrealCore limits),
 through both APIs: the legacy strategies (FitRes) and the Message-API ones (a fake Grid)."""
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr_distreal.core import contract as C
 from flwr_distreal.flower import serverapp
 from flwr_distreal.flower.legacy import strategy
-from flwr_distreal.server.aggregate import mac_weighted_update, update_norms
-from flwr_distreal.server.core import DistrealCore, Reply, RoundBounds, max_batches_for
+from flwr_distreal.server import DistrealCore, Reply, RoundBounds, mac_weighted_update, max_batches_for, update_norms
 
 from conftest import FakeGrid, FakeProxy, reply
 

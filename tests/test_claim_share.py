@@ -1,6 +1,6 @@
 """No single reply carries more than a bounded share of a round's weight (issue 20, item 3).
 
-The share cap (:func:`flwr_distreal.server.core.cap_shares`, ``share_bound``), the batch size the
+The share cap (:func:`flwr_distreal.server.bounds.cap_shares`, ``share_bound``), the batch size the
 server states in every train message, the ``num_batches`` bound from a reply's examples, through
 the core and both APIs; honest heterogeneous rounds of the real resources model are not clipped."""
 
@@ -21,16 +21,16 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr_distreal.core import contract as C
 from flwr_distreal.flower import serverapp
 from flwr_distreal.flower.legacy import strategy
-from flwr_distreal.server.aggregate import mac_weighted_update
 from flwr_distreal.models import build_model
 from flwr_distreal.core.lut import LUT
 from flwr_distreal.core.resources import size_resources
-from flwr_distreal.server.core import (
+from flwr_distreal.server import (
     SHARE_BOUND,
     DistrealCore,
     Reply,
     RoundBounds,
     cap_shares,
+    mac_weighted_update,
     share_limit,
 )
 

@@ -32,7 +32,7 @@ from flwr_distreal.core.resources import (
     step_macs,
 )
 from flwr_distreal.training.schedule import batch_sizes, plan_distreal_round
-from flwr_distreal.server.core import DistrealCore, Reply
+from flwr_distreal.server import DistrealCore, Reply
 from flwr_distreal.training.trainers import DistrealTrainer, get_weights, set_weights
 
 from conftest import digits_tensors

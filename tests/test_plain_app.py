@@ -28,7 +28,7 @@ from flwr_distreal.core.contract import ContractError
 from flwr_distreal.core.dropout import make_droppable
 from flwr_distreal.run.inprocess import InProcessGrid, run_app_in_process
 from flwr_distreal.core.macs import count_macs
-from flwr_distreal.server.core import DistrealCore
+from flwr_distreal.server import DistrealCore
 
 from conftest import digits_tensors
 
@@ -337,7 +337,7 @@ def test_full_macs_per_batch_is_a_deprecated_alias(make) -> None:
 def test_the_alias_bounds_the_claims_alike() -> None:
     """The alias maps to the same bound: a claim of 2 x full per batch is refused by both."""
     g = [np.zeros(2, np.float32)]
-    from flwr_distreal.server.core import Reply
+    from flwr_distreal.server import Reply
 
     for kw in ({"full_macs_per_sample": 10.0}, {"full_macs_per_batch": 10.0}):
         with warnings.catch_warnings():

@@ -112,10 +112,10 @@ from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consis
 
 from ..core import contract as C
 from ..core import defaults as D
-from ..server.aggregate import OnExcess, RefusalReason, SubmodelAggregation, ValidationResult
+from ..server import OnExcess, RefusalReason, SubmodelAggregation, ValidationResult
 from ..core.contract import ContractError, is_number, metric_values
 from ..core.dropout import DropoutModel
-from ..server.core import (
+from ..server import (
     AvailabilityFn,
     DistrealCore,
     OnOutlier,

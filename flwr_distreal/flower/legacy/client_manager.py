@@ -6,7 +6,7 @@ at random. Neither is seeded, so two runs with the same configuration train diff
 in every round. :class:`SeededClientManager` orders the available clients by their device
 (partition) id, asked once per client with ``get_properties`` and cached, and draws with its
 own seeded generator: the same seed selects the same devices in every round of every run. The
-draw itself is :func:`flwr_distreal.server.core.seeded_draw`, shared with the Message-API
+draw itself is :func:`flwr_distreal.server.sampling.seeded_draw`, shared with the Message-API
 strategies of :mod:`flwr_distreal.flower.serverapp`, so both APIs draw the same devices for a seed.
 
 This module lives at the Flower edge of the package.
@@ -23,7 +23,7 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 
-from ...server.core import seeded_draw
+from ...server import seeded_draw
 
 __all__ = ["SeededClientManager", "fetch_properties"]
 

@@ -76,12 +76,12 @@ from torch import Tensor
 
 from ...core import contract as C
 from ...core import defaults as D
-from ...server.aggregate import OnExcess, SubmodelAggregation
+from ...server import OnExcess, SubmodelAggregation
 from .client_manager import fetch_properties
 from ...core.contract import decode_subsets, encode_subsets, is_number
 from ...training.trainers import evaluate_model, set_weights
 from ...core.dropout import DropoutModel
-from ...server.core import (
+from ...server import (
     AvailabilityFn,
     DistrealCore,
     OnOutlier,
