@@ -105,6 +105,11 @@ class SubmodelPlanner(ABC):
         """The submodel for a device with ``budget`` forward MACs per sample, and the
         train-config keys that describe the choice (for logs)."""
 
+    def client_weights(self, examples: Sequence[float]) -> list[float]:
+        """The aggregation weights of the accepted replies from their examples: the examples
+        (FedAvg's weights; a method weighting its clients otherwise overrides this)."""
+        return [float(n) for n in examples]
+
 
 class FederatedDropoutPlanner(SubmodelPlanner):
     """Federated Dropout (Caldas et al. 2018), extended as in the paper.
@@ -438,8 +443,9 @@ class SubmodelCore(ReplyGate):
         return masks
 
     def combine(self, global_arrays: Arrays, accepted: list[Accepted]) -> Arrays | None:
-        """The ``aggregation`` rule over the accepted replies' submodels, weighted by examples."""
-        weights = [a.reply.num_examples for a in accepted]
+        """The ``aggregation`` rule over the accepted replies' submodels, weighted by examples
+        (or as the planner's :meth:`SubmodelPlanner.client_weights` says)."""
+        weights = self.planner.client_weights([a.reply.num_examples for a in accepted])
         if sum(weights) <= 0:
             log.warning("every accepted reply reports zero examples: nothing to weight by")
             return None
