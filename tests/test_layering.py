@@ -46,7 +46,7 @@ FORBIDDEN = ("flwr", "hydra")
 #: shrinks: a listed module that is split below the limit must leave it).
 MAX_LINES = 800
 OVERSIZE = {
-    "core.channel_graph", "core.dropout", "training.loop",
+    "core.dropout", "training.loop",
     "flower.serverapp", "flower.legacy.strategy", "training.wallclock",
 }
 

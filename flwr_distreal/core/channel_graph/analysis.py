@@ -1,276 +1,54 @@
-"""The channel graph of any PyTorch CNN, discovered by tracing (``torch.fx``).
+"""Group derivation: one pass over the traced graph that follows every value's channel layout.
 
-Structured filter dropout (Rapp et al., AAAI 2022, Fig. 1) removes whole filters of a
-convolution; every layer that reads those channels must then read only the kept ones. Which
-layers read which channels is a property of the model's data flow, so this module derives it
-from the module itself, in the manner of Torch-Pruning's dependency graph (nodes, groups,
-index mapping), but found by symbolic tracing instead of autograd names and declared nowhere
-by hand:
-
-* **producers** (``nn.Conv2d`` with ``groups == 1``, ``nn.Linear``, the network input) open a
-  new *channel source*;
-* **channel-wise pass-through** (BatchNorm, activations, pooling, dropout, interpolation,
-  spatial reductions, spatial padding, indexing and permutations that leave dimensions 0 and 1
-  in place, splits along a spatial dimension, reshapes that keep dimensions 0 and 1) keeps the
-  channels as they are;
-* **concatenation** along channels lays its operands' channels side by side (offset ranges,
-  as DenseNet needs); constant **padding of the channel dimension** (``F.pad`` with a pad tuple
-  that reaches dimension 1, as the zero-padding "option A" shortcuts of CIFAR ResNets do) is a
-  concatenation with zero channels that are never dropped;
-* **residual addition** (and any element-wise op between two channel-carrying tensors)
-  *couples* its operands: the channels at the same position must be kept together, so their
-  sources join one group (union-find); operands whose channels are split differently (e.g. a
-  zero-padded shortcut added to a convolution's output) are kept whole;
-* **depthwise convolution** (``groups == in_channels == out_channels``) couples its output
-  with its input; other grouped convolutions (a depthwise one with a channel multiplier
-  included) keep their input and output whole;
-* **flatten into linear** expands each channel into ``stride`` features (the spatial size);
-* the network's **output** (the classifier) is never dropped, nor is anything coupled to the
-  input or to a linear layer's output.
-
-A *dropout group* is a set of coupled convolution outputs: it gets one rate of the dropout
-vector and one kept set of filters per mini-batch. Anything the tracer cannot follow
-(data-dependent control flow) or an operation on droppable channels that is not known to be
-channel-wise (attention and matrix products, channel shuffles, splits or selections of
-channels, reductions or softmax over channels, permutations that move the channel dimension,
-torch.nn layers such as ``nn.MultiheadAttention``, ...) is refused with an error naming the
-graph node, its op, where it is in the source and which submodule to keep whole with
-``keep_full``. Such an operation on tensors whose channels are never dropped anyway (the
-network input, a linear layer's output, a ``keep_full`` module's output, ...) is accepted as
-an opaque part of the model whose output is never dropped either.
-
-MACs: compute outside the sliced layers (the ``keep_full`` modules, matrix products on
-channels kept whole) does not depend on the dropout vector; tracing measures it once with
-``FlopCounterMode`` (:attr:`ChannelGraph.fixed_macs`), so the MACs of a dropout vector stay
-exact for such models too.
-
-This module has no Flower or Hydra imports.
+Producers open channel sources, pass-through ops keep them, concatenations lay them side by
+side, element-wise ops and depthwise convolutions couple them (union-find); an op on droppable
+channels that is not known to be channel-wise is refused, naming the graph node. :meth:`_Analysis.finish`
+turns the sources into dropout groups and the sliced layers' input spaces. Part of
+:mod:`flwr_distreal.core.channel_graph`.
 """
 
 from __future__ import annotations
 
 import operator
-import re
-import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = [
-    "ChannelGraph",
-    "ComputeLayer",
-    "DropoutGroupInfo",
-    "InputSpace",
-    "UnsupportedModelError",
-    "trace_channel_graph",
-]
-
-
-class UnsupportedModelError(ValueError):
-    """The model cannot be made droppable; the message names the graph node and op.
-
-    Attributes
-    ----------
-    node : str or None
-        Name of the refused graph node (``None`` when the refusal is not about one node).
-    """
-
-    def __init__(self, message: str, node: str | None = None) -> None:
-        super().__init__(message)
-        self.node = node
-
-
-# -- what the tracer treats as channel-wise -------------------------------------------------
-_PASS_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
-    nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d,
-    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d,
-    nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+from .graph import ChannelGraph, ComputeLayer, DropoutGroupInfo, InputSpace, UnsupportedModelError
+from .ops import (
+    _ELEMENTWISE,
+    _ELEMENTWISE_METHODS,
+    _FLATTEN_METHODS,
+    _MATMUL_FN,
+    _MATMUL_METHODS,
+    _META_ATTRS,
+    _META_METHODS,
+    _PASS_EXTERNAL,
+    _PASS_FUNCTIONS,
+    _PASS_METHODS,
+    _PASS_MODULES,
+    _PERMUTE_FN,
+    _PERMUTE_METHODS,
+    _REDUCTIONS_FN,
+    _REDUCTIONS_METHODS,
+    _SOFTMAX_FN,
+    _SOFTMAX_METHODS,
+    _SPLIT_FN,
+    _SPLIT_METHODS,
+    _SQUEEZE_FN,
+    _SQUEEZE_METHODS,
+    _arg,
+    _is_full_slice,
+    _is_tuple_value,
+    _meta_shape,
+    _movedim_perm,
+    _op_name,
+    _reshape_keep_channels,
 )
-_PASS_FUNCTIONS: set[Any] = {
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
-    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh,
-    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.nn.functional.dropout,
-    F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-    F.interpolate, torch.clamp, torch.clip, torch.abs, torch.neg, torch.exp,
-    operator.neg, torch.square,
-}
-_PASS_METHODS: set[str] = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip",
-    "contiguous", "clone", "detach", "float", "half", "bfloat16", "to", "type_as", "abs",
-    "neg", "exp", "square", "requires_grad_",
-}
-#: Functions of other libraries known to act per sample and channel, by (module, name): fx
-#: sees them as calls when the library wraps them (torchvision's stochastic depth does).
-_PASS_EXTERNAL: set[tuple[str, str]] = {("torchvision.ops.stochastic_depth", "stochastic_depth")}
-_ELEMENTWISE: set[Any] = {
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-    torch.maximum, torch.minimum,
-}
-_ELEMENTWISE_METHODS: set[str] = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "expand_as"}
-_REDUCTIONS_FN: set[Any] = {torch.mean, torch.sum, torch.amax, torch.amin}
-_REDUCTIONS_METHODS: set[str] = {"mean", "sum", "amax", "amin"}
-_FLATTEN_METHODS: set[str] = {"view", "reshape", "flatten"}
-#: Methods and attributes that read a tensor's metadata, not its values.
-_META_METHODS: set[str] = {"size", "dim", "ndimension", "get_device", "is_contiguous", "is_floating_point"}
-_META_ATTRS: set[str] = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
-_SPLIT_FN: set[Any] = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
-_SPLIT_METHODS: set[str] = {"chunk", "split", "unbind", "tensor_split", "split_with_sizes"}
-_PERMUTE_FN: set[Any] = {torch.permute, torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis}
-_PERMUTE_METHODS: set[str] = {"permute", "transpose", "transpose_", "swapaxes", "swapdims", "movedim", "moveaxis"}
-_SQUEEZE_FN: set[Any] = {torch.squeeze, torch.unsqueeze}
-_SQUEEZE_METHODS: set[str] = {"squeeze", "unsqueeze", "squeeze_", "unsqueeze_"}
-_SOFTMAX_FN: set[Any] = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
-_SOFTMAX_METHODS: set[str] = {"softmax", "log_softmax"}
-_MATMUL_FN: set[Any] = {
-    torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.einsum, torch.baddbmm, torch.addmm,
-    torch.addbmm, torch.tensordot, F.linear, F.bilinear, F.scaled_dot_product_attention,
-}
-_MATMUL_METHODS: set[str] = {"matmul", "bmm", "mm", "baddbmm", "addmm"}
-
-
-def _is_standard_leaf(m: nn.Module) -> bool:
-    mod = type(m).__module__
-    return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
-        m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    )
-
-
-class _Tracer(fx.Tracer):
-    """``torch.fx`` tracer whose leaves are torch.nn's own layers and the ``keep_full`` modules.
-
-    A subclass of ``nn.Conv2d`` (or BatchNorm, Linear) that overrides ``forward`` is traced
-    through, so its functional call is seen (and refused) instead of being taken for the
-    standard layer.
-    """
-
-    def __init__(self, keep_full: set[str]) -> None:
-        super().__init__()
-        self.keep_full = keep_full
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.keep_full:
-            return True
-        for base in (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm):
-            if isinstance(m, base) and type(m).forward is not base.forward:
-                return False
-        return _is_standard_leaf(m)
-
-
-def _user_frame(err: BaseException) -> str:
-    """The innermost frame of the user's code in a tracing error: 'file:line in fn: code'."""
-    frames = traceback.extract_tb(err.__traceback__)
-    torch_dir = torch.__file__.rsplit("/", 1)[0] + "/"
-    mine = __file__
-    for fr in reversed(frames):
-        if not fr.filename.startswith(torch_dir) and fr.filename != mine:
-            return f"{fr.filename}:{fr.lineno} in {fr.name}: {(fr.line or '').strip()}"
-    return "<unknown location>"
-
-
-def trace(module: nn.Module, keep_full: Sequence[str] = ()) -> fx.Graph:
-    """Symbolically trace ``module``'s forward in its current mode (train or eval).
-
-    Raises
-    ------
-    UnsupportedModelError
-        If the forward cannot be traced (data-dependent control flow, ...), naming the line.
-    """
-    tracer = _Tracer(set(keep_full))
-    try:
-        return tracer.trace(module)
-    except Exception as err:  # fx raises TraceError, TypeError, RuntimeError ...
-        raise UnsupportedModelError(
-            f"cannot trace {type(module).__name__}.forward with torch.fx at {_user_frame(err)}: "
-            f"{type(err).__name__}: {err}. Data-dependent control flow (an `if` on a tensor's "
-            "value) cannot be traced; move it out of forward or pass the submodule that holds it "
-            "in keep_full so it is kept whole."
-        ) from err
-
-
-# -- the result -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class InputSpace:
-    """The channel layout a compute layer reads: segments of (group index or -1, channels).
-
-    ``-1`` marks a segment that is never dropped. ``stride`` is the number of features per
-    channel (flatten into a linear layer; 1 otherwise).
-    """
-
-    segments: tuple[tuple[int, int], ...]
-    stride: int = 1
-
-    @property
-    def channels(self) -> int:
-        """Channels of the full model in this space."""
-        return sum(c for _, c in self.segments)
-
-    @property
-    def droppable(self) -> bool:
-        """Whether any segment of the space can be dropped."""
-        return any(g >= 0 for g, _ in self.segments)
-
-    def kept(self, counts: Sequence[int]) -> int:
-        """Channels present when dropout group ``g`` keeps ``counts[g]`` filters."""
-        return sum(counts[g] if g >= 0 else c for g, c in self.segments)
-
-
-@dataclass
-class ComputeLayer:
-    """One call of a module whose weights are sliced under dropout.
-
-    ``kind`` is ``"conv"`` (dense conv: rows follow ``out_group``, columns ``space``),
-    ``"depthwise"`` (rows and columns follow ``space``), ``"conv_full"`` (grouped conv whose
-    input and output are kept whole), ``"linear"`` (columns follow ``space`` with its stride),
-    ``"bn"`` (channels follow ``space``).
-    """
-
-    name: str
-    kind: str
-    space: InputSpace
-    out_group: int = -1
-    out_channels: int = 0
-    area: int = 1
-    macs_per_io: int = 0  # kernel area (conv) or 1 (linear): MACs per (in, out) channel pair and pixel
-
-
-@dataclass
-class DropoutGroupInfo:
-    """A set of coupled convolution outputs that share one rate and one kept set."""
-
-    name: str
-    channels: int
-    members: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ChannelGraph:
-    """What tracing found: the dropout groups and every layer's input space."""
-
-    groups: list[DropoutGroupInfo]
-    layers: list[ComputeLayer]
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
-    kept_whole: dict[str, str]  # why a producer's channels are never dropped, by module name
-    #: (module or node name, MACs per sample) of compute outside the sliced layers (keep_full
-    #: modules, matrix products on channels kept whole): the same under every dropout vector.
-    fixed_macs: list[tuple[str, int]] = field(default_factory=list)
-
-    def describe(self) -> str:
-        """A short human-readable summary (one line per group)."""
-        lines = [f"{len(self.groups)} dropout groups over {len(self.layers)} sliced layer calls"]
-        for i, g in enumerate(self.groups):
-            lines.append(f"  [{i}] {g.name}: {g.channels} channels, {len(g.members)} producer(s)")
-        return "\n".join(lines)
 
 
 # -- analysis -------------------------------------------------------------------------------
@@ -304,61 +82,6 @@ class _Spec:
     @property
     def channels(self) -> int:
         return sum(c for _, c in self.segments)
-
-
-def _meta_shape(node: Any) -> tuple[int, ...] | None:
-    if not isinstance(node, fx.Node):
-        return None
-    tm = node.meta.get("tensor_meta")
-    if tm is None or not hasattr(tm, "shape"):
-        return None
-    return tuple(int(s) for s in tm.shape)
-
-
-def _is_tuple_value(node: Any) -> bool:
-    """Whether a traced value is a tuple or list (e.g. the pieces of a split)."""
-    if not isinstance(node, fx.Node):
-        return False
-    tm = node.meta.get("tensor_meta")
-    return isinstance(tm, (tuple, list)) and not hasattr(tm, "shape")  # TensorMetadata is a NamedTuple
-
-
-def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        return f"module {node.target}: {type(modules[node.target]).__name__}"
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
-    if node.op == "call_method":
-        return f"Tensor.{node.target}"
-    return str(node.target)
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    """Argument ``index`` (counting the tensor itself as 0) or keyword ``name`` of a call."""
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _is_full_slice(item: Any, size: int) -> bool:
-    """Whether an index item keeps every entry of a dimension of ``size`` (any smaller size too)."""
-    if not isinstance(item, slice):
-        return False
-    start, stop, step = item.start, item.stop, item.step
-    return (
-        step in (None, 1)
-        and start in (None, 0)
-        and (stop is None or (isinstance(stop, int) and not isinstance(stop, bool) and stop >= size))
-    )
-
-
-def _reshape_keep_channels(x: Tensor, *tail: Any) -> Tensor:
-    """``x.reshape(batch, channels, *tail)`` with the batch and channel sizes read at run time.
-
-    Replaces a user's reshape that keeps dimensions 0 and 1 but names their sizes as numbers
-    (``x.view(2, 64, -1)``), so that it follows the kept channel count under dropout.
-    """
-    return x.reshape(x.shape[0], x.shape[1], *tail)
 
 
 class _Analysis:
@@ -936,136 +659,3 @@ class _Analysis:
             fixed_macs.append((label, flops // 2 // max(batch, 1)))
         graph = ChannelGraph(groups, layers, tuple(input_shape), tuple(output_shape), kept_whole, fixed_macs)
         return graph, self.rewrites
-
-
-def _movedim_perm(nd: int, src: list[int], dst: list[int]) -> list[int]:
-    """The dimension order ``torch.movedim(x, src, dst)`` produces for an ``nd``-D tensor."""
-    src = [int(s) % nd for s in src]
-    dst = [int(d) % nd for d in dst]
-    if len(src) != len(dst):
-        raise ValueError("movedim needs as many sources as destinations")
-    order: list[int | None] = [None] * nd
-    for s, d in zip(src, dst):
-        order[d] = s
-    rest = iter(i for i in range(nd) if i not in src)
-    return [o if o is not None else next(rest) for o in order]
-
-
-class _ShapeFlops(ShapeProp):
-    """Shape propagation that also records each node's FLOPs (``node.meta["flops"]``)."""
-
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
-        super().__init__(gm)
-        self.counter = counter
-
-    def run_node(self, n: fx.Node) -> Any:
-        before = self.counter.get_total_flops()
-        result = super().run_node(n)
-        n.meta["flops"] = self.counter.get_total_flops() - before
-        return result
-
-
-_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
-
-
-def _node_location(module: nn.Module, keep_full: Sequence[str], node_name: str) -> str | None:
-    """Where graph node ``node_name`` comes from in the source: 'file:line in fn: code'.
-
-    Traces again with stack traces recorded (slow, so only when refusing a node).
-    """
-    tracer = _Tracer(set(keep_full))
-    tracer.record_stack_traces = True
-    try:
-        graph = tracer.trace(module)
-    except Exception:  # noqa: BLE001 - the first trace succeeded; this one only adds detail
-        return None
-    torch_dir = torch.__file__.rsplit("/", 1)[0] + "/"
-    for node in graph.nodes:
-        if node.name != node_name or not node.stack_trace:
-            continue
-        frames = [f for f in _FRAME.findall(node.stack_trace) if not f[0].startswith(torch_dir) and f[0] != __file__]
-        if frames:
-            file, line, fn, code = frames[-1]
-            return f"{file}:{line} in {fn}: {code.strip()}"
-    return None
-
-
-def trace_channel_graph(
-    module: nn.Module,
-    example_input: Tensor,
-    keep_full: Sequence[str] = (),
-) -> tuple[ChannelGraph, fx.GraphModule]:
-    """Trace ``module`` (in its current mode) and derive its dropout groups.
-
-    Parameters
-    ----------
-    module : nn.Module
-        Any PyTorch CNN whose forward takes one image batch.
-    example_input : Tensor
-        A batch of the shape the model is trained on (its spatial size fixes the MACs).
-    keep_full : sequence of str
-        Qualified names of submodules treated as opaque: their input and output channels are
-        never dropped (e.g. an attention block).
-
-    Returns
-    -------
-    (ChannelGraph, torch.fx.GraphModule)
-        The groups and sliced layers; the traced graph module (flattening views rewritten as
-        ``torch.flatten(x, 1)``, and reshapes that keep dimensions 0 and 1 rewritten to read
-        their sizes at run time, so they follow the kept channel count).
-
-    Raises
-    ------
-    UnsupportedModelError
-        If tracing fails or an op on droppable channels is not supported; the message names
-        the graph node, its op and its line in the source.
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"make_droppable needs an nn.Module, got {type(module).__name__}")
-    if not isinstance(example_input, Tensor) or example_input.dim() < 2:
-        raise ValueError("example_input must be a batch tensor (N, C, ...), e.g. torch.zeros(2, 3, 32, 32)")
-    names = dict(module.named_modules())
-    unknown = [k for k in keep_full if k not in names]
-    if unknown:
-        raise ValueError(f"keep_full names no submodule: {unknown}")
-    graph = trace(module, keep_full)
-    gm = fx.GraphModule(module, graph)
-    # Shapes (and the FLOPs of every node) are read in eval mode, so that BatchNorm's running
-    # statistics stay as they are, with the attention fast path off, so that layers such as
-    # nn.MultiheadAttention compute (and are counted) as in training.
-    modes = {m: m.training for m in module.modules()}
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    try:
-        module.eval()
-        torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            _ShapeFlops(gm, counter).propagate(example_input)
-    except Exception as err:
-        raise ValueError(
-            f"the model failed on example_input of shape {tuple(example_input.shape)}: {err}"
-        ) from err
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, mode in modes.items():
-            m.training = mode
-    analysis = _Analysis(gm, set(keep_full))
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    out_arg = out_node.args[0]
-    out_shape = _meta_shape(out_arg) if isinstance(out_arg, fx.Node) else None
-    try:
-        analysis.run()
-        cg, rewrites = analysis.finish(
-            tuple(example_input.shape[1:]), tuple(out_shape[1:]) if out_shape else (), int(example_input.shape[0])
-        )
-    except UnsupportedModelError as err:
-        where = _node_location(module, keep_full, err.node) if err.node else None
-        if where is None:
-            raise
-        raise UnsupportedModelError(f"{err} (The node is at {where}.)", node=err.node) from err
-    for node, function, extra in rewrites:  # extra: the arguments after the tensor
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_function(function, (node.args[0], *extra))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-    gm.recompile()
-    return cg, gm
