@@ -346,7 +346,7 @@ def test_heterofl_config_switches_static_bn_and_logs_once_when_the_model_has_non
     assert not any(m.static_stats for m in running.batchnorm_layers)
     cnn = _tiny_cnn()
     cnn.model_name = "tiny_cnn_for_the_log_test"
-    with caplog.at_level(logging.INFO, logger="flwr_distreal.run.config"):
+    with caplog.at_level(logging.INFO, logger="flwr_distreal.methods.base"):
         cfg.apply_to(cnn)
         cfg.apply_to(_tiny_cnn_named("tiny_cnn_for_the_log_test"))
     notes = [r for r in caplog.records if "has no BatchNorm" in r.getMessage()]

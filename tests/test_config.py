@@ -14,6 +14,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
+from flwr_distreal.methods import list_methods
 from flwr_distreal.run.config import (
     STRATEGY_SCHEMAS,
     ConfigError,
@@ -62,7 +63,9 @@ def _yaml_values(group: str, option: str) -> dict:
 def test_groups_have_the_documented_options() -> None:
     assert set(_options("dataset")) >= {"digits", "femnist", "femnist_leaf", "cifar10", "cifar100", "mnist", "npz"}
     assert set(_options("model")) >= {"femnist_cnn", "densenet_bc_40", "densenet_bc_100"}
-    assert set(_options("strategy")) == {"distreal", "full", "small", "feddropout", "heterofl"}
+    # one YAML per registered method, and the paper's comparison among them
+    assert set(_options("strategy")) == set(list_methods())
+    assert set(list_methods()) >= {"distreal", "distreal_paper", "full", "small", "feddropout", "heterofl"}
     assert set(_options("resources")) == {"full", "constant", "timevarying", "trace", "measured"}
 
 

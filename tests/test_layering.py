@@ -39,7 +39,7 @@ RANK = {layer: rank for rank, names in enumerate(LAYERS) for layer in names}
 #: Layers that must import neither Flower (``flwr``) nor Hydra (``hydra``), directly or through
 #: another project module. (``flwr_datasets``, an optional loader of ``data/femnist.py``, is its
 #: own package, not Flower's framework.)
-CORE = ["core", "data", "models", "training", "server", "dse.problem", "dse.fitness", "dse.driver"]
+CORE = ["core", "data", "models", "training", "server", "methods", "dse.problem", "dse.fitness", "dse.driver"]
 FORBIDDEN = ("flwr", "hydra")
 
 #: The most lines a module may have, and the modules allowed over it for now (this list only

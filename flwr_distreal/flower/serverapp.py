@@ -89,8 +89,8 @@ import math
 import random
 import re
 import time
+import inspect
 import warnings
-from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO
 from typing import Any
@@ -112,28 +112,23 @@ from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consis
 
 from ..core import contract as C
 from ..core import defaults as D
-from ..server import OnExcess, RefusalReason, SubmodelAggregation, ValidationResult
 from ..core.contract import ContractError, is_number, metric_values
 from ..core.dropout import DropoutModel
+from ..methods import Method, build_core, core_arguments, get_method, list_methods
+from ..methods.base import strategy_signature
 from ..server import (
-    AvailabilityFn,
     DistrealCore,
-    OnOutlier,
-    Refusal,
-    Robust,
-    SHARE_BOUND,
-    RoundBounds,
-    UpdateNorm,
-    FedAvgCore,
-    FederatedDropoutPlanner,
     HeteroFLPlanner,
+    OnExcess,
+    Refusal,
+    RefusalReason,
     Reply,
     ReplyGate,
+    SubmodelAggregation,
     SubmodelCore,
-    SubmodelPlanner,
+    ValidationResult,
     as_device_id,
     brief_list,
-    full_macs_argument,
     sample_size,
     seeded_draw,
 )
@@ -146,6 +141,7 @@ __all__ = [
     "FederatedDropout",
     "FullResources",
     "HeteroFL",
+    "MethodStrategy",
     "NodeWaitError",
     "SmallNetwork",
     "SubmodelStrategy",
@@ -390,6 +386,15 @@ class _CoreFedAvg(FedAvg):
     #: The submodel baselines assign each device a submodel and need its id: they may not.
     samples_unidentified: bool = True
 
+    #: Properties the server derives itself, without asking the nodes: called as
+    #: ``node_properties(grid, nodes)``, it returns the properties (``partition-id``,
+    #: ``round-samples``) of the nodes it knows, by node id; the others are asked. In a
+    #: simulation of thousands of nodes the ServerApp knows every node's device and sizes (the
+    #: run's :class:`~flwr_distreal.run.experiment.Experiment` is the clients'), and a query of
+    #: every node would wake every node once (:mod:`flwr_distreal.run.flwr_app` sets it). None:
+    #: every node is asked.
+    node_properties: Callable[[Grid, Sequence[int]], Mapping[int, Mapping[str, int | float]]] | None = None
+
     def _required_properties(self) -> list[str]:
         """Properties every node must report to be sampled by device."""
         return [self.partition_id_key]
@@ -428,6 +433,14 @@ class _CoreFedAvg(FedAvg):
             its query handler raised). A node that did not answer is in neither.
         """
         todo = [n for n in nodes if n not in self._properties and n not in self._unidentified]
+        if todo and self.node_properties is not None:  # derived by the server: not asked
+            for node, props in (self.node_properties(grid, todo) or {}).items():
+                props = dict(props)
+                if all(k in props for k in self._required_properties()) and as_device_id(
+                    props[self.partition_id_key]
+                ) is not None:
+                    self._properties[node] = props
+            todo = [n for n in todo if n not in self._properties]
         retried: dict[int, str] = {}
         learnt: dict[str, list[int]] = {}
         details: dict[str, str] = {}
@@ -904,7 +917,247 @@ class _CoreFedAvg(FedAvg):
 # ---------------------------------------------------------------------------- DISTREAL
 
 
-class Distreal(_CoreFedAvg):
+class MethodStrategy(_CoreFedAvg):
+    """The Message-API strategy of any registered method (:mod:`flwr_distreal.methods`).
+
+    The method's record picks the server rule (:func:`flwr_distreal.methods.build_core`: Algorithm
+    2's MACs weights, FedAvg's example weights, or round-start submodels with the method's
+    planner and per-weight averaging) and what each node's train config carries; this class is
+    the one Flower adapter for all of them. ``MethodStrategy("heterofl", shrink=0.5, ...)`` runs
+    any registered method; the public classes below (:class:`Distreal`, :class:`FullResources`,
+    :class:`SmallNetwork`, :class:`FederatedDropout`, :class:`HeteroFL`) are this class bound to
+    one method, with that method's arguments in their signatures.
+
+    Parameters
+    ----------
+    method : str | Method
+        A registered method's name (or record). Bound classes take none.
+    seed : int, optional
+        Seed of the node sampling (and of a planner's random choices). Defaults to 0.
+    properties_timeout : float | None, optional
+        Timeout in seconds of the properties query. Defaults to None (wait for every node).
+    round_samples_key : str, optional
+        Node property with the samples of one round of local training. Defaults to
+        ``"round-samples"``.
+    round_samples_fn : Callable[[int], int] | None, optional
+        Rule ``submodel`` only: ``round_samples_fn(device_id)`` instead of the node's
+        ``round-samples`` property.
+    weighted_by_key : str, optional
+        Rule ``macs``: the train metric with the MACs ``c_i`` (default ``"macs"``); other rules:
+        FedAvg's weight key (default ``"num-examples"``).
+    **kwargs : Any
+        The method's arguments (:func:`flwr_distreal.methods.core_arguments`: bounds, keys, and
+        the rule's and planner's own), then ``node_wait`` (seconds a round waits for enough
+        nodes, see :class:`_CoreFedAvg`; default 60) and :class:`flwr.serverapp.strategy.FedAvg`'s.
+    """
+
+    #: The method a public subclass is bound to (None: the ``method`` argument names it).
+    method_name: str | None = None
+
+    def __init__(
+        self,
+        method: str | Method | None = None,
+        *,
+        seed: int = D.SEED,
+        properties_timeout: float | None = None,
+        round_samples_key: str = C.ROUND_SAMPLES,
+        round_samples_fn: Callable[[int], int] | None = None,
+        weighted_by_key: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.method = _bound_method(type(self), method)
+        rule = self.method.rule
+        if round_samples_fn is not None and rule != "submodel":
+            raise TypeError(f"round_samples_fn is an argument of the submodel methods, not of {self.method.name!r}")
+        known = core_arguments(self.method)
+        core_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in known}
+        if rule == "macs":
+            if weighted_by_key is not None and "macs_key" in core_kwargs:
+                raise TypeError("pass weighted_by_key or macs_key (the same key), not both")
+            weighted_by_key = core_kwargs.setdefault("macs_key", weighted_by_key or C.MACS)
+        if rule == "submodel":
+            core_kwargs["seed"] = seed
+            _check_minimums(kwargs)
+        if weighted_by_key is not None:
+            kwargs["weighted_by_key"] = weighted_by_key
+        super().__init__(
+            build_core(self.method, **core_kwargs),
+            seed=seed,
+            properties_timeout=properties_timeout,
+            round_samples_key=round_samples_key,
+            **kwargs,
+        )
+        self.round_samples_fn = round_samples_fn
+        self.samples_unidentified = rule != "submodel"  # a submodel is planned for a known device
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("method_name"):
+            _bind_signature(cls)
+
+    # -- what the rule needs from the nodes ----------------------------------------------
+    def _required_properties(self) -> list[str]:
+        keys = [self.partition_id_key]
+        if self.method.rule == "submodel" and self.round_samples_fn is None:
+            keys.append(self.round_samples_key)
+        return keys
+
+    def _known_devices(self, nodes: list[int]) -> dict[str, tuple[object, object]]:
+        """(device id, round samples) of every node, as learnt from its properties."""
+        devices: dict[str, tuple[object, object]] = {}
+        for node in nodes:
+            props = self._properties.get(node, {})
+            device_id = props.get(self.partition_id_key)
+            if self.round_samples_fn is not None and is_number(device_id):
+                samples: object = self.round_samples_fn(int(device_id))  # type: ignore[arg-type]
+            else:
+                samples = props.get(self.round_samples_key)
+            devices[str(node)] = (device_id, samples)
+        return devices
+
+    def _node_configs(self, server_round: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
+        """Each node's train config: ``macs``: its ``num_batches`` limit from its
+        ``round-samples`` property (when the batch size or ``max_batches_fn`` is known) and the
+        batch size and local epochs it is bounded by; ``examples``: nothing, or ``unlimited``
+        for a method without resource limits; ``submodel``: the submodel the planner chose for
+        its device (a node left out is not trained)."""
+        rule = self.method.rule
+        if rule == "macs":
+            if self.core.bounds_batches:
+                self.core.limit_round(server_round, self._known_devices(nodes), logger=log)
+            return {node: self.core.train_config() for node in nodes}
+        if rule == "submodel":
+            if self._keys != self.core.state_keys:
+                raise ValueError(
+                    f"the global ArrayRecord's names are not the state_dict names of {self.core.model.model_name!r}"
+                )
+            configs = self.core.plan_round(server_round, self._known_devices(nodes), logger=log)
+            return {node: configs[str(node)] for node in nodes if str(node) in configs}
+        if self.method.unlimited:
+            return {node: {C.UNLIMITED: True} for node in nodes}
+        return super()._node_configs(server_round, nodes)
+
+    def _examples_key(self) -> str:
+        if self.method.rule == "macs":
+            return C.NUM_EXAMPLES  # informative only: Algorithm 2 weights by MACs
+        return super()._examples_key()
+
+    def _unidentified_costs(self) -> str:
+        if self.method.rule == "macs" and self.core.bounds_batches and self.core.max_batches_fn is None:
+            return f", and without {self.round_samples_key!r} their num_batches is bounded only by their own num-examples"
+        return ""
+
+    def _contract_hint(self, reason: str) -> str:
+        if self.method.rule != "macs":
+            return super()._contract_hint(reason)
+        core = self.core
+        if reason in (
+            RefusalReason.MISSING_MACS.value,
+            RefusalReason.NON_NUMERIC_MACS.value,
+            RefusalReason.MISSING_NUM_BATCHES.value,
+            RefusalReason.INVALID_NUM_BATCHES.value,
+        ):
+            required = {
+                self.weighted_by_key: C.DISTREAL_TRAIN_METRICS[C.MACS],
+                core.num_batches_key: C.DISTREAL_TRAIN_METRICS[C.NUM_BATCHES],
+            }
+            optional = {
+                C.NUM_EXAMPLES: C.OPTIONAL_TRAIN_METRICS[C.NUM_EXAMPLES],
+                self.partition_id_key: C.OPTIONAL_TRAIN_METRICS[C.PARTITION_ID],
+                self.straggler_key: C.OPTIONAL_TRAIN_METRICS[C.STRAGGLER],
+                self.available_macs_key: C.OPTIONAL_TRAIN_METRICS[C.AVAILABLE_MACS],
+            }
+            return (
+                "Distreal weights each update by the MACs its client spent (Algorithm 2), so every train "
+                f"reply's MetricRecord {C.METRICS_RECORD!r} must hold {C.describe_keys(required)}; it may add "
+                f"{C.describe_keys(optional)}. A ClientApp written for Flower's FedAvg reports only "
+                f"{C.NUM_EXAMPLES!r}; flwr_distreal.clientapp.build_client_app reports them all."
+            )
+        if reason == RefusalReason.EXCESS_MACS.value:
+            return (
+                f"Every reply claims more MACs than {core.num_batches_key!r} x full_macs_per_sample "
+                f"({core.full_macs_per_sample:g}). {self.weighted_by_key!r} adds, per mini-batch, the forward "
+                "MACs per sample of the (sub)model trained, at most count_macs(model) (not times the batch "
+                "size, nor the backward pass), and full_macs_per_sample must be the full model's "
+                "count_macs(model)."
+            )
+        if reason == RefusalReason.EXCESS_BATCHES.value:
+            return (
+                f"Every reply reports more mini-batches than batch_size={core.batch_size} and "
+                f"local_epochs={core.local_epochs} allow for its node's {self.round_samples_key!r} (or "
+                "max_batches_fn): pass the clients' batch size and local epochs to the strategy."
+            )
+        return super()._contract_hint(reason)
+
+    def summary(self) -> None:
+        """Log the method's settings, then the base summary."""
+        core, rule = self.core, self.method.rule
+        flwr_log(INFO, "\t├──> Method: %s (%s)", self.method.label, self.method.name)
+        if rule == "macs":
+            flwr_log(INFO, "\t│\t├── MACs key: %r", self.weighted_by_key)
+            flwr_log(INFO, "\t│\t├── Full model's MACs per sample: %g", core.full_macs_per_sample)
+            flwr_log(
+                INFO,
+                "\t│\t├── Batches bounded by: %s",
+                "max_batches_fn" if core.max_batches_fn is not None
+                else f"batch size {core.batch_size}, {core.local_epochs} local epochs, round-samples"
+                if core.batch_size is not None else "the client's num_batches only",
+            )
+            flwr_log(INFO, "\t│\t└── On excess MACs: %s", core.on_excess)
+        elif rule == "submodel":
+            flwr_log(INFO, "\t│\t├── Model: %s (%s dropout layers)", core.model.model_name, len(core.widths))
+            flwr_log(
+                INFO, "\t│\t├── Round duration: %g s, step MACs factor %g", core.round_duration, core.step_macs_factor
+            )
+            flwr_log(INFO, "\t│\t└── Aggregation: %s", core.aggregation)
+        super().summary()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(method={self.method.name!r}, seed={self.seed})"
+
+
+def _bound_method(cls: type, method: str | Method | None) -> Method:
+    """The method of a strategy: the class's bound one, or the ``method`` argument."""
+    if cls.method_name is not None:
+        if method is not None and get_method(method).name != cls.method_name:
+            raise TypeError(f"{cls.__name__} runs method {cls.method_name!r}; got method={method!r}")
+        return get_method(cls.method_name)
+    if method is None:
+        raise TypeError(f"{cls.__name__} needs a method: one of {list_methods()}")
+    return get_method(method)
+
+
+#: The adapter's own arguments (before the method's) in a bound class's signature.
+_COMMON_PARAMETERS = [
+    inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=D.SEED),
+    inspect.Parameter("properties_timeout", inspect.Parameter.KEYWORD_ONLY, default=None),
+    inspect.Parameter("round_samples_key", inspect.Parameter.KEYWORD_ONLY, default=C.ROUND_SAMPLES),
+]
+
+
+def _bind_signature(cls: type) -> None:
+    """Give a class bound to a method a constructor whose signature lists that method's
+    arguments and defaults (it calls :meth:`MethodStrategy.__init__`)."""
+    method = get_method(cls.method_name)
+    leading = list(_COMMON_PARAMETERS)
+    drop: tuple[str, ...] = ()
+    if method.rule == "macs":
+        leading.append(inspect.Parameter("weighted_by_key", inspect.Parameter.KEYWORD_ONLY, default=C.MACS))
+        drop = ("macs_key",)
+    if method.rule == "submodel":
+        leading.append(inspect.Parameter("round_samples_fn", inspect.Parameter.KEYWORD_ONLY, default=None))
+
+    def __init__(self: MethodStrategy, **kwargs: Any) -> None:
+        MethodStrategy.__init__(self, None, **kwargs)
+
+    __init__.__signature__ = strategy_signature(method, leading, drop)  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__doc__ = f"A :class:`MethodStrategy` of method {method.name!r} (arguments: see the class)."
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------- the paper's methods, by name
+class Distreal(MethodStrategy):
     """DISTREAL server (Message API): average updates weighted by the MACs each client spent.
 
     Algorithm 2 of Rapp et al. (AAAI 2022),
@@ -994,64 +1247,8 @@ class Distreal(_CoreFedAvg):
         If both or neither of ``full_macs_per_sample`` and ``full_macs_per_batch`` are given.
     """
 
+    method_name = "distreal"
     core: DistrealCore
-
-    def __init__(
-        self,
-        *,
-        full_macs_per_sample: float | None = None,
-        on_excess: OnExcess = D.ON_EXCESS,
-        batch_size: int | None = None,
-        local_epochs: int = D.LOCAL_EPOCHS,
-        max_batches_fn: Callable[[int], int] | None = None,
-        update_bound: float | None = 10.0,
-        on_outlier: OnOutlier = "refuse",
-        update_norm: UpdateNorm = "model",
-        claim_bound: float | None = 10.0,
-        on_claim_outlier: OnOutlier = "clip",
-        share_bound: float | None = SHARE_BOUND,
-        robust: Robust | None = None,
-        trim_beta: float = 0.2,
-        seed: int = D.SEED,
-        weighted_by_key: str = C.MACS,
-        num_batches_key: str = C.NUM_BATCHES,
-        straggler_key: str = C.STRAGGLER,
-        available_macs_key: str = C.AVAILABLE_MACS,
-        partition_id_key: str = C.PARTITION_ID,
-        properties_timeout: float | None = None,
-        full_macs_per_batch: float | None = None,
-        **fedavg_kwargs: Any,
-    ) -> None:
-        core = DistrealCore(
-            full_macs_per_sample=full_macs_argument(full_macs_per_sample, full_macs_per_batch),  # type: ignore[arg-type]
-            on_excess=on_excess,
-            batch_size=batch_size,
-            local_epochs=local_epochs,
-            max_batches_fn=max_batches_fn,
-            bounds=RoundBounds(
-                update_bound=update_bound,
-                on_outlier=on_outlier,
-                update_norm=update_norm,
-                claim_bound=claim_bound,
-                on_claim_outlier=on_claim_outlier,
-                share_bound=share_bound,
-                robust=robust,
-                trim_beta=trim_beta,
-            ),
-            macs_key=weighted_by_key,
-            num_batches_key=num_batches_key,
-            straggler_key=straggler_key,
-            available_macs_key=available_macs_key,
-            partition_id_key=partition_id_key,
-        )
-        super().__init__(
-            core,
-            seed=seed,
-            properties_timeout=properties_timeout,
-            round_samples_key=C.ROUND_SAMPLES,
-            weighted_by_key=weighted_by_key,
-            **fedavg_kwargs,
-        )
 
     @property
     def full_macs_per_sample(self) -> float:
@@ -1069,84 +1266,6 @@ class Distreal(_CoreFedAvg):
         """"refuse" or "clip" MACs above the maximum."""
         return self.core.on_excess
 
-    def _examples_key(self) -> str:
-        return C.NUM_EXAMPLES  # informative only: DISTREAL weights by MACs
-
-    def _node_configs(self, server_round: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
-        """Set every node's ``num_batches`` limit from its ``round-samples`` property (when the
-        strategy knows the batch size or has ``max_batches_fn``); every node's config states the
-        batch size and local epochs it is bounded by (``batch-size``, ``local-epochs``)."""
-        if self.core.bounds_batches:
-            known = {
-                str(node): (
-                    self._properties.get(node, {}).get(self.partition_id_key),
-                    self._properties.get(node, {}).get(self.round_samples_key),
-                )
-                for node in nodes
-            }
-            self.core.limit_round(server_round, known, logger=log)
-        return {node: self.core.train_config() for node in nodes}
-
-    def _unidentified_costs(self) -> str:
-        if self.core.bounds_batches and self.core.max_batches_fn is None:
-            return f", and without {self.round_samples_key!r} their num_batches is bounded only by their own num-examples"
-        return ""
-
-    def _contract_hint(self, reason: str) -> str:
-        core = self.core
-        if reason in (
-            RefusalReason.MISSING_MACS.value,
-            RefusalReason.NON_NUMERIC_MACS.value,
-            RefusalReason.MISSING_NUM_BATCHES.value,
-            RefusalReason.INVALID_NUM_BATCHES.value,
-        ):
-            required = {
-                self.weighted_by_key: C.DISTREAL_TRAIN_METRICS[C.MACS],
-                core.num_batches_key: C.DISTREAL_TRAIN_METRICS[C.NUM_BATCHES],
-            }
-            optional = {
-                C.NUM_EXAMPLES: C.OPTIONAL_TRAIN_METRICS[C.NUM_EXAMPLES],
-                self.partition_id_key: C.OPTIONAL_TRAIN_METRICS[C.PARTITION_ID],
-                self.straggler_key: C.OPTIONAL_TRAIN_METRICS[C.STRAGGLER],
-                self.available_macs_key: C.OPTIONAL_TRAIN_METRICS[C.AVAILABLE_MACS],
-            }
-            return (
-                "Distreal weights each update by the MACs its client spent (Algorithm 2), so every train "
-                f"reply's MetricRecord {C.METRICS_RECORD!r} must hold {C.describe_keys(required)}; it may add "
-                f"{C.describe_keys(optional)}. A ClientApp written for Flower's FedAvg reports only "
-                f"{C.NUM_EXAMPLES!r}; flwr_distreal.flower.clientapp.build_client_app reports them all."
-            )
-        if reason == RefusalReason.EXCESS_MACS.value:
-            return (
-                f"Every reply claims more MACs than {core.num_batches_key!r} x full_macs_per_sample "
-                f"({self.full_macs_per_sample:g}). {self.weighted_by_key!r} adds, per mini-batch, the forward "
-                "MACs per sample of the (sub)model trained, at most count_macs(model) (not times the batch "
-                "size, nor the backward pass), and full_macs_per_sample must be the full model's "
-                "count_macs(model)."
-            )
-        if reason == RefusalReason.EXCESS_BATCHES.value:
-            return (
-                f"Every reply reports more mini-batches than batch_size={core.batch_size} and "
-                f"local_epochs={core.local_epochs} allow for its node's {self.round_samples_key!r} (or "
-                "max_batches_fn): pass the clients' batch size and local epochs to the strategy."
-            )
-        return super()._contract_hint(reason)
-
-    def summary(self) -> None:
-        """Log DISTREAL's settings, then the base summary."""
-        flwr_log(INFO, "\t├──> DISTREAL (Algorithm 2) settings:")
-        flwr_log(INFO, "\t│\t├── MACs key: %r", self.weighted_by_key)
-        flwr_log(INFO, "\t│\t├── Full model's MACs per sample: %g", self.full_macs_per_sample)
-        flwr_log(
-            INFO,
-            "\t│\t├── Batches bounded by: %s",
-            "max_batches_fn" if self.core.max_batches_fn is not None
-            else f"batch size {self.core.batch_size}, {self.core.local_epochs} local epochs, round-samples"
-            if self.core.batch_size is not None else "the client's num_batches only",
-        )
-        flwr_log(INFO, "\t│\t└── On excess MACs: %s", self.on_excess)
-        super().summary()
-
     def __repr__(self) -> str:
         return (
             f"Distreal(full_macs_per_sample={self.full_macs_per_sample:g}, on_excess={self.on_excess!r}, "
@@ -1154,10 +1273,7 @@ class Distreal(_CoreFedAvg):
         )
 
 
-# --------------------------------------------------------------- FedAvg-type baselines
-
-
-class SmallNetwork(_CoreFedAvg):
+class SmallNetwork(MethodStrategy):
     """Baseline "small network" (Message API): FedAvg on a network that fits the weakest device.
 
     FedAvg weighted by ``weighted_by_key`` (default ``"num-examples"``) with stragglers dropped
@@ -1181,46 +1297,7 @@ class SmallNetwork(_CoreFedAvg):
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
 
-    def __init__(
-        self,
-        *,
-        seed: int = D.SEED,
-        update_bound: float | None = 10.0,
-        on_outlier: OnOutlier = "refuse",
-        update_norm: UpdateNorm = "model",
-        robust: Robust | None = None,
-        trim_beta: float = 0.2,
-        straggler_key: str = C.STRAGGLER,
-        macs_key: str = C.MACS,
-        available_macs_key: str = C.AVAILABLE_MACS,
-        partition_id_key: str = C.PARTITION_ID,
-        properties_timeout: float | None = None,
-        **fedavg_kwargs: Any,
-    ) -> None:
-        core = FedAvgCore(
-            bounds=RoundBounds(
-                update_bound=update_bound,
-                on_outlier=on_outlier,
-                update_norm=update_norm,
-                claim_bound=None,
-                robust=robust,
-                trim_beta=trim_beta,
-            ),
-            macs_key=macs_key,
-            straggler_key=straggler_key,
-            available_macs_key=available_macs_key,
-            partition_id_key=partition_id_key,
-        )
-        super().__init__(
-            core,
-            seed=seed,
-            properties_timeout=properties_timeout,
-            round_samples_key=C.ROUND_SAMPLES,
-            **fedavg_kwargs,
-        )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(seed={self.seed})"
+    method_name = "small"
 
 
 class FullResources(SmallNetwork):
@@ -1229,14 +1306,10 @@ class FullResources(SmallNetwork):
     Every train config carries ``"unlimited": True``. Arguments as :class:`SmallNetwork`.
     """
 
-    def _node_configs(self, server_round: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
-        return {node: {C.UNLIMITED: True} for node in nodes}
+    method_name = "full"
 
 
-# ------------------------------------------------------------------ submodel baselines
-
-
-class SubmodelStrategy(_CoreFedAvg):
+class SubmodelStrategy(MethodStrategy):
     """Shared base of the Message-API baselines that assign a fixed submodel per node.
 
     At round start every drawn node's device gets a forward budget from its availability at
@@ -1289,68 +1362,17 @@ class SubmodelStrategy(_CoreFedAvg):
         If the model name is unknown, ``round_duration`` or ``step_macs_factor`` is not a
         positive finite number, a bound is out of range (``robust`` other than
         "clip-to-median"), or the node minimums are inconsistent.
+    
+    Bound to no method: its subclasses are; ``SubmodelStrategy(method=...)`` runs any
+    registered method of rule ``submodel``.
     """
 
     core: SubmodelCore
-    samples_unidentified = False
 
-    def __init__(
-        self,
-        *,
-        model_name: str,
-        availability_fn: AvailabilityFn,
-        round_duration: float,
-        num_classes: int | None = None,
-        model_kwargs: Mapping[str, Any] | None = None,
-        step_macs_factor: float = D.STEP_MACS_FACTOR,
-        round_samples_fn: Callable[[int], int] | None = None,
-        seed: int = D.SEED,
-        aggregation: SubmodelAggregation = D.AGGREGATION,
-        update_bound: float | None = 10.0,
-        on_outlier: OnOutlier = "refuse",
-        update_norm: UpdateNorm = "model",
-        robust: Robust | None = None,
-        properties_timeout: float | None = None,
-        partition_id_key: str = C.PARTITION_ID,
-        round_samples_key: str = C.ROUND_SAMPLES,
-        straggler_key: str = C.STRAGGLER,
-        macs_key: str = C.MACS,
-        available_macs_key: str = C.AVAILABLE_MACS,
-        **fedavg_kwargs: Any,
-    ) -> None:
-        from ..models import build_model
-
-        SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor, aggregation)
-        _check_minimums(fedavg_kwargs)
-        bounds = RoundBounds(
-            update_bound=update_bound, on_outlier=on_outlier, update_norm=update_norm, claim_bound=None, robust=robust
-        )
-        model: DropoutModel = build_model(model_name, num_classes, **dict(model_kwargs or {}))
-        core = SubmodelCore(
-            self._make_planner(model, int(seed)),
-            availability_fn=availability_fn,
-            round_duration=round_duration,
-            step_macs_factor=step_macs_factor,
-            bounds=bounds,
-            aggregation=aggregation,
-            macs_key=macs_key,
-            straggler_key=straggler_key,
-            available_macs_key=available_macs_key,
-            partition_id_key=partition_id_key,
-        )
-        super().__init__(
-            core,
-            seed=seed,
-            properties_timeout=properties_timeout,
-            round_samples_key=round_samples_key,
-            **fedavg_kwargs,
-        )
-        self.model_name = model_name
-        self.round_samples_fn = round_samples_fn
-
-    @abstractmethod
-    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
-        """The baseline's round-start planner for ``model``."""
+    def __init__(self, method: str | Method | None = None, **kwargs: Any) -> None:
+        super().__init__(method, **kwargs)
+        if self.method.rule != "submodel":
+            raise TypeError(f"{type(self).__name__} runs submodel methods; {self.method.name!r} is rule {self.method.rule!r}")
 
     @property
     def model(self) -> DropoutModel:
@@ -1358,45 +1380,17 @@ class SubmodelStrategy(_CoreFedAvg):
         return self.core.model
 
     @property
+    def model_name(self) -> str:
+        """Registry name of the full model."""
+        return self.core.model.model_name
+
+    @property
     def aggregation(self) -> SubmodelAggregation:
         """The submodel rule: ``"per_weight"`` or ``"all_clients"``."""
         return self.core.aggregation
 
-    def _required_properties(self) -> list[str]:
-        keys = [self.partition_id_key]
-        if self.round_samples_fn is None:
-            keys.append(self.round_samples_key)
-        return keys
-
-    def _node_configs(self, server_round: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
-        if self._keys != self.core.state_keys:
-            raise ValueError(
-                f"the global ArrayRecord's names are not the state_dict names of {self.model_name!r}"
-            )
-        devices: dict[str, tuple[object, object]] = {}
-        for node in nodes:
-            props = self._properties.get(node, {})
-            device_id = props.get(self.partition_id_key)
-            if self.round_samples_fn is not None and is_number(device_id):
-                samples: object = self.round_samples_fn(int(device_id))  # type: ignore[arg-type]
-            else:
-                samples = props.get(self.round_samples_key)
-            devices[str(node)] = (device_id, samples)
-        configs = self.core.plan_round(server_round, devices, logger=log)
-        return {node: configs[str(node)] for node in nodes if str(node) in configs}
-
-    def summary(self) -> None:
-        """Log the submodel settings, then the base summary."""
-        flwr_log(INFO, "\t├──> %s settings:", type(self).__name__)
-        flwr_log(INFO, "\t│\t├── Model: %s (%s dropout layers)", self.model_name, len(self.core.widths))
-        flwr_log(
-            INFO,
-            "\t│\t├── Round duration: %g s, step MACs factor %g",
-            self.core.round_duration,
-            self.core.step_macs_factor,
-        )
-        flwr_log(INFO, "\t│\t└── Aggregation: %s", self.core.aggregation)
-        super().summary()
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model_name={self.model_name!r}, seed={self.seed}, aggregation={self.aggregation!r})"
 
 
 class FederatedDropout(SubmodelStrategy):
@@ -1417,22 +1411,7 @@ class FederatedDropout(SubmodelStrategy):
         The arguments of :class:`SubmodelStrategy` and of FedAvg.
     """
 
-    def __init__(
-        self,
-        *,
-        rate_for_budget: Callable[[float], float] | None = None,
-        rates: Sequence[float] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._rate_args = (rate_for_budget, None if rates is None else list(rates))
-        super().__init__(**kwargs)
-
-    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
-        rate_for_budget, rates = self._rate_args
-        return FederatedDropoutPlanner(model, rate_for_budget=rate_for_budget, rates=rates, seed=seed)
-
-    def __repr__(self) -> str:
-        return f"FederatedDropout(model_name={self.model_name!r}, seed={self.seed}, aggregation={self.aggregation!r})"
+    method_name = "feddropout"
 
 
 class HeteroFL(SubmodelStrategy):
@@ -1453,14 +1432,7 @@ class HeteroFL(SubmodelStrategy):
         The arguments of :class:`SubmodelStrategy` and of FedAvg.
     """
 
-    def __init__(self, *, shrink: float = D.HETEROFL_SHRINK, levels: int = D.HETEROFL_LEVELS, **kwargs: Any) -> None:
-        HeteroFLPlanner.check_args(shrink, levels)
-        self._level_args = (shrink, levels)
-        super().__init__(**kwargs)
-
-    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
-        shrink, levels = self._level_args
-        return HeteroFLPlanner(model, shrink=shrink, levels=levels)
+    method_name = "heterofl"
 
     @property
     def planner(self) -> HeteroFLPlanner:

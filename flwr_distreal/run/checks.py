@@ -26,12 +26,13 @@ from logging import getLogger
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..methods import get_method, list_methods
+
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunConfig
     from ..data import FederatedData
 
 __all__ = [
-    "LUT_STRATEGIES",
     "RAY_RUNTIMES",
     "StartupError",
     "check_classes",
@@ -53,7 +54,6 @@ __all__ = [
 log = getLogger(__name__)
 
 #: Strategies whose devices select dropout vectors from a LUT (the ``lut`` key).
-LUT_STRATEGIES: tuple[str, ...] = ("distreal",)
 
 
 class StartupError(ValueError):
@@ -209,11 +209,12 @@ def warn_unused_lut(strategy_name: str, lut: str | os.PathLike | None, key: str 
     str or None
         The logged warning, or ``None`` when there is nothing to warn about.
     """
-    if not lut or strategy_name in LUT_STRATEGIES or str(lut) in ("learned", "uniform"):
+    users = [name for name in list_methods() if get_method(name).uses_lut]
+    if not lut or strategy_name in users or str(lut) in ("learned", "uniform"):
         return None  # the named LUTs are defaults, not something a user pointed at
     message = (
         f"{key}={lut} is ignored: strategy={strategy_name} does not select dropout vectors from a LUT "
-        f"(only {', '.join(LUT_STRATEGIES)} does)"
+        f"(only {', '.join(users)} do{'es' if len(users) == 1 else ''})"
     )
     log.warning(message)
     return message

@@ -17,15 +17,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..core import defaults as D
-from ..server.aggregate import SUBMODEL_RULES
 from ..training.recipe import DEVICES, SCHEDULES, Recipe
-from ..training.schedule import POLICIES
+from ..methods import (
+    ConfigError,
+    StrategyConfig,
+    SubmodelStrategyConfig,
+    get_method,
+    list_methods,
+)
+from ..methods.distreal import DistrealStrategyConfig
+from ..methods.feddropout import FedDropoutStrategyConfig
+from ..methods.full import FullStrategyConfig
+from ..methods.heterofl import HeteroFLStrategyConfig
+from ..methods.small import SmallStrategyConfig
 
 __all__ = [
     "STRATEGY_SCHEMAS",
@@ -39,6 +50,8 @@ __all__ = [
     "RunConfig",
     "SmallStrategyConfig",
     "StrategyConfig",
+    "SubmodelStrategyConfig",
+    "ConfigError",
     "register_configs",
     "strategy_schema",
     "to_run_config",
@@ -60,8 +73,19 @@ EVALUATE_ON = ("test", "validation")
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
-    """A configuration value is out of range or inconsistent."""
+class _SchemaView(Mapping):
+    """``strategy.name`` -> schema, read live from the methods registry."""
+
+    def __getitem__(self, name: str) -> type[StrategyConfig]:
+        if name not in list_methods():
+            raise KeyError(name)
+        return get_method(name).schema
+
+    def __iter__(self):
+        return iter(list_methods())
+
+    def __len__(self) -> int:
+        return len(list_methods())
 
 
 @dataclass
@@ -107,208 +131,12 @@ class ModelConfig:
     num_classes: Optional[int] = None
 
 
-@dataclass
-class StrategyConfig:
-    """Base schema of the ``strategy`` group: which method runs.
-
-    Every strategy has its own schema extending this one with its options (one
-    :data:`STRATEGY_SCHEMAS` entry per ``name``): :class:`DistrealStrategyConfig`,
-    :class:`FullStrategyConfig`, :class:`SmallStrategyConfig`,
-    :class:`FedDropoutStrategyConfig`, :class:`HeteroFLStrategyConfig`. A key of another
-    strategy is refused, naming the key and the valid keys of this one.
-
-    Options of every strategy: ``static_bn``, static BatchNorm (HeteroFL's sBN): local training
-    normalises with batch statistics and leaves the running statistics alone, and before each
-    server-side evaluation the global model's statistics are recomputed by a cumulative pass over
-    the training data of ``bn_devices`` devices (a seeded sample, fixed for the run); off, clients
-    update the running statistics and the server averages them like weights. On for every method
-    of a comparison, every method is evaluated the same way. A model without BatchNorm
-    (``femnist_cnn``) accepts the key, and it changes nothing (logged once). Off by default;
-    on by default for the submodel baselines (:class:`SubmodelStrategyConfig`).
-    """
-
-    name: str = MISSING
-    # true: static BatchNorm (as HeteroFL's sBN): training normalises with batch statistics, the
-    # server recomputes the statistics from bn_devices devices' training data before each
-    # evaluation. Turn it on for every method of a comparison on a BN model so that all are
-    # evaluated alike (the baselines have it on by default). A no-op for a model without BN.
-    static_bn: bool = False
-    # devices whose training data the server recomputes BN statistics from (seeded sample)
-    bn_devices: int = 10
-
-    def __post_init__(self) -> None:
-        if self.bn_devices < 1:
-            raise ConfigError(f"strategy.bn_devices must be >= 1, got {self.bn_devices}")
-        schema = STRATEGY_SCHEMAS.get(self.name)
-        if schema is None:
-            raise ConfigError(f"strategy.name must be one of {list(STRATEGY_SCHEMAS)}, got {self.name!r}")
-        if type(self) is not schema:
-            raise ConfigError(
-                f"strategy.name={self.name!r} takes the options of {schema.__name__}, not of {type(self).__name__}"
-            )
-
-    def apply_to(self, model: Any) -> None:
-        """Set this strategy's model-level switches on a freshly built model (a
-        :class:`~flwr_distreal.core.dropout.DropoutModel`): static BatchNorm here, more in subclasses."""
-        if model.set_static_bn(self.static_bn) == 0 and self.static_bn:
-            name = getattr(model, "model_name", "") or type(model).__name__
-            if name not in _NO_BN_LOGGED:
-                _NO_BN_LOGGED.add(name)
-                log.info("strategy.static_bn=true: model %s has no BatchNorm layer, so the key changes nothing", name)
-
-    def bn_recompute_devices(self) -> int:
-        """How many devices' training data the server recomputes BatchNorm statistics from
-        before each evaluation: ``bn_devices`` with static BatchNorm, else 0 (the global model's
-        own statistics are used)."""
-        return self.bn_devices if self.static_bn else 0
-
-
-def _check_choice(key: str, value: object, choices: typing.Iterable[str]) -> None:
-    choices = list(choices)
-    if value not in choices:
-        raise ConfigError(f"strategy.{key} must be one of {choices}, got {value!r}")
-
-
-@dataclass
-class DistrealStrategyConfig(StrategyConfig):
-    """DISTREAL (Rapp et al., AAAI 2022).
-
-    ``policy``: the per-batch budget rule (``deadline``, the default: time left * r(t) /
-    batches left; ``paper``: r(t) * T / B, the paper's D[r]). ``stop_at_deadline``: stop at the
-    deadline and send the completed steps, weighted by their MACs. ``on_excess``: ``refuse`` or
-    ``clip`` a reply that claims more MACs than possible. ``inverted_scaling``: a layer that reads
-    ``k`` of a producer's ``C`` channels under the per-batch random dropout multiplies them by
-    ``C / k`` (standard inverted dropout; on by default). ``static_bn``, ``bn_devices``: see
-    :class:`StrategyConfig` (off by default: running statistics, as a plain full model keeps).
-    """
-
-    name: str = "distreal"
-    # deadline: time left * r(t) / samples left per batch; paper: r(t) * T / B (the paper's D[r])
-    policy: str = D.POLICY
-    # stop at the deadline and send the completed steps, weighted by their MACs
-    stop_at_deadline: bool = D.STOP_AT_DEADLINE
-    # refuse or clip a reply that claims more MACs than possible
-    on_excess: str = D.ON_EXCESS
-    # per-batch random dropout scales the k kept of C channels by C/k (inverted dropout,
-    # Srivastava et al. 2014)
-    inverted_scaling: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_choice("policy", self.policy, POLICIES)
-        _check_choice("on_excess", self.on_excess, ("refuse", "clip"))
-
-    def apply_to(self, model: Any) -> None:
-        """Switch the model's static BatchNorm and inverted-dropout scaling."""
-        super().apply_to(model)
-        model.set_inverted_scaling(self.inverted_scaling)
-
-
-@dataclass
-class FullStrategyConfig(StrategyConfig):
-    """Full resources: FedAvg on the full model, no resource limits (only the options of
-    :class:`StrategyConfig`: ``static_bn``, ``bn_devices``)."""
-
-    name: str = "full"
-
-
-@dataclass
-class SmallStrategyConfig(StrategyConfig):
-    """Small network: FedAvg on the model's small variant (``model.small``; only the options of
-    :class:`StrategyConfig`: ``static_bn``, ``bn_devices``)."""
-
-    name: str = "small"
-
-
-@dataclass
-class SubmodelStrategyConfig(StrategyConfig):
-    """Options shared by the submodel baselines (Federated Dropout, HeteroFL).
-
-    ``inverted_scaling``: a consumer of ``k`` of a producer's ``C`` channels of the assigned
-    submodel multiplies them by ``C / k``; off, the submodel trains as the narrower network it
-    is. ``aggregation``: ``per_weight`` (every weight averaged over the clients whose submodel
-    holds it, weighted by examples) or ``all_clients`` (FedAvg over the zero-padded updates: a
-    client that did not train a weight counts with the global value). ``static_bn`` (see
-    :class:`StrategyConfig`) is on by default here: the submodels' running statistics do not
-    describe the full model. The defaults of each baseline and their sources: README,
-    "Baseline conventions".
-    """
-
-    inverted_scaling: bool = True
-    aggregation: str = D.AGGREGATION
-    static_bn: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_choice("aggregation", self.aggregation, SUBMODEL_RULES)
-
-    def apply_to(self, model: Any) -> None:
-        """Switch the model's static BatchNorm and inverted-dropout scaling."""
-        super().apply_to(model)
-        model.set_inverted_scaling(self.inverted_scaling)
-
-
-@dataclass
-class FedDropoutStrategyConfig(SubmodelStrategyConfig):
-    """Federated Dropout (Caldas et al. 2018), extended as in the paper; see
-    :class:`SubmodelStrategyConfig`. Defaults: unscaled submodels, per-weight averaging, static
-    BatchNorm."""
-
-    name: str = "feddropout"
-    # false: the client trains its random subset as a repacked narrower network, unscaled
-    # (DISTREAL paper, Related Work "Train NN Subsets": FD trains "a repacked smaller network";
-    # the DISTREAL authors' own FD, github.com/k1l1/SLT nets/SubsetNets/*.py, has no scaler).
-    # aggregation per_weight: each weight averaged over the clients whose submodel holds it
-    # (k1l1/SLT algorithms/fd.py, model_averaging). static_bn true: k1l1/SLT builds every
-    # BatchNorm of its models (nets/Baseline and nets/SubsetNets densenet_cifar.py,
-    # resnet_cifar.py) with track_running_stats=False: running statistics are never kept; with
-    # running statistics of the submodels averaged, DenseNet-BC-40's full model stays at chance
-    # (README, "Baseline conventions").
-    inverted_scaling: bool = False
-
-
-@dataclass
-class HeteroFLStrategyConfig(SubmodelStrategyConfig):
-    """HeteroFL (Diao, Ding and Tarokh, ICLR 2021); see :class:`SubmodelStrategyConfig`.
-
-    ``shrink``: the shrinking ratio ``s`` in (0, 1) (0.7, the DISTREAL paper's choice);
-    ``levels``: width levels ``s**(p-1)``, ``p = 1 .. levels``. Defaults: scaled submodels,
-    per-weight averaging, static BatchNorm (the paper's sBN).
-    """
-
-    name: str = "heterofl"
-    # s; level p keeps the first ceil(s**(p-1) * C) filters (DISTREAL paper: s = 0.7)
-    shrink: float = D.HETEROFL_SHRINK
-    levels: int = D.HETEROFL_LEVELS
-    # true: HeteroFL's Scaler (paper, section 3 "Scaler"; repository diaoenmao/HeteroFL-...
-    # src/modules/modules.py, on in every run of src/make.py): the k of C kept channels are scaled
-    # by C/k. aggregation per_weight: HeteroFL's per-parameter average over the clients holding it
-    # (src/fed.py, Federation.combine). static_bn true: sBN (paper, section 3 "Static Batch
-    # Normalization"; models built with track_running_stats=False, statistics recomputed before
-    # testing by src/train_classifier_fed.py, stats).
-    inverted_scaling: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 < self.shrink < 1:
-            raise ConfigError(f"strategy.shrink must be in (0, 1), got {self.shrink}")
-        if self.levels < 1:
-            raise ConfigError(f"strategy.levels must be >= 1, got {self.levels}")
-
-
-#: Models already reported as lacking BatchNorm (the static-BN note is logged once per model).
-_NO_BN_LOGGED: set[str] = set()
-
-#: The strategy registry: ``strategy.name`` -> its schema (stored in Hydra's ConfigStore as
-#: ``strategy/base_<name>``, which ``conf/strategy/<name>.yaml`` extends).
-STRATEGY_SCHEMAS: dict[str, type[StrategyConfig]] = {
-    "distreal": DistrealStrategyConfig,
-    "full": FullStrategyConfig,
-    "small": SmallStrategyConfig,
-    "feddropout": FedDropoutStrategyConfig,
-    "heterofl": HeteroFLStrategyConfig,
-}
-STRATEGIES = tuple(STRATEGY_SCHEMAS)
+#: The methods' schemas, from the methods registry (:mod:`flwr_distreal.methods`): ``strategy.name``
+#: -> its schema (stored in Hydra's ConfigStore as ``strategy/base_<name>``, which
+#: ``conf/strategy/<name>.yaml`` extends). A read-only view: a method registered later is in it.
+STRATEGY_SCHEMAS: Mapping[str, type[StrategyConfig]] = _SchemaView()
+#: The registered methods' names at import (a method registered later is in :data:`STRATEGY_SCHEMAS`).
+STRATEGIES = tuple(list_methods())
 
 
 @dataclass
@@ -546,9 +374,9 @@ def strategy_schema(cfg: DictConfig) -> type[StrategyConfig] | None:
     if not isinstance(node, DictConfig) or "name" not in node or OmegaConf.is_missing(node, "name"):
         return None
     name = node.name
-    if name not in STRATEGY_SCHEMAS:
-        raise ConfigError(f"strategy.name must be one of {list(STRATEGY_SCHEMAS)}, got {name!r}")
-    return STRATEGY_SCHEMAS[name]
+    if name not in list_methods():
+        raise ConfigError(f"strategy.name must be one of {list_methods()}, got {name!r}")
+    return get_method(name).schema
 
 
 def _refuse_unknown_keys(cfg: DictConfig, strategy: type[StrategyConfig] | None) -> None:

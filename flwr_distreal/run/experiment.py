@@ -31,6 +31,7 @@ from ..core.allocator import keep_freed_memory
 from .checks import check_classes, check_trace_devices, warn_unused_lut
 from ..flower.legacy.client import TrainerClient
 from .config import ConfigError, RunConfig, to_run_config
+from ..methods import get_method
 from ..core.contract import PARTITION_ID, ROUND_DEADLINE, is_number
 from ..data import DataError, FederatedData, load_federated, node_data_from_npz, regroup
 from ..core.dropout import recompute_bn_statistics
@@ -111,7 +112,9 @@ class Experiment:
             self.data = self.data.split_validation(cfg.validation_fraction, cfg.seed)  # r_max from what remains
         self.num_devices = self.data.num_devices
         self.measured = cfg.resources.kind == "measured"
-        if cfg.deployment and cfg.strategy.name in ("feddropout", "heterofl") and cfg.resources.kind not in (
+        #: The run's method (:mod:`flwr_distreal.methods`): its server rule, client trainer, model.
+        self.method = get_method(cfg.strategy.name)
+        if cfg.deployment and self.method.assigns_submodels and cfg.resources.kind not in (
             "measured",
             "full",
         ):
@@ -128,7 +131,7 @@ class Experiment:
         check_precision(cfg.precision, resolve_device(cfg.device))  # bf16 on a CPU without it: refused at start-up
         self._layout: str | None = None  # cfg.layout resolved (layout=auto: calibrated) by the first build_model
         self.num_classes = check_classes(cfg.model.num_classes, self.data)
-        self.model_name = cfg.model.small if cfg.strategy.name == "small" else cfg.model.name
+        self.model_name = cfg.model.small if self.method.trains_small else cfg.model.name
         probe = build_model(self.model_name, self.num_classes)
         if tuple(probe.input_shape) != tuple(self.data.input_shape):
             raise ConfigError(
@@ -139,10 +142,15 @@ class Experiment:
         # simulation, not in every client; the clients share it (their models are all `probe`'s).
         #: Which LUT the run uses, for ``run.json`` (:func:`lut_record`; no LUT but DISTREAL's).
         self.lut_record: dict[str, Any] = {"lut": None, "lut_sha256": None}
-        self.lut: LUT | None = self._load_lut(probe) if cfg.strategy.name == "distreal" else None
+        self.lut: LUT | None = self._load_lut(probe) if self.method.uses_lut else None
         self.full_forward_macs = count_macs(build_model(cfg.model.name, self.num_classes))
         self.factor = cfg.resources.step_macs_factor
-        self.r_max = [self.r_max_for_samples(n) for n in self.data.partition_sizes()]
+        #: Training samples of every device (known without loading a device: lazy datasets too).
+        self.device_sizes: list[int] = self.data.partition_sizes()
+        # r_max depends on a device's sample count only: computed once per distinct count (FEMNIST's
+        # 3,550 writers have a few hundred), not once per device
+        by_size = {n: self.r_max_for_samples(n) for n in set(self.device_sizes)}
+        self.r_max = [by_size[n] for n in self.device_sizes]
         variability = cfg.resources.variability or cfg.dataset.variability
         # wall-clock mode: no simulated availability, each device measures its own
         self.resources: ResourceModel | None = None
@@ -255,24 +263,26 @@ class Experiment:
             precision=cfg.precision,
             seed=cfg.seed,
         )
+        method = self.method
+        options = method.client_options_of(cfg.strategy)  # e.g. DISTREAL's policy, stop_at_deadline
+        if method.trainer is not None:  # a method with a client trainer of its own (FjORD, ...)
+            if self.measured:
+                raise ConfigError(f"strategy={method.name} has no wall-clock trainer (resources=measured)")
+            return method.trainer(model, loader, device_id, self.resources, options, **common)
         if self.measured:
             timing = dict(margin=cfg.resources.margin)
-            if cfg.strategy.name == "distreal":
+            if method.client == "distreal":
                 trainer = MeasuredDistrealTrainer(
-                    model, loader, device_id, self.lut, policy="deadline", time_table=cfg.resources.time_table,
+                    model, loader, device_id, self.lut, time_table=cfg.resources.time_table,
                     table_path=cfg.resources.table_path or self.default_table_path(device_id),
-                    stop_at_deadline=cfg.strategy.stop_at_deadline,
-                    **timing, **common,
+                    **options, **timing, **common,
                 )
                 trainer.calibrate()  # now, when the node is set up, not inside round 1's deadline
                 return trainer
-            return MeasuredBaselineTrainer(model, loader, device_id, **timing, **common)
-        if cfg.strategy.name == "distreal":
-            return DistrealTrainer(
-                model, loader, device_id, self.lut, self.resources, policy=cfg.strategy.policy,
-                stop_at_deadline=cfg.strategy.stop_at_deadline, **common
-            )
-        return BaselineTrainer(model, loader, device_id, self.resources, **common)
+            return MeasuredBaselineTrainer(model, loader, device_id, **options, **timing, **common)
+        if method.client == "distreal":
+            return DistrealTrainer(model, loader, device_id, self.lut, self.resources, **options, **common)
+        return BaselineTrainer(model, loader, device_id, self.resources, **options, **common)
 
     def default_table_path(self, device_id: int) -> Path:
         """Where a device caches its measured step-time table when ``resources.table_path`` is not
@@ -367,32 +377,12 @@ class Experiment:
             yield from self.data.train_loader(device, self.cfg.batch_size, shuffle=False, augment=False)
 
     def strategy_kwargs(self) -> dict[str, Any]:
-        """Arguments of the strategy classes, common to both APIs: DISTREAL's claim bounds, or the
-        submodel baselines' round-start assignment."""
-        cfg = self.cfg
-        name = cfg.strategy.name
-        own: dict[str, Any] = {}
-        if name == "distreal":
-            # Algorithm 1 adds forward MACs per sample once per mini-batch: the full model's bound
-            own = dict(
-                full_macs_per_sample=self.full_forward_macs,
-                on_excess=cfg.strategy.on_excess,
-                # claims bounded by what the server configured: batches of the device's samples
-                batch_size=cfg.batch_size,
-                local_epochs=cfg.local_epochs,
-            )
-        elif name in ("feddropout", "heterofl"):
-            own = dict(
-                model_name=self.model_name,
-                availability_fn=self.availability,
-                round_duration=cfg.deadline,
-                num_classes=self.num_classes,
-                step_macs_factor=self.factor,
-                seed=cfg.seed,
-            )
-            own["aggregation"] = cfg.strategy.aggregation
-            if name == "heterofl":
-                own.update(shrink=cfg.strategy.shrink, levels=cfg.strategy.levels)
+        """Arguments of the strategy classes, common to both APIs, that the run's method takes
+        from the run (:meth:`flwr_distreal.methods.Method.server_options`: DISTREAL's claim
+        bounds, or the submodel methods' round-start assignment)."""
+        own = self.method.server_options(self)
+        if self.method.rule == "submodel":
+            own["seed"] = self.cfg.seed
         return own
 
     def train_config(self) -> dict[str, Any]:
@@ -444,12 +434,7 @@ class Experiment:
             evaluate_fn=evaluate_fn,
             initial_parameters=ndarrays_to_parameters(arrays),
         )
-        own = self.strategy_kwargs()
-        classes = {
-            "distreal": legacy.Distreal, "full": legacy.FullResources, "small": legacy.SmallNetwork,
-            "feddropout": legacy.FederatedDropout, "heterofl": legacy.HeteroFL,
-        }
-        return classes[cfg.strategy.name](**own, **common)
+        return legacy.MethodStrategy(self.method, **self.strategy_kwargs(), **common)
 
     # -- Flower pieces: Message API ----------------------------------------------------------
     def make_message_strategy(self):
@@ -467,13 +452,8 @@ class Experiment:
         if cfg.deployment:  # real nodes: wait for min_nodes to start, train every connected node
             common.update(fraction_train=1.0, min_train_nodes=1, min_available_nodes=cfg.min_nodes)
         own = self.strategy_kwargs()
-        if cfg.strategy.name in ("distreal", "full", "small"):
-            own["seed"] = cfg.seed
-        classes = {
-            "distreal": serverapp.Distreal, "full": serverapp.FullResources, "small": serverapp.SmallNetwork,
-            "feddropout": serverapp.FederatedDropout, "heterofl": serverapp.HeteroFL,
-        }
-        return classes[cfg.strategy.name](**own, **common)
+        own["seed"] = cfg.seed  # the Message-API strategies draw nodes themselves, seeded
+        return serverapp.MethodStrategy(self.method, **own, **common)
 
 
 class NodeConfigError(ValueError):

@@ -54,10 +54,10 @@ the mini-batch sizes over all local steps).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
-from abc import abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flwr.common import (
@@ -76,30 +76,24 @@ from torch import Tensor
 
 from ...core import contract as C
 from ...core import defaults as D
-from ...server import OnExcess, SubmodelAggregation
-from .client_manager import fetch_properties
 from ...core.contract import decode_subsets, encode_subsets, is_number
-from ...training.trainers import evaluate_model, set_weights
 from ...core.dropout import DropoutModel
+from ...methods import Method, build_core, core_arguments, get_method, list_methods
+from ...methods.base import strategy_signature
 from ...server import (
     AvailabilityFn,
     DistrealCore,
-    OnOutlier,
-    Robust,
-    SHARE_BOUND,
-    RoundBounds,
-    UpdateNorm,
-    FedAvgCore,
-    FederatedDropoutPlanner,
     HeteroFLPlanner,
+    OnExcess,
     Reply,
     ReplyGate,
+    SubmodelAggregation,
     SubmodelCore,
-    SubmodelPlanner,
     as_device_id,
-    full_macs_argument,
     fit_metrics_aggregation,
 )
+from ...training.trainers import evaluate_model, set_weights
+from .client_manager import fetch_properties
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +102,7 @@ __all__ = [
     "FederatedDropout",
     "FullResources",
     "HeteroFL",
+    "MethodStrategy",
     "SmallNetwork",
     "SubmodelStrategy",
     "decode_subsets",
@@ -348,10 +343,162 @@ class _ResourceAwareFedAvg(FedAvg):
         return ndarrays_to_parameters(new_arrays), metrics
 
 
-# ---------------------------------------------------------------------------- DISTREAL
 
 
-class Distreal(_ResourceAwareFedAvg):
+# --------------------------------------------------------------- one strategy, any method
+class MethodStrategy(_ResourceAwareFedAvg):
+    """The legacy-API strategy of any registered method (:mod:`flwr_distreal.methods`).
+
+    The legacy twin of :class:`flwr_distreal.flower.serverapp.MethodStrategy`: the method's
+    record picks the server rule (:func:`flwr_distreal.methods.build_core`) and what each client's
+    fit config carries; the public classes below are this class bound to one method.
+
+    Parameters
+    ----------
+    method : str | Method
+        A registered method's name (or record). Bound classes take none.
+    properties_timeout : float | None, optional
+        Timeout in seconds of each ``get_properties`` call. Defaults to None.
+    round_samples_key : str, optional
+        Client property with the samples of one round. Defaults to ``"round-samples"``.
+    round_samples_fn : Callable[[int], int] | None, optional
+        Rule ``submodel`` only: ``round_samples_fn(device_id)`` instead of the property.
+    device_id_fn : Callable[[ClientProxy], int] | None, optional
+        Rule ``submodel`` only: maps a client proxy to its device id instead of its
+        ``"partition-id"`` property (Flower's ``cid`` is a node id, not the partition id).
+    **kwargs : Any
+        The method's arguments (:func:`flwr_distreal.methods.core_arguments`), then
+        :class:`flwr.server.strategy.FedAvg`'s.
+    """
+
+    #: The method a public subclass is bound to (None: the ``method`` argument names it).
+    method_name: str | None = None
+
+    def __init__(
+        self,
+        method: str | Method | None = None,
+        *,
+        properties_timeout: float | None = None,
+        round_samples_key: str = C.ROUND_SAMPLES,
+        round_samples_fn: Callable[[int], int] | None = None,
+        device_id_fn: Callable[[ClientProxy], int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.method = _bound_method(type(self), method)
+        rule = self.method.rule
+        if rule != "submodel" and (round_samples_fn is not None or device_id_fn is not None):
+            raise TypeError(
+                f"round_samples_fn and device_id_fn are arguments of the submodel methods, not of {self.method.name!r}"
+            )
+        known = core_arguments(self.method)
+        core_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in known}
+        _check_minimums(kwargs)
+        super().__init__(build_core(self.method, **core_kwargs), **kwargs)
+        self.properties_timeout = properties_timeout
+        self.round_samples_key = round_samples_key
+        self.round_samples_fn = round_samples_fn
+        self.device_id_fn = device_id_fn
+        self.seed = int(core_kwargs.get("seed", D.SEED))
+        self._properties: dict[str, dict[str, Scalar]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("method_name"):
+            _bind_signature(cls)
+
+    # -- what the rule needs from the clients --------------------------------------------
+    def _required_properties(self) -> list[str]:
+        if self.method.rule == "macs":
+            core = self.core
+            return [core.partition_id_key] if core.max_batches_fn is not None else [self.round_samples_key]
+        keys = []
+        if self.device_id_fn is None:
+            keys.append(self.core.partition_id_key)
+        if self.round_samples_fn is None:
+            keys.append(self.round_samples_key)
+        return keys
+
+    def _fetch_properties(self, clients: list[ClientProxy]) -> None:
+        """Ask uncached clients for their properties, in parallel, and cache them."""
+        required = self._required_properties()
+        todo = [c for c in clients if c.cid not in self._properties]
+        if required and todo:
+            self._properties.update(fetch_properties(todo, required, self.properties_timeout))
+
+    def _raw_device(self, client: ClientProxy) -> tuple[object, object]:
+        """(device id, round samples) of a client as known, unvalidated."""
+        props = self._properties.get(client.cid, {})
+        if self.device_id_fn is not None:
+            device_id: object = self.device_id_fn(client)
+        else:
+            device_id = props.get(self.core.partition_id_key)
+        if self.round_samples_fn is not None and is_number(device_id):
+            samples: object = self.round_samples_fn(int(device_id))  # type: ignore[arg-type]
+        else:
+            samples = props.get(self.round_samples_key)
+        return device_id, samples
+
+    def _client_configs(
+        self, server_round: int, clients: list[ClientProxy]
+    ) -> dict[str, dict[str, Scalar]]:
+        """Each client's fit config: ``macs``: its ``num_batches`` limit from its properties
+        (asked once per client proxy) when the batches are bounded, and the batch size and local
+        epochs it is bounded by; ``examples``: nothing, or ``unlimited`` for a method without
+        resource limits; ``submodel``: the submodel the planner chose for its device."""
+        core, rule = self.core, self.method.rule
+        if rule == "macs":
+            if core.bounds_batches:
+                self._fetch_properties(clients)
+                core.limit_round(server_round, {c.cid: self._raw_device(c) for c in clients}, logger=log)
+            return {client.cid: core.train_config() for client in clients}
+        if rule == "submodel":
+            if self.device_id_fn is None or self.round_samples_fn is None:
+                self._fetch_properties(clients)
+            return core.plan_round(server_round, {c.cid: self._raw_device(c) for c in clients}, logger=log)
+        if self.method.unlimited:
+            return {client.cid: {C.UNLIMITED: True} for client in clients}
+        return super()._client_configs(server_round, clients)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(method={self.method.name!r}, accept_failures={self.accept_failures})"
+
+
+def _bound_method(cls: type, method: str | Method | None) -> Method:
+    """The method of a strategy: the class's bound one, or the ``method`` argument."""
+    if cls.method_name is not None:
+        if method is not None and get_method(method).name != cls.method_name:
+            raise TypeError(f"{cls.__name__} runs method {cls.method_name!r}; got method={method!r}")
+        return get_method(cls.method_name)
+    if method is None:
+        raise TypeError(f"{cls.__name__} needs a method: one of {list_methods()}")
+    return get_method(method)
+
+
+def _bind_signature(cls: type) -> None:
+    """Give a class bound to a method a constructor whose signature lists that method's
+    arguments and defaults (it calls :meth:`MethodStrategy.__init__`)."""
+    method = get_method(cls.method_name)
+    leading = [
+        inspect.Parameter("properties_timeout", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("round_samples_key", inspect.Parameter.KEYWORD_ONLY, default=C.ROUND_SAMPLES),
+    ]
+    if method.rule == "submodel":
+        leading += [
+            inspect.Parameter("round_samples_fn", inspect.Parameter.KEYWORD_ONLY, default=None),
+            inspect.Parameter("device_id_fn", inspect.Parameter.KEYWORD_ONLY, default=None),
+        ]
+
+    def __init__(self: MethodStrategy, **kwargs: Any) -> None:
+        MethodStrategy.__init__(self, None, **kwargs)
+
+    __init__.__signature__ = strategy_signature(method, leading)  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__doc__ = f"A :class:`MethodStrategy` of method {method.name!r} (arguments: see the class)."
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------- the paper's methods, by name
+class Distreal(MethodStrategy):
     """DISTREAL server: average updates weighted by the MACs each client spent.
 
     Implements Algorithm 2 of Rapp et al. (AAAI 2022):
@@ -449,78 +596,8 @@ class Distreal(_ResourceAwareFedAvg):
         If both or neither of ``full_macs_per_sample`` and ``full_macs_per_batch`` are given.
     """
 
+    method_name = "distreal"
     core: DistrealCore
-
-    def __init__(
-        self,
-        *,
-        full_macs_per_sample: float | None = None,
-        on_excess: OnExcess = D.ON_EXCESS,
-        batch_size: int | None = None,
-        local_epochs: int = D.LOCAL_EPOCHS,
-        max_batches_fn: Callable[[int], int] | None = None,
-        update_bound: float | None = 10.0,
-        on_outlier: OnOutlier = "refuse",
-        update_norm: UpdateNorm = "model",
-        claim_bound: float | None = 10.0,
-        on_claim_outlier: OnOutlier = "clip",
-        share_bound: float | None = SHARE_BOUND,
-        robust: Robust | None = None,
-        trim_beta: float = 0.2,
-        properties_timeout: float | None = None,
-        macs_key: str = C.MACS,
-        num_batches_key: str = C.NUM_BATCHES,
-        straggler_key: str = C.STRAGGLER,
-        available_macs_key: str = C.AVAILABLE_MACS,
-        full_macs_per_batch: float | None = None,
-        **fedavg_kwargs: Any,
-    ) -> None:
-        core = DistrealCore(
-            full_macs_per_sample=full_macs_argument(full_macs_per_sample, full_macs_per_batch),  # type: ignore[arg-type]
-            on_excess=on_excess,
-            batch_size=batch_size,
-            local_epochs=local_epochs,
-            max_batches_fn=max_batches_fn,
-            bounds=RoundBounds(
-                update_bound=update_bound,
-                on_outlier=on_outlier,
-                update_norm=update_norm,
-                claim_bound=claim_bound,
-                on_claim_outlier=on_claim_outlier,
-                share_bound=share_bound,
-                robust=robust,
-                trim_beta=trim_beta,
-            ),
-            macs_key=macs_key,
-            num_batches_key=num_batches_key,
-            straggler_key=straggler_key,
-            available_macs_key=available_macs_key,
-        )
-        super().__init__(core, **fedavg_kwargs)
-        self.properties_timeout = properties_timeout
-        self._properties: dict[str, dict[str, Scalar]] = {}
-
-    def _client_configs(
-        self, server_round: int, clients: list[ClientProxy]
-    ) -> dict[str, dict[str, Scalar]]:
-        """Set every client's ``num_batches`` limit from its properties (asked once per
-        client proxy) when the batches are bounded; every client's config states the batch size
-        and local epochs it is bounded by (``batch-size``, ``local-epochs``)."""
-        core = self.core
-        if core.bounds_batches:
-            required = [core.partition_id_key] if core.max_batches_fn is not None else [C.ROUND_SAMPLES]
-            todo = [c for c in clients if c.cid not in self._properties]
-            if todo:
-                self._properties.update(fetch_properties(todo, required, self.properties_timeout))
-            known = {
-                c.cid: (
-                    self._properties.get(c.cid, {}).get(core.partition_id_key),
-                    self._properties.get(c.cid, {}).get(C.ROUND_SAMPLES),
-                )
-                for c in clients
-            }
-            core.limit_round(server_round, known, logger=log)
-        return {client.cid: core.train_config() for client in clients}
 
     @property
     def full_macs_per_sample(self) -> float:
@@ -545,10 +622,7 @@ class Distreal(_ResourceAwareFedAvg):
         )
 
 
-# --------------------------------------------------------------- FedAvg-type baselines
-
-
-class SmallNetwork(_ResourceAwareFedAvg):
+class SmallNetwork(MethodStrategy):
     """Baseline "small network": FedAvg on a network that fits the weakest device.
 
     The small model (e.g. ``femnist_cnn_small``, DenseNet-BC-19 for CIFAR-10) lives
@@ -575,33 +649,7 @@ class SmallNetwork(_ResourceAwareFedAvg):
         Passed to :class:`flwr.server.strategy.FedAvg`.
     """
 
-    def __init__(
-        self,
-        *,
-        straggler_key: str = C.STRAGGLER,
-        macs_key: str = C.MACS,
-        available_macs_key: str = C.AVAILABLE_MACS,
-        update_bound: float | None = 10.0,
-        on_outlier: OnOutlier = "refuse",
-        update_norm: UpdateNorm = "model",
-        robust: Robust | None = None,
-        trim_beta: float = 0.2,
-        **fedavg_kwargs: Any,
-    ) -> None:
-        core = FedAvgCore(
-            bounds=RoundBounds(
-                update_bound=update_bound,
-                on_outlier=on_outlier,
-                update_norm=update_norm,
-                claim_bound=None,
-                robust=robust,
-                trim_beta=trim_beta,
-            ),
-            macs_key=macs_key,
-            straggler_key=straggler_key,
-            available_macs_key=available_macs_key,
-        )
-        super().__init__(core, **fedavg_kwargs)
+    method_name = "small"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(accept_failures={self.accept_failures})"
@@ -616,16 +664,10 @@ class FullResources(SmallNetwork):
     :class:`SmallNetwork` for the arguments).
     """
 
-    def _client_configs(
-        self, server_round: int, clients: list[ClientProxy]
-    ) -> dict[str, dict[str, Scalar]]:
-        return {client.cid: {C.UNLIMITED: True} for client in clients}
+    method_name = "full"
 
 
-# ------------------------------------------------------------ submodel baselines (base)
-
-
-class SubmodelStrategy(_ResourceAwareFedAvg):
+class SubmodelStrategy(MethodStrategy):
     """Shared base of the baselines that assign a fixed submodel per client at round start.
 
     At round start, for every selected client, the server finds the device id and
@@ -699,73 +741,28 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
         If the model name is unknown, ``round_duration`` or ``step_macs_factor`` is
         not a positive finite number, a bound is out of range (``robust`` other than
         "clip-to-median"), or the FedAvg arguments are inconsistent.
+    
+    Bound to no method: its subclasses are; ``SubmodelStrategy(method=...)`` runs any
+    registered method of rule ``submodel``.
     """
 
     core: SubmodelCore
 
-    def __init__(
-        self,
-        *,
-        model_name: str,
-        availability_fn: AvailabilityFn,
-        round_duration: float,
-        num_classes: int | None = None,
-        model_kwargs: Mapping[str, Any] | None = None,
-        step_macs_factor: float = D.STEP_MACS_FACTOR,
-        round_samples_fn: Callable[[int], int] | None = None,
-        device_id_fn: Callable[[ClientProxy], int] | None = None,
-        seed: int = D.SEED,
-        aggregation: SubmodelAggregation = D.AGGREGATION,
-        update_bound: float | None = 10.0,
-        on_outlier: OnOutlier = "refuse",
-        update_norm: UpdateNorm = "model",
-        robust: Robust | None = None,
-        properties_timeout: float | None = None,
-        partition_id_key: str = C.PARTITION_ID,
-        round_samples_key: str = C.ROUND_SAMPLES,
-        straggler_key: str = C.STRAGGLER,
-        macs_key: str = C.MACS,
-        available_macs_key: str = C.AVAILABLE_MACS,
-        **fedavg_kwargs: Any,
-    ) -> None:
-        from ...models import build_model
-
-        SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor, aggregation)
-        _check_minimums(fedavg_kwargs)
-        bounds = RoundBounds(
-            update_bound=update_bound, on_outlier=on_outlier, update_norm=update_norm, claim_bound=None, robust=robust
-        )
-        model: DropoutModel = build_model(model_name, num_classes, **dict(model_kwargs or {}))
-        core = SubmodelCore(
-            self._make_planner(model, seed),
-            availability_fn=availability_fn,
-            round_duration=round_duration,
-            step_macs_factor=step_macs_factor,
-            bounds=bounds,
-            aggregation=aggregation,
-            macs_key=macs_key,
-            straggler_key=straggler_key,
-            available_macs_key=available_macs_key,
-            partition_id_key=partition_id_key,
-        )
-        super().__init__(core, **fedavg_kwargs)
-        self.model_name = model_name
-        self.round_samples_fn = round_samples_fn
-        self.device_id_fn = device_id_fn
-        self.seed = int(seed)
-        self.properties_timeout = properties_timeout
-        self.round_samples_key = round_samples_key
-        self._properties: dict[str, dict[str, Scalar]] = {}
-
-    @abstractmethod
-    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
-        """The baseline's round-start planner for ``model``."""
+    def __init__(self, method: str | Method | None = None, **kwargs: Any) -> None:
+        super().__init__(method, **kwargs)
+        if self.method.rule != "submodel":
+            raise TypeError(f"{type(self).__name__} runs submodel methods; {self.method.name!r} is rule {self.method.rule!r}")
 
     # state of the core, as attributes of the strategy
     @property
     def model(self) -> DropoutModel:
         """The full model (for MACs and masks)."""
         return self.core.model
+
+    @property
+    def model_name(self) -> str:
+        """Registry name of the full model."""
+        return self.core.model.model_name
 
     @property
     def widths(self) -> list[int]:
@@ -803,48 +800,11 @@ class SubmodelStrategy(_ResourceAwareFedAvg):
 
     def forward_budget(self, device_id: int, server_round: int, round_samples: int) -> float:
         """Forward MACs per sample a device can afford this round, judged at round start
-        (see :meth:`flwr_distreal.server.core.SubmodelCore.forward_budget`)."""
+        (see :meth:`flwr_distreal.server.SubmodelCore.forward_budget`)."""
         return self.core.forward_budget(device_id, server_round, round_samples)
 
-    # -- device look-up ----------------------------------------------------------------
-    def _required_properties(self) -> list[str]:
-        keys = []
-        if self.device_id_fn is None:
-            keys.append(self.partition_id_key)
-        if self.round_samples_fn is None:
-            keys.append(self.round_samples_key)
-        return keys
-
-    def _fetch_properties(self, clients: list[ClientProxy]) -> None:
-        """Ask uncached clients for their properties, in parallel, and cache them."""
-        required = self._required_properties()
-        todo = [c for c in clients if c.cid not in self._properties]
-        if required and todo:
-            self._properties.update(fetch_properties(todo, required, self.properties_timeout))
-
-    def _raw_device(self, client: ClientProxy) -> tuple[object, object]:
-        """(device id, round samples) of a client as known, unvalidated."""
-        props = self._properties.get(client.cid, {})
-        if self.device_id_fn is not None:
-            device_id: object = self.device_id_fn(client)
-        else:
-            device_id = props.get(self.partition_id_key)
-        if self.round_samples_fn is not None and is_number(device_id):
-            samples: object = self.round_samples_fn(int(device_id))  # type: ignore[arg-type]
-        else:
-            samples = props.get(self.round_samples_key)
-        return device_id, samples
-
-    def _client_configs(
-        self, server_round: int, clients: list[ClientProxy]
-    ) -> dict[str, dict[str, Scalar]]:
-        if self.device_id_fn is None or self.round_samples_fn is None:
-            self._fetch_properties(clients)
-        devices = {client.cid: self._raw_device(client) for client in clients}
-        return self.core.plan_round(server_round, devices, logger=log)
-
-
-# -------------------------------------------------------------------- Federated Dropout
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model_name={self.model_name!r}, seed={self.seed}, aggregation={self.aggregation!r})"
 
 
 class FederatedDropout(SubmodelStrategy):
@@ -877,30 +837,12 @@ class FederatedDropout(SubmodelStrategy):
         As :class:`SubmodelStrategy`, or if a rate is outside [0, 0.5].
     """
 
-    def __init__(
-        self,
-        *,
-        rate_for_budget: Callable[[float], float] | None = None,
-        rates: Sequence[float] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._rate_args = (rate_for_budget, None if rates is None else list(rates))
-        super().__init__(**kwargs)
-
-    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
-        rate_for_budget, rates = self._rate_args
-        return FederatedDropoutPlanner(model, rate_for_budget=rate_for_budget, rates=rates, seed=seed)
+    method_name = "feddropout"
 
     @property
     def rate_for_budget(self) -> Callable[[float], float]:
         """Maps a forward-MACs-per-sample budget to a dropout rate."""
         return self.core.planner.rate_for_budget  # type: ignore[attr-defined, no-any-return]
-
-    def __repr__(self) -> str:
-        return f"FederatedDropout(model_name={self.model_name!r}, seed={self.seed}, aggregation={self.aggregation!r})"
-
-
-# ---------------------------------------------------------------------------- HeteroFL
 
 
 class HeteroFL(SubmodelStrategy):
@@ -929,14 +871,7 @@ class HeteroFL(SubmodelStrategy):
         As :class:`SubmodelStrategy`, or if ``shrink`` or ``levels`` is out of range.
     """
 
-    def __init__(self, *, shrink: float = D.HETEROFL_SHRINK, levels: int = D.HETEROFL_LEVELS, **kwargs: Any) -> None:
-        HeteroFLPlanner.check_args(shrink, levels)
-        self._level_args = (shrink, levels)
-        super().__init__(**kwargs)
-
-    def _make_planner(self, model: DropoutModel, seed: int) -> SubmodelPlanner:
-        shrink, levels = self._level_args
-        return HeteroFLPlanner(model, shrink=shrink, levels=levels)
+    method_name = "heterofl"
 
     @property
     def _planner(self) -> HeteroFLPlanner:
