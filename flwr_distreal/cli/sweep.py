@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..methods import get_method, list_methods
+
 __all__ = [
     "METHOD_NAMES",
     "Group",
@@ -33,14 +35,26 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Paper names and order of the methods (Fig. 5b: full, small, DISTREAL, Diao 2021, Caldas 2018).
-METHOD_NAMES = {
-    "full": "Full res. avail. (upper bound)",
-    "small": "Small NN",
-    "distreal": "DISTREAL",
-    "heterofl": "HeteroFL (Diao 2021)",
-    "feddropout": "Fed. Dropout (Caldas 2018)",
-}
+class _MethodNames(Mapping):
+    """``strategy.name`` -> the label reports use (:attr:`flwr_distreal.methods.Method.label`),
+    read live from the methods registry."""
+
+    def __getitem__(self, name: str) -> str:
+        if name not in list_methods():
+            raise KeyError(name)
+        return get_method(name).label
+
+    def __iter__(self):
+        return iter(list_methods())
+
+    def __len__(self) -> int:
+        return len(list_methods())
+
+
+#: The methods' labels, from the registry (Fig. 5b's names for the paper's comparison).
+METHOD_NAMES: Mapping[str, str] = _MethodNames()
+#: Fig. 5b's order (full, small, DISTREAL, Diao 2021, Caldas 2018); other methods follow in
+#: registration order.
 _METHOD_ORDER = ("full", "small", "distreal", "heterofl", "feddropout")
 _DATASET_ORDER = ("femnist", "cifar10", "cifar100")
 _RESOURCE_ORDER = ("full", "constant", "timevarying", "trace", "measured")
@@ -253,15 +267,20 @@ def method_label(strategy: str, lut: str | None = None) -> str:
     ``lut`` ``None``, ``""`` or ``"uniform"``: the uniform LUT (equal rates in every layer);
     ``"learned"``: the DSE's LUT ("DISTREAL"); a file: "DISTREAL (LUT <folder>/<file>)".
     """
-    if strategy != "distreal":
-        return METHOD_NAMES.get(strategy, strategy)
+    base = METHOD_NAMES.get(strategy, strategy)
+    if strategy not in METHOD_NAMES or not get_method(strategy).uses_lut:
+        return base
     name = Path(str(lut)).name if lut else "uniform"
-    if name == "uniform":
-        return "DISTREAL (uniform LUT)"
     if name == "learned":
-        return "DISTREAL"
-    path = Path(str(lut))
-    return f"DISTREAL (LUT {path.parent.name}/{path.name})" if path.parent.name else f"DISTREAL (LUT {path.name})"
+        return base
+    if name == "uniform":
+        what = "uniform LUT"
+    else:
+        path = Path(str(lut))
+        what = f"LUT {path.parent.name}/{path.name}" if path.parent.name else f"LUT {path.name}"
+    if base.endswith(")"):  # "DISTREAL (paper)" -> "DISTREAL (paper, uniform LUT)"
+        return f"{base[:-1]}, {what})"
+    return f"{base} ({what})"
 
 
 def setting_label(config: Mapping[str, Any]) -> str:
@@ -288,7 +307,8 @@ def _setting_key(config: Mapping[str, Any]) -> tuple:
 
 def _method_key(config: Mapping[str, Any], label: str) -> tuple:
     strategy = config.get("strategy.name", "")
-    s = _METHOD_ORDER.index(strategy) if strategy in _METHOD_ORDER else len(_METHOD_ORDER)
+    order = [*_METHOD_ORDER, *(m for m in list_methods() if m not in _METHOD_ORDER)]
+    s = order.index(strategy) if strategy in order else len(order)
     return (s, "uniform" in label, label)
 
 
