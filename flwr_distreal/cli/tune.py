@@ -67,6 +67,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from .callbacks import route_flower_logs
 from ..run.checkpoint import config_differences
 from ..run.checks import check_run_start
+from ..methods import get_method
 from ..run.config import RUNTIMES, STRATEGIES, RunConfig, register_configs, to_run_config
 from ..run.local_runtime import FlwrRunError
 from .main import one_line_errors
@@ -346,10 +347,10 @@ def compose_run(overrides: Sequence[str]) -> tuple[RunConfig, DictConfig]:
 
 
 def _match_of(entry: Entry, node: DictConfig) -> dict[str, Any]:
-    """What identifies ``entry``'s runs for :func:`lookup_tuned_lr`: the strategy, DISTREAL's
-    LUT, and the value of every plain key the variant sets."""
+    """What identifies ``entry``'s runs for :func:`lookup_tuned_lr`: the strategy, its LUT (a
+    method that uses one), and the value of every plain key the variant sets."""
     match: dict[str, Any] = {"strategy.name": entry.strategy}
-    keys = (["lut"] if entry.strategy == "distreal" else []) + entry.keys
+    keys = (["lut"] if get_method(entry.strategy).uses_lut else []) + entry.keys
     for key in keys:
         value = OmegaConf.select(node, key, default=None)
         if not isinstance(value, DictConfig) and not OmegaConf.is_list(value):

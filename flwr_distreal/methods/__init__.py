@@ -9,16 +9,9 @@ Layer: above ``core``, ``models``, ``training`` and ``server`` (it combines them
 ``flower`` and ``run``; no Flower, no Hydra.
 """
 
-# Registration order is the order of listings (reports, the tuner's default methods): the
-# paper's comparison first, then the methods added later.
-from . import distreal  # noqa: F401  (each import registers its method)
-from . import full  # noqa: F401
-from . import small  # noqa: F401
-from . import feddropout  # noqa: F401
-from . import heterofl  # noqa: F401
-from . import distreal_paper  # noqa: F401
-from . import fjord  # noqa: F401
-from . import fedrolex  # noqa: F401
+import importlib
+import pkgutil
+
 from .base import (
     CLIENTS,
     RULES,
@@ -30,6 +23,19 @@ from .base import (
     core_arguments,
 )
 from .registry import get_method, list_methods, register_method, schema_of, unregister_method
+
+#: The modules of this package that are not methods.
+_NOT_METHODS = frozenset({"base", "registry"})
+
+# Every other module here is a method and registers itself when imported: adding a method is
+# one file here (plus its YAML), no list to edit. The paper's five first (the order of the
+# listings), then the rest alphabetically.
+_FIRST = ("distreal", "full", "small", "feddropout", "heterofl")
+for _name in sorted(
+    (m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_METHODS),
+    key=lambda n: (_FIRST.index(n) if n in _FIRST else len(_FIRST), n),
+):
+    importlib.import_module(f"{__name__}.{_name}")
 
 __all__ = [
     "CLIENTS",

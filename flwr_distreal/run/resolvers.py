@@ -21,6 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError
+from ..methods import get_method, list_methods
 
 __all__ = ["CONF_DIR", "TUNED_DIR", "TuneError", "load_tuned", "lookup_tuned_lr", "register_resolvers", "tuned_path"]
 
@@ -106,12 +107,13 @@ def lookup_tuned_lr(setting: str, value_of: Callable[[str], Any]) -> float:
             found.append((len(match), name, entry))
     if not found:
         lut = value_of("lut")
+        lut_note = strategy in list_methods() and get_method(strategy).uses_lut  # a LUT method: name its LUT
         commands = sorted({str(e.get("command")) for e in data["strategies"].values() if e.get("command")})
         written = f"; it was written by: {commands[0]}" if commands else ""
         raise TuneError(
             f"tuned_lr:{setting}: {path} has no entry for strategy={strategy}"
-            f"{f' lut={lut}' if strategy == 'distreal' else ''} (its entries: {list(data['strategies'])}); "
-            f"tune it with the same command and 'tune.strategies=[\"{strategy}{f'@lut={lut}' if strategy == 'distreal' else ''}\"]'"
+            f"{f' lut={lut}' if lut_note else ''} (its entries: {list(data['strategies'])}); "
+            f"tune it with the same command and 'tune.strategies=[\"{strategy}{f'@lut={lut}' if lut_note else ''}\"]'"
             f"{written}"
         )
     found.sort(key=lambda t: -t[0])

@@ -489,7 +489,7 @@ def _bind_signature(cls: type) -> None:
         ]
 
     def __init__(self: MethodStrategy, **kwargs: Any) -> None:
-        MethodStrategy.__init__(self, None, **kwargs)
+        MethodStrategy.__init__(self, kwargs.pop("method", None), **kwargs)  # a method= is refused there
 
     __init__.__signature__ = strategy_signature(method, leading)  # type: ignore[attr-defined]
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
