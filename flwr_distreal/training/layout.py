@@ -41,6 +41,9 @@ import numpy as np
 import torch
 
 from ..core.dropout import DropoutModel
+from ..core.lut import LUT
+from .recipe import Recipe
+from .step import LocalStep
 
 __all__ = [
     "LAYOUTS",
@@ -157,10 +160,6 @@ def measure_layouts(
     dict
         ``{"channels_last": {"full": s, "compact": s}, "nchw": {...}}``.
     """
-    from ..core.lut import LUT
-    from .recipe import Recipe
-    from .trainers import LocalStep
-
     if repeats < 1 or warmup < 0 or batch_size < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, batch_size >= 1; got {repeats}, {warmup}, {batch_size}")
     base = _build(model_name, num_classes, False, model_kwargs or {})

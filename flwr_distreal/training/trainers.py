@@ -18,17 +18,26 @@ step runs inside ``DistrealRound.batches``.
 round start in ``"fixed-subsets"`` (Federated Dropout, HeteroFL). If the device's
 resources drop during the round, it misses the deadline and becomes a straggler.
 
-Both plan the round on the simulated clock first (see :mod:`flwr_distreal.training.schedule`; DISTREAL
+The clock is a strategy object the trainer takes (``clock=``, :mod:`flwr_distreal.training.clock`),
+not a class of its own: the trainer decides what a mini-batch trains, the clock when the round
+ends. On the :class:`~flwr_distreal.training.clock.SimulatedClock` (the default, from
+``resources``) both plan the round first (see :mod:`flwr_distreal.training.schedule`; DISTREAL
 with :meth:`DistrealRound.forecast <flwr_distreal.training.loop.DistrealRound.forecast>`) and, with
 ``skip_straggler_training`` (default), do not spend wall time training an update the server will
-discard anyway. Arrays are the ``state_dict()`` values in order.
+discard anyway. On the :class:`~flwr_distreal.training.clock.MeasuredClock` (a real deadline)
+they decide per mini-batch while training (:meth:`DeviceTrainer.measured_choice`);
+``MeasuredDistrealTrainer`` and ``MeasuredBaselineTrainer`` (:mod:`flwr_distreal.training.wallclock`)
+are these trainers with that clock. Arrays are the ``state_dict()`` values in order.
 
-Every trainer kind (these two and the wall-clock ones of :mod:`flwr_distreal.training.wallclock`) trains
-with the run's :class:`~flwr_distreal.training.recipe.Recipe` through one step helper, :class:`LocalStep`:
+Every trainer kind trains with the run's :class:`~flwr_distreal.training.recipe.Recipe` through one step helper, :class:`LocalStep`:
 the round's learning rate from the schedule, SGD with the recipe's momentum and weight decay
 (in a :class:`~flwr_distreal.core.dropout.DroppedWeightGuard`), and gradient-norm clipping between the
 backward pass and the optimiser step. A step whose loss is not finite ends the round's training:
 the device reports the steps before it, ``train_loss`` NaN and ``incomplete`` for the rest.
+
+(:class:`LocalStep`, :func:`forward_backward`, :func:`evaluate_model`, :class:`TrainResult`,
+:func:`get_weights` and :func:`set_weights` live in :mod:`flwr_distreal.training.step` and are
+re-exported here.)
 
 Precision (``precision``, see :mod:`flwr_distreal.core.precision`): every trainer kind passes it to
 its :class:`LocalStep`, whose forward pass runs under autocast (``bf16``: on CPUs with native
@@ -45,25 +54,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..core import contract as C
 from ..core import defaults as D
-from ..core.dropout import DroppedWeightGuard, DropoutModel
-from .loop import DistrealRound, round_metrics
+from ..core.dropout import DropoutModel
 from ..core.lut import LUT
 from ..core.macs import count_macs, macs_of_counts
-from ..core.precision import autocast, check_precision, make_grad_scaler
+from ..core.precision import check_precision
+from ..core.resources import ResourceModel, RoundClock
+from .clock import MeasuredClock, Pick, SimulatedClock
+from .loop import DistrealRound, round_metrics
 from .recipe import Recipe
-from ..core.resources import ResourceModel
 from .schedule import POLICIES, RoundPlan, batch_sizes, plan_fixed_round
+from .step import LocalStep, NDArrays, Scalar, TrainResult, evaluate_model, forward_backward, get_weights, set_weights
+from .throughput import WallclockError
 
 __all__ = [
     "BaselineTrainer",
@@ -77,204 +87,19 @@ __all__ = [
     "set_weights",
 ]
 
-NDArrays = list[np.ndarray]
-Scalar = Any  # bool, int, float, str: what a train config or a metric holds
-
-
-@dataclass
-class TrainResult:
-    """What a device sends back after a round: trained arrays, examples trained, metrics."""
-
-    arrays: NDArrays
-    num_examples: int
-    metrics: dict[str, Scalar]
-
 log = logging.getLogger(__name__)
 
 
-def get_weights(model: torch.nn.Module) -> NDArrays:
-    """The model's ``state_dict`` values as C-ordered NumPy arrays (whatever the tensors' memory
-    layout, e.g. channels-last), in order."""
-    return [v.detach().cpu().numpy().copy(order="C") for v in model.state_dict().values()]
-
-
-def set_weights(model: torch.nn.Module, arrays: NDArrays) -> None:
-    """Load arrays (``state_dict`` order) into the model, refusing a mismatch."""
-    state = model.state_dict()
-    if len(arrays) != len(state):
-        raise ValueError(
-            f"got {len(arrays)} arrays for a model with {len(state)} state entries: one array for each "
-            "of its state_dict entries, in order (wrong model for these parameters?)"
-        )
-    new = {}
-    for (key, ref), arr in zip(state.items(), arrays):
-        if tuple(arr.shape) != tuple(ref.shape):
-            raise ValueError(f"array for {key} has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}")
-        new[key] = torch.as_tensor(np.asarray(arr), dtype=ref.dtype)
-    model.load_state_dict(new, strict=True)
-
-
-def evaluate_model(
-    model: DropoutModel,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    device: str | torch.device = "cpu",
-    precision: str = "fp32",
-) -> tuple[float, float, int]:
-    """Mean cross-entropy loss, accuracy and sample count of the full model (eval mode, no
-    dropout, no fixed subsets) on ``loader``.
-
-    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``): the forward pass runs under autocast
-    (:func:`flwr_distreal.core.precision.autocast`); the loss is computed in float32.
-
-    Raises
-    ------
-    ValueError
-        If the loader yields no samples.
-    """
-    model.set_dropout(None)
-    model.set_fixed_subsets(None)
-    model.eval()
-    total_loss, correct, n = 0.0, 0, 0
-    with torch.no_grad():
-        for inputs, labels in loader:
-            inputs, labels = inputs.to(device), labels.to(device)
-            with autocast(precision, device):
-                logits = model(inputs)
-            logits = logits.float()
-            total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == labels).sum())
-            n += int(labels.shape[0])
-    if n == 0:
-        raise ValueError("the evaluation loader yielded no samples")
-    return total_loss / n, correct / n, n
-
-
-def forward_backward(
-    model: DropoutModel, opt: Any, x: torch.Tensor, y: torch.Tensor, vector: Any, precision: str | None = None
-) -> torch.Tensor:
-    """A local step up to (not including) the optimiser step: set the step's dropout vector,
-    forward (under autocast unless fp32), cross-entropy in float32, clear the gradients,
-    backward (of the scaled loss when ``opt`` has a GradScaler). Returns the detached loss.
-
-    Parameters
-    ----------
-    model : DropoutModel
-        The model, in training mode.
-    opt : LocalStep or optimiser
-        Anything with ``zero_grad()``.
-    x, y : Tensor
-        The mini-batch, on the model's device.
-    vector : array-like or None
-        The dropout vector of the step (``None``: no random dropout).
-    precision : str, optional
-        ``"fp32"``, ``"bf16"`` or ``"fp16"``; default: ``opt.precision`` (a :class:`LocalStep`'s),
-        else ``"fp32"``.
-    """
-    if precision is None:
-        precision = getattr(opt, "precision", "fp32")
-    model.set_dropout(vector)
-    with autocast(precision, x.device):
-        logits = model(x)
-    loss = F.cross_entropy(logits.float(), y)  # outside autocast: the loss is float32
-    opt.zero_grad()
-    scaler = getattr(opt, "scaler", None)
-    (loss if scaler is None else scaler.scale(loss)).backward()
-    return loss.detach()
-
-
-class LocalStep:
-    """One local SGD step under a :class:`~flwr_distreal.training.recipe.Recipe`: the single place where
-    every trainer kind (DISTREAL, the baselines, and their wall-clock versions) trains.
-
-    Built once per round: SGD at the round's learning rate ``recipe.lr_at(server_round)`` with
-    the recipe's momentum and weight decay, wrapped in a :class:`DroppedWeightGuard`. A step is
-    :meth:`forward_backward` then :meth:`step` (clip the gradient norm to ``clip_norm`` when
-    set, then the optimiser step); calling the object does both, skipping the update when the
-    loss is not finite. It has the ``zero_grad``/``step``/``param_groups`` of an optimiser, so
-    the wall-clock calibration times the very same step.
-
-    Parameters
-    ----------
-    model : DropoutModel
-        The model it trains.
-    recipe : Recipe
-        The run's training recipe.
-    server_round : int (default: 1)
-        The round (1-based): picks the learning rate.
-    precision : {"fp32", "bf16", "fp16"} (default: "fp32")
-        The forward pass's autocast dtype (:mod:`flwr_distreal.core.precision`; checked by the
-        trainer at start-up). ``fp16`` adds a GradScaler: the loss is scaled before backward and
-        the gradients unscaled before clipping; a step with non-finite gradients is skipped.
-
-    Attributes
-    ----------
-    lr : float
-        The round's learning rate.
-    scaler : torch.amp.GradScaler or None
-        The loss scaler (``fp16`` only).
-    last_grad_norm : float or None
-        Global L2 norm of the last step's gradient before clipping (``None`` without clipping).
-    """
-
-    def __init__(self, model: DropoutModel, recipe: Recipe, server_round: int = 1, precision: str = "fp32") -> None:
-        self.model = model
-        self.recipe = recipe
-        self.precision = precision
-        device = next(model.parameters()).device
-        self.scaler = make_grad_scaler(precision, device)
-        self.lr = recipe.lr_at(server_round)
-        self.clip_norm = recipe.clip_norm
-        self.optimizer = DroppedWeightGuard(
-            torch.optim.SGD(model.parameters(), lr=self.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay),
-            model,
-        )
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
-        self.last_grad_norm: float | None = None
-
-    @property
-    def param_groups(self) -> list[dict]:
-        """The optimiser's parameter groups."""
-        return self.optimizer.param_groups
-
-    def zero_grad(self) -> None:
-        """Clear the gradients."""
-        self.optimizer.zero_grad()
-
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, vector: Any) -> torch.Tensor:
-        """Set ``vector``, forward, backward (no update); returns the detached loss."""
-        return forward_backward(self.model, self, x, y, vector)
-
-    def step(self) -> None:
-        """Clip the gradient's global norm to ``clip_norm`` (when set), then update (through the
-        GradScaler with ``fp16``)."""
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.clip_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
-            self.last_grad_norm = float(norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, vector: Any) -> float:
-        """One whole step; returns its loss. A non-finite loss clears the gradients and does not
-        update (the caller ends the round)."""
-        loss = float(self.forward_backward(x, y, vector))
-        if not math.isfinite(loss):
-            self.zero_grad()
-            return loss
-        self.step()
-        return loss
-
-
 class DeviceTrainer:
-    """One device's local training: data, simulated clock, training a plan, metrics.
+    """One device's local training: data, recipe, a clock, training a round, metrics.
 
-    Subclasses implement :meth:`plan` (which (sub)model each mini-batch trains and when the
-    round ends on the device's clock); :meth:`fit` runs a whole round.
+    The trainer decides what each mini-batch trains; its clock (``clock=``, a strategy object of
+    :mod:`flwr_distreal.training.clock`) decides when the round ends: :meth:`fit` hands the
+    round to ``clock.fit``. :class:`~flwr_distreal.training.clock.SimulatedClock` (the default,
+    from ``resources``) calls back :meth:`simulated_fit` (subclasses implement :meth:`plan`:
+    which (sub)model each mini-batch trains and when the round ends on the simulated clock);
+    :class:`~flwr_distreal.training.clock.MeasuredClock` runs the round step by step and asks
+    :meth:`measured_choice` for each mini-batch's (sub)model.
     """
 
     def __init__(
@@ -295,8 +120,15 @@ class DeviceTrainer:
         torch_device: str = "cpu",
         seed: int | None = None,
         precision: str = D.PRECISION,
+        clock: SimulatedClock | MeasuredClock | None = None,
     ) -> None:
         self.precision = check_precision(precision, torch_device)
+        if clock is None:
+            clock = SimulatedClock(resources, r_max)
+        elif not isinstance(clock, (SimulatedClock, MeasuredClock)):
+            raise TypeError(f"clock must be a SimulatedClock or a MeasuredClock, got {type(clock).__name__}")
+        elif resources is not None or r_max is not None:
+            raise ValueError("pass resources and r_max either to the SimulatedClock or to the trainer, not with a clock")
         if recipe is None:  # the old keyword arguments: a constant recipe, validated by Recipe
             given = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
             recipe = Recipe.constant(**{k: v for k, v in given.items() if v is not None})
@@ -321,6 +153,10 @@ class DeviceTrainer:
         self.sizes = batch_sizes(
             self.num_samples, int(train_loader.batch_size or 1), self.local_epochs, bool(train_loader.drop_last)
         )
+        if isinstance(clock, SimulatedClock) and clock.resources is not None:
+            self.resources, self.r_max = clock.resources, clock.r_max
+        self.clock = clock
+        clock.bind(self)
 
     @property
     def lr(self) -> float:
@@ -357,7 +193,25 @@ class DeviceTrainer:
         return {C.PARTITION_ID: self.device_id, C.ROUND_SAMPLES: int(sum(self.sizes))}
 
     def fit(self, arrays: NDArrays, config: Mapping[str, Scalar]) -> TrainResult:
-        """Run one round: load the global arrays, plan on the clock, train, report.
+        """Run one round on the trainer's clock (``clock.fit``).
+
+        Parameters
+        ----------
+        arrays : list of np.ndarray
+            The global model (``state_dict`` order).
+        config : Mapping
+            The train config (:mod:`flwr_distreal.core.contract`), ``server-round`` at least
+            (and ``round-deadline`` / ``round-deadline-at`` on the measured clock).
+
+        Returns
+        -------
+        TrainResult
+            The trained arrays, the samples trained and the metrics.
+        """
+        return self.clock.fit(self, arrays, config)
+
+    def simulated_fit(self, arrays: NDArrays, config: Mapping[str, Scalar]) -> TrainResult:
+        """The round on the simulated clock: load the global arrays, plan on the clock, train, report.
 
         Parameters
         ----------
@@ -398,14 +252,39 @@ class DeviceTrainer:
         if isinstance(generator, torch.Generator):
             generator.manual_seed(int(loader_seed))
 
-    def clock(self, server_round: int, config: Mapping[str, Scalar]):
-        """The device's simulated clock for the round, or ``None`` when unlimited."""
-        if self.resources is None or bool(config.get(C.UNLIMITED, False)):
-            return None
-        return self.resources.clock(self.device_id, server_round, self.r_max)
+    def round_clock(self, server_round: int, config: Mapping[str, Scalar]) -> RoundClock | None:
+        """The device's simulated clock for the round, or ``None`` when unlimited.
+
+        Raises
+        ------
+        WallclockError
+            On the measured clock: a measured device cannot plan a round ahead.
+        """
+        if not isinstance(self.clock, SimulatedClock):
+            raise WallclockError("a measured trainer cannot plan a round ahead; its fit() decides per mini-batch")
+        return self.clock.round_clock(self.device_id, server_round, config)
 
     def plan(self, server_round: int, config: Mapping[str, Scalar]) -> RoundPlan:  # pragma: no cover
         raise NotImplementedError
+
+    def measured_choice(
+        self, clock: MeasuredClock, start: float, deadline: float
+    ) -> tuple[Callable[[int, float, Sequence[int]], Pick | None], bool]:  # pragma: no cover
+        """The measured clock's question: what mini-batch ``j`` trains, given the time and the
+        sizes left (``None``: stop); and whether the round stops at the deadline."""
+        raise NotImplementedError
+
+    def calibration_lut(self) -> LUT:  # pragma: no cover
+        """The LUT whose vectors the measured clock's step-time table covers."""
+        raise NotImplementedError
+
+    def forward_backward(self, opt: Any, x: torch.Tensor, y: torch.Tensor, vector: Any) -> torch.Tensor:
+        """Set the step's dropout vector, run forward and backward (no optimiser step).
+
+        The unit of work the measured clock times, with the optimiser step after it; tests
+        override it to advance a fake clock.
+        """
+        return forward_backward(self.model, opt, x, y, vector)
 
     def prepare(self, config: Mapping[str, Scalar]) -> None:
         """Set the model up for the round (fixed subsets for baselines)."""
@@ -530,6 +409,11 @@ class DistrealTrainer(DeviceTrainer):
     precision : {"fp32", "bf16", "fp16"} (default: "fp32")
         Autocast dtype of every forward pass (:mod:`flwr_distreal.core.precision`). Checked here:
         ``bf16`` on a CPU without native bf16, or ``fp16`` off CUDA, is a ``ValueError``.
+    clock : SimulatedClock or MeasuredClock, optional
+        The round's clock (:mod:`flwr_distreal.training.clock`); default
+        ``SimulatedClock(resources, r_max)``. With a clock, ``resources`` and ``r_max`` are
+        ``None`` (theirs). ``MeasuredClock(...)``: the wall-clock mode
+        (:class:`~flwr_distreal.training.wallclock.MeasuredDistrealTrainer`).
 
     Notes
     -----
@@ -565,7 +449,7 @@ class DistrealTrainer(DeviceTrainer):
         return DistrealRound(
             self.model,
             self.lut,
-            self.clock(server_round, config),
+            self.round_clock(server_round, config),
             device_id=self.device_id,
             server_round=server_round,
             policy=self.policy,
@@ -583,8 +467,8 @@ class DistrealTrainer(DeviceTrainer):
         <flwr_distreal.training.loop.DistrealRound.forecast>`)."""
         return self.begin_round(server_round, config).forecast()
 
-    def fit(self, arrays: NDArrays, config: Mapping[str, Scalar]) -> TrainResult:
-        """Run one round: load the global arrays, then train inside
+    def simulated_fit(self, arrays: NDArrays, config: Mapping[str, Scalar]) -> TrainResult:
+        """The round on the simulated clock: load the global arrays, then train inside
         :meth:`DistrealRound.batches <flwr_distreal.training.loop.DistrealRound.batches>` (see
         :meth:`DeviceTrainer.fit` for the parameters and the result)."""
         self.load(arrays)
@@ -623,6 +507,38 @@ class DistrealTrainer(DeviceTrainer):
         finally:
             batches.close()  # clears the dropout vector
 
+    def calibration_lut(self) -> LUT:
+        """The LUT itself: the measured clock times its vectors."""
+        return self.lut
+
+    def measured_choice(
+        self, clock: MeasuredClock, start: float, deadline: float
+    ) -> tuple[Callable[[int, float, Sequence[int]], Pick | None], bool]:
+        """On the measured clock, before every mini-batch: the LUT vector that fits the time
+        left (:meth:`MeasuredClock.pick <flwr_distreal.training.clock.MeasuredClock.pick>`), the
+        full model when unlimited. Calibrates the step-time table first if there is none."""
+        unlimited = math.isinf(deadline)
+        if not unlimited and clock.time_table is None:
+            clock.calibrate(self, self.calibration_lut())
+        table = clock.time_table
+        sizes_total = int(sum(self.sizes))
+        lut_rates = [float(np.mean(v)) for v in self.lut.vectors]
+
+        def choose(j: int, now: float, left: Sequence[int]) -> Pick | None:
+            if unlimited:
+                return Pick(None, -1, 0.0, clock.full_macs, 1.0)
+            assert table is not None
+            c = clock.pick(
+                now, deadline, left, policy=self.policy, round_time=deadline - start, round_samples=sizes_total,
+                stop_at_deadline=self.stop_at_deadline,
+            )
+            if c is None:
+                return None
+            i = int(c.index)  # type: ignore[arg-type]
+            return Pick(self.lut.vectors[i], i, lut_rates[i], int(table.macs[i]), table.rel_time[i], c.predicted, c.budget)
+
+        return choose, self.stop_at_deadline
+
 
 class BaselineTrainer(DeviceTrainer):
     """Device of the baselines: a (sub)model fixed for the whole round.
@@ -636,6 +552,8 @@ class BaselineTrainer(DeviceTrainer):
     Parameters are those of :class:`DistrealTrainer` without ``lut`` and ``policy``.
     """
 
+    _kept: list[int] | None = None  # kept channels per dropout group of the round's submodel (None: full)
+
     def prepare(self, config: Mapping[str, Scalar]) -> None:
         text = config.get(C.FIXED_SUBSETS)
         if text is None:
@@ -647,9 +565,10 @@ class BaselineTrainer(DeviceTrainer):
         self._kept = [m.out_channels if s is None else int(s.numel()) for s, m in zip(subsets, self.model.dropout_layers)]
 
     def plan(self, server_round: int, config: Mapping[str, Scalar]) -> RoundPlan:
+        clock = self.round_clock(server_round, config)
         self.prepare(config)
         fwd = count_macs(self.model) if self._kept is None else macs_of_counts(self.model, self._kept)
-        return plan_fixed_round(self.clock(server_round, config), fwd, self.sizes, self.step_macs_factor)
+        return plan_fixed_round(clock, fwd, self.sizes, self.step_macs_factor)
 
     def metrics(self, plan: RoundPlan, loss: float) -> dict[str, Scalar]:
         out = super().metrics(plan, loss)
@@ -657,3 +576,28 @@ class BaselineTrainer(DeviceTrainer):
             widths = self.model.layer_widths
             out[C.MEAN_DROPOUT] = float(np.mean([1 - k / w for k, w in zip(self._kept, widths)]))
         return out
+
+    def calibration_lut(self) -> LUT:
+        """Equal-rate submodels: what the fixed-subset baselines train (a table over them is
+        interpolated in MACs for any submodel)."""
+        return LUT.uniform(self.model)
+
+    def measured_choice(
+        self, clock: MeasuredClock, start: float, deadline: float
+    ) -> tuple[Callable[[int, float, Sequence[int]], Pick | None], bool]:
+        """On the measured clock: the round's fixed (sub)model on every mini-batch, however long
+        it takes (never stops at the deadline). Without a step-time table the step time is taken
+        as proportional to MACs."""
+        kept = self._kept
+        fwd = clock.full_macs if kept is None else int(macs_of_counts(self.model, kept))
+        if kept is None:
+            rel, rate = 1.0, 0.0
+        else:
+            table = clock.time_table
+            rel = table.rel_time_of_macs(fwd) if table is not None else max(fwd, 1) / clock.full_macs
+            rate = float(np.mean([1 - k / w for k, w in zip(kept, self.model.layer_widths)]))
+
+        def choose(j: int, now: float, left: Sequence[int]) -> Pick:
+            return Pick(None, -1, rate, fwd, rel)
+
+        return choose, False
