@@ -46,7 +46,7 @@ FORBIDDEN = ("flwr", "hydra")
 #: shrinks: a listed module that is split below the limit must leave it).
 MAX_LINES = 800
 OVERSIZE = {
-    "core.dropout", "flower.serverapp", "flower.legacy.strategy",
+    "flower.serverapp", "flower.legacy.strategy",
 }
 
 
