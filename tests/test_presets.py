@@ -16,13 +16,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from flwr_distreal.cli.callbacks import ConsoleFilter, SweepReport, count_sweep_jobs, route_flower_logs
+from flwr_distreal.methods import get_method
 from flwr_distreal.run.config import register_configs, to_run_config
 
 from conftest import compose_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("fig*.yaml"))  # the figures; main_digits: see test_main_job
-ALL_METHODS = {"full", "small", "distreal", "distreal_uniform", "heterofl", "feddropout"}
+ALL_METHODS = {"full", "small", "distreal", "distreal_paper", "distreal_uniform", "heterofl", "feddropout", "fjord", "fedrolex"}
 
 register_configs()
 
@@ -74,7 +75,8 @@ def test_bn_models_evaluate_every_method_alike(preset):
     bn_model = "cifar" in preset
     for method in sorted(ALL_METHODS):
         run = to_run_config(compose_config(f"+experiment={preset}", "lr=0.1", f"method={method}"))
-        assert run.strategy.static_bn is bn_model or run.strategy.name in {"heterofl", "feddropout"}, method
+        # the submodel methods keep static BN on (their sources' sBN) on the BN-free CNN too
+        assert run.strategy.static_bn is bn_model or get_method(run.strategy.name).assigns_submodels, method
         assert run.strategy.bn_recompute_devices() == (10 if run.strategy.static_bn else 0)
     assert not to_run_config(
         compose_config(f"+experiment={preset}", "lr=0.1", "method=distreal", "strategy.static_bn=false")
@@ -100,11 +102,12 @@ def test_fig6_sweeps_lambda_for_distreal_and_the_submodel_baselines(preset):
     sweep = _sweep(preset)
     assert sweep["resources.lam"] == ["0.5", "1", "2", "4"]
     assert sweep["seed"] == ["0", "1", "2"]
-    assert set(sweep["method"]) == {"distreal", "heterofl", "feddropout"}
+    # the paper's Fig. 6 methods, the paper-literal DISTREAL and the two closest peers
+    assert set(sweep["method"]) == {"distreal", "distreal_paper", "heterofl", "feddropout", "fjord", "fedrolex"}
     assert to_run_config(compose_config(f"+experiment={preset}", "lr=0.1")).resources.kind == "timevarying"
 
 
-@pytest.mark.parametrize(("preset", "jobs"), [("fig5_femnist", 18), ("fig5_cifar10", 18), ("fig6_cifar10", 36)])
+@pytest.mark.parametrize(("preset", "jobs"), [("fig5_femnist", 27), ("fig5_cifar10", 27), ("fig6_cifar10", 72)])
 def test_sweep_size_and_directory(preset, jobs):
     cfg = compose_config(f"+experiment={preset}", hydra_node=True)
     assert count_sweep_jobs(cfg) == jobs
@@ -153,8 +156,8 @@ def test_the_tuned_lr_resolves_per_method(tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", sorted(ALL_METHODS))
 def test_method_options_set_strategy_and_lut(method):
     run = to_run_config(compose_config(f"+method={method}"))
-    assert run.strategy.name == method.split("_")[0]
-    if method.startswith("distreal"):
+    assert run.strategy.name == ("distreal" if method == "distreal_uniform" else method)
+    if get_method(run.strategy.name).uses_lut:
         assert run.lut == ("uniform" if method == "distreal_uniform" else "learned")
 
 
