@@ -183,7 +183,8 @@ def _run(run_cfg: RunConfig, out: str) -> float:
 
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN  # a sweep prints a line per job, not per round
     rows = run_experiment(run_cfg, out, show_rounds=not sweep)
-    final = rows[-1]["accuracy"] if rows else float("nan")
+    scored = [r for r in rows if r.get("accuracy") is not None]  # evaluate_every: the last round always is
+    final = float(scored[-1]["accuracy"]) if scored else float("nan")
     log.info("final accuracy %.4f; metrics, config and plot in %s", final, out)
     if not sweep:
         print(summary_line(run_cfg, rows, out))

@@ -29,6 +29,11 @@ final accuracy is taken over the runs that reached the configured last round, an
 says how many runs stopped early and where. Runs of one method and setting that differ in any
 other config key (say a swept ``lr``) are kept apart, the key named in the method's label.
 
+Runs that evaluated every k rounds (``evaluate_every``; always the last round) leave gaps: the
+accuracy at a round they did not evaluate is that of their last evaluated round at or before it
+(:func:`value_at_round`), rounds to reach a target count evaluated rounds only (the first
+evaluated round at or above it), and the curves join the evaluated rounds.
+
 Reading and grouping the runs and the maths (:func:`mean_sd`, :func:`band`,
 :func:`first_round_reaching`, :func:`value_at_round`, pure functions of metrics rows) are in
 :mod:`flwr_distreal.cli.sweep`; this module re-exports them.

@@ -25,6 +25,7 @@ __all__ = [
     "Stat",
     "band",
     "first_round_reaching",
+    "last_k_score",
     "group_runs",
     "load_sweep",
     "mean_sd",
@@ -146,26 +147,69 @@ def mean_sd(values: Iterable[float | None]) -> Stat:
     return Stat(mean, sd, n)
 
 
+#: The columns a round the server did not evaluate leaves empty (``evaluate_every``).
+EVALUATION_KEYS = ("accuracy", "loss")
+
+
+def _cell(row: Mapping[str, Any], key: str) -> float | None:
+    """A row's ``key`` as a float; None for an empty cell (missing, None, ``""``, NaN: a round the
+    server did not evaluate, ``evaluate_every``, reads as any of these) or a non-number."""
+    value = row.get(key)
+    if value is None or value == "":
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if not math.isnan(value) else None
+
+
 def value_at_round(rows: Sequence[Mapping[str, float]], round_: int, key: str = "accuracy") -> float | None:
-    """The ``key`` of the row of round ``round_``; ``None`` when the run has no such row."""
-    for row in rows:
-        if int(row["round"]) == round_:
-            value = row.get(key)
-            return None if value is None else float(value)
-    return None
+    """The ``key`` of the row of round ``round_``; ``None`` when the run has no such row.
+
+    For an evaluation column (accuracy, loss) at a round the server did not evaluate
+    (``evaluate_every`` = k: it evaluates rounds k, 2k, ... and the last), the value of the last
+    evaluated round at or before ``round_``: the global model's most recent score as of that
+    round (``None`` when no round up to it was evaluated). With the default k = 1 every round is
+    evaluated and this is the round's own value.
+    """
+    ordered = sorted(rows, key=lambda r: int(r["round"]))
+    if not any(int(r["round"]) == round_ for r in ordered):
+        return None
+    if key not in EVALUATION_KEYS:
+        row = next(r for r in ordered if int(r["round"]) == round_)
+        value = row.get(key)
+        return None if value is None else float(value)
+    scored = [v for v in (_cell(r, key) for r in ordered if int(r["round"]) <= round_) if v is not None]
+    return scored[-1] if scored else None
 
 
 def first_round_reaching(rows: Sequence[Mapping[str, float]], target: float, key: str = "accuracy") -> int | None:
-    """The first round whose ``key`` is at least ``target``; ``None`` when no round reached it."""
+    """The first round whose ``key`` is at least ``target``; ``None`` when no round reached it.
+    Over the rounds with a value only: with ``evaluate_every`` = k the first *evaluated* round at
+    the target (the model may have reached it up to k - 1 rounds earlier)."""
     for row in sorted(rows, key=lambda r: r["round"]):
-        value = row.get(key)
+        value = _cell(row, key)
         if value is not None and math.isfinite(value) and value >= target:
             return int(row["round"])
     return None
 
 
+def last_k_score(rows: Sequence[Mapping[str, Any]], last_k: int) -> float:
+    """A tuning run's score: its mean accuracy over its last ``last_k`` rounds (all if fewer),
+    over the rounds among them the server evaluated (``evaluate_every``, an accuracy of None or
+    ``""``; the last round always is); NaN without rows, without an evaluated round among them, or
+    with a non-finite accuracy (a failed run)."""
+    tail = list(rows)[-int(last_k):]
+    scored = [float(r["accuracy"]) for r in tail if r.get("accuracy") not in (None, "")]  # None, "": not evaluated
+    if not scored or not all(math.isfinite(v) for v in scored):
+        return float("nan")
+    return sum(scored) / len(scored)
+
+
 def band(runs: Sequence[Sequence[Mapping[str, float]]], key: str = "accuracy") -> tuple[list[int], list[float], list[float]]:
-    """Mean and s.d. over runs, per round, on the rounds that *every* run recorded.
+    """Mean and s.d. over runs, per round, on the rounds that *every* run recorded (a value for
+    ``key``: rounds the server did not evaluate, ``evaluate_every``, are skipped).
 
     A run that stopped early shortens the band to its rounds: curves of unequal lengths are
     never averaged into one line.
@@ -184,7 +228,8 @@ def band(runs: Sequence[Sequence[Mapping[str, float]]], key: str = "accuracy") -
     """
     if not runs:
         return [], [], []
-    per_run = [{int(r["round"]): r.get(key, math.nan) for r in rows} for rows in runs]
+    # rounds without a value (evaluate_every: not evaluated) are left out: the curve joins the others
+    per_run = [{int(r["round"]): v for r in rows if (v := _cell(r, key)) is not None} for rows in runs]
     common = sorted(set.intersection(*(set(d) for d in per_run)))
     stats = [mean_sd(d[t] for d in per_run) for t in common]
     return common, [s.mean for s in stats], [s.sd for s in stats]

@@ -17,7 +17,7 @@ default header text:
 - ``acc@R``: accuracy at round R in percent, ``mean ± s.d.`` over the seeds (one decimal);
   ``acc@R:frac``: as a fraction, four decimals;
 - ``accmean@A-B:frac`` (or without ``:frac``, in percent): each run's mean accuracy over rounds
-  A to B, then mean ± s.d. over the seeds;
+  A to B (the evaluated ones, ``evaluate_every``), then mean ± s.d. over the seeds;
 - ``seeds@R:frac`` (or in percent): each seed's accuracy at round R, in seed order;
 - ``reach@T``: the first round at accuracy T (a fraction), mean ± s.d. over the seeds that
   reached it, ``(n/n)`` when all did, ``(k/n reached)`` when some did, ``not reached (0/n)``;
@@ -48,7 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .sweep import Group, ReportError, Stat, first_round_reaching, group_runs, load_sweep, mean_sd, value_at_round
+from .sweep import (
+    Group, ReportError, Stat, first_round_reaching, group_runs, last_k_score, load_sweep, mean_sd, value_at_round,
+)
 
 __all__ = [
     "Column", "choose_lr", "markdown_table", "parse_column", "parse_method", "results_table", "score_rows",
@@ -254,12 +256,10 @@ def results_table(
 
 
 def score_rows(rows: Sequence[Mapping[str, Any]], last_k: int) -> float:
-    """A tuning run's score, as the tuner computes it: its mean accuracy over its last ``last_k``
-    rows (all if fewer); NaN without rows or with a non-finite accuracy among them."""
-    tail = [float(r["accuracy"]) for r in list(rows)[-int(last_k):]]
-    if not tail or not all(math.isfinite(v) for v in tail):
-        return float("nan")
-    return sum(tail) / len(tail)
+    """A tuning run's score, as the tuner computes it (:func:`flwr_distreal.cli.sweep.last_k_score`):
+    its mean accuracy over its last ``last_k`` rows (all if fewer), the evaluated ones among them
+    (``evaluate_every``); NaN without one or with a non-finite accuracy among them."""
+    return last_k_score(rows, last_k)  # evaluate_every: the evaluated rounds among the last last_k
 
 
 def choose_lr(lrs: Sequence[float], scores: Sequence[float], tol: float = 1e-9) -> float | None:

@@ -71,6 +71,7 @@ from ..methods import get_method
 from ..run.config import RUNTIMES, STRATEGIES, RunConfig, register_configs, to_run_config
 from ..run.local_runtime import FlwrRunError
 from .main import one_line_errors
+from .sweep import last_k_score
 from ..run.recording import RunFailedError, read_metrics, with_absolute_paths
 from ..run.resolvers import (
     CONF_DIR,
@@ -269,14 +270,12 @@ def _override_key(override: str) -> str:
 
 
 def score_rows(rows: Sequence[dict[str, Any]], last_k: int) -> float:
-    """A run's score: its mean accuracy over the last ``last_k`` rounds (all rounds if fewer).
+    """A run's score: its mean accuracy over the last ``last_k`` rounds (all rounds if fewer), over
+    the rounds among them the server evaluated (``evaluate_every``; the last round always is).
 
     Returns NaN for a run without rows or with a non-finite accuracy in those rounds.
     """
-    tail = [float(r["accuracy"]) for r in list(rows)[-int(last_k):]]
-    if not tail or not all(math.isfinite(v) for v in tail):
-        return float("nan")
-    return sum(tail) / len(tail)
+    return last_k_score(rows, last_k)  # evaluate_every: the evaluated rounds among the last last_k
 
 
 def choose_lr(lrs: Sequence[float], scores: Sequence[float], tol: float = 1e-9) -> float | None:

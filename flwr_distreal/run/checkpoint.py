@@ -37,7 +37,9 @@ __all__ = [
 CHECKPOINT_FILE = "checkpoint.npz"
 #: Config keys that may differ between a run and its resumption: where results go, how the run is
 #: executed or shown, and how many rounds it runs in total (a run may be extended).
-IGNORED_KEYS = frozenset({"output_dir", "resume", "plot", "rounds", "runtime", "checkpoint_every", "node_wait"})
+IGNORED_KEYS = frozenset(
+    {"output_dir", "resume", "plot", "rounds", "runtime", "checkpoint_every", "node_wait", "evaluate_every"}
+)  # evaluate_every: when the server evaluates, not what it trains
 _FORMAT = 1
 
 

@@ -220,6 +220,14 @@ class RunConfig:
     device: str = "auto"  # auto: CUDA when available, else CPU; cpu; cuda (clients and server evaluation)
     validation_fraction: float = 0.0  # part of each device's training data held out as the validation split (lr tuning)
     evaluate_on: str = "test"  # test, or validation (the held-out split; what lr tuning judges by)
+    # The server evaluates the global model (and recomputes static BN statistics) after rounds k,
+    # 2k, ... and always after the last round; the other rounds' metrics.csv rows leave accuracy
+    # and loss empty (reports use the last evaluated round at or before a round, see
+    # flwr_distreal.cli.sweep.value_at_round).
+    evaluate_every: int = 1
+    # Evaluate on a fixed subset of this many samples of the evaluation split (test, or validation),
+    # drawn once from the run's seed: the same samples every round; null: the whole split.
+    evaluate_samples: Optional[int] = None
     batch_size: int = 32
     local_epochs: int = D.LOCAL_EPOCHS
     # DISTREAL's LUT: learned (the DSE's LUT shipped for the model, flwr_distreal/luts/), uniform
@@ -280,6 +288,19 @@ class RunConfig:
             raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.evaluate_on not in EVALUATE_ON:
             raise ConfigError(f"evaluate_on must be one of {list(EVALUATE_ON)}, got {self.evaluate_on!r}")
+        if isinstance(self.evaluate_every, bool) or not isinstance(self.evaluate_every, int) or self.evaluate_every < 1:
+            raise ConfigError(
+                f"evaluate_every must be an integer >= 1 (evaluate after rounds k, 2k, ... and the last), "
+                f"got {self.evaluate_every!r}"
+            )
+        if self.evaluate_samples is not None and (
+            isinstance(self.evaluate_samples, bool) or not isinstance(self.evaluate_samples, int)
+            or self.evaluate_samples < 1
+        ):
+            raise ConfigError(
+                f"evaluate_samples must be an integer >= 1 (a fixed subset of the evaluation split) or null "
+                f"(all of it), got {self.evaluate_samples!r}"
+            )
         if self.evaluate_on == "validation" and self.validation_fraction == 0:
             raise ConfigError("evaluate_on=validation needs validation_fraction > 0 (the part of each device's data held out)")
         if not self.lut:

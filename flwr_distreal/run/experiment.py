@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.common import ndarrays_to_parameters
+from torch.utils.data import DataLoader, Subset
 
 from ..flower import serverapp
 from ..flower.legacy import strategy as legacy
@@ -348,24 +349,66 @@ class Experiment:
         model = self.build_model()
         return list(model.state_dict().keys()), get_weights(model)
 
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the server evaluates the global model after round ``server_round``
+        (``evaluate_every`` = k: after rounds k, 2k, ... and always after the last round,
+        ``rounds``)."""
+        return server_round % self.cfg.evaluate_every == 0 or server_round >= self.cfg.rounds
+
+    def evaluate_round(self, server_round: int, arrays: list) -> tuple[float | None, float | None, int]:
+        """:meth:`evaluate` after a round it evaluates (:meth:`evaluates`); ``(None, None, 0)``
+        after any other: nothing is computed there, not even static BN's statistics, and the
+        round's ``metrics.csv`` row leaves accuracy and loss empty."""
+        if not self.evaluates(server_round):
+            return None, None, 0
+        return self.evaluate(arrays)
+
     def evaluate(self, arrays: list) -> tuple[float, float, int]:
         """Server-side evaluation of the full model: (loss, accuracy, n), on the test split, or on
-        the validation split (the held-out training samples) with ``evaluate_on=validation``."""
+        the validation split (the held-out training samples) with ``evaluate_on=validation``; with
+        ``evaluate_samples``, on a fixed subset of it (:meth:`evaluation_indices`)."""
         if not hasattr(self, "_eval_model"):
             self._eval_device = resolve_device(self.cfg.device)
             self._eval_model = self.build_model().to(self._eval_device)
             if self.cfg.evaluate_on == "validation":
-                self._eval_loader = self.data.validation_loader(self.cfg.eval_batch_size)
+                loader = self.data.validation_loader(self.cfg.eval_batch_size)
+            else:
+                loader = self.data.test_loader(self.cfg.eval_batch_size)
+            total = len(loader.dataset)
+            indices = self.evaluation_indices(total)
+            if indices is not None:
+                loader = DataLoader(Subset(loader.dataset, indices), batch_size=self.cfg.eval_batch_size, shuffle=False)
+            self._eval_loader = loader
+            what = f"{len(loader.dataset)} samples" + (
+                f", a fixed subset of its {total} drawn from the seed" if indices is not None else ""
+            )
+            if self.cfg.evaluate_on == "validation":
                 log.info(
-                    "evaluating on the validation split (%d samples): metrics.csv's accuracy and loss are "
-                    "validation accuracy and loss", len(self._eval_loader.dataset),
+                    "evaluating on the validation split (%s): metrics.csv's accuracy and loss are validation "
+                    "accuracy and loss", what,
                 )
             else:
-                self._eval_loader = self.data.test_loader(self.cfg.eval_batch_size)
+                log.info("evaluating on the test split (%s)", what)
+            k = self.cfg.evaluate_every
+            if k > 1:
+                log.info(
+                    "the server evaluates after rounds %d, %d, ... and the last (evaluate_every=%d); the other "
+                    "rounds' accuracy and loss are left empty", k, 2 * k, k,
+                )
         set_weights(self._eval_model, arrays)
         if self.cfg.strategy.bn_recompute_devices():  # static BN (strategy.static_bn): statistics from training data
             recompute_bn_statistics(self._eval_model, self.bn_batches(), device=self._eval_device)
         return evaluate_model(self._eval_model, self._eval_loader, device=self._eval_device, precision=self.cfg.precision)
+
+    def evaluation_indices(self, total: int) -> list[int] | None:
+        """The samples of the evaluation split (of ``total``) the server evaluates on: with
+        ``evaluate_samples`` = m < ``total``, m distinct indices drawn once from the run's seed
+        (sorted; the same every round and in every process of the run); None: all of them."""
+        m = self.cfg.evaluate_samples
+        if m is None or m >= total:
+            return None
+        rng = np.random.default_rng([self.cfg.seed, 0xE5A])
+        return sorted(rng.choice(total, size=m, replace=False).tolist())
 
     def bn_batches(self, devices: int | None = None):
         """The batches the server recomputes BatchNorm statistics from before evaluating (static
@@ -422,7 +465,10 @@ class Experiment:
         _, arrays = self.initial_arrays()
 
         def evaluate_fn(server_round: int, parameters_ndarrays: list, config: dict):
-            loss, accuracy, n = self.evaluate(parameters_ndarrays)
+            if server_round < 1:  # the initial model: evaluated as before (Flower logs it as round 0)
+                loss, accuracy, n = self.evaluate(parameters_ndarrays)
+            else:  # evaluate_every: a round not evaluated reports loss None (recorded with empty cells)
+                loss, accuracy, n = self.evaluate_round(server_round, parameters_ndarrays)
             return loss, {"accuracy": accuracy, "num_examples": n}
 
         common: dict[str, Any] = dict(

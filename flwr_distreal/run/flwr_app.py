@@ -460,9 +460,9 @@ def server_main(grid: Grid, context: Context) -> None:
             return None
         rnd = server_round + done
         global_arrays = arrays_from_record(record, keys)
-        loss, accuracy, n = exp.evaluate(global_arrays)
+        loss, accuracy, n = exp.evaluate_round(rnd, global_arrays)  # evaluate_every: None between evaluations
         recorder.on_evaluate(rnd, loss, {"accuracy": accuracy}, global_arrays)
-        if not math.isfinite(loss):
+        if loss is not None and not math.isfinite(loss):
             raise RunFailedError(
                 f"round {rnd}: the test loss is {loss}: the global model diverged (try a smaller lr or gradient "
                 "clipping); the run stops here"
@@ -471,7 +471,7 @@ def server_main(grid: Grid, context: Context) -> None:
             save_checkpoint(
                 out, Checkpoint(rnd, keys, global_arrays, config, recorder.rows, strategy.sampling_state())
             )
-        return MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": n})
+        return None if loss is None else MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": n})
 
     if done < cfg.rounds:
         recording = RecordingMessageStrategy(strategy, recorder, exp.note_replies, offset=done)

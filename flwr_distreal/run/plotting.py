@@ -31,7 +31,7 @@ def _number(value: str | None) -> float:
         return math.nan
 
 
-def read_metrics(path: str | Path) -> list[dict[str, float]]:
+def read_metrics(path: str | Path) -> list[dict[str, float | None]]:
     """Read a run's ``metrics.csv`` into rows of floats.
 
     Parameters
@@ -42,8 +42,9 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
     Returns
     -------
     list of dict
-        One row per round; empty or non-numeric cells are NaN. A file with only its header (a
-        run that stopped before its first round) gives ``[]``.
+        One row per round; empty or non-numeric cells are NaN, except the empty ``accuracy`` and
+        ``loss`` of a round the server did not evaluate (``evaluate_every``): None. A file with
+        only its header (a run that stopped before its first round) gives ``[]``.
 
     Raises
     ------
@@ -60,7 +61,20 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
         missing = {"round", "accuracy"} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path} is not a flwr-distreal metrics.csv (no {', '.join(sorted(missing))} column)")
-        return [{k: _number(v) for k, v in r.items() if k is not None} for r in reader]
+        return [
+            {k: None if k in ("accuracy", "loss") and v in ("", None) else _number(v) for k, v in r.items() if k is not None}
+            for r in reader
+        ]
+
+
+def _accuracy(row: Mapping[str, Any]) -> float | None:
+    """A row's accuracy; None for a round the server did not evaluate (an empty cell: None, ``""``
+    or NaN, as :func:`load_metrics` reads it)."""
+    value = row.get("accuracy")
+    if value is None or value == "":
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def plot_runs(
@@ -91,9 +105,12 @@ def plot_runs(
         for r in rows:
             by_round.setdefault(int(r["round"]), []).append(r)
         rounds = sorted(by_round)
-        acc = [sum(float(r["accuracy"]) for r in by_round[t]) / len(by_round[t]) for t in rounds]
+        # the accuracy curve joins the evaluated rounds (evaluate_every: the others have no accuracy)
+        scored = {t: [a for a in (_accuracy(r) for r in by_round[t]) if a is not None] for t in rounds}
+        acc_rounds = [t for t in rounds if scored[t]]
+        acc = [sum(scored[t]) / len(scored[t]) for t in acc_rounds]
         strag = [sum(float(r.get("stragglers", 0)) for r in by_round[t]) / len(by_round[t]) for t in rounds]
-        ax1.plot(rounds, acc, label=label)
+        ax1.plot(acc_rounds, acc, label=label, marker="." if len(acc_rounds) < len(rounds) else None)
         ax2.plot(rounds, strag, label=label)
     ax1.set_ylabel("test accuracy (full model)")
     ax1.grid(alpha=0.3)

@@ -47,6 +47,8 @@ __all__ = [
     "RunFailedError",
     "check_failures",
     "check_run_dir",
+    "evaluated",
+    "evaluated_rows",
     "finish_output",
     "lut_record",
     "read_metrics",
@@ -107,7 +109,9 @@ class MetricsRecorder:
     ``failures``, ``stragglers``, ``refused``, ``clipped``, and ``accepted``: the clients
     aggregated), resources (``mean_macs``, ``mean_utilisation``), the recipe's ``lr`` of the round,
     ``update_norm`` (L2 norm of the aggregated update: the new global model minus the previous one,
-    over floating-point entries) and the clocks (``sim_time``, ``wall_time``).
+    over floating-point entries) and the clocks (``sim_time``, ``wall_time``). A round the server
+    did not evaluate (``evaluate_every``) has every other column and empty ``accuracy`` and
+    ``loss`` cells (None in :attr:`rows` and from :func:`read_metrics`; see :func:`evaluated`).
 
     Beside it, ``draws.csv`` (:attr:`DRAW_FIELDS`): per round, the devices (partition ids, sorted,
     space-separated) drawn for training and for federated evaluation (empty: none drawn, as with
@@ -181,18 +185,20 @@ class MetricsRecorder:
         return float(np.sqrt(np.sum(update_norms(self._previous, arrays) ** 2)))  # floating arrays, in float64
 
     def on_evaluate(
-        self, server_round: int, loss: float, metrics: dict[str, Scalar], arrays: list | None = None
+        self, server_round: int, loss: float | None, metrics: dict[str, Scalar | None], arrays: list | None = None
     ) -> None:
         """Record round ``server_round`` (its evaluation, and the round's train metrics); ``arrays``:
-        the round's new global model, for ``update_norm``."""
+        the round's new global model, for ``update_norm``. ``loss`` None: the server did not
+        evaluate this round (``evaluate_every``): accuracy and loss are recorded empty."""
+        evaluated_round = loss is not None
         fit = self._fit.get(server_round, {})
         update_norm = self._update_norm(arrays)
         if arrays is not None:
             self.set_global(arrays)
         row = {
             "round": server_round,
-            "accuracy": float(metrics.get("accuracy", math.nan)),
-            "loss": float(loss),
+            "accuracy": _float_or_nan(metrics.get("accuracy")) if evaluated_round else None,
+            "loss": float(loss) if evaluated_round else None,
             "received": fit.get("received", 0),
             "failures": fit.get("failures", 0),
             "stragglers": fit.get("stragglers", 0),
@@ -215,12 +221,39 @@ class MetricsRecorder:
                 csv.DictWriter(f, fieldnames=self.DRAW_FIELDS).writerow(
                     {"round": server_round, "train_devices": "", "evaluate_devices": "", **draws}
                 )
-        log.info(
-            "round %s: accuracy %.4f loss %.4f stragglers %s/%s mean utilisation %.3f (%.1f s)",
-            server_round, row["accuracy"], row["loss"], row["stragglers"], row["received"],
-            float(row["mean_utilisation"]),
-            row["wall_time"],
-        )
+        if evaluated_round:
+            log.info(
+                "round %s: accuracy %.4f loss %.4f stragglers %s/%s mean utilisation %.3f (%.1f s)",
+                server_round, row["accuracy"], row["loss"], row["stragglers"], row["received"],
+                float(row["mean_utilisation"]),
+                row["wall_time"],
+            )
+        else:
+            log.info(
+                "round %s: not evaluated (evaluate_every) stragglers %s/%s mean utilisation %.3f (%.1f s)",
+                server_round, row["stragglers"], row["received"], float(row["mean_utilisation"]), row["wall_time"],
+            )
+
+
+def _float_or_nan(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+#: The columns a round the server did not evaluate leaves empty (``evaluate_every``).
+EVALUATION_FIELDS = ("accuracy", "loss")
+
+
+def evaluated(row: Mapping[str, Any]) -> bool:
+    """Whether a ``metrics.csv`` row (from :class:`MetricsRecorder` or :func:`read_metrics`) holds
+    the server's evaluation; False for a round not evaluated (``evaluate_every``: accuracy None or
+    an empty cell)."""
+    value = row.get("accuracy")
+    return value is not None and value != ""
+
+
+def evaluated_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows of the rounds the server evaluated (see :func:`evaluated`), in their order."""
+    return [row for row in rows if evaluated(row)]
 
 
 class RunDirectoryError(ValueError):
@@ -390,8 +423,15 @@ def summary_line(cfg: RunConfig, rows: list[dict[str, Any]], output_dir: str | o
     def total(key: str) -> int:
         return int(sum(float(r.get(key, 0) or 0) for r in rows))
 
+    scored = evaluated_rows(rows)  # the last round is always evaluated; a run cut short may end on a gap
+    if not scored:
+        final = "no round evaluated"
+    elif int(scored[-1]["round"]) == int(rows[-1]["round"]):
+        final = f"final accuracy {float(scored[-1]['accuracy']):.4f}"
+    else:
+        final = f"accuracy {float(scored[-1]['accuracy']):.4f} at round {scored[-1]['round']} (the last evaluated)"
     return (
-        f"{cfg.strategy.name}: {len(rows)} rounds, final accuracy {float(rows[-1]['accuracy']):.4f}; "
+        f"{cfg.strategy.name}: {len(rows)} rounds, {final}; "
         f"failures {total('failures')}, refused {total('refused')}, clipped {total('clipped')}, "
         f"stragglers {total('stragglers')} (of {total('received') + total('failures')} sampled){lut}"
     )
@@ -422,7 +462,8 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.csv`` (numbers as floats, ``round`` as int); [] if absent.
+    """The rows of a ``metrics.csv`` (numbers as floats, ``round`` as int; the empty ``accuracy``
+    and ``loss`` of a round not evaluated, ``evaluate_every``, as None); [] if absent.
 
     Raises
     ------
@@ -443,6 +484,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     for row in rows:
         parsed: dict[str, Any] = {}
         for key, value in row.items():
+            if key in EVALUATION_FIELDS and value == "":
+                parsed[key] = None
+                continue
             try:
                 parsed[key] = int(value) if key == "round" else float(value)
             except (TypeError, ValueError):

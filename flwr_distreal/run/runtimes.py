@@ -199,9 +199,11 @@ class _AppRun:
         for row in rows[self._shown:]:
             if int(row["round"]) % every and int(row["round"]) != self.cfg.rounds:
                 continue
+            accuracy = row.get("accuracy")  # None: a round the server did not evaluate (evaluate_every)
             print(
                 f"  [{self.cfg.strategy.name}] round {row['round']}/{self.cfg.rounds}: accuracy "
-                f"{float(row['accuracy']):.4f}, stragglers {row['stragglers']}/{row['received']}, "
+                f"{'not evaluated' if accuracy is None else format(float(accuracy), '.4f')}, "
+                f"stragglers {row['stragglers']}/{row['received']}, "
                 f"{float(row['wall_time']):.1f} s",
                 flush=True,
             )
@@ -366,7 +368,8 @@ def run_legacy_simulation(cfg: RunConfig, output_dir: str | os.PathLike | None =
             backend_config=backend_config,
         )
     finish_output(out, cfg, recorder)
-    if any(not math.isfinite(float(r["loss"])) for r in recorder.rows):
-        raise RunFailedError(f"the test loss became non-finite (round {next(r['round'] for r in recorder.rows if not math.isfinite(float(r['loss'])))})")
+    diverged = [r["round"] for r in recorder.rows if r["loss"] is not None and not math.isfinite(float(r["loss"]))]
+    if diverged:  # (loss None: a round not evaluated, evaluate_every)
+        raise RunFailedError(f"the test loss became non-finite (round {diverged[0]})")
     check_failures(recorder.rows, cfg.failure_threshold)
     return recorder.rows
