@@ -204,3 +204,29 @@ def test_bench_eval_cost_child_on_generated_cifar(tmp_path) -> None:
     assert res["layout"] == "nchw" and res["clients"] == 2 and res["eval_n"] == 4 and res["bn_samples"] == 16
     assert res["train_s"] > 0 and res["bn_s"] > 0 and res["eval_s"] > 0
     assert experiment_module.recompute_bn_statistics.__name__ == "recompute_bn_statistics"  # restored
+
+
+def test_legacy_strategy_records_gaps(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The legacy API's centralized evaluation (``Experiment.make_strategy``'s ``evaluate_fn``,
+    through the runner's :class:`RecordingStrategy`): rounds 1 and 3 of 3 with ``evaluate_every=2``
+    are not evaluated / evaluated (the last); the initial model is evaluated as before."""
+    from flwr.common import ndarrays_to_parameters
+
+    from flwr_distreal.run.recording import start_output
+    from flwr_distreal.run.runtimes import RecordingStrategy
+
+    evaluations = _counting(monkeypatch, "evaluate_model")
+    cfg = run_config(*TINY[:4], "rounds=3", "evaluate_every=2", "runtime=legacy")
+    exp = Experiment(cfg)
+    recorder = start_output(tmp_path, cfg)
+    strategy = RecordingStrategy(exp.make_strategy(), recorder)
+    _, arrays = exp.initial_arrays()
+    parameters = ndarrays_to_parameters(arrays)
+    assert strategy.evaluate(0, parameters)[0] is not None and len(evaluations) == 1
+    results = [strategy.evaluate(t, parameters) for t in (1, 2, 3)]
+    assert [r[0] is None for r in results] == [True, False, False] and len(evaluations) == 3
+    assert results[0][1]["accuracy"] is None
+    back = read_metrics(tmp_path / "metrics.csv")
+    assert [(r["round"], r["accuracy"] is None, r["loss"] is None) for r in back] == [
+        (1, True, True), (2, False, False), (3, False, False)
+    ]
