@@ -580,7 +580,7 @@ def test_federated_data_validation() -> None:
 
 
 def test_load_federated_dispatch(tmp_path: Path) -> None:
-    assert list_datasets() == ["cifar10", "cifar100", "digits", "femnist", "mnist", "npz"]
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "femnist", "mnist", "npz", "synthetic"]
     data = load_federated("digits", num_devices=5, seed=None, alpha=None)
     assert data.num_devices == 5
     write_cifar10(tmp_path)

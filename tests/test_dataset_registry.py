@@ -34,7 +34,7 @@ from flwr_distreal.run.experiment import Experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-BUILT_IN = ["cifar10", "cifar100", "digits", "femnist", "mnist", "npz"]
+BUILT_IN = ["cifar10", "cifar100", "digits", "femnist", "mnist", "npz", "synthetic"]
 register_configs()
 
 
@@ -178,8 +178,8 @@ def test_data_package_layout() -> None:
     Flower nor Hydra (nor the download-only dependencies)."""
     files = sorted(p.name for p in (ROOT / "flwr_distreal" / "data").glob("*.py"))
     assert files == [
-        "__init__.py", "cifar.py", "digits.py", "errors.py", "federated.py", "femnist.py", "mnist.py",
-        "node_data.py", "npz.py", "partition.py", "registry.py", "transforms.py",
+        "__init__.py", "cifar.py", "digits.py", "errors.py", "federated.py", "femnist.py", "lazy.py", "mnist.py",
+        "node_data.py", "npz.py", "partition.py", "registry.py", "synthetic.py", "transforms.py",
     ]
     sizes = {f: len((ROOT / "flwr_distreal" / "data" / f).read_text().splitlines()) for f in files}
     assert max(sizes.values()) < 800, sizes

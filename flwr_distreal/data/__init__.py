@@ -33,9 +33,11 @@ Layout (one file per concern, one per source):
 ``partition``             IID, Dirichlet and shard splits (:func:`split_indices`)
 ``transforms``            :class:`RandomCropFlip`, :func:`distort`
 ``node_data``             a deployment node's data (:func:`regroup`, :func:`node_data_from_npz`)
+``lazy``                  :class:`LazyPartitions`: devices made when used, sizes known up front
 ``digits``, ``femnist``,  the sources, each registering its loader under the name
 ``cifar``, ``mnist``,     ``conf/dataset/*.yaml`` uses (``cifar`` holds CIFAR-10 and
-``npz``                   CIFAR-100, which share one reader)
+``npz``, ``synthetic``    CIFAR-100, which share one reader; ``synthetic``: FEMNIST-shaped
+                          devices of any number, made when used)
 ========================  ==============================================================
 
 A new dataset is one file with a loader decorated ``@register_dataset("name")`` (imported
@@ -57,8 +59,10 @@ from .transforms import RandomCropFlip, distort
 from .cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar10, load_cifar100  # noqa: I001
 from .digits import load_digits
 from .femnist import FEMNIST_CLASSES, load_femnist
+from .lazy import LazyPartitions
 from .mnist import load_mnist
 from .npz import load_npz
+from .synthetic import load_synthetic
 from .node_data import node_data_from_npz, regroup
 
 __all__ = [
@@ -70,6 +74,7 @@ __all__ = [
     "PARTITIONS",
     "DataError",
     "FederatedData",
+    "LazyPartitions",
     "RandomCropFlip",
     "build_dataset",
     "dirichlet_partition",
@@ -85,6 +90,7 @@ __all__ = [
     "load_femnist",
     "load_mnist",
     "load_npz",
+    "load_synthetic",
     "node_data_from_npz",
     "regroup",
     "register_dataset",

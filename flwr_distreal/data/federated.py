@@ -8,6 +8,7 @@ batch-level training augmentation on tensors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import getLogger
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
 from .errors import DataError, _check_int
+from .lazy import LazyPartitions
 from .partition import split_indices
 from .transforms import RandomCropFlip, distort
 
@@ -55,9 +57,11 @@ class FederatedData:
         Number of classes; labels are in ``[0, num_classes)``.
     input_shape : tuple[int, int, int]
         Image shape (C, H, W).
-    partitions : list[TensorDataset]
+    partitions : list[TensorDataset] or LazyPartitions
         One dataset per device, each holding ``(x, y)``: float32 images of shape
-        ``(n, C, H, W)`` and int64 labels of shape ``(n,)``.
+        ``(n, C, H, W)`` and int64 labels of shape ``(n,)``; or a
+        :class:`~flwr_distreal.data.lazy.LazyPartitions` that builds a device's dataset when it is
+        indexed (checked then), its sizes known up front (thousands of devices, none held).
     test : TensorDataset
         Centralized test set in the same format.
     augment : Callable[[Tensor], Tensor] | None
@@ -93,10 +97,13 @@ class FederatedData:
         if len(shape) != 3 or min(shape) < 1:
             raise DataError(f"{self.name}: input_shape must be (C, H, W) with positive sizes, got {self.input_shape}")
         self.input_shape = (shape[0], shape[1], shape[2])
-        if not self.partitions:
+        if not len(self.partitions):
             raise DataError(f"{self.name}: no device partitions")
-        for i, part in enumerate(self.partitions):
-            self._check_split(part, f"partition {i}", allow_empty=False)
+        if isinstance(self.partitions, LazyPartitions):  # each device checked when it is built
+            self.partitions.check = functools.partial(self._check_split, allow_empty=False)
+        else:
+            for i, part in enumerate(self.partitions):
+                self._check_split(part, f"partition {i}", allow_empty=False)
         self._check_split(self.test, "test set", allow_empty=False)
         if (self.mean is None) != (self.std is None):
             raise DataError(f"{self.name}: give both mean and std, or neither")
@@ -146,7 +153,9 @@ class FederatedData:
         return len(self.partitions)
 
     def partition_sizes(self) -> list[int]:
-        """Number of training samples of every device."""
+        """Number of training samples of every device (lazy partitions: none is built)."""
+        if isinstance(self.partitions, LazyPartitions):
+            return self.partitions.sizes()
         return [len(p) for p in self.partitions]
 
     def centralized_train(self) -> TensorDataset:

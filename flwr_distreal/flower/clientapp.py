@@ -42,7 +42,8 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -207,13 +208,21 @@ def make_train_handler(trainers: TrainerFn | TrainerCache) -> Handler:
     return train
 
 
-def make_query_handler(trainers: TrainerFn | TrainerCache) -> Handler:
+def make_query_handler(
+    trainers: TrainerFn | TrainerCache, properties_fn: Callable[[Context], Mapping[str, Any] | None] | None = None
+) -> Handler:
     """A ``@app.query()`` handler that replies with the node's properties
-    (``partition-id``, ``round-samples``) as a ``MetricRecord`` under ``"properties"``."""
+    (``partition-id``, ``round-samples``) as a ``MetricRecord`` under ``"properties"``.
+
+    ``properties_fn(context)``, if given, answers without building the node's trainer (a
+    simulation of thousands of nodes is asked once per node: building every node's model and
+    data for it would cost every node, not only the drawn ones); where it returns None the
+    trainer's :meth:`~flwr_distreal.training.trainers.DeviceTrainer.properties` answer."""
     cache = _resolve(trainers)
 
     def query(msg: Message, context: Context) -> Message:
-        props = C.metric_values(cache(context).properties())
+        props = properties_fn(context) if properties_fn is not None else None
+        props = C.metric_values(cache(context).properties() if props is None else props)
         return Message(content=RecordDict({C.PROPERTIES_RECORD: MetricRecord(props)}), reply_to=msg)
 
     return query
@@ -250,6 +259,7 @@ def build_client_app(
     *,
     evaluate_loader_fn: Callable[[Context], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     max_trainers: int = 256,
+    properties_fn: Callable[[Context], Mapping[str, Any] | None] | None = None,
 ) -> ClientApp:
     """A ``ClientApp`` with DISTREAL's train and query handlers (and evaluate, if asked).
 
@@ -262,11 +272,14 @@ def build_client_app(
         The node's evaluation data; with it the app also answers evaluate messages.
     max_trainers : int, optional
         Trainers kept per process (see :class:`TrainerCache`). Defaults to 256.
+    properties_fn : Callable[[Context], Mapping | None], optional
+        Answers the properties query without building the node's trainer (see
+        :func:`make_query_handler`). Defaults to None (the trainer answers).
     """
     cache = TrainerCache(trainer_fn, max_trainers)
     app = ClientApp()
     app.train()(make_train_handler(cache))
-    app.query()(make_query_handler(cache))
+    app.query()(make_query_handler(cache, properties_fn))
     if evaluate_loader_fn is not None:
         app.evaluate()(make_evaluate_handler(cache, evaluate_loader_fn))
     return app

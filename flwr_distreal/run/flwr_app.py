@@ -43,24 +43,26 @@ import functools
 import json
 import math
 import time
-from collections.abc import Callable
-from logging import INFO
+from collections.abc import Callable, Sequence
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from flwr.superlink.grid import InMemoryGrid
 from omegaconf import OmegaConf
 
 from .checkpoint import Checkpoint, save_checkpoint
 from ..flower.clientapp import arrays_from_record, build_client_app, record_from_arrays
 from .config import RunConfig, register_configs, to_run_config
-from ..core.contract import METRICS_RECORD
+from ..core.contract import METRICS_RECORD, PARTITION_ID, PROPERTIES_RECORD, ROUND_SAMPLES
 from .experiment import Experiment, experiment_for
 from .recording import RunFailedError, check_failures, check_run_dir, finish_output, start_output, summary_line
 from .resolvers import register_resolvers
+from ..training.schedule import batch_sizes
 
 __all__ = [
     "APP_DIR",
@@ -362,8 +364,103 @@ def _trainer_fn(context: Context):
     return exp.make_trainer(device)
 
 
+def _device_properties(cfg: RunConfig, exp: Experiment, device: int) -> dict[str, int]:
+    """A simulated device's properties as its trainer reports them: ``partition-id`` and
+    ``round-samples`` (the batches of one round of local training,
+    :func:`flwr_distreal.training.schedule.batch_sizes`), from the dataset's sizes alone."""
+    samples = sum(batch_sizes(exp.device_sizes[device], cfg.batch_size, cfg.local_epochs))
+    return {PARTITION_ID: int(device), ROUND_SAMPLES: int(samples)}
+
+
+def simulated_partitions(grid: Grid) -> dict[int, int] | None:
+    """Partition id by node id of a simulation's nodes, as its runtime registered them; None
+    where the grid does not say.
+
+    The in-process grid knows them (:meth:`flwr_distreal.run.inprocess.InProcessGrid.node_partitions`).
+    In ``flwr run``'s simulation the ServerApp's :class:`flwr.superlink.grid.InMemoryGrid` shares the
+    engine's in-memory ``LinkState``, whose nodes were registered one after another, node ``i``
+    with ``partition-id`` ``i`` (Flower 1.42: ``flwr.server.superlink.fleet.vce.vce_api._register_nodes``;
+    the dict of nodes keeps that order). That is Flower's internals: :class:`SimulatedProperties`
+    checks it with two nodes' own answers before it relies on it.
+    """
+    known = getattr(grid, "node_partitions", None)
+    if callable(known):
+        return {int(node): int(part) for node, part in known().items()}
+    nodes = getattr(getattr(grid, "state", None), "nodes", None)
+    if isinstance(grid, InMemoryGrid) and isinstance(nodes, dict):
+        return {int(node): i for i, node in enumerate(list(nodes))}
+    return None
+
+
+class SimulatedProperties:
+    """The server's own answer to the properties query in a simulation (a
+    :attr:`flwr_distreal.flower.serverapp._CoreFedAvg.node_properties` hook): which device each node
+    is (:func:`simulated_partitions`) and its ``round-samples`` (the run's dataset sizes), so no
+    node is woken to be asked; only the drawn nodes cost anything per round.
+
+    Checked once against two nodes' own answers (the first and the last partition); when the grid
+    does not say, the count differs from the dataset's devices, or the check fails, it answers
+    nothing and every node is asked, as before (logged).
+    """
+
+    def __init__(self, cfg: RunConfig, exp: Experiment) -> None:
+        self.cfg, self.exp = cfg, exp
+        self._partitions: dict[int, int] | None = None
+
+    def __call__(self, grid: Grid, nodes: Sequence[int]) -> dict[int, dict[str, int]]:
+        if self._partitions is None:
+            self._partitions = self._checked(grid)
+        return {
+            node: _device_properties(self.cfg, self.exp, self._partitions[node]) for node in nodes if node in self._partitions
+        }
+
+    def _checked(self, grid: Grid) -> dict[int, int]:
+        partitions = simulated_partitions(grid)
+        if partitions is None or sorted(partitions.values()) != list(range(self.exp.num_devices)):
+            log(INFO, "node properties: the nodes' devices are not known to the server; every node is asked once")
+            return {}
+        by_part = {part: node for node, part in partitions.items()}
+        probes = sorted({by_part[0], by_part[self.exp.num_devices - 1]})
+        queries = [
+            Message(content=RecordDict({"config": ConfigRecord()}), message_type=MessageType.QUERY, dst_node_id=node)
+            for node in probes
+        ]
+        try:
+            replies = list(grid.send_and_receive(queries, timeout=300))
+            answers = {
+                int(r.metadata.src_node_id): int(r.content.metric_records[PROPERTIES_RECORD][PARTITION_ID])
+                for r in replies if not r.has_error()
+            }
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            answers = {}
+            log(WARNING, "node properties: checking the nodes' devices failed (%s)", err)
+        if answers != {node: partitions[node] for node in probes}:
+            log(
+                WARNING,
+                "node properties: nodes %s answered partition ids %s, not the registration order's %s; every node "
+                "is asked once", probes, answers, [partitions[n] for n in probes],
+            )
+            return {}
+        log(INFO, "node properties: the %d nodes' devices and sizes from the run's config (2 nodes asked)", len(partitions))
+        return partitions
+
+
+def _properties_fn(context: Context) -> dict[str, int] | None:
+    """A simulated node's properties (``partition-id``, ``round-samples``) from the run's config
+    and the dataset's sizes, without building its model and data: the server asks every node
+    once, and in a simulation of thousands of nodes only the drawn ones may cost a trainer. The
+    same values the trainer reports (``round-samples``: the batches of one round of local
+    training, :func:`flwr_distreal.training.schedule.batch_sizes`). None (the trainer answers) in
+    a deployment (a node's data is its own) and with measured resources (the trainer calibrates
+    when it is built: at the query, not inside round 1's deadline)."""
+    cfg, exp = _experiment(context)
+    if cfg.deployment or exp.measured:
+        return None
+    return _device_properties(cfg, exp, check_partition(dict(context.node_config), exp.num_devices, cfg.dataset.name))
+
+
 def _client_app():
-    return build_client_app(_trainer_fn)
+    return build_client_app(_trainer_fn, properties_fn=_properties_fn)
 
 
 class RecordingMessageStrategy(Strategy):
@@ -450,6 +547,8 @@ def server_main(grid: Grid, context: Context) -> None:
     keys, arrays = (ckpt.keys, ckpt.arrays) if ckpt else exp.initial_arrays()
     recorder.set_global(arrays)  # the reference of the first round's update norm
     strategy = exp.make_message_strategy()
+    if not cfg.deployment and not exp.measured and hasattr(strategy, "node_properties"):
+        strategy.node_properties = SimulatedProperties(cfg, exp)  # no node woken to be asked its device
     if ckpt:
         strategy.load_sampling_state(ckpt.strategy)
         log(INFO, "resuming from %s after round %s of %s", out / "checkpoint.npz", done, cfg.rounds)

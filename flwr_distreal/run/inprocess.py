@@ -102,6 +102,17 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self._contexts)
 
+    def node_partitions(self) -> dict[int, int]:
+        """``partition-id`` by node id, of the nodes whose node config has one: the server's
+        answer to the properties query without waking every node
+        (:class:`flwr_distreal.run.flwr_app.SimulatedProperties`)."""
+        out = {}
+        for node, context in self._contexts.items():
+            part = context.node_config.get("partition-id")
+            if isinstance(part, int) and not isinstance(part, bool):
+                out[node] = part
+        return out
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
