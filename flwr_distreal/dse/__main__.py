@@ -31,6 +31,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from ..run.checks import StartupError, check_output_dir, check_torch_device
 from ..run.resolvers import CONF_DIR
 from ..run.config import DatasetConfig, ModelConfig, register_configs, unknown_keys
+from ..core.allocator import keep_freed_memory
 from ..models import build_model, list_models
 from .datasets import load_dse_data
 from .driver import CHECKPOINT_NAME, DSESettings, run_dse
@@ -158,8 +159,6 @@ def _check_paths_and_device(d: DSEConfig, task: str, output: Path, snapshot_path
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Execute the command for a composed config; returns a small summary (for tests)."""
     _validate_top(cfg)
-    from ..core.allocator import keep_freed_memory
-
     keep_freed_memory()
     d: DSEConfig = OmegaConf.to_object(cfg.dse)  # type: ignore[assignment]
     mcfg: ModelConfig = OmegaConf.to_object(cfg.model)  # type: ignore[assignment]

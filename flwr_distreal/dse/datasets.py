@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data import distort, load_federated
 from .fitness import DSEData
 from .problem import DSEError
 
@@ -36,8 +37,6 @@ def default_distort(
 ) -> Callable[[Tensor], Tensor]:
     """The DSE's distortion (brightness, contrast and, for colour, saturation scaled by ``factor``;
     :func:`flwr_distreal.data.distort`), for images normalised with ``mean``/``std`` if given."""
-    from ..data import distort
-
     return functools.partial(distort, factor=float(factor), mean=mean, std=std)
 
 
@@ -185,8 +184,6 @@ def load_dse_data(
             distort=default_distort(distort_factor),
             **opts,
         )
-    from ..data import load_federated
-
     loader_name = "femnist" if name == "femnist_leaf" else name
     kwargs = {k: v for k, v in (options or {}).items() if v is not None}
     if root is not None:

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
+from ..core.allocator import keep_freed_memory
 from .problem import DSEError, canonical_vector, vector_key
 
 __all__ = ["FitnessBackend", "EvalRecord", "CachedEvaluator"]
@@ -119,10 +121,6 @@ _WORKER_BACKEND: FitnessBackend | None = None
 def _init_worker(backend: FitnessBackend, threads: int) -> None:
     """Pool initialiser: pin torch threads and keep the backend for the jobs."""
     global _WORKER_BACKEND
-    import torch
-
-    from ..core.allocator import keep_freed_memory
-
     keep_freed_memory()
     torch.set_num_threads(threads)
     _WORKER_BACKEND = backend
@@ -271,8 +269,6 @@ class CachedEvaluator:
         jobs = [(tkey, vec, s) for tkey, vec in need.items() for s in range(n_seeds)]
         results: dict[tuple[bytes, int], float] = {}
         if self.workers == 1:
-            import torch
-
             before = torch.get_num_threads()
             torch.set_num_threads(self.threads)
             try:

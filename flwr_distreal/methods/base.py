@@ -32,6 +32,7 @@ from typing import Any
 
 from ..core import contract as C
 from ..core import defaults as D
+from ..models import build_model
 from ..server import (
     SHARE_BOUND,
     SUBMODEL_RULES,
@@ -406,8 +407,6 @@ def _submodel_core(
 ) -> SubmodelCore:
     """Round-start submodels and per-weight averaging (:class:`flwr_distreal.server.SubmodelCore`)
     with the method's planner for the full model ``model_name``."""
-    from ..models import build_model
-
     SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor, aggregation)
     model = build_model(model_name, num_classes, **dict(model_kwargs or {}))
     return SubmodelCore(

@@ -26,6 +26,7 @@ from logging import getLogger
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.resources import TraceFileError, load_trace_csv
 from ..methods import get_method, list_methods
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -174,8 +175,6 @@ def check_trace_devices(
     if not trace_path:
         raise StartupError(f"{key} is not set; resources.kind=trace needs a CSV file")
     if devices is None:
-        from ..core.resources import TraceFileError, load_trace_csv
-
         try:
             devices = load_trace_csv(trace_path).keys()
         except TraceFileError as err:

@@ -24,6 +24,7 @@ import torch
 from ..core import contract as C
 from ..core.contract import encode_subsets, is_number
 from ..core.dropout import DropoutModel, kept_count, parameter_masks
+from ..core.lut import LUT
 from ..core.macs import macs_of_counts
 from .aggregate import SUBMODEL_RULES, SubmodelAggregation
 from .bounds import RoundBounds
@@ -147,8 +148,6 @@ class FederatedDropoutPlanner(SubmodelPlanner):
         super().__init__(model)
         self.seed = int(seed)
         if rate_for_budget is None:
-            from ..core.lut import LUT
-
             grid = np.round(np.linspace(0.0, 0.5, 51), 10) if rates is None else np.asarray(rates, float)
             if grid.size == 0 or not np.all(np.isfinite(grid)) or grid.min() < 0 or grid.max() > 0.5:
                 raise ValueError(f"rates must be non-empty and within [0, 0.5], got {list(grid)}")

@@ -42,6 +42,7 @@ import torch
 
 from ..core.dropout import DropoutModel
 from ..core.lut import LUT
+from ..models import build_model
 from .recipe import Recipe
 from .step import LocalStep
 
@@ -127,8 +128,6 @@ def layout_key(
 
 
 def _build(model_name: str, num_classes: int | None, channels_last: bool, model_kwargs: Mapping[str, Any]) -> DropoutModel:
-    from ..models import build_model  # the registry imports every model file
-
     return build_model(model_name, num_classes, channels_last=channels_last, **dict(model_kwargs))
 
 
