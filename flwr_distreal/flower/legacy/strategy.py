@@ -3,8 +3,8 @@
 Every strategy here is a legacy :class:`flwr.server.strategy.FedAvg` subclass for
 clients that are ``NumPyClient`` instances wired through ``ClientApp(client_fn=...)``.
 The classes are thin adapters: they unpack Flower's ``FitRes`` into the neutral
-:class:`flwr_distreal.server.core.Reply`, let the Flower-free core
-(:mod:`flwr_distreal.server.core`: the gate, the aggregation rules, the submodel
+:class:`flwr_distreal.server.Reply`, let the Flower-free core
+(:mod:`flwr_distreal.server`: the gate, the aggregation rules, the submodel
 planners) decide, and pack ``Parameters``. The Message-API twins in
 :mod:`flwr_distreal.flower.serverapp` run the same core, so both APIs give bit-identical
 global models for the same replies.
@@ -57,22 +57,11 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-from flwr.common import (
-    FitIns,
-    FitRes,
-    NDArrays,
-    Parameters,
-    Scalar,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
-from flwr.server.client_manager import ClientManager
+from flwr.common import Scalar
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAvg
-from torch import Tensor
 
 from ...core import contract as C
 from ...core import defaults as D
@@ -85,14 +74,13 @@ from ...server import (
     DistrealCore,
     HeteroFLPlanner,
     OnExcess,
-    Reply,
-    ReplyGate,
     SubmodelAggregation,
     SubmodelCore,
-    as_device_id,
     fit_metrics_aggregation,
 )
-from ...training.trainers import evaluate_model, set_weights
+
+# The adapter base lives in .base; its names stay importable from here.
+from .base import EvaluateFn, _check_minimums, _ResourceAwareFedAvg, make_evaluate_fn
 from .client_manager import fetch_properties
 
 log = logging.getLogger(__name__)
@@ -110,239 +98,6 @@ __all__ = [
     "fit_metrics_aggregation",
     "make_evaluate_fn",
 ]
-
-EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def make_evaluate_fn(
-    model_name: str,
-    num_classes: int | None,
-    test_loader_factory: Callable[[], Iterable[tuple[Tensor, Tensor]]],
-    device: str = "cpu",
-    model_kwargs: Mapping[str, Any] | None = None,
-) -> EvaluateFn:
-    """Build Flower's server-side ``evaluate_fn``: test loss and accuracy of the full model.
-
-    The model is built once, on first use; every call loads the global parameters
-    into it and evaluates in eval mode without dropout.
-
-    Parameters
-    ----------
-    model_name : str
-        Registry name of the model (see :func:`flwr_distreal.models.list_models`).
-    num_classes : int | None
-        Classifier outputs; None keeps the model's default.
-    test_loader_factory : Callable[[], Iterable[tuple[Tensor, Tensor]]]
-        Returns the test data as an iterable of ``(inputs, labels)`` batches (e.g. a
-        ``DataLoader``). Called once, on first use; the result is iterated every round,
-        so it must be re-iterable.
-    device : str, optional
-        Torch device to evaluate on. Defaults to ``"cpu"``.
-    model_kwargs : Mapping[str, Any] | None, optional
-        Extra builder arguments (e.g. ``widths``). Defaults to None.
-
-    Returns
-    -------
-    EvaluateFn
-        ``evaluate_fn(server_round, parameters_ndarrays, config)`` returning
-        ``(mean cross-entropy loss, {"accuracy": fraction correct, "num_examples": n})``.
-    """
-    from ...models import build_model  # local import: registry builds torch models
-
-    state: dict[str, Any] = {}
-
-    def evaluate_fn(
-        server_round: int, parameters_ndarrays: NDArrays, config: dict[str, Scalar]
-    ) -> tuple[float, dict[str, Scalar]]:
-        if "model" not in state:
-            model = build_model(model_name, num_classes, **dict(model_kwargs or {}))
-            state["model"] = model.to(device)
-            state["loader"] = test_loader_factory()
-        model = state["model"]
-        set_weights(model, parameters_ndarrays)
-        loss, accuracy, n = evaluate_model(model, state["loader"], device)
-        log.info("round %s: server-side test accuracy %.4f, loss %.4f", server_round, accuracy, loss)
-        return loss, {"accuracy": accuracy, "num_examples": n}
-
-    return evaluate_fn
-
-
-
-def _check_minimums(fedavg_kwargs: Mapping[str, Any]) -> None:
-    """Fail fast on inconsistent client minimums (legacy FedAvg only warns)."""
-    min_fit = fedavg_kwargs.get("min_fit_clients", 2)
-    min_eval = fedavg_kwargs.get("min_evaluate_clients", 2)
-    min_avail = fedavg_kwargs.get("min_available_clients", 2)
-    if min_fit > min_avail:
-        raise ValueError(f"min_available_clients ({min_avail}) must be >= min_fit_clients ({min_fit})")
-    if fedavg_kwargs.get("fraction_evaluate", 1.0) > 0 and min_eval > min_avail:
-        raise ValueError(
-            f"min_available_clients ({min_avail}) must be >= min_evaluate_clients ({min_eval}) "
-            "when clients evaluate (fraction_evaluate > 0)"
-        )
-
-
-# -------------------------------------------------------------------- the base class
-
-
-class _ResourceAwareFedAvg(FedAvg):
-    """FedAvg over a :class:`flwr_distreal.server.core.ReplyGate`: the adapter.
-
-    ``configure_fit`` samples as FedAvg does (through the client manager), hands the
-    broadcast parameters to the core and adds per-client config (:meth:`_client_configs`);
-    ``aggregate_fit`` turns every ``FitRes`` into a :class:`~flwr_distreal.server.core.Reply`
-    and lets the core gate and combine them.
-
-    Parameters
-    ----------
-    core : ReplyGate
-        The Flower-free gate and aggregation rule.
-    **fedavg_kwargs : Any
-        Passed to :class:`flwr.server.strategy.FedAvg`.
-    """
-
-    def __init__(self, core: ReplyGate, **fedavg_kwargs: Any) -> None:
-        _check_minimums(fedavg_kwargs)
-        super().__init__(**fedavg_kwargs)
-        self.core = core
-
-    # metric keys, read from the core
-    @property
-    def macs_key(self) -> str:
-        """Fit metric with the MACs spent."""
-        return self.core.macs_key
-
-    @property
-    def num_batches_key(self) -> str:
-        """Fit metric with the mini-batches trained."""
-        return self.core.num_batches_key
-
-    @property
-    def straggler_key(self) -> str:
-        """Fit metric that is true for a straggler."""
-        return self.core.straggler_key
-
-    @property
-    def available_macs_key(self) -> str:
-        """Fit metric with the MACs the device could have spent."""
-        return self.core.available_macs_key
-
-    # -- configure ---------------------------------------------------------------------
-    def configure_fit(
-        self, server_round: int, parameters: Parameters, client_manager: ClientManager
-    ) -> list[tuple[ClientProxy, FitIns]]:
-        """Sample clients as FedAvg does, keep the broadcast parameters, add config.
-
-        Parameters
-        ----------
-        server_round : int
-            The current round (1-based).
-        parameters : Parameters
-            The global parameters ``theta_{t-1}`` broadcast this round.
-        client_manager : ClientManager
-            Holds the available clients.
-
-        Returns
-        -------
-        list[tuple[ClientProxy, FitIns]]
-            One instruction per selected client; every config has ``"server-round"``
-            plus the strategy's own keys.
-        """
-        self.core.broadcast(server_round, parameters_to_ndarrays(parameters))
-        pairs = super().configure_fit(server_round, parameters, client_manager)
-        self.last_sampled = [client for client, _ in pairs]  # the round's draw, for the audit trail
-        extra = self._client_configs(server_round, [client for client, _ in pairs])
-        out: list[tuple[ClientProxy, FitIns]] = []
-        for client, fit_ins in pairs:
-            if client.cid not in extra:
-                continue
-            config: dict[str, Scalar] = dict(fit_ins.config)
-            config[C.SERVER_ROUND] = server_round
-            config.update(extra[client.cid])
-            out.append((client, FitIns(fit_ins.parameters, config)))
-        return out
-
-    def _client_configs(
-        self, server_round: int, clients: list[ClientProxy]
-    ) -> dict[str, dict[str, Scalar]]:
-        """Extra fit config per client cid; a client missing from the result is not trained."""
-        return {client.cid: {} for client in clients}
-
-    # -- aggregate ---------------------------------------------------------------------
-    def _reply(self, proxy: ClientProxy, fit_res: FitRes) -> Reply:
-        """A ``FitRes`` as the core's neutral reply."""
-        metrics = fit_res.metrics or {}
-        return Reply(
-            node=proxy.cid,
-            device_id=as_device_id(metrics.get(self.core.partition_id_key)),
-            arrays=parameters_to_ndarrays(fit_res.parameters),
-            num_examples=fit_res.num_examples,
-            metrics=metrics,
-        )
-
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Drop stragglers, validate replies, aggregate the rest (in device order).
-
-        Parameters
-        ----------
-        server_round : int
-            The current round.
-        results : list[tuple[ClientProxy, FitRes]]
-            Successful replies.
-        failures : list[tuple[ClientProxy, FitRes] | BaseException]
-            Replies that failed in Flower (tolerated unless ``accept_failures`` is False).
-
-        Returns
-        -------
-        tuple[Parameters | None, dict[str, Scalar]]
-            The new global parameters (the broadcast ones, unchanged, when no reply
-            could be aggregated; None when failures are not accepted) and the metrics
-            ``received``, ``failures``, ``stragglers``, ``refused``, ``clipped``, ``accepted``,
-            ``mean_macs`` and ``mean_utilisation`` (over the accepted replies), plus
-            whatever ``fit_metrics_aggregation_fn`` returns for the accepted replies.
-
-        Raises
-        ------
-        RuntimeError
-            If no parameters were broadcast by :meth:`configure_fit` before.
-        """
-        if failures:
-            log.warning("round %s: %s client failures, ignored", server_round, len(failures))
-            if not self.accept_failures:
-                log.warning("round %s: failures not accepted, global model unchanged", server_round)
-                return None, {
-                    "received": len(results),
-                    "failures": len(failures),
-                    "stragglers": 0,
-                    "refused": 0,
-                    "clipped": 0,
-                    "accepted": 0,
-                }
-        global_arrays = self.core.global_arrays
-        outcome = self.core.aggregate(
-            server_round,
-            [self._reply(proxy, fit_res) for proxy, fit_res in results],
-            failures=len(failures),
-            logger=log,
-        )
-        metrics: dict[str, Scalar] = dict(outcome.metrics)
-        if self.fit_metrics_aggregation_fn is not None and outcome.accepted:
-            user = self.fit_metrics_aggregation_fn(
-                [(int(a.reply.num_examples), dict(a.reply.metrics)) for a in outcome.accepted]
-            )
-            metrics.update(user)
-        new_arrays = global_arrays if outcome.arrays is None else outcome.arrays
-        return ndarrays_to_parameters(new_arrays), metrics
-
-
 
 
 # --------------------------------------------------------------- one strategy, any method
@@ -505,7 +260,7 @@ class Distreal(MethodStrategy):
     ``theta_t = theta_{t-1} + sum_i c_i (theta_i - theta_{t-1}) / sum_i c_i``, where
     ``c_i`` is the MACs client ``i`` reports (accumulated per mini-batch by
     Algorithm 1, see :class:`flwr_distreal.flower.legacy.client.DistrealClient`). With equal
-    ``c_i`` this is FedAvg. The rule is :class:`flwr_distreal.server.core.DistrealCore`.
+    ``c_i`` this is FedAvg. The rule is :class:`flwr_distreal.server.DistrealCore`.
 
     A reply is discarded when its straggler metric is true (the client missed the
     round's deadline). Every other reply passes :func:`flwr_distreal.server.aggregate.validate_reply`:
@@ -516,7 +271,7 @@ class Distreal(MethodStrategy):
     reported ``num_batches`` is also bounded by what the server configured: the
     clients' ``round-samples`` property (asked once per client), the batch size and
     the local epochs. The survivors are screened against each other
-    (:class:`flwr_distreal.server.core.RoundBounds`): an update whose norm per
+    (:class:`flwr_distreal.server.RoundBounds`): an update whose norm per
     ``sqrt(num_batches)`` exceeds ``update_bound`` times the round's median is refused
     or clipped, a MACs claim above ``claim_bound`` times the round's median clipped or
     refused. Failures reported by Flower are tolerated. When no valid reply remains,
@@ -559,8 +314,8 @@ class Distreal(MethodStrategy):
     share_bound : float | None, optional
         ``k`` (>= 1): no reply weighs more than ``k`` times the mean of the round's other
         accepted replies, i.e. holds at most ``k / (n + k - 1)`` of the round's weight, whatever
-        it claims (:func:`flwr_distreal.server.core.cap_shares`); None disables it. Defaults to
-        :data:`~flwr_distreal.server.core.SHARE_BOUND` (4).
+        it claims (:func:`flwr_distreal.server.cap_shares`); None disables it. Defaults to
+        :data:`~flwr_distreal.server.SHARE_BOUND` (4).
     robust : {"clip-to-median", "median", "trimmed-mean"} | None, optional
         Robust aggregation for adversarial settings. Defaults to None (Algorithm 2).
     trim_beta : float, optional
@@ -629,7 +384,7 @@ class SmallNetwork(MethodStrategy):
     on the clients and in the initial parameters; server-side this is FedAvg
     weighted by the number of examples, with stragglers discarded and every reply's
     arrays validated (count, shapes, dtypes, finiteness; refusals are logged). The
-    rule is :class:`flwr_distreal.server.core.FedAvgCore`.
+    rule is :class:`flwr_distreal.server.FedAvgCore`.
 
     Parameters
     ----------
@@ -681,7 +436,7 @@ class SubmodelStrategy(MethodStrategy):
     rule (``per_weight``: every weight averaged over the clients whose submodel trained
     it; ``all_clients``: FedAvg over the zero-padded updates), with the masks of
     :func:`flwr_distreal.core.dropout.parameter_masks` for the assigned subsets. The round
-    logic is :class:`flwr_distreal.server.core.SubmodelCore`.
+    logic is :class:`flwr_distreal.server.SubmodelCore`.
 
     The budget assumes the availability at round start lasts the whole round:
     ``availability_fn(device, t0) * round_duration / (step_macs_factor * round_samples)``
@@ -815,7 +570,7 @@ class FederatedDropout(SubmodelStrategy):
     whose submodel fits the device's budget, see :class:`SubmodelStrategy`), and a
     random subset of ``kept_count(rate, C)`` filters per layer, fixed for the
     whole round and seeded by ``(seed, server_round, device_id)``
-    (:class:`flwr_distreal.server.core.FederatedDropoutPlanner`). Clients get
+    (:class:`flwr_distreal.server.FederatedDropoutPlanner`). Clients get
     ``"dropout-rate"`` and ``"fixed-subsets"``; aggregation by the ``aggregation``
     rule of :class:`SubmodelStrategy`.
 
@@ -852,7 +607,7 @@ class HeteroFL(SubmodelStrategy):
     every dropout layer with ``C`` filters. At round start each selected device gets
     the widest level whose forward MACs fit its budget (see
     :class:`SubmodelStrategy`), or the narrowest level when none fits
-    (:class:`flwr_distreal.server.core.HeteroFLPlanner`). Clients get
+    (:class:`flwr_distreal.server.HeteroFLPlanner`). Clients get
     ``"width-level"``, ``"width"`` and ``"fixed-subsets"``; aggregation by the
     ``aggregation`` rule of :class:`SubmodelStrategy`.
 
