@@ -24,6 +24,7 @@ import bisect
 import json
 import math
 import os
+import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -424,8 +425,6 @@ class LUT:
     @staticmethod
     def _npz_dict(path: Path) -> dict:
         """Read the ``.npz`` format into the JSON layout."""
-        import zipfile
-
         try:
             with np.load(path, allow_pickle=False) as npz:
                 header = json.loads(str(npz["header"]))
