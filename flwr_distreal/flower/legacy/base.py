@@ -28,6 +28,7 @@ from flwr.server.strategy import FedAvg
 from torch import Tensor
 
 from ...core import contract as C
+from ...models import build_model
 from ...server import Reply, ReplyGate, as_device_id
 from ...training.trainers import evaluate_model, set_weights
 
@@ -76,8 +77,6 @@ def make_evaluate_fn(
         ``evaluate_fn(server_round, parameters_ndarrays, config)`` returning
         ``(mean cross-entropy loss, {"accuracy": fraction correct, "num_examples": n})``.
     """
-    from ...models import build_model  # local import: registry builds torch models
-
     state: dict[str, Any] = {}
 
     def evaluate_fn(
