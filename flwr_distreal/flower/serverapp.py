@@ -207,7 +207,7 @@ class MethodStrategy(_CoreFedAvg):
         if rule == "macs":
             if weighted_by_key is not None and "macs_key" in core_kwargs:
                 raise TypeError("pass weighted_by_key or macs_key (the same key), not both")
-            weighted_by_key = core_kwargs.setdefault("macs_key", weighted_by_key or C.MACS)
+            weighted_by_key = core_kwargs.setdefault("macs_key", C.MACS if weighted_by_key is None else weighted_by_key)
         if rule == "submodel":
             core_kwargs["seed"] = seed
             _check_minimums(kwargs)
