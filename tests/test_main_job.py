@@ -25,7 +25,7 @@ from flwr_distreal.cli.tune import register_resolvers
 from conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["distreal", "distreal_uniform", "full", "small", "feddropout", "heterofl"]
+METHODS = ["distreal", "distreal_paper", "distreal_uniform", "full", "small", "feddropout", "heterofl", "fjord", "fedrolex"]
 
 register_resolvers()
 
@@ -35,7 +35,7 @@ def test_main_job_sweeps_every_method_over_three_seeds_at_its_tuned_lr() -> None
     params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
     assert sorted(params["method"]) == sorted(METHODS)
     assert params["seed"] == ["0", "1", "2"]
-    assert count_sweep_jobs(cfg) == 18
+    assert count_sweep_jobs(cfg) == 27
     tuned = {}
     for method in METHODS:
         run = to_run_config(compose_config("+experiment=main_digits", f"method={method}"))
