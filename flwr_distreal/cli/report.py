@@ -65,6 +65,7 @@ from .sweep import (  # re-exported: the report's public names
     setting_label,
     value_at_round,
 )
+from ..run.plotting import plot_bands
 from .tables import results_table, tuning_table
 
 __all__ = [
@@ -215,8 +216,6 @@ def _resources_table(groups: Sequence[Group]) -> _Table:
 
 def _plot_settings(groups: Sequence[Group], settings: Sequence[str], out: Path) -> dict[str, Path]:
     """One PNG per setting: accuracy (and stragglers) bands of each method."""
-    from ..run.plotting import plot_bands
-
     files = {}
     for setting in settings:
         acc, stragglers = {}, {}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import get_method, list_methods
+from ..run.plotting import read_metrics
 
 __all__ = [
     "METHOD_NAMES",
@@ -280,8 +281,6 @@ def load_sweep(sweep_dir: str | Path) -> tuple[list[Run], list[str]]:
     ReportError
         If ``sweep_dir`` is not a directory or holds no readable run.
     """
-    from ..run.plotting import read_metrics
-
     root = Path(sweep_dir)
     if not root.is_dir():
         raise ReportError(f"no sweep directory at {root}")
