@@ -12,22 +12,25 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.common import ndarrays_to_parameters
 
-from conftest import run_config
+from conftest import run_config, write_cifar10
 from flwr_distreal.cli import tables, tune
 from flwr_distreal.cli.sweep import band, first_round_reaching, last_k_score, value_at_round
 from flwr_distreal.run import experiment as experiment_module
-from flwr_distreal.run.config import ConfigError
+from flwr_distreal.run.config import ConfigError, RunConfig
 from flwr_distreal.run.experiment import Experiment
 from flwr_distreal.run.plotting import plot_runs
 from flwr_distreal.run.plotting import read_metrics as load_metrics
-from flwr_distreal.run.recording import evaluated_rows, read_metrics, summary_line
-from flwr_distreal.run.runtimes import run_experiment
+from flwr_distreal.run.recording import evaluated_rows, read_metrics, start_output, summary_line
+from flwr_distreal.run.runtimes import RecordingStrategy, run_experiment
 
 TINY = [
     "dataset=digits", "dataset.num_devices=4", "clients_per_round=2", "resources=timevarying", "runtime=inprocess",
@@ -159,8 +162,6 @@ def test_bad_values_refused(override: str, match: str) -> None:
 
 
 def test_bad_types_refused_by_the_schema() -> None:
-    from flwr_distreal.run.config import RunConfig
-
     cfg = run_config(*TINY[:4])
     for key, value in (("evaluate_every", True), ("evaluate_every", 1.5), ("evaluate_samples", -1)):
         with pytest.raises(ConfigError, match=key):
@@ -182,10 +183,6 @@ def test_evaluates_rounds() -> None:
 def test_bench_eval_cost_child_on_generated_cifar(tmp_path) -> None:
     """``scripts/bench_cifar_round.py --eval-cost``: one layout's round parts (training, static BN,
     evaluation on ``--eval-samples``), on CIFAR-10 pickles of 40 images."""
-    import importlib.util
-    import sys
-
-    from conftest import write_cifar10
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_cifar_round.py"
     spec = importlib.util.spec_from_file_location("script_bench_cifar_round_eval", path)
@@ -210,11 +207,6 @@ def test_legacy_strategy_records_gaps(tmp_path, monkeypatch: pytest.MonkeyPatch)
     """The legacy API's centralized evaluation (``Experiment.make_strategy``'s ``evaluate_fn``,
     through the runner's :class:`RecordingStrategy`): rounds 1 and 3 of 3 with ``evaluate_every=2``
     are not evaluated / evaluated (the last); the initial model is evaluated as before."""
-    from flwr.common import ndarrays_to_parameters
-
-    from flwr_distreal.run.recording import start_output
-    from flwr_distreal.run.runtimes import RecordingStrategy
-
     evaluations = _counting(monkeypatch, "evaluate_model")
     cfg = run_config(*TINY[:4], "rounds=3", "evaluate_every=2", "runtime=legacy")
     exp = Experiment(cfg)
