@@ -64,6 +64,23 @@ def _memory(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def _name(pid: int) -> str:
+    """A short name of a process: its title (Ray's processes set one) or its program and module."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [a.decode(errors="replace") for a in args if a]
+    if not words:
+        return "?"
+    if words[0].startswith("ray::") or len(words) == 1:
+        return words[0].split()[0][:40]
+    program = Path(words[0]).name
+    module = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "-m"), "")
+    script = next((Path(w).name for w in words[1:] if not w.startswith("-")), "")
+    return f"{program} {module or script}"[:60]
+
+
 def run_one(devices: int, runtime: str, args: argparse.Namespace, out: Path) -> dict:
     """One run: its round times and the peak memory of its process tree."""
     run_dir = out / f"{runtime}_{devices}"
@@ -82,6 +99,7 @@ def run_one(devices: int, runtime: str, args: argparse.Namespace, out: Path) -> 
         env["PYTHONPATH"] = str(repo)
     family = ProcessFamily(tag)
     peak_rss = peak_pss = peak_procs = 0
+    breakdown: dict[str, int] = {}
     start = time.perf_counter()
     with open(out / f"{runtime}_{devices}.log", "w") as log:
         proc = subprocess.Popen(command, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -89,9 +107,15 @@ def run_one(devices: int, runtime: str, args: argparse.Namespace, out: Path) -> 
         while proc.poll() is None:
             members = set(family.scan()) | {proc.pid}
             rss = pss = 0
+            each = {}
             for pid in members:
                 r, p = _memory(pid)
                 rss, pss = rss + r, pss + p
+                each[pid] = p
+            if pss > peak_pss:  # what the peak is made of: PSS by process name
+                breakdown = {}
+                for pid, p in each.items():
+                    breakdown[_name(pid)] = breakdown.get(_name(pid), 0) + p
             peak_rss, peak_pss, peak_procs = max(peak_rss, rss), max(peak_pss, pss), max(peak_procs, len(members))
             if time.perf_counter() - start > args.timeout:
                 timed_out = True
@@ -106,6 +130,7 @@ def run_one(devices: int, runtime: str, args: argparse.Namespace, out: Path) -> 
     row = {
         "devices": devices, "runtime": runtime, "rc": proc.returncode, "timed_out": timed_out, "total_s": round(total, 2),
         "peak_rss_mb": round(peak_rss / 2**20), "peak_pss_mb": round(peak_pss / 2**20), "peak_procs": peak_procs,
+        "peak_pss_by_process_mb": {k: round(v / 2**20) for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1])},
     }
     metrics = run_dir / "metrics.csv"
     if metrics.is_file():
