@@ -73,7 +73,7 @@ def main() -> None:
         legacy, message = runs["legacy"]["rows"], runs["flwr-run"]["rows"]
         keys = ("accuracy", "loss", "mean_macs", "stragglers", "accepted")
         identical = [[r[k] for k in keys] for r in legacy] == [[r[k] for k in keys] for r in message]
-        max_diff = max(abs(float(a["accuracy"]) - float(b["accuracy"])) for a, b in zip(legacy, message))
+        max_diff = max((abs(float(a["accuracy"]) - float(b["accuracy"])) for a, b in zip(legacy, message) if a["accuracy"] and b["accuracy"]), default=0.0)
         print(f"\n{strategy}: per-round accuracy (stragglers)")
         print(f"{'round':>5} | {'legacy':>16} | {'flwr run':>16}")
         for a, b in zip(legacy, message):

@@ -40,6 +40,11 @@ from flwr_distreal.run.deploy import DeploymentError, LocalDeployment, TlsFiles 
 from flwr_distreal.run.local_runtime import FlwrRunError, format_run_config  # noqa: E402
 
 
+def _num(cell: object) -> float:
+    """A metrics.csv cell as a number; an empty cell (a round not evaluated: evaluate_every) is nan."""
+    return float(cell) if cell not in (None, "") else float("nan")
+
+
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, str]:
     extra = ""
     if "--" in argv:
@@ -100,7 +105,7 @@ def _table(metrics: Path) -> str:
     for row in rows:
         wall = float(row["wall_time"])
         lines.append(
-            f"{int(row['round']):>5} {float(row['accuracy']):>9.4f} {float(row['loss']):>8.4f} {int(row['received']):>8} "
+            f"{int(row['round']):>5} {_num(row['accuracy']):>9.4f} {_num(row['loss']):>8.4f} {int(row['received']):>8} "
             f"{int(row['stragglers']):>10} {int(row['failures']):>8} {wall - before:>8.1f} {wall:>8.1f}"
         )
         before = wall

@@ -53,6 +53,11 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _num(cell: object) -> float:
+    """A metrics.csv cell as a number; an empty cell (a round not evaluated: evaluate_every) is nan."""
+    return float(cell) if cell not in (None, "") else float("nan")
 DEFAULT_ROOT = ROOT.parent / "shared" / "data" / "cifar10"
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -324,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         times = round_times(rows)
         record: dict[str, Any] = {"exit_code": code, "wall_s": round(wall, 1), "rounds_done": len(rows),
                                   "round_s": [round(t, 2) for t in times], "gpu_memory_peak_mib": sampler.peak_mib,
-                                  "accuracy": [float(r["accuracy"]) for r in rows], "command": commands[name]}
+                                  "accuracy": [_num(r["accuracy"]) for r in rows], "command": commands[name]}
         print(f"{name} run: exit code {code}, {wall:.1f} s in all, {len(rows)}/{rounds} rounds")
         for row, t in zip(rows, times):
-            print(f"  round {row['round']}: {t:.2f} s  accuracy {float(row['accuracy']):.4f}  stragglers {row['stragglers']}/{row['received']}")
+            print(f"  round {row['round']}: {t:.2f} s  accuracy {_num(row['accuracy']):.4f}  stragglers {row['stragglers']}/{row['received']}")
         if sampler.peak_mib is not None:
             print(f"  GPU memory used at most: {sampler.peak_mib:.0f} MiB (nvidia-smi, all processes)")
         if times:

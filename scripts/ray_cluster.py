@@ -59,6 +59,11 @@ sys.path.insert(0, str(ROOT))
 
 from flwr_distreal.run.local_runtime import ProcessFamily, stop_family  # noqa: E402
 
+
+def _num(cell: object) -> float:
+    """A metrics.csv cell as a number; an empty cell (a round not evaluated: evaluate_every) is nan."""
+    return float(cell) if cell not in (None, "") else float("nan")
+
 #: Environment variable that marks every process of the cluster this script starts.
 CLUSTER_TAG_VAR = "FLWR_DISTREAL_RAY_CLUSTER_TAG"
 #: The Ray actor class Flower's simulation backend runs ClientApps in.
@@ -431,7 +436,7 @@ def format_rounds(rows: Sequence[Mapping[str, str]]) -> list[str]:
     for row in rows:
         wall = float(row["wall_time"])
         lines.append(
-            f"  round {row['round']}: accuracy {float(row['accuracy']):.4f}  loss {float(row['loss']):.4f}  "
+            f"  round {row['round']}: accuracy {_num(row['accuracy']):.4f}  loss {_num(row['loss']):.4f}  "
             f"replies {row['received']}  stragglers {row['stragglers']}  round time {wall - previous:.1f} s"
         )
         previous = wall
