@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from flwr_distreal.flower import serverapp
 from flwr_distreal.flower.legacy import strategy
@@ -368,7 +369,8 @@ class _StubData:
     def __init__(self) -> None:
         g = torch.Generator().manual_seed(0)
         self.train = {d: [(torch.randn(2, 3, 32, 32, generator=g) + d, torch.zeros(2, dtype=torch.long))] for d in range(5)}
-        self.test = [(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 5, (2,), generator=g))]
+        x, y = torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 5, (2,), generator=g)
+        self.test = DataLoader(TensorDataset(x, y), batch_size=2)  # a real loader: evaluate reads its dataset
         self.read: list[int] = []
 
     def train_loader(self, device_id, batch_size, shuffle=True, seed=None, augment=True, drop_last=False):

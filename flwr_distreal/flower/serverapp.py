@@ -87,7 +87,6 @@ from __future__ import annotations
 import inspect
 import logging
 import time  # noqa: F401 - re-exported: tests patch serverapp.time (the node waits in .nodes use it)
-import warnings
 from collections.abc import Callable
 from logging import INFO
 from typing import Any
@@ -97,38 +96,19 @@ from flwr.common.logger import log as flwr_log
 from ..core import contract as C
 from ..core import defaults as D
 from ..core.contract import ContractError, is_number
-from ..core.dropout import DropoutModel
-from ..methods import Method, build_core, core_arguments, get_method, list_methods
-from ..methods.base import strategy_signature
+from ..methods import Method, build_core, core_arguments, get_method
+from ..methods.binding import DistrealView, SubmodelView, bind_constructor, bound_method
 from ..server import (
     DistrealCore,
     HeteroFLPlanner,
-    OnExcess,
     RefusalReason,
-    SubmodelAggregation,
     SubmodelCore,
 )
 
 # The adapter base and its node half live in .fedavg_base and .nodes; their names stay importable
 # from here (this module is the public path ``flwr_distreal.serverapp``).
-from .fedavg_base import CONTRACT_REASONS, EVALUATE_WEIGHT_KEY, _ARRAY_REASONS, _check_minimums, _CoreFedAvg
-from .nodes import (
-    _MISSING_PROPERTIES,
-    _NO_DEVICE_ID,
-    _NO_HANDLER_TEXT,
-    _NO_PROPERTIES,
-    _NO_QUERY_HANDLER,
-    _NO_REPLY,
-    _QUERY_ERROR,
-    _WAIT_LOG_EVERY_S,
-    DEFAULT_NODE_WAIT,
-    NodeWaitError,
-    _lacks_query_handler,
-    _NodeSampling,
-    _reply_node,
-    _sent_ids,
-    _short_reason,
-)
+from .fedavg_base import CONTRACT_REASONS, _check_minimums, _CoreFedAvg
+from .nodes import DEFAULT_NODE_WAIT, NodeWaitError
 
 __all__ = [
     "CONTRACT_REASONS",
@@ -198,7 +178,7 @@ class MethodStrategy(_CoreFedAvg):
         weighted_by_key: str | None = None,
         **kwargs: Any,
     ) -> None:
-        self.method = _bound_method(type(self), method)
+        self.method = bound_method(type(self), method)
         rule = self.method.rule
         if round_samples_fn is not None and rule != "submodel":
             raise TypeError(f"round_samples_fn is an argument of the submodel methods, not of {self.method.name!r}")
@@ -349,17 +329,6 @@ class MethodStrategy(_CoreFedAvg):
         return f"{type(self).__name__}(method={self.method.name!r}, seed={self.seed})"
 
 
-def _bound_method(cls: type, method: str | Method | None) -> Method:
-    """The method of a strategy: the class's bound one, or the ``method`` argument."""
-    if cls.method_name is not None:
-        if method is not None and get_method(method).name != cls.method_name:
-            raise TypeError(f"{cls.__name__} runs method {cls.method_name!r}; got method={method!r}")
-        return get_method(cls.method_name)
-    if method is None:
-        raise TypeError(f"{cls.__name__} needs a method: one of {list_methods()}")
-    return get_method(method)
-
-
 #: The adapter's own arguments (before the method's) in a bound class's signature.
 _COMMON_PARAMETERS = [
     inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=D.SEED),
@@ -380,17 +349,11 @@ def _bind_signature(cls: type) -> None:
     if method.rule == "submodel":
         leading.append(inspect.Parameter("round_samples_fn", inspect.Parameter.KEYWORD_ONLY, default=None))
 
-    def __init__(self: MethodStrategy, **kwargs: Any) -> None:
-        MethodStrategy.__init__(self, kwargs.pop("method", None), **kwargs)  # a method= is refused there
-
-    __init__.__signature__ = strategy_signature(method, leading, drop)  # type: ignore[attr-defined]
-    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
-    __init__.__doc__ = f"A :class:`MethodStrategy` of method {method.name!r} (arguments: see the class)."
-    cls.__init__ = __init__  # type: ignore[method-assign]
+    bind_constructor(cls, MethodStrategy.__init__, leading, drop)
 
 
 # ------------------------------------------------------------- the paper's methods, by name
-class Distreal(MethodStrategy):
+class Distreal(DistrealView, MethodStrategy):
     """DISTREAL server (Message API): average updates weighted by the MACs each client spent.
 
     Algorithm 2 of Rapp et al. (AAAI 2022),
@@ -483,22 +446,6 @@ class Distreal(MethodStrategy):
     method_name = "distreal"
     core: DistrealCore
 
-    @property
-    def full_macs_per_sample(self) -> float:
-        """The full model's forward MACs per sample: the most one mini-batch adds to ``macs``."""
-        return self.core.full_macs_per_sample
-
-    @property
-    def full_macs_per_batch(self) -> float:
-        """Deprecated name of :attr:`full_macs_per_sample` (a ``DeprecationWarning``)."""
-        warnings.warn("full_macs_per_batch is deprecated, read full_macs_per_sample", DeprecationWarning, stacklevel=2)
-        return self.core.full_macs_per_sample
-
-    @property
-    def on_excess(self) -> OnExcess:
-        """"refuse" or "clip" MACs above the maximum."""
-        return self.core.on_excess
-
     def __repr__(self) -> str:
         return (
             f"Distreal(full_macs_per_sample={self.full_macs_per_sample:g}, on_excess={self.on_excess!r}, "
@@ -542,7 +489,7 @@ class FullResources(SmallNetwork):
     method_name = "full"
 
 
-class SubmodelStrategy(MethodStrategy):
+class SubmodelStrategy(SubmodelView, MethodStrategy):
     """Shared base of the Message-API baselines that assign a fixed submodel per node.
 
     At round start every drawn node's device gets a forward budget from its availability at
@@ -606,21 +553,6 @@ class SubmodelStrategy(MethodStrategy):
         super().__init__(method, **kwargs)
         if self.method.rule != "submodel":
             raise TypeError(f"{type(self).__name__} runs submodel methods; {self.method.name!r} is rule {self.method.rule!r}")
-
-    @property
-    def model(self) -> DropoutModel:
-        """The full model (for MACs and masks)."""
-        return self.core.model
-
-    @property
-    def model_name(self) -> str:
-        """Registry name of the full model."""
-        return self.core.model.model_name
-
-    @property
-    def aggregation(self) -> SubmodelAggregation:
-        """The submodel rule: ``"per_weight"`` or ``"all_clients"``."""
-        return self.core.aggregation
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_name={self.model_name!r}, seed={self.seed}, aggregation={self.aggregation!r})"

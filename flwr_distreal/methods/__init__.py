@@ -25,7 +25,7 @@ from .base import (
 from .registry import get_method, list_methods, register_method, schema_of, unregister_method
 
 #: The modules of this package that are not methods.
-_NOT_METHODS = frozenset({"base", "registry"})
+_NOT_METHODS = frozenset({"base", "binding", "registry"})
 
 # Every other module here is a method and registers itself when imported: adding a method is
 # one file here (plus its YAML), no list to edit. The paper's five first (the order of the

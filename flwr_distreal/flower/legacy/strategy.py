@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -66,21 +65,18 @@ from flwr.server.client_proxy import ClientProxy
 from ...core import contract as C
 from ...core import defaults as D
 from ...core.contract import decode_subsets, encode_subsets, is_number
-from ...core.dropout import DropoutModel
-from ...methods import Method, build_core, core_arguments, get_method, list_methods
-from ...methods.base import strategy_signature
+from ...methods import Method, build_core, core_arguments, get_method
+from ...methods.binding import DistrealView, SubmodelView, bind_constructor, bound_method
 from ...server import (
     AvailabilityFn,
     DistrealCore,
     HeteroFLPlanner,
-    OnExcess,
-    SubmodelAggregation,
     SubmodelCore,
     fit_metrics_aggregation,
 )
 
 # The adapter base lives in .base; its names stay importable from here.
-from .base import EvaluateFn, _check_minimums, _ResourceAwareFedAvg, make_evaluate_fn
+from .base import _check_minimums, _ResourceAwareFedAvg, make_evaluate_fn
 from .client_manager import fetch_properties
 
 log = logging.getLogger(__name__)
@@ -139,7 +135,7 @@ class MethodStrategy(_ResourceAwareFedAvg):
         device_id_fn: Callable[[ClientProxy], int] | None = None,
         **kwargs: Any,
     ) -> None:
-        self.method = _bound_method(type(self), method)
+        self.method = bound_method(type(self), method)
         rule = self.method.rule
         if rule != "submodel" and (round_samples_fn is not None or device_id_fn is not None):
             raise TypeError(
@@ -218,17 +214,6 @@ class MethodStrategy(_ResourceAwareFedAvg):
         return f"{type(self).__name__}(method={self.method.name!r}, accept_failures={self.accept_failures})"
 
 
-def _bound_method(cls: type, method: str | Method | None) -> Method:
-    """The method of a strategy: the class's bound one, or the ``method`` argument."""
-    if cls.method_name is not None:
-        if method is not None and get_method(method).name != cls.method_name:
-            raise TypeError(f"{cls.__name__} runs method {cls.method_name!r}; got method={method!r}")
-        return get_method(cls.method_name)
-    if method is None:
-        raise TypeError(f"{cls.__name__} needs a method: one of {list_methods()}")
-    return get_method(method)
-
-
 def _bind_signature(cls: type) -> None:
     """Give a class bound to a method a constructor whose signature lists that method's
     arguments and defaults (it calls :meth:`MethodStrategy.__init__`)."""
@@ -243,17 +228,11 @@ def _bind_signature(cls: type) -> None:
             inspect.Parameter("device_id_fn", inspect.Parameter.KEYWORD_ONLY, default=None),
         ]
 
-    def __init__(self: MethodStrategy, **kwargs: Any) -> None:
-        MethodStrategy.__init__(self, kwargs.pop("method", None), **kwargs)  # a method= is refused there
-
-    __init__.__signature__ = strategy_signature(method, leading)  # type: ignore[attr-defined]
-    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
-    __init__.__doc__ = f"A :class:`MethodStrategy` of method {method.name!r} (arguments: see the class)."
-    cls.__init__ = __init__  # type: ignore[method-assign]
+    bind_constructor(cls, MethodStrategy.__init__, leading)
 
 
 # ------------------------------------------------------------- the paper's methods, by name
-class Distreal(MethodStrategy):
+class Distreal(DistrealView, MethodStrategy):
     """DISTREAL server: average updates weighted by the MACs each client spent.
 
     Implements Algorithm 2 of Rapp et al. (AAAI 2022):
@@ -354,22 +333,6 @@ class Distreal(MethodStrategy):
     method_name = "distreal"
     core: DistrealCore
 
-    @property
-    def full_macs_per_sample(self) -> float:
-        """The full model's forward MACs per sample: the most one mini-batch adds to ``macs``."""
-        return self.core.full_macs_per_sample
-
-    @property
-    def full_macs_per_batch(self) -> float:
-        """Deprecated name of :attr:`full_macs_per_sample` (a ``DeprecationWarning``)."""
-        warnings.warn("full_macs_per_batch is deprecated, read full_macs_per_sample", DeprecationWarning, stacklevel=2)
-        return self.core.full_macs_per_sample
-
-    @property
-    def on_excess(self) -> OnExcess:
-        """"refuse" or "clip" MACs above the maximum."""
-        return self.core.on_excess
-
     def __repr__(self) -> str:
         return (
             f"Distreal(full_macs_per_sample={self.full_macs_per_sample:g}, on_excess={self.on_excess!r}, "
@@ -422,7 +385,7 @@ class FullResources(SmallNetwork):
     method_name = "full"
 
 
-class SubmodelStrategy(MethodStrategy):
+class SubmodelStrategy(SubmodelView, MethodStrategy):
     """Shared base of the baselines that assign a fixed submodel per client at round start.
 
     At round start, for every selected client, the server finds the device id and
@@ -510,16 +473,6 @@ class SubmodelStrategy(MethodStrategy):
 
     # state of the core, as attributes of the strategy
     @property
-    def model(self) -> DropoutModel:
-        """The full model (for MACs and masks)."""
-        return self.core.model
-
-    @property
-    def model_name(self) -> str:
-        """Registry name of the full model."""
-        return self.core.model.model_name
-
-    @property
     def widths(self) -> list[int]:
         """Filters per dropout layer of the full model."""
         return self.core.widths
@@ -543,11 +496,6 @@ class SubmodelStrategy(MethodStrategy):
     def partition_id_key(self) -> str:
         """Property and fit-metric key with the device id."""
         return self.core.partition_id_key
-
-    @property
-    def aggregation(self) -> SubmodelAggregation:
-        """The submodel rule: ``"per_weight"`` or ``"all_clients"``."""
-        return self.core.aggregation
 
     def round_start(self, server_round: int) -> float:
         """Simulated time at which round ``server_round`` starts, ``(server_round - 1) * T``."""
