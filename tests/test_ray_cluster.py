@@ -113,10 +113,17 @@ def test_stop_kills_every_own_process_and_nothing_else(rc, tmp_path: Path) -> No
     cluster = rc.LocalRayCluster(num_workers=1, ray_bin=str(fake))  # its own folder under /tmp
     try:
         cluster.start()
+        # 2 nodes x (bash + 2 sleeps), once the double fork's short-lived subshell is gone: the same
+        # 6 processes on two scans 0.3 s apart (a scan during the fork can count the subshell)
         deadline = time.monotonic() + 20
-        while len(cluster.pids()) < 2 * 3 and time.monotonic() < deadline:  # 2 nodes x (bash + 2 sleeps)
+        pids: list[int] = []
+        while time.monotonic() < deadline:
+            pids = cluster.pids()
+            if len(pids) == 2 * 3:
+                time.sleep(0.3)
+                if cluster.pids() == pids:
+                    break
             time.sleep(0.1)
-        pids = cluster.pids()
         own = {n.process.pid for n in cluster.nodes}
         assert own <= set(pids)
         assert len(pids) == 6, pids
