@@ -61,6 +61,8 @@ from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from flwr_distreal.core import contract as C
+from flwr_distreal.core.dropout import make_droppable
+from flwr_distreal.models.femnist_cnn import FemnistCNN
 
 #: The repository's root and its Hydra config folder.
 REPO = Path(__file__).resolve().parents[1]
@@ -348,3 +350,22 @@ def flop_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     flops = counter.get_total_flops()
     assert flops % (2 * x.shape[0]) == 0
     return flops // 2 // x.shape[0]
+
+
+# ------------------------------------------------------------------------------ tiny models
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread (and do not fight the machine's other work); use
+    with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cnn() -> FemnistCNN:
+    """A droppable FEMNIST CNN of 4 and 6 filters, 5 hidden units, 3 classes (seeded weights)."""
+    torch.manual_seed(0)
+    return make_droppable(FemnistCNN(widths=(4, 6), hidden=5, num_classes=3), torch.zeros(2, 1, 28, 28), name="tiny_cnn")

@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import tiny_cnn
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -32,20 +33,9 @@ from flwr_distreal.server import HeteroFLPlanner, Reply, RoundBounds, SubmodelCo
 from flwr_distreal.training.trainers import get_weights
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread (and do not fight the machine's other work)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _tiny_cnn() -> FemnistCNN:
-    torch.manual_seed(0)
-    return make_droppable(
-        FemnistCNN(widths=(4, 6), hidden=5, num_classes=3), torch.zeros(2, 1, 28, 28), name="tiny_cnn"
-    )
 
 
 def _tiny_densenet() -> DenseNetBC:
@@ -84,7 +74,7 @@ def _consumer_contribution(model, consumer, subsets, scaling: bool, x) -> torch.
     ],
 )
 def test_fixed_subset_scaling_multiplies_the_consumer_input_by_c_over_k(subsets, consumer, factor) -> None:
-    model = _tiny_cnn()
+    model = tiny_cnn()
     x = torch.randn(5, 1, 28, 28)
     layer = getattr(model, consumer)
     on = _consumer_contribution(model, layer, subsets, True, x)
@@ -97,7 +87,7 @@ def test_fixed_subset_scaling_multiplies_the_consumer_input_by_c_over_k(subsets,
 
 
 def test_inverted_scaling_switch_is_per_model_and_leaves_inference_alone() -> None:
-    model = _tiny_cnn()
+    model = tiny_cnn()
     assert model.inverted_scaling  # on by default (DISTREAL's per-batch dropout)
     x = torch.randn(3, 1, 28, 28)
     model.eval()
@@ -118,7 +108,7 @@ def test_unscaled_compact_execution_equals_the_masking_reference() -> None:
     x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 0])
     grads, losses = [], []
     for mode in ("compact", "mask"):
-        model = _tiny_cnn()
+        model = tiny_cnn()
         model.set_execution(mode)
         model.set_inverted_scaling(False)
         model.set_fixed_subsets(subsets)
@@ -133,7 +123,7 @@ def test_unscaled_compact_execution_equals_the_masking_reference() -> None:
 
 
 def test_strategy_configs_set_the_scaling_of_the_models_they_build() -> None:
-    model = _tiny_cnn()
+    model = tiny_cnn()
     FedDropoutStrategyConfig().apply_to(model)
     assert not model.inverted_scaling  # Federated Dropout: a repacked narrower network
     HeteroFLStrategyConfig().apply_to(model)
@@ -200,7 +190,7 @@ def test_aggregation_rules_refuse_bad_input_alike() -> None:
 
 def _core(rule: str) -> SubmodelCore:
     """A HeteroFL core on the tiny CNN: level 1 full (4, 6 filters), level 2 half (2, 3)."""
-    planner = HeteroFLPlanner(_tiny_cnn(), shrink=0.5, levels=2)
+    planner = HeteroFLPlanner(tiny_cnn(), shrink=0.5, levels=2)
     budgets = {0: 1e12, 1: 1.0}  # device 0 affords the full model, device 1 the narrowest level
     return SubmodelCore(
         planner,
@@ -320,7 +310,7 @@ def test_recomputed_statistics_equal_the_cumulative_mean_over_batches() -> None:
 
 
 def test_recompute_without_batchnorm_or_without_data() -> None:
-    cnn = _tiny_cnn()
+    cnn = tiny_cnn()
     before = get_weights(cnn)
     assert recompute_bn_statistics(cnn, iter(())) == 0  # nothing to recompute, nothing read
     assert all(np.array_equal(a, b) for a, b in zip(before, get_weights(cnn)))
@@ -345,7 +335,7 @@ def test_heterofl_config_switches_static_bn_and_logs_once_when_the_model_has_non
     running = _tiny_densenet()
     FedDropoutStrategyConfig(static_bn=False).apply_to(running)
     assert not any(m.static_stats for m in running.batchnorm_layers)
-    cnn = _tiny_cnn()
+    cnn = tiny_cnn()
     cnn.model_name = "tiny_cnn_for_the_log_test"
     with caplog.at_level(logging.INFO, logger="flwr_distreal.methods.base"):
         cfg.apply_to(cnn)
@@ -355,7 +345,7 @@ def test_heterofl_config_switches_static_bn_and_logs_once_when_the_model_has_non
 
 
 def _tiny_cnn_named(name: str) -> FemnistCNN:
-    model = _tiny_cnn()
+    model = tiny_cnn()
     model.model_name = name
     return model
 

@@ -9,30 +9,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import tiny_cnn
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from flwr_distreal.core import contract as C
-from flwr_distreal.core.dropout import make_droppable, parameter_masks
+from flwr_distreal.core.dropout import parameter_masks
 from flwr_distreal.methods import ConfigError, get_method
 from flwr_distreal.methods.fedrolex import OFFSET_KEY, FedRolexPlanner, FedRolexStrategyConfig, rolling_window
 from flwr_distreal.models import build_model
-from flwr_distreal.models.femnist_cnn import FemnistCNN
 from flwr_distreal.server import HeteroFLPlanner, Reply, RoundBounds, SubmodelCore
 from flwr_distreal.training.trainers import BaselineTrainer, get_weights
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _tiny_cnn() -> FemnistCNN:
-    torch.manual_seed(0)
-    return make_droppable(FemnistCNN(widths=(4, 6), hidden=5, num_classes=3), torch.zeros(2, 1, 28, 28), name="tiny_cnn")
 
 
 # ------------------------------------------------------------------------------- window
@@ -50,7 +42,7 @@ def test_window_advances_by_one_per_round_and_wraps() -> None:
 def test_planner_windows_per_group_over_rounds() -> None:
     """The tiny CNN's groups have C = 4 and C = 6; level 2 (beta = 1/2) keeps 2 and 3. Round r
     has offset t = r - 1, the same for every device."""
-    planner = FedRolexPlanner(_tiny_cnn())
+    planner = FedRolexPlanner(tiny_cnn())
     assert planner.level_counts[1] == [2, 3]
     got = [[k.tolist() for k in planner.kept_for(2, r)] for r in range(1, 8)]
     assert got == [
@@ -78,7 +70,7 @@ def test_every_channel_is_covered_k_times_in_c_rounds() -> None:
 
 
 def test_assign_uses_heterofls_level_rule_and_the_rounds_window() -> None:
-    model = _tiny_cnn()
+    model = tiny_cnn()
     planner = FedRolexPlanner(model)
     heterofl = HeteroFLPlanner(model, shrink=0.5, levels=5)
     assert planner.level_macs == heterofl.level_macs and planner.level_counts == heterofl.level_counts
@@ -103,7 +95,7 @@ def test_assign_uses_heterofls_level_rule_and_the_rounds_window() -> None:
 )
 def test_planner_refuses_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        FedRolexPlanner(_tiny_cnn(), **kwargs)
+        FedRolexPlanner(tiny_cnn(), **kwargs)
 
 
 def test_window_and_kept_for_refuse_bad_arguments() -> None:
@@ -111,7 +103,7 @@ def test_window_and_kept_for_refuse_bad_arguments() -> None:
                         ((4, 2, 1.0), "offset"), ((4, True, 0), "kept")):
         with pytest.raises(ValueError, match=match):
             rolling_window(*args)
-    planner = FedRolexPlanner(_tiny_cnn())
+    planner = FedRolexPlanner(tiny_cnn())
     for level, rnd, match in ((0, 1, "level"), (6, 1, "level"), (1, 0, "server_round"), (1, 1.5, "server_round")):
         with pytest.raises(ValueError, match=match):
             planner.kept_for(level, rnd)
@@ -134,7 +126,7 @@ def test_schema_defaults_and_refusals() -> None:
 
 
 def _core(weighting: str) -> SubmodelCore:
-    planner = FedRolexPlanner(_tiny_cnn(), levels=2, weighting=weighting)
+    planner = FedRolexPlanner(tiny_cnn(), levels=2, weighting=weighting)
     forward = {0: planner.level_macs[1], 1: planner.level_macs[0]}  # A: beta = 1/2, B: full
     return SubmodelCore(
         planner,
@@ -169,7 +161,7 @@ def test_per_weight_average_over_the_window_equals_the_hand_computed_example(wei
 
 @pytest.mark.parametrize("name", ["tiny", "resnet20_small", "densenet_bc_19"])
 def test_local_steps_leave_the_weights_outside_the_window_alone(name) -> None:
-    model = _tiny_cnn() if name == "tiny" else build_model(name, 10)
+    model = tiny_cnn() if name == "tiny" else build_model(name, 10)
     n = 6 if name == "tiny" else 2
     data = TensorDataset(torch.randn(n, *model.input_shape), torch.randint(0, model.num_classes, (n,)))
     planner = FedRolexPlanner(model)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import tiny_cnn
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from flwr_distreal.core import contract as C
 from flwr_distreal.core.macs import macs_of_counts
 from flwr_distreal.core.resources import ResourceModel, RoundClock, TraceResources
-from flwr_distreal.core.dropout import make_droppable
 from flwr_distreal.methods import ConfigError, get_method
 from flwr_distreal.methods.fjord import (
     FJORD_WIDTHS,
@@ -28,23 +28,14 @@ from flwr_distreal.methods.fjord import (
     prefix_counts,
 )
 from flwr_distreal.models import build_model
-from flwr_distreal.models.femnist_cnn import FemnistCNN
 from flwr_distreal.server import HeteroFLPlanner, Reply, RoundBounds, SubmodelCore
 from flwr_distreal.training.clock import MeasuredClock
 from flwr_distreal.training.trainers import get_weights
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _tiny_cnn() -> FemnistCNN:
-    torch.manual_seed(0)
-    return make_droppable(FemnistCNN(widths=(4, 6), hidden=5, num_classes=3), torch.zeros(2, 1, 28, 28), name="tiny_cnn")
 
 
 def _loader(n: int = 40, batch_size: int = 2) -> DataLoader:
@@ -82,7 +73,7 @@ class _Resources(ResourceModel):
 )
 def test_planner_refuses_bad_width_sets(widths, match) -> None:
     with pytest.raises(ValueError, match=match):
-        FjORDPlanner(_tiny_cnn(), widths=widths)
+        FjORDPlanner(tiny_cnn(), widths=widths)
 
 
 def test_width_key_parsing_refuses_garbage() -> None:
@@ -103,7 +94,7 @@ def test_prefix_counts_are_heterofls_and_fjords_ceil() -> None:
 
 
 def test_p_max_is_the_widest_width_that_fits_the_budget() -> None:
-    planner = FjORDPlanner(_tiny_cnn())
+    planner = FjORDPlanner(tiny_cnn())
     assert planner.level_widths == [1.0, 0.8, 0.6, 0.4, 0.2]
     macs = planner.level_macs
     assert macs == sorted(macs, reverse=True) and len(set(macs)) == 5
@@ -125,11 +116,11 @@ def test_p_max_is_the_widest_width_that_fits_the_budget() -> None:
 
 
 def _trainer(widths=FJORD_WIDTHS, resources=None, n: int = 40, seed: int | None = 3) -> OrderedDropoutTrainer:
-    return OrderedDropoutTrainer(_tiny_cnn(), _loader(n), 0, resources, seed=seed, widths=widths)
+    return OrderedDropoutTrainer(tiny_cnn(), _loader(n), 0, resources, seed=seed, widths=widths)
 
 
 def test_every_batch_width_is_within_the_devices_capability_and_varies() -> None:
-    model = _tiny_cnn()
+    model = tiny_cnn()
     planner = FjORDPlanner(model)
     budget = planner.level_macs[2] + 10  # p_max = 0.6
     assignment, extra = planner.assign(0, budget, 4)
@@ -218,7 +209,7 @@ def test_a_device_whose_resources_drop_mid_round_is_a_straggler() -> None:
 
 def test_on_the_measured_clock_each_batch_trains_its_width() -> None:
     trainer = OrderedDropoutTrainer(
-        _tiny_cnn(), _loader(12), 0, None, seed=3, clock=MeasuredClock("proportional")
+        tiny_cnn(), _loader(12), 0, None, seed=3, clock=MeasuredClock("proportional")
     )
     model = trainer.model
     trained: list[list[int]] = []
@@ -261,7 +252,7 @@ def test_nested_aggregation_equals_the_hand_computed_example() -> None:
     """Spec 1.5: conv1 has C = 4 filters, P = {0.5, 1}. Device A (p_max = 0.5, 100 examples)
     returns conv1.bias [1, 2, ., .]; device B (p_max = 1, 300 examples) returns [5, 6, 7, 8].
     FjORD (strategy.py: fjord_average): [(100*1 + 300*5)/400, (100*2 + 300*6)/400, 7, 8]."""
-    planner = FjORDPlanner(_tiny_cnn(), widths=[0.5, 1.0])
+    planner = FjORDPlanner(tiny_cnn(), widths=[0.5, 1.0])
     budgets = {0: planner.level_macs[1], 1: planner.level_macs[0]}  # A affords 0.5, B the full model
     core = SubmodelCore(
         planner,
@@ -334,7 +325,7 @@ def test_schema_defaults_refusals_and_registration() -> None:
             FjORDStrategyConfig(widths=widths)
     method = get_method("fjord")
     assert method.rule == "submodel" and method.label.startswith("FjORD")
-    planner = method.planner(_tiny_cnn(), seed=0, widths=[0.5, 1.0])
+    planner = method.planner(tiny_cnn(), seed=0, widths=[0.5, 1.0])
     assert isinstance(planner, FjORDPlanner) and planner.level_widths == [1.0, 0.5]
-    trainer = method.trainer(_tiny_cnn(), _loader(4), 0, None, method.client_options_of(cfg), seed=0)
+    trainer = method.trainer(tiny_cnn(), _loader(4), 0, None, method.client_options_of(cfg), seed=0)
     assert isinstance(trainer, OrderedDropoutTrainer) and trainer.width_set == FJORD_WIDTHS
