@@ -342,3 +342,25 @@ def test_revalidate_dse_remeasures_with_fresh_seeds(load, monkeypatch, dse_outpu
     assert report["seeds"] == [5, 6, 7] and report["trainings"] > 0
     assert len(report["per_rate"]) == 9 and np.isfinite(report["hypervolume_lut"])
     assert "fresh seeds [5, 6, 7]" in capsys.readouterr().out
+
+
+def test_compare_sweeps_matches_runs_by_method_and_seed_and_ignores_only_wall_time(load, tmp_path, capsys) -> None:
+    compare = load("compare_sweeps.py")
+    header = "round,accuracy,loss,wall_time\n"
+
+    def sweep(name: str, runs: dict[str, str]) -> Path:
+        for run, body in runs.items():
+            (tmp_path / name / run).mkdir(parents=True)
+            (tmp_path / name / run / "metrics.csv").write_text(header + body)
+        return tmp_path / name
+
+    a = sweep("a", {"0_distreal_seed0": "1,0.5,1.2,3.0\n", "1_heterofl_seed0": "1,0.6,1.1,2.0\n"})
+    # job numbers differ, wall_time differs, one extra method: still equal
+    b = sweep("b", {"3_distreal_seed0": "1,0.5,1.2,9.0\n", "7_heterofl_seed0": "1,0.6,1.1,8.0\n", "8_fjord_seed0": "1,0.1,2,1\n"})
+    assert compare.main([str(a), str(b)]) == 0
+    assert "2 of 2 runs equal" in capsys.readouterr().out
+    c = sweep("c", {"0_distreal_seed0": "1,0.5000001,1.2,3.0\n"})  # one accuracy changed, heterofl missing
+    assert compare.main([str(a), str(c)]) == 1
+    out = capsys.readouterr().out
+    assert "distreal seed 0: 1 differences, first: round 1: accuracy 0.5 against 0.5000001" in out
+    assert "heterofl seed 0: not in" in out
