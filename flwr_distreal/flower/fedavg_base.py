@@ -37,6 +37,7 @@ from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consis
 
 from ..core import contract as C
 from ..core.contract import ContractError, is_number, metric_values
+from ..methods.binding import check_minimums
 from ..server import (
     Refusal,
     RefusalReason,
@@ -96,19 +97,10 @@ EVALUATE_WEIGHT_KEY = "num-examples"
 
 
 def _check_minimums(fedavg_kwargs: Mapping[str, Any]) -> None:
-    """Fail fast on inconsistent node minimums."""
-    min_train = fedavg_kwargs.get("min_train_nodes", 2)
-    min_eval = fedavg_kwargs.get("min_evaluate_nodes", 2)
-    min_avail = fedavg_kwargs.get("min_available_nodes", 2)
-    if min_train > min_avail:
-        raise ValueError(f"min_available_nodes ({min_avail}) must be >= min_train_nodes ({min_train})")
-    # Evaluation minimums are checked when evaluation is asked for explicitly: FedAvg's default
-    # (fraction_evaluate=1.0) must keep a swapped-in strategy working where FedAvg did.
-    if fedavg_kwargs.get("fraction_evaluate", 0.0) > 0 and min_eval > min_avail:
-        raise ValueError(
-            f"min_available_nodes ({min_avail}) must be >= min_evaluate_nodes ({min_eval}) "
-            "when nodes evaluate (fraction_evaluate > 0)"
-        )
+    """Fail fast on inconsistent node minimums. Evaluation minimums are checked only when
+    evaluation is asked for explicitly: FedAvg's default (``fraction_evaluate=1.0``) must keep a
+    swapped-in strategy working where FedAvg did."""
+    check_minimums(fedavg_kwargs, unit="nodes", train="train", fraction_evaluate_default=0.0)
 
 
 class _CoreFedAvg(_NodeSampling, FedAvg):

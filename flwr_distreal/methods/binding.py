@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..core.dropout import DropoutModel
 from .base import Method, strategy_signature
 from .registry import get_method, list_methods
 
-__all__ = ["DistrealView", "SubmodelView", "bind_constructor", "bound_method"]
+__all__ = ["DistrealView", "SubmodelView", "bind_constructor", "bound_method", "check_minimums"]
 
 
 def bound_method(cls: type, method: str | Method | None) -> Method:
@@ -39,6 +39,31 @@ def bound_method(cls: type, method: str | Method | None) -> Method:
     if method is None:
         raise TypeError(f"{cls.__name__} needs a method: one of {list_methods()}")
     return get_method(method)
+
+
+def check_minimums(
+    fedavg_kwargs: Mapping[str, Any], *, unit: str, train: str, fraction_evaluate_default: float
+) -> None:
+    """Fail fast on inconsistent participant minimums of a FedAvg, in either API's names:
+    ``min_<train>_<unit>``, ``min_evaluate_<unit>``, ``min_available_<unit>`` (each 2 by default,
+    as FedAvg's); the evaluation minimum only when ``fraction_evaluate`` (default
+    ``fraction_evaluate_default``) asks for evaluation.
+
+    Raises
+    ------
+    ValueError
+        If a minimum exceeds ``min_available_<unit>``, naming both.
+    """
+    min_train = fedavg_kwargs.get(f"min_{train}_{unit}", 2)
+    min_eval = fedavg_kwargs.get(f"min_evaluate_{unit}", 2)
+    min_avail = fedavg_kwargs.get(f"min_available_{unit}", 2)
+    if min_train > min_avail:
+        raise ValueError(f"min_available_{unit} ({min_avail}) must be >= min_{train}_{unit} ({min_train})")
+    if fedavg_kwargs.get("fraction_evaluate", fraction_evaluate_default) > 0 and min_eval > min_avail:
+        raise ValueError(
+            f"min_available_{unit} ({min_avail}) must be >= min_evaluate_{unit} ({min_eval}) "
+            f"when {unit} evaluate (fraction_evaluate > 0)"
+        )
 
 
 def bind_constructor(

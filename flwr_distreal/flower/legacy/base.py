@@ -28,6 +28,7 @@ from flwr.server.strategy import FedAvg
 from torch import Tensor
 
 from ...core import contract as C
+from ...methods.binding import check_minimums
 from ...models import build_model
 from ...server import Reply, ReplyGate, as_device_id
 from ...training.trainers import evaluate_model, set_weights
@@ -98,16 +99,7 @@ def make_evaluate_fn(
 
 def _check_minimums(fedavg_kwargs: Mapping[str, Any]) -> None:
     """Fail fast on inconsistent client minimums (legacy FedAvg only warns)."""
-    min_fit = fedavg_kwargs.get("min_fit_clients", 2)
-    min_eval = fedavg_kwargs.get("min_evaluate_clients", 2)
-    min_avail = fedavg_kwargs.get("min_available_clients", 2)
-    if min_fit > min_avail:
-        raise ValueError(f"min_available_clients ({min_avail}) must be >= min_fit_clients ({min_fit})")
-    if fedavg_kwargs.get("fraction_evaluate", 1.0) > 0 and min_eval > min_avail:
-        raise ValueError(
-            f"min_available_clients ({min_avail}) must be >= min_evaluate_clients ({min_eval}) "
-            "when clients evaluate (fraction_evaluate > 0)"
-        )
+    check_minimums(fedavg_kwargs, unit="clients", train="fit", fraction_evaluate_default=1.0)
 
 
 # -------------------------------------------------------------------- the base class

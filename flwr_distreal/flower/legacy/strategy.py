@@ -143,7 +143,8 @@ class MethodStrategy(_ResourceAwareFedAvg):
             )
         known = core_arguments(self.method)
         core_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in known}
-        _check_minimums(kwargs)
+        if rule == "submodel":
+            _check_minimums(kwargs)  # before the core builds the model (the base checks again, cheaply)
         super().__init__(build_core(self.method, **core_kwargs), **kwargs)
         self.properties_timeout = properties_timeout
         self.round_samples_key = round_samples_key
