@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..methods import get_method, list_methods
+from ..methods import MethodView, get_method, list_methods
 from ..run.plotting import read_metrics
 
 __all__ = [
@@ -37,24 +37,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-class _MethodNames(Mapping):
-    """``strategy.name`` -> the label reports use (:attr:`flwr_distreal.methods.Method.label`),
-    read live from the methods registry."""
-
-    def __getitem__(self, name: str) -> str:
-        if name not in list_methods():
-            raise KeyError(name)
-        return get_method(name).label
-
-    def __iter__(self):
-        return iter(list_methods())
-
-    def __len__(self) -> int:
-        return len(list_methods())
-
-
 #: The methods' labels, from the registry (Fig. 5b's names for the paper's comparison).
-METHOD_NAMES: Mapping[str, str] = _MethodNames()
+METHOD_NAMES: Mapping[str, str] = MethodView("label")
 #: Fig. 5b's order (full, small, DISTREAL, Diao 2021, Caldas 2018); other methods follow in
 #: registration order.
 _METHOD_ORDER = ("full", "small", "distreal", "heterofl", "feddropout")

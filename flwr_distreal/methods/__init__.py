@@ -22,7 +22,7 @@ from .base import (
     build_core,
     core_arguments,
 )
-from .registry import get_method, list_methods, register_method, schema_of, unregister_method
+from .registry import MethodView, get_method, list_methods, register_method, schema_of, unregister_method
 
 #: The modules of this package that are not methods.
 _NOT_METHODS = frozenset({"base", "binding", "registry"})
@@ -42,6 +42,7 @@ __all__ = [
     "RULES",
     "ConfigError",
     "Method",
+    "MethodView",
     "StrategyConfig",
     "SubmodelStrategyConfig",
     "build_core",

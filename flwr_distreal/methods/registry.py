@@ -8,12 +8,14 @@ registered ones listed, and so is a second registration of a name.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
+from typing import Any
 
 from . import base
 from .base import ConfigError, Method
 
-__all__ = ["get_method", "list_methods", "register_method", "schema_of", "unregister_method"]
+__all__ = ["MethodView", "get_method", "list_methods", "register_method", "schema_of", "unregister_method"]
 
 _METHODS: dict[str, Method] = {}
 base._REGISTERED = lambda: MappingProxyType(_METHODS)  # what StrategyConfig checks names against
@@ -68,3 +70,23 @@ def list_methods() -> list[str]:
 def schema_of(name: str) -> type:
     """The ``strategy.*`` schema of method ``name``."""
     return get_method(name).schema
+
+
+class MethodView(Mapping):
+    """A read-only mapping ``strategy.name`` -> one attribute of each registered method (e.g.
+    ``MethodView("schema")``, ``MethodView("label")``), read live: a method registered later is
+    in it."""
+
+    def __init__(self, attribute: str) -> None:
+        self.attribute = attribute
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in _METHODS:
+            raise KeyError(name)
+        return getattr(_METHODS[name], self.attribute)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(_METHODS))
+
+    def __len__(self) -> int:
+        return len(_METHODS)

@@ -27,6 +27,7 @@ from ..core import defaults as D
 from ..training.recipe import DEVICES, SCHEDULES, Recipe
 from ..methods import (
     ConfigError,
+    MethodView,
     StrategyConfig,
     SubmodelStrategyConfig,
     get_method,
@@ -71,21 +72,6 @@ LR_SCHEDULES = SCHEDULES
 EVALUATE_ON = ("test", "validation")
 
 log = logging.getLogger(__name__)
-
-
-class _SchemaView(Mapping):
-    """``strategy.name`` -> schema, read live from the methods registry."""
-
-    def __getitem__(self, name: str) -> type[StrategyConfig]:
-        if name not in list_methods():
-            raise KeyError(name)
-        return get_method(name).schema
-
-    def __iter__(self):
-        return iter(list_methods())
-
-    def __len__(self) -> int:
-        return len(list_methods())
 
 
 @dataclass
@@ -134,7 +120,7 @@ class ModelConfig:
 #: The methods' schemas, from the methods registry (:mod:`flwr_distreal.methods`): ``strategy.name``
 #: -> its schema (stored in Hydra's ConfigStore as ``strategy/base_<name>``, which
 #: ``conf/strategy/<name>.yaml`` extends). A read-only view: a method registered later is in it.
-STRATEGY_SCHEMAS: Mapping[str, type[StrategyConfig]] = _SchemaView()
+STRATEGY_SCHEMAS: Mapping[str, type[StrategyConfig]] = MethodView("schema")
 #: The registered methods' names at import (a method registered later is in :data:`STRATEGY_SCHEMAS`).
 STRATEGIES = tuple(list_methods())
 
