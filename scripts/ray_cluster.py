@@ -26,7 +26,7 @@ unless both nodes executed client tasks.
 Stopping: ``ray stop`` would stop every Ray of this user on the machine, other sessions' too, so
 it is never called. Each node is started as ``ray start --block`` in a new session, with a tag in
 its environment; its GCS, raylet, agents and workers are found by that tag, as its children and
-as members of its session (:class:`flwr_distreal.run.local_runtime.ProcessFamily`), recorded by PID
+as members of its session (:class:`flwr_distreal.run.processes.ProcessFamily`), recorded by PID
 and stopped by PID (SIGTERM, SIGKILL after a grace period). A watchdog stops them as well if this
 script dies first (``kill -9``). At the end the script lists what is left: the cluster's
 processes (none), and any process that still names the cluster's folders.
@@ -57,7 +57,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flwr_distreal.run.local_runtime import ProcessFamily, stop_family  # noqa: E402
+from flwr_distreal.run import processes  # noqa: E402
+from flwr_distreal.run.processes import ProcessFamily, stop_family  # noqa: E402
 
 
 def _num(cell: object) -> float:
@@ -249,7 +250,7 @@ class LocalRayCluster:
         self.base.mkdir(parents=True, exist_ok=True)
         if Path("/proc").is_dir():
             # stops the tagged processes (and removes the folder) if this process dies first
-            command = [sys.executable, "-m", "flwr_distreal.run.local_runtime", "--watch", str(os.getpid()), "--tag", self.tag]
+            command = [sys.executable, "-I", processes.__file__, "--watch", str(os.getpid()), "--tag", self.tag]
             if self._own_base:
                 command += ["--remove", str(self.base)]
             self.watchdog = subprocess.Popen(

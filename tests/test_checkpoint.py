@@ -150,7 +150,7 @@ def test_resume_and_legacy_runtime_refusal(tmp_path) -> None:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="the watchdog reads /proc")
 def test_the_watchdog_stops_tagged_processes_after_kill_9_of_their_owner(tmp_path) -> None:
     """An owner that dies by SIGKILL cannot clean up: its watchdog stops what it started."""
-    from flwr_distreal.run.local_runtime import tagged_pids
+    from flwr_distreal.run.processes import tagged_pids
 
     script = (
         "import subprocess, sys, time\n"

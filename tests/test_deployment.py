@@ -27,7 +27,7 @@ from flwr_distreal.run.deploy import (
     make_tls_certificates,
     write_connection_config,
 )
-from flwr_distreal.run.local_runtime import tagged_pids  # noqa: E402
+from flwr_distreal.run.processes import tagged_pids  # noqa: E402
 
 #: Seconds a 2-round run may take (far more than it needs on 2 idle cores).
 RUN_TIMEOUT_S = 480

@@ -4,7 +4,7 @@ Ray's ``ray::DashboardAgent`` and ``ray::RuntimeEnvAgent`` overwrite the memory 
 ``/proc/PID/environ`` shows with their process title, so the runtime's tag cannot be read from
 them, and the raylet that started them may be gone first. These tests build the same situations
 from real processes (``sleep`` and small Python programs) and check that
-:class:`~flwr_distreal.run.local_runtime.ProcessFamily` and the watchdog still find and stop them,
+:class:`~flwr_distreal.run.processes.ProcessFamily` and the watchdog still find and stop them,
 and leave alone what is not theirs. Every process a test starts is killed by PID at teardown.
 """
 
@@ -24,7 +24,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc (Linux)")
 
-from flwr_distreal.run.local_runtime import (
+from flwr_distreal.run.processes import (
     TAG_VAR,
     ProcessFamily,
     _read_stat,
@@ -208,9 +208,9 @@ _OWNER = textwrap.dedent(
     """
     import os, subprocess, sys, time
     from pathlib import Path
-    from flwr_distreal.run.local_runtime import TAG_VAR, _start_watchdog
+    from flwr_distreal.run.processes import TAG_VAR, start_watchdog
     tag, folder = sys.argv[1], Path(sys.argv[2])
-    watchdog = _start_watchdog(os.getpid(), tag, folder)
+    watchdog = start_watchdog(os.getpid(), tag, folder)
     env = dict(os.environ, **{TAG_VAR: tag})
     stubborn = subprocess.Popen(
         [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"],
@@ -338,3 +338,28 @@ def test_kill_trials_counts_the_runners_tree_its_sessions_and_its_folder(tmp_pat
     assert run.alive() == [child], "the orphan of the killed runner is still the run's"
     assert stranger.pid not in run.alive()
     assert kill_trials.describe(child).startswith(f"{child} S sleep")
+
+
+def test_watchdog_is_a_bare_interpreter():
+    """The watchdog lives as long as the run: it must not load the package (torch, Flower), only
+    the standard library, so its memory is a bare interpreter's."""
+    from flwr_distreal.run.processes import start_watchdog
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    watchdog = start_watchdog(sleeper.pid, uuid.uuid4().hex)
+    try:
+        time.sleep(1.5)  # let it import what it imports
+        assert watchdog.poll() is None, "the watchdog exited while its owner lives"
+        maps = Path(f"/proc/{watchdog.pid}/maps").read_text()
+        loaded = {line.split()[-1] for line in maps.splitlines() if line.split()[-1].endswith(".so") or ".so." in line}
+        assert not [so for so in loaded if "torch" in so or "grpc" in so], sorted(loaded)
+        rss_kb = int(next(l for l in Path(f"/proc/{watchdog.pid}/status").read_text().splitlines() if l.startswith("VmRSS")).split()[1])
+        assert rss_kb < 60_000, f"watchdog RSS {rss_kb} kB"
+        sleeper.kill()
+        sleeper.wait()
+        assert watchdog.wait(10) == 0, "the watchdog did not end after its owner"
+    finally:
+        for proc in (sleeper, watchdog):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -344,7 +344,7 @@ def test_a_killed_supernodes_children_are_stopped_by_its_watchdog() -> None:
     its tag, and a watchdog stops them once it is gone. Here a "SuperNode" that started a child
     (as a SuperNode starts its SuperExec) is killed with SIGKILL alone; the child must go."""
     from flwr_distreal.run.deploy import NODE_TAG_VAR
-    from flwr_distreal.run.local_runtime import _start_watchdog, tagged_pids
+    from flwr_distreal.run.processes import start_watchdog, tagged_pids
 
     tag = uuid.uuid4().hex
     parent = subprocess.Popen(
@@ -354,7 +354,7 @@ def test_a_killed_supernodes_children_are_stopped_by_its_watchdog() -> None:
     try:
         child = int(parent.stdout.readline())
         assert sorted(tagged_pids(tag)) == sorted([parent.pid, child])
-        watchdog = _start_watchdog(parent.pid, tag)
+        watchdog = start_watchdog(parent.pid, tag)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(30)
         watchdog.wait(60)  # it exits once it has stopped the tagged processes

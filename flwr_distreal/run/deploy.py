@@ -31,7 +31,7 @@ Flower 1.41 specifics this module relies on (read from Flower's sources):
 Isolation: everything lives in a private temporary folder (certificates, keys, the SuperLink's
 ``--database``, the Flower home, logs), on free ports. Every process started here, and every
 process those start (SuperExec, ServerApp, ClientApps), carries a unique tag in its environment
-(:data:`flwr_distreal.run.local_runtime.TAG_VAR`); :meth:`LocalDeployment.stop` stops each of them by
+(:data:`flwr_distreal.run.processes.TAG_VAR`); :meth:`LocalDeployment.stop` stops each of them by
 PID (SIGTERM, then SIGKILL) and returns the survivors. Finding the tagged processes reads
 ``/proc`` (Linux); elsewhere only the processes spawned here directly are stopped.
 
@@ -62,19 +62,16 @@ from typing import Any
 
 from .credentials import TlsFiles, make_node_key_pair, make_tls_certificates, write_connection_config
 from .local_runtime import (
-    TAG_VAR,
     FlwrRunError,
     FlwrRunResult,
     _flwr_cli,
     _free_port,
-    _signal,
-    _start_watchdog,
     _tail,
     format_run_config,
     poll_until,
     stream_flwr_run,
-    tagged_pids,
 )
+from .processes import TAG_VAR, _signal, start_watchdog, tagged_pids
 
 __all__ = [
     "DeploymentError",
@@ -438,7 +435,7 @@ class LocalDeployment:
                 args, node.log_path, node.workdir, FLWR_HOME=str(node.workdir / "flwr-home"), **{NODE_TAG_VAR: node.tag}
             )
             # once the SuperNode is gone (stopped, crashed, kill -9), stop what it started
-            node.watchdog = _start_watchdog(node.process.pid, node.tag)
+            node.watchdog = start_watchdog(node.process.pid, node.tag)
             self.supernodes.append(node)
         return nodes
 
