@@ -1,8 +1,7 @@
 """flwr-distreal: DISTREAL (Rapp et al., AAAI 2022) for Flower.
 
-The core (dropout, models, MACs, LUT) is imported eagerly and has no Flower or Hydra imports.
-The Flower pieces (strategies, clients) are exported lazily, so ``import flwr_distreal`` and
-the core modules never import Flower. ``flwr_distreal.Distreal`` and the baselines at the top
+Every public name is exported lazily: ``import flwr_distreal`` loads neither torch nor Flower,
+and the core (dropout, models, MACs, LUT) never imports Flower or Hydra. ``flwr_distreal.Distreal`` and the baselines at the top
 level are the legacy-API strategies; the Message-API ones are in :mod:`flwr_distreal.flower.serverapp`.
 """
 
@@ -10,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Every dropout vector gives the convolutions new shapes, and PyTorch's CPU convolutions
 # (oneDNN) cache one compiled kernel per shape: 1024 by default, fewer than DenseNet-BC-40
@@ -19,22 +18,40 @@ from typing import Any
 # free. It is read at the first convolution; a value the user set is kept.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
 
-from .core.dropout import (
-    DroppableModel,
-    DroppedWeightGuard,
-    UnsupportedModelError,
-    kept_count,
-    make_droppable,
-    parameter_masks,
-    validate_vector,
-)
-from .core.lut import LUT, BudgetError, LUTError
-from .core.macs import count_macs, kept_counts
-from .models import build_model, list_models
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers and IDEs
+    from .core.dropout import (
+        DroppableModel,
+        DroppedWeightGuard,
+        UnsupportedModelError,
+        kept_count,
+        make_droppable,
+        parameter_masks,
+        validate_vector,
+    )
+    from .core.lut import LUT, BudgetError, LUTError
+    from .core.macs import count_macs, kept_counts
+    from .models import build_model, list_models
 
 __version__ = "0.1.0"
 
+#: Every public name, loaded on first use (PEP 562): ``import flwr_distreal`` itself loads neither
+#: torch nor Flower, so a process that only needs a submodule's path (the ``flwr`` CLI finding
+#: the app's components, the watchdog) stays a bare interpreter.
 _LAZY = {
+    "DroppableModel": "core.dropout",
+    "DroppedWeightGuard": "core.dropout",
+    "UnsupportedModelError": "core.dropout",
+    "kept_count": "core.dropout",
+    "make_droppable": "core.dropout",
+    "parameter_masks": "core.dropout",
+    "validate_vector": "core.dropout",
+    "LUT": "core.lut",
+    "BudgetError": "core.lut",
+    "LUTError": "core.lut",
+    "count_macs": "core.macs",
+    "kept_counts": "core.macs",
+    "build_model": "models",
+    "list_models": "models",
     "Distreal": "flower.legacy.strategy",
     "FullResources": "flower.legacy.strategy",
     "SmallNetwork": "flower.legacy.strategy",
@@ -59,22 +76,43 @@ _LAZY = {
     "FederatedData": "data",
 }
 
-__all__ = [
-    "LUT",
-    "BudgetError",
+__all__ = [  # the names of _LAZY
     "DroppableModel",
     "DroppedWeightGuard",
     "UnsupportedModelError",
-    "LUTError",
-    "build_model",
-    "count_macs",
     "kept_count",
-    "kept_counts",
-    "list_models",
     "make_droppable",
     "parameter_masks",
     "validate_vector",
-    *_LAZY,
+    "LUT",
+    "BudgetError",
+    "LUTError",
+    "count_macs",
+    "kept_counts",
+    "build_model",
+    "list_models",
+    "Distreal",
+    "FullResources",
+    "SmallNetwork",
+    "FederatedDropout",
+    "HeteroFL",
+    "make_evaluate_fn",
+    "fit_metrics_aggregation",
+    "DistrealClient",
+    "BaselineClient",
+    "TrainerClient",
+    "DistrealRound",
+    "MeasuredDistrealRound",
+    "DeviceTrainer",
+    "DistrealTrainer",
+    "BaselineTrainer",
+    "MeasuredDistrealTrainer",
+    "MeasuredBaselineTrainer",
+    "build_client_app",
+    "SeededClientManager",
+    "ResourceModel",
+    "load_federated",
+    "FederatedData",
 ]
 
 
@@ -85,3 +123,7 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

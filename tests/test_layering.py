@@ -11,6 +11,8 @@ initialises the package first, so it cannot close a circle).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -318,3 +320,22 @@ def test_imports_inside_functions_are_only_optional_dependencies():
             if target.startswith(".") or target.split(".")[0] not in OPTIONAL_IMPORTS:
                 bad.append(f"{path.relative_to(ROOT.parent)}:{line} imports {target}")
     assert not bad, "imports inside functions:\n" + "\n".join(bad)
+
+
+def test_importing_the_package_loads_neither_torch_nor_flower():
+    """``import flwr_distreal`` (and finding the app's module, as the ``flwr`` CLI does when it
+    builds the FAB) stays a bare interpreter; every public name still resolves on use."""
+    code = (
+        "import importlib.util, sys\n"
+        "import flwr_distreal, flwr_distreal.run\n"
+        "assert importlib.util.find_spec('flwr_distreal.run.flwr_app') is not None\n"
+        "heavy = sorted(m for m in ('torch', 'flwr', 'hydra', 'numpy') if m in sys.modules)\n"
+        "print('heavy:', heavy)\n"
+        "missing = [n for n in flwr_distreal.__all__ if getattr(flwr_distreal, n, None) is None]\n"
+        "print('missing:', missing)\n"
+        "assert sorted(flwr_distreal.__all__) == sorted(flwr_distreal._LAZY)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "heavy: []" in result.stdout, result.stdout
+    assert "missing: []" in result.stdout, result.stdout
