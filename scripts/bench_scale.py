@@ -11,7 +11,7 @@ rounds (1 first + the rest steady). For every run it records
   reported on its own as ``setup_s``, the process's wall time minus the rounds);
 * the peak memory of the whole process tree, sampled every ``--sample-s`` seconds: the runner,
   the local SuperLink, the ServerApp/simulation process and Ray's processes (found as
-  :class:`flwr_distreal.run.local_runtime.ProcessFamily` finds them: children, their sessions, a
+  :class:`flwr_distreal.run.processes.ProcessFamily` finds them: children, their sessions, a
   tag in the environment). ``rss`` sums the resident sets (shared pages counted once per
   process: an upper bound), ``pss`` sums the proportional set sizes (shared pages split: what the
   tree costs the machine);
@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flwr_distreal.run.local_runtime import TAG_VAR, ProcessFamily  # noqa: E402
+from flwr_distreal.run.processes import TAG_VAR, ProcessFamily  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

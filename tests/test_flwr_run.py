@@ -103,6 +103,26 @@ def test_fab_holds_package_and_conf() -> None:
     assert not {n for n in names if n.startswith(("tests/", "scripts/", "outputs/", "results/"))}
 
 
+def test_staged_app_builds_the_same_fab(tmp_path: Path) -> None:
+    """The runner gives ``flwr run`` a staged copy of the app (flwr walks every file of the folder
+    it is given: .venv, results/); the FAB built from it is the checkout's, byte for byte, and
+    the stage holds exactly the FAB's files."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from flwr_distreal.run.flwr_app import stage_app
+
+    (tmp_path / "flwr-distreal").mkdir()
+    (tmp_path / "flwr-distreal" / "stale.py").write_text("# removed by staging\n")
+    staged = stage_app(tmp_path / "flwr-distreal")
+    assert not (staged / "stale.py").exists()
+    fab = build_fab_from_disk(staged)
+    assert fab == build_fab_from_disk(REPO)
+    names = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
+    copied = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert copied == names - {".info/CONTENT"}  # nothing staged that the FAB leaves out
+    assert not any(n.startswith((".venv/", "tests/", "results/")) for n in copied)
+
+
 def test_output_dir_default_is_per_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     cfg = app.run_config_from_flower(_app_config())

@@ -128,11 +128,13 @@ def test_a_run_of_thousands_of_devices_builds_only_the_drawn_ones(tmp_path: Path
     the draws are the seeded draw by device id."""
     built: list[int] = []
     queried: list[int] = []
+    events: list[str] = []
     deliver = InProcessGrid._deliver
 
     def counting_deliver(self, msg):
         if msg.metadata.message_type == MessageType.QUERY:
             queried.append(msg.metadata.dst_node_id)
+            events.append("query")
         return deliver(self, msg)
 
     monkeypatch.setattr(InProcessGrid, "_deliver", counting_deliver)
@@ -140,9 +142,17 @@ def test_a_run_of_thousands_of_devices_builds_only_the_drawn_ones(tmp_path: Path
 
     def counting(self, device_id, data=None):
         built.append(int(device_id))
+        events.append("trainer")
         return make_trainer(self, device_id, data)
 
     monkeypatch.setattr(Experiment, "make_trainer", counting)
+    start_output = flwr_app.start_output
+
+    def recording_start(*args, **kwargs):
+        events.append("clock starts")  # the recorder's wall_time counts from here
+        return start_output(*args, **kwargs)
+
+    monkeypatch.setattr(flwr_app, "start_output", recording_start)
     experiment_module._load_data.cache_clear()
     cfg = run_config(*SCALE)
     run_experiment(cfg, tmp_path / "run", show_rounds=False)
@@ -152,6 +162,8 @@ def test_a_run_of_thousands_of_devices_builds_only_the_drawn_ones(tmp_path: Path
     assert drawn == [sorted(seeded_draw(rng, {d: d for d in range(3000)}, 3)) for _ in range(2)]
     assert sorted(built) == sorted({d for devices in drawn for d in devices})  # one trainer per drawn device
     assert sorted(queried) == [NODE_ID_BASE, NODE_ID_BASE + 2999]  # the check of the first and last device
+    # the check wakes the ClientApps before round 1's clock starts, so round 1 is not start-up
+    assert events.index("clock starts") > max(i for i, e in enumerate(events) if e == "query")
     kwargs = json.dumps(cfg.dataset.loader_kwargs(cfg.seed), sort_keys=True)
     data = experiment_module._load_data(cfg.dataset.name, kwargs)  # the run's (cached) dataset
     assert data.partitions.built == len(set(built))  # only the drawn devices' data was made

@@ -42,12 +42,16 @@ import dataclasses
 import functools
 import json
 import math
+import os
+import shutil
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import pathspec
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -76,6 +80,7 @@ __all__ = [
     "run_config_from_flower",
     "server_app",
     "server_main",
+    "stage_app",
     "wait_for_supernodes",
 ]
 
@@ -83,6 +88,49 @@ __all__ = [
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 #: The Flower app's folder (pyproject.toml with ``[tool.flwr.app]``): what ``flwr run`` runs.
 APP_DIR = CONF_DIR.parent
+
+
+def stage_app(dest: str | os.PathLike, app_dir: str | os.PathLike = APP_DIR) -> Path:
+    """Copy the Flower app's files (``pyproject.toml`` and what its ``fab-include`` patterns
+    select) into ``dest`` and return it: the folder to give ``flwr run``.
+
+    ``flwr run <folder>`` builds the FAB by walking *every* file under the folder before it
+    filters them (Flower 1.42, ``flwr.cli.utils.collect_files``): in a checkout that is the
+    virtual environment, ``results/`` and ``outputs/``, tens of thousands of files (``flwr
+    build`` on this repository: 5.3 s, against 1.2 s on the staged folder). Here the walk skips
+    hidden and git-ignored folders, and the patterns are matched as Flower matches them
+    (gitignore syntax: ``README.md`` matches at any depth), so the staged folder yields the
+    same FAB. ``dest`` is emptied first; its name must be a valid app name (letters, digits,
+    hyphens), as ``flwr`` requires of an app's folder.
+    """
+    app_dir, dest = Path(app_dir), Path(dest)
+    pyproject = app_dir / "pyproject.toml"
+    config = tomllib.loads(pyproject.read_text())
+    patterns = config.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include")
+    if not patterns:
+        raise ValueError(f"{pyproject}: [tool.flwr.app] has no fab-include patterns to stage the app with")
+    include = pathspec.PathSpec.from_lines("gitwildmatch", patterns)
+    gitignore = app_dir / ".gitignore"
+    ignored = pathspec.PathSpec.from_lines(
+        "gitwildmatch", gitignore.read_text().splitlines() if gitignore.is_file() else []
+    )
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    shutil.copy2(pyproject, dest / "pyproject.toml")
+    for folder, subfolders, files in os.walk(app_dir):
+        rel = Path(folder).relative_to(app_dir)
+        subfolders[:] = [
+            d for d in subfolders
+            if not d.startswith(".") and not ignored.match_file(f"{(rel / d).as_posix()}/")
+            and not (Path(folder) / d).is_symlink()
+        ]
+        for name in files:
+            path = rel / name
+            if include.match_file(path.as_posix()) and not ignored.match_file(path.as_posix()):
+                if not (app_dir / path).is_symlink():
+                    (dest / path).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(app_dir / path, dest / path)
+    return dest
 
 #: Seconds the SuperNode count must stay unchanged before a count that differs from the
 #: dataset's device count is final (simulation registers all SuperNodes at once).
@@ -407,9 +455,15 @@ class SimulatedProperties:
         self.cfg, self.exp = cfg, exp
         self._partitions: dict[int, int] | None = None
 
-    def __call__(self, grid: Grid, nodes: Sequence[int]) -> dict[int, dict[str, int]]:
+    def learn(self, grid: Grid) -> None:
+        """Learn the nodes' devices now (once; later calls do nothing): the server calls it
+        before round 1, so that the check's two probes, which start the ClientApps' processes
+        (Ray actors load the app and build the experiment), are start-up, not round 1's time."""
         if self._partitions is None:
             self._partitions = self._checked(grid)
+
+    def __call__(self, grid: Grid, nodes: Sequence[int]) -> dict[int, dict[str, int]]:
+        self.learn(grid)
         return {
             node: _device_properties(self.cfg, self.exp, self._partitions[node]) for node in nodes if node in self._partitions
         }
@@ -530,6 +584,11 @@ def server_main(grid: Grid, context: Context) -> None:
     ckpt = check_run_dir(out, cfg)  # refuses a directory that holds a run, or a resume that does not fit
     if not cfg.deployment:  # simulation: one SuperNode per device of the dataset
         wait_for_supernodes(grid.get_node_ids, exp.num_devices, f"device of {cfg.dataset.name}")
+    strategy = exp.make_message_strategy()
+    if not cfg.deployment and not exp.measured and hasattr(strategy, "node_properties"):
+        properties = SimulatedProperties(cfg, exp)  # no node woken to be asked its device
+        properties.learn(grid)  # its two probes start the ClientApps' processes now, not in round 1
+        strategy.node_properties = properties
     recorder = start_output(out, cfg, ckpt.rows if ckpt else None, exp)  # also run.json: the LUT's SHA-256
     done = ckpt.round if ckpt else 0
     if cfg.deployment:
@@ -546,9 +605,6 @@ def server_main(grid: Grid, context: Context) -> None:
         )
     keys, arrays = (ckpt.keys, ckpt.arrays) if ckpt else exp.initial_arrays()
     recorder.set_global(arrays)  # the reference of the first round's update norm
-    strategy = exp.make_message_strategy()
-    if not cfg.deployment and not exp.measured and hasattr(strategy, "node_properties"):
-        strategy.node_properties = SimulatedProperties(cfg, exp)  # no node woken to be asked its device
     if ckpt:
         strategy.load_sampling_state(ckpt.strategy)
         log(INFO, "resuming from %s after round %s of %s", out / "checkpoint.npz", done, cfg.rounds)

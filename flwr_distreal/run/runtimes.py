@@ -23,6 +23,7 @@ The runtimes launch the app, so this module sits above both :mod:`flwr_distreal.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -43,7 +44,8 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from omegaconf import OmegaConf
 
-from .flwr_app import APP_DIR, client_app, server_main
+from .flwr_app import client_app, server_main, stage_app
+from ..core.allocator import release_freed_memory
 from ..flower.legacy.client_manager import SeededClientManager
 from .config import RunConfig
 from .experiment import Experiment, experiment_for
@@ -229,15 +231,24 @@ def run_with_flwr(
     """
     run = _AppRun(cfg, output_dir, "flwr run", show_rounds)
     cfg = run.cfg
+    num_devices = run.exp.num_devices
+    # The ServerApp and the ClientApps build their own Experiment in Flower's processes; this one
+    # only checked the config. Free it (model, test data, device partitions) before waiting out
+    # the run: it would otherwise stay in this process's memory for the whole run.
+    run.exp = None
+    experiment_for.cache_clear()
+    gc.collect()
+    release_freed_memory()
     if cfg.num_cpus_per_client != math.ceil(cfg.num_cpus_per_client):
         log.warning(
             "num_cpus_per_client=%s: flwr run reserves whole CPUs per client, using %s",
             cfg.num_cpus_per_client, math.ceil(cfg.num_cpus_per_client),
         )
+    runtime = shared_runtime()
     try:
-        result = shared_runtime().run(
-            APP_DIR,
-            run.exp.num_devices,
+        result = runtime.run(
+            stage_app(runtime.root / "flwr-distreal"),  # flwr walks every file of the folder it is given
+            num_devices,
             run.run_config,
             federation_config={
                 # Flower's simulation config takes whole CPUs per client; GPUs may be fractional
