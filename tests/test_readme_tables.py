@@ -169,6 +169,33 @@ def test_column_and_method_specs() -> None:
         parse_method(" -> x")
 
 
+def test_metric_columns_total_max_and_run_means() -> None:
+    """``total@``, ``max@`` and ``runmean@`` read any metrics.csv column, computed here by hand."""
+    import csv
+
+    for good, header in (("runmean@update_norm/1-10", "update_norm, rounds 1-10"), ("total@refused", "refused (all runs)"),
+                         ("max@update_norm", "largest update_norm")):
+        assert parse_column(good).header == header
+    for bad in ("runmean@update_norm", "runmean@update_norm/5-2", "total", "max@Bad-Name", "total@x:mean"):
+        with pytest.raises(ReportError):
+            parse_column(bad)
+    folder = ROOT / "results" / "main_job"
+    runs = sorted(folder.glob("*_distreal_paper_seed*"))
+    assert len(runs) == 3, runs
+    rows = [list(csv.DictReader((r / "metrics.csv").open())) for r in runs]
+    total = sum(float(row["stragglers"]) for run in rows for row in run)
+    largest = max(float(row["update_norm"]) for run in rows for row in run)
+    means = [sum(float(row["update_norm"]) for row in run[:5]) / 5 for run in rows]
+    mean = sum(means) / 3
+    sd = (sum((m - mean) ** 2 for m in means) / 2) ** 0.5
+    table = tables.results_table([folder], ["method", "total@stragglers", "max@update_norm", "runmean@update_norm/1-5"],
+                                 ["DISTREAL (paper)"])
+    assert table.splitlines()[-1] == f"| DISTREAL (paper) | {total:.0f} | {largest:.2f} | {mean:.2f} ± {sd:.2f} |"
+    assert total > 0  # the paper's DISTREAL has stragglers: the sum is not trivially 0
+    with pytest.raises(ReportError, match="no_such_column"):
+        tables.results_table([folder], ["method", "total@no_such_column"], ["DISTREAL (paper)"])
+
+
 def test_a_marker_without_a_table_is_refused() -> None:
     with pytest.raises(ReportError, match="not followed by a table"):
         split_markers("<!-- table: python -m flwr_distreal.report x -->\n\ntext\n")

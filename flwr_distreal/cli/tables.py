@@ -26,7 +26,12 @@ default header text:
   decimals, mean ± s.d., ``0`` when no run had one; ``stragglers:mean``: the mean alone;
 - ``utilisation``: mean utilisation the same way, three decimals; ``utilisation:mean``;
 - ``s/round``: each run's last ``wall_time`` over its last round, mean over the seeds, whole
-  seconds (right-aligned).
+  seconds (right-aligned);
+- any other ``metrics.csv`` column ``COL`` (``update_norm``, ``refused``, ...):
+  ``runmean@COL/A-B``: each run's mean of ``COL`` over rounds A to B, then mean ± s.d. over the
+  seeds, two decimals; ``total@COL``: the sum over every round of every run (a count, for
+  ``refused`` or ``clipped``); ``max@COL``: the largest value in any round of any run, two
+  decimals.
 
 **lr-grid tables** (``--tuning``): rows the lrs, columns the tuner's entries, each cell the
 entry's score at that lr, the chosen lr in bold. The source is a tuner's output folder (runs in
@@ -57,10 +62,12 @@ __all__ = [
     "split_markers", "tuning_table",
 ]
 
-_KINDS = ("method", "lr", "acc", "accmean", "seeds", "reach", "stragglers", "utilisation", "s/round")
+_KINDS = ("method", "lr", "acc", "accmean", "seeds", "reach", "stragglers", "utilisation", "s/round",
+          "runmean", "total", "max")
 _VARIANTS = {"acc": ("frac",), "accmean": ("frac",), "seeds": ("frac",), "reach": ("bare",),
              "stragglers": ("mean",), "utilisation": ("mean",)}
 _RIGHT = ("lr", "s/round")
+_METRIC_COLUMN = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ def parse_column(spec: str) -> Column:
     if variant and variant not in _VARIANTS.get(kind, ()):
         variants = list(_VARIANTS.get(kind, ()))
         raise ReportError(f"column {spec!r}: {kind} has no variant {variant!r} (variants: {variants})")
-    needs_arg = kind in ("acc", "accmean", "seeds", "reach")
+    needs_arg = kind in ("acc", "accmean", "seeds", "reach", "runmean", "total", "max")
     if needs_arg != bool(arg):
         raise ReportError(f"column {spec!r}: {kind} {'needs' if needs_arg else 'takes no'} @<argument>")
     try:
@@ -105,19 +112,31 @@ def parse_column(spec: str) -> Column:
             ok = 1 <= a <= b
         elif kind == "reach":
             ok = 0 < float(arg) <= 1
+        elif kind == "runmean":
+            name, _, rounds = arg.partition("/")
+            a, b = (int(x) for x in rounds.split("-"))
+            ok = bool(_METRIC_COLUMN.match(name)) and 1 <= a <= b
+        elif kind in ("total", "max"):
+            ok = bool(_METRIC_COLUMN.match(arg))
         else:
             ok = True
     except ValueError:
         ok = False
     if not ok:
-        raise ReportError(f"column {spec!r}: bad argument {arg!r} (a round >= 1, rounds A-B, or a target in (0, 1])")
+        raise ReportError(
+            f"column {spec!r}: bad argument {arg!r} (a round >= 1, rounds A-B, a target in (0, 1], a metrics.csv "
+            "column, or COLUMN/A-B)"
+        )
     return Column(kind, arg, variant, header.strip() or _default_header(kind, arg))
 
 
 def _default_header(kind: str, arg: str) -> str:
+    if kind == "reach":
+        return f"rounds to {100 * float(arg):g} %"
     return {
         "acc": f"acc @{arg}", "accmean": f"mean acc of rounds {arg}", "seeds": f"per seed (round {arg})",
-        "reach": f"rounds to {100 * float(arg or 0):g} %", "stragglers": "stragglers/round",
+        "stragglers": "stragglers/round", "runmean": f"{arg.partition('/')[0]}, rounds {arg.partition('/')[2]}",
+        "total": f"{arg} (all runs)", "max": f"largest {arg}",
     }.get(kind, kind)
 
 
@@ -198,9 +217,25 @@ def _cell(column: Column, group: Group, name: str) -> str:
         if kind == "stragglers" and stat.n and stat.mean == 0 and (stat.n == 1 or stat.sd == 0):
             return "0"
         return _stat_text(Stat(stat.mean, math.nan, min(stat.n, 1)) if variant == "mean" else stat, places)
+    if kind in ("runmean", "total", "max"):
+        return _metric_cell(kind, arg, group)
     # s/round: each run's cumulative wall time over its rounds, mean over the seeds
     per_run = [float(r.rows[-1]["wall_time"]) / r.last_round for r in group.runs if r.rows]
     return f"{mean_sd(per_run).mean:.0f}"
+
+
+def _metric_cell(kind: str, arg: str, group: Group) -> str:
+    """A ``runmean``, ``total`` or ``max`` cell of a ``metrics.csv`` column (rounds where it is empty skipped)."""
+    name = arg.partition("/")[0]
+    if not any(name in row for r in group.runs for row in r.rows):
+        raise ReportError(f"{group.method}: no run's metrics.csv has a column {name!r}")
+    if kind == "runmean":
+        a, b = (int(x) for x in arg.partition("/")[2].split("-"))
+        return _stat_text(mean_sd(_mean_over(r.rows, name, a, b) for r in group.runs), 2)
+    values = [float(v) for r in group.runs for row in r.rows if (v := row.get(name)) is not None and v == v]
+    if not values:
+        return "—"
+    return f"{sum(values):.0f}" if kind == "total" else f"{max(values):.2f}"
 
 
 def results_table(
