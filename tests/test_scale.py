@@ -193,3 +193,29 @@ def test_the_servers_own_properties_are_checked_against_the_nodes_answers() -> N
 
     assert SimulatedProperties(cfg, exp)(Reversed(client, nodes, 1, {}), [NODE_ID_BASE + 7]) == {}
     assert SimulatedProperties(cfg, exp)(InProcessGrid(client, nodes[:10], 1, {}), [NODE_ID_BASE]) == {}  # 10 of 3000
+
+
+@pytest.mark.parametrize("method", ["distreal", "fjord", "fedrolex"])
+def test_evicting_trainers_changes_no_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """A process keeps at most ``max_trainers`` trainers (256); over 3,550 devices a long run evicts
+    and rebuilds them, and a Ray actor trains whichever devices it is sent. So a round's training
+    must not depend on a trainer kept from an earlier round: a run that keeps one trainer (every
+    drawn device rebuilt every round) equals one that keeps all, in every metrics.csv column but
+    wall_time. 12 devices, 4 per round, 5 rounds: devices are drawn again."""
+    from flwr_distreal.flower.clientapp import build_client_app
+    from flwr_distreal.run import runtimes
+
+    overrides = ("dataset=synthetic", "dataset.num_devices=12", "dataset.samples_per_device=20", "rounds=5",
+                 "clients_per_round=4", "seed=0", "runtime=inprocess", f"+method={method}", "resources=timevarying")
+    kept = run_experiment(run_config(*overrides), tmp_path / "kept", show_rounds=False)
+    one = build_client_app(flwr_app._trainer_fn, properties_fn=flwr_app._properties_fn, max_trainers=1)
+    monkeypatch.setattr(runtimes, "client_app", one)
+    experiment_module.experiment_for.cache_clear()  # nothing carried over in the process either
+    rebuilt = run_experiment(run_config(*overrides), tmp_path / "rebuilt", show_rounds=False)
+    with (tmp_path / "kept" / "draws.csv").open(newline="") as f:
+        drawn = [d for row in csv.DictReader(f) for d in row["train_devices"].split()]
+    assert len(drawn) > len(set(drawn)), "no device was drawn twice: nothing was evicted and rebuilt"
+    drop = {"wall_time"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rebuilt] == [
+        {k: v for k, v in r.items() if k not in drop} for r in kept
+    ]
