@@ -50,15 +50,9 @@ def keep_freed_memory() -> bool:
     _done = False
     if os.environ.get(ENV, "").strip().lower() in ("default", "off", "0", "false"):
         return False
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     _done = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     if not _done:
         log.debug("mallopt refused the settings; glibc's defaults stay")
@@ -75,13 +69,18 @@ def release_freed_memory() -> bool:
     bool
         True when glibc released some memory; False otherwise or on other C libraries.
     """
+    trim = _glibc_function("malloc_trim", [ctypes.c_size_t])
+    return trim is not None and bool(trim(0))
+
+
+def _glibc_function(name: str, argtypes: list) -> ctypes._CFuncPtr | None:
+    """The C library's function ``name`` (returning int) on Linux, None elsewhere or when missing."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return bool(trim(0))
+        return None
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
