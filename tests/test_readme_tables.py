@@ -230,3 +230,25 @@ def test_the_tables_score_and_choose_as_the_tuner_does() -> None:
     assert math.isnan(tables.score_rows([{"round": 1, "accuracy": nan}], 2))
     for lrs, scores in (([0.1, 0.2, 0.4], [0.3, 0.5, 0.5]), ([0.1, 0.2], [nan, 0.1]), ([0.1], [nan])):
         assert tables.choose_lr(lrs, scores) == tune.choose_lr(lrs, scores)
+
+
+def test_update_readme_tables_rewrites_a_stale_table_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/update_readme_tables.py: the README as committed comes back byte for byte; a table
+    with a changed cell is rewritten from its command, and only that table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("update_readme_tables", ROOT / "scripts" / "update_readme_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(ROOT)
+    text = README.read_text(encoding="utf-8")
+    same, changed = module.update(text)
+    assert same == text and changed == []
+    command, table = next((c, t) for c, t in MARKERS if "results/main_job" in c)
+    row = table.splitlines()[2]
+    stale_row = row.replace(row.split("|")[2], " 0.0 ± 0.0 ", 1)
+    assert stale_row != row
+    stale = text.replace(row, stale_row, 1)
+    fixed, changed = module.update(stale)
+    assert changed == [command]
+    assert fixed == text
