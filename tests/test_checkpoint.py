@@ -163,6 +163,9 @@ def test_the_watchdog_stops_tagged_processes_after_kill_9_of_their_owner(tmp_pat
     owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         tag, child = owner.stdout.readline().split()
+        seen = time.monotonic() + 10  # a loaded machine may show the new process's environment late
+        while int(child) not in tagged_pids(tag) and time.monotonic() < seen:
+            time.sleep(0.1)
         assert int(child) in tagged_pids(tag)
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(10)
