@@ -48,7 +48,7 @@ from .flwr_app import client_app, server_main, stage_app
 from ..core.allocator import release_freed_memory
 from ..flower.legacy.client_manager import SeededClientManager
 from .config import RunConfig
-from .experiment import Experiment, experiment_for
+from .experiment import Experiment, clear_data_cache, experiment_for
 from .inprocess import run_app_in_process
 from .local_runtime import FlwrRunError, ProcessGuard, shared_runtime
 from .recording import (
@@ -237,6 +237,7 @@ def run_with_flwr(
     # the run: it would otherwise stay in this process's memory for the whole run.
     run.exp = None
     experiment_for.cache_clear()
+    clear_data_cache()  # the dataset outlives the Experiment in its own cache
     gc.collect()
     release_freed_memory()
     if cfg.num_cpus_per_client != math.ceil(cfg.num_cpus_per_client):
