@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import io
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -27,14 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flwr_distreal.cli import report  # noqa: E402
-
-MARKER = re.compile(r"<!--\s*table:(.*?)-->\n", flags=re.S)
-
-
-def _cells(table: str) -> list[list[str]]:
-    return [[" ".join(c.split()).replace("**", "") for c in line.strip().strip("|").split("|")]
-            for line in table.strip().splitlines()]
-
+from flwr_distreal.cli.tables import ReportError, marked_tables, table_cells  # noqa: E402
 
 def printed_table(command: str) -> str:
     """What the marker's command prints (run in process, cwd = the repository root)."""
@@ -52,20 +44,14 @@ def printed_table(command: str) -> str:
 def update(text: str) -> tuple[str, list[str]]:
     """``text`` with every marked table replaced by its command's output; the changed commands."""
     parts, changed, pos = [], [], 0
-    for match in MARKER.finditer(text):
-        start = match.end()
-        lines = text[start:].split("\n")
-        n = next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))
-        if n < 2:
-            raise SystemExit(f"the marker '{' '.join(match.group(1).split())[:60]}...' is not followed by a table")
-        old = "\n".join(lines[:n])
-        new = printed_table(match.group(1))
-        if _cells(old) != _cells(new):
-            changed.append(" ".join(match.group(1).split()))
+    for command, old, (start, end) in marked_tables(text):
+        new = printed_table(command)
+        if table_cells(old, strip_bold=True) != table_cells(new, strip_bold=True):
+            changed.append(command)
             parts.append(text[pos:start] + new)
         else:
-            parts.append(text[pos:start] + old)
-        pos = start + len(old)
+            parts.append(text[pos:end])
+        pos = end
     parts.append(text[pos:])
     return "".join(parts), changed
 
@@ -77,12 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     path = Path(args.readme)
-    text, changed = update(path.read_text(encoding="utf-8"))
+    try:
+        text, changed = update(path.read_text(encoding="utf-8"))
+    except ReportError as err:
+        raise SystemExit(f"error: {err}") from None
     for command in changed:
         print(f"{'differs' if args.check else 'rewritten'}: {command[:120]}")
     if not args.check and changed:
         path.write_text(text, encoding="utf-8")
-    print(f"{len(changed)} of {len(MARKER.findall(path.read_text(encoding='utf-8')))} marked tables "
+    print(f"{len(changed)} of {len(marked_tables(text))} marked tables "
           f"{'differ' if args.check else 'rewritten'}")
     return 1 if (args.check and changed) else 0
 

@@ -21,7 +21,7 @@ import pytest
 from flwr_distreal.cli import report
 from flwr_distreal.cli.report import ReportError
 from flwr_distreal.cli import tables, tune
-from flwr_distreal.cli.tables import parse_column, parse_method, split_markers, tuning_table
+from flwr_distreal.cli.tables import parse_column, parse_method, split_markers, table_cells, tuning_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -32,21 +32,10 @@ def _markers() -> list[tuple[str, str]]:
     return split_markers(README.read_text(encoding="utf-8"))
 
 
-def _cells(table: str, strip_bold: bool) -> list[list[str]]:
-    rows = []
-    for line in table.strip().splitlines():
-        body = line.strip()
-        body = body[1:] if body.startswith("|") else body
-        body = body[:-1] if body.endswith("|") else body
-        cells = [" ".join(c.split()) for c in body.split("|")]
-        rows.append([c.replace("**", "") for c in cells] if strip_bold else cells)
-    return rows
-
-
 def table_differences(readme_table: str, printed: str) -> list[str]:
     """Every cell where the README's table and the printed one differ ([] when they are equal)."""
     strip_bold = "**" not in printed
-    mine, theirs = _cells(readme_table, strip_bold), _cells(printed, strip_bold)
+    mine, theirs = table_cells(readme_table, strip_bold), table_cells(printed, strip_bold)
     out = []
     if len(mine) != len(theirs):
         out.append(f"{len(mine)} rows in the README, {len(theirs)} printed")

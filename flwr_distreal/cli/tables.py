@@ -59,7 +59,7 @@ from .sweep import (
 
 __all__ = [
     "Column", "choose_lr", "markdown_table", "parse_column", "parse_method", "results_table", "score_rows",
-    "split_markers", "tuning_table",
+    "marked_tables", "split_markers", "table_cells", "tuning_table",
 ]
 
 _KINDS = ("method", "lr", "acc", "accmean", "seeds", "reach", "stragglers", "utilisation", "s/round",
@@ -388,13 +388,9 @@ def tuning_table(source: str | Path, methods: Sequence[str] = (), digits: int = 
     return markdown_table(header, ["---:"] * len(header), body)
 
 
-def split_markers(text: str) -> list[tuple[str, str]]:
-    """Each ``<!-- table: <command> -->`` comment of ``text`` and the Markdown table right below it.
-
-    Returns
-    -------
-    list of (command, table)
-        The command (one line, whitespace collapsed) and the table's lines joined by newlines.
+def marked_tables(text: str) -> list[tuple[str, str, tuple[int, int]]]:
+    """Each ``<!-- table: <command> -->`` comment of ``text``, the Markdown table right below it,
+    and the table's ``(start, end)`` offsets in ``text`` (to rewrite it in place).
 
     Raises
     ------
@@ -404,13 +400,38 @@ def split_markers(text: str) -> list[tuple[str, str]]:
     out = []
     for match in re.finditer(r"<!--\s*table:(.*?)-->", text, flags=re.S):
         command = " ".join(match.group(1).split())
-        rest = text[match.end():].lstrip("\n").splitlines()
+        start = match.end() + len(text[match.end():]) - len(text[match.end():].lstrip("\n"))
         table = []
-        for line in rest:
+        for line in text[start:].splitlines():
             if not line.startswith("|"):
                 break
             table.append(line)
         if len(table) < 2:
             raise ReportError(f"the marker '{command[:60]}...' is not followed by a table")
-        out.append((command, "\n".join(table)))
+        joined = "\n".join(table)
+        out.append((command, joined, (start, start + len(joined))))
     return out
+
+
+def split_markers(text: str) -> list[tuple[str, str]]:
+    """Each ``<!-- table: <command> -->`` comment of ``text`` and the Markdown table right below it
+    (:func:`marked_tables` without the offsets).
+
+    Returns
+    -------
+    list of (command, table)
+        The command (one line, whitespace collapsed) and the table's lines joined by newlines.
+    """
+    return [(command, table) for command, table, _ in marked_tables(text)]
+
+
+def table_cells(table: str, strip_bold: bool) -> list[list[str]]:
+    """The cells of a Markdown table, row by row, whitespace collapsed (bold removed if asked)."""
+    rows = []
+    for line in table.strip().splitlines():
+        body = line.strip()
+        body = body[1:] if body.startswith("|") else body
+        body = body[:-1] if body.endswith("|") else body
+        cells = [" ".join(c.split()) for c in body.split("|")]
+        rows.append([c.replace("**", "") for c in cells] if strip_bold else cells)
+    return rows
