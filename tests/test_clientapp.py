@@ -177,6 +177,30 @@ def test_trainer_cache_builds_once_per_node_and_run() -> None:
     assert TrainerCache(_distreal_trainer)(_context()) is not trainer  # another cache, other trainers
 
 
+def test_trainer_cache_keeps_trainers_within_its_byte_budget() -> None:
+    """Kept trainers cost their model and data (nbytes); the least recently used go once the
+    kept ones exceed max_bytes, and a round's gradients are freed (not kept between rounds)."""
+    keys, arrays = _global()
+    one = _distreal_trainer(_context())
+    size = one.nbytes()
+    params = sum(p.numel() * p.element_size() for p in one.model.parameters())
+    data = sum(t.numel() * t.element_size() for t in one.train_loader.dataset.tensors)
+    assert params + data <= size < 2 * params + data  # model and data, no gradients yet
+    cache = TrainerCache(_distreal_trainer, max_bytes=int(2.5 * size))
+    handler = make_train_handler(cache)
+    for node in (1, 2, 3, 4):
+        handler(_train_message(keys, arrays, {C.SERVER_ROUND: 1}), _context(node_id=node))
+    assert [n for _, n in cache.kept()] == [3, 4]  # two fit the budget, the oldest went
+    trained = cache(_context(node_id=4))
+    assert all(p.grad is None for p in trained.model.parameters()) and trained.nbytes() == size
+    tiny = TrainerCache(_distreal_trainer, max_bytes=0)
+    tiny(_context(node_id=1))
+    tiny(_context(node_id=2))
+    assert [n for _, n in tiny.kept()] == [2]  # the one just built always stays
+    with pytest.raises(ValueError, match="max_bytes"):
+        TrainerCache(_distreal_trainer, max_bytes=-1)
+
+
 def test_build_client_app_registers_train_query_and_evaluate() -> None:
     app = build_client_app(_distreal_trainer, evaluate_loader_fn=lambda ctx: _loader())
     keys, arrays = _global()

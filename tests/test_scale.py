@@ -197,8 +197,8 @@ def test_the_servers_own_properties_are_checked_against_the_nodes_answers() -> N
 
 @pytest.mark.parametrize("method", ["distreal", "fjord", "fedrolex"])
 def test_evicting_trainers_changes_no_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
-    """A process keeps at most ``max_trainers`` trainers (256); over 3,550 devices a long run evicts
-    and rebuilds them, and a Ray actor trains whichever devices it is sent. So a round's training
+    """A process keeps trainers within a byte budget (``TrainerCache``, 64 MiB); over 3,550 devices
+    a long run evicts and rebuilds them, and a Ray actor trains whichever devices it is sent. So a round's training
     must not depend on a trainer kept from an earlier round: a run that keeps one trainer (every
     drawn device rebuilt every round) equals one that keeps all, in every metrics.csv column but
     wall_time. 12 devices, 4 per round, 5 rounds: devices are drawn again."""

@@ -94,6 +94,11 @@ HETEROFL_SHRINK: float = 0.7
 #: HeteroFL's number of width levels (``strategy.levels``).
 HETEROFL_LEVELS: int = 5
 
+#: Bytes of device trainers (model and in-memory data, :meth:`DeviceTrainer.nbytes
+#: <flwr_distreal.training.trainers.DeviceTrainer.nbytes>`) a ClientApp process keeps for devices
+#: drawn again (:class:`flwr_distreal.flower.clientapp.TrainerCache`); older ones are rebuilt.
+TRAINER_CACHE_BYTES: int = 64 * 2**20
+
 # -- the server ----------------------------------------------------------------------------------
 
 #: Run seed (``seed``): the strategies' seeded client sampling.

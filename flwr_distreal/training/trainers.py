@@ -208,7 +208,27 @@ class DeviceTrainer:
         TrainResult
             The trained arrays, the samples trained and the metrics.
         """
-        return self.clock.fit(self, arrays, config)
+        result = self.clock.fit(self, arrays, config)
+        # The next round starts from the server's arrays and every step zeroes the gradients: kept
+        # between rounds they would only cost one more model per kept trainer (TrainerCache).
+        self.model.zero_grad(set_to_none=True)
+        return result
+
+    def nbytes(self) -> int:
+        """Bytes this trainer keeps between rounds: its model's tensors (parameters, buffers,
+        gradients) and, for a dataset of in-memory tensors (a ``TensorDataset``), its data; what
+        :class:`~flwr_distreal.flower.clientapp.TrainerCache` budgets."""
+        seen: set[int] = set()
+        total = 0
+        tensors = [*self.model.state_dict(keep_vars=True).values()]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [t for t in getattr(self.train_loader.dataset, "tensors", ()) if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:  # a view or a tied weight is counted once
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
 
     def simulated_fit(self, arrays: NDArrays, config: Mapping[str, Scalar]) -> TrainResult:
         """The round on the simulated clock: load the global arrays, plan on the clock, train, report.
