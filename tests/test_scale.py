@@ -219,3 +219,21 @@ def test_evicting_trainers_changes_no_result(tmp_path: Path, monkeypatch: pytest
     assert [{k: v for k, v in r.items() if k not in drop} for r in rebuilt] == [
         {k: v for k, v in r.items() if k not in drop} for r in kept
     ]
+
+
+def test_models_after_the_first_are_copies_and_the_initial_model_stays_seeded() -> None:
+    """A rebuilt trainer's model is a copy of the process's first model (not built and traced
+    again), never sharing a tensor with it; the server's initial model is built anew from the
+    seed, whatever was built before it in the process."""
+    cfg = run_config("dataset=synthetic", "dataset.num_devices=6", "dataset.samples_per_device=20", "clients_per_round=2", "seed=3")
+    fresh_keys, fresh = Experiment(cfg).initial_arrays()
+    exp = Experiment(cfg)
+    a, b = exp.build_model(), exp.build_model()
+    assert a is not b and all(
+        x.data_ptr() != y.data_ptr() for x, y in zip(a.state_dict().values(), b.state_dict().values())
+    )
+    exp.make_trainer(0)
+    keys, arrays = exp.initial_arrays()
+    assert keys == fresh_keys and all((x == y).all() for x, y in zip(arrays, fresh))
+    torch.manual_seed(99)  # not the seed: the initial model must not depend on it
+    assert all((x == y).all() for x, y in zip(Experiment(cfg).initial_arrays()[1], fresh))
