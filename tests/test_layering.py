@@ -340,20 +340,3 @@ def test_importing_the_package_loads_neither_torch_nor_flower():
     assert "heavy: []" in result.stdout, result.stdout
     assert "missing: []" in result.stdout, result.stdout
 
-
-def test_building_a_model_does_not_load_torch_dynamo():
-    """Tracing a model counts FLOPs with ``FlopCounterMode``, whose dispatch PyTorch wraps so that
-    its first call imports ``torch._dynamo`` (about 75 MB in every process that builds a model:
-    the ServerApp, each simulation worker). ``tracing._flop_counting`` avoids that import, and
-    leaves ``FlopCounterMode`` as PyTorch made it afterwards."""
-    code = (
-        "import sys\n"
-        "from torch.utils import flop_counter\n"
-        "from flwr_distreal import build_model, count_macs\n"
-        "model = build_model('femnist_cnn')\n"
-        "raw = flop_counter._FlopCounterMode.__dict__['__torch_dispatch__'].__wrapped__\n"
-        "print('dynamo:', 'torch._dynamo' in sys.modules, 'left:', hasattr(raw, '__dynamo_disable'), 'macs:', count_macs(model))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "dynamo: False left: False macs: " in result.stdout, result.stdout

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -56,7 +57,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
-from flwr.superlink.grid import InMemoryGrid
 from omegaconf import OmegaConf
 
 from .checkpoint import Checkpoint, save_checkpoint
@@ -435,7 +435,11 @@ def simulated_partitions(grid: Grid) -> dict[int, int] | None:
     if callable(known):
         return {int(node): int(part) for node, part in known().items()}
     nodes = getattr(getattr(grid, "state", None), "nodes", None)
-    if isinstance(grid, InMemoryGrid) and isinstance(nodes, dict):
+    # Looked up, not imported: importing flwr.superlink.grid loads SQLAlchemy and FastAPI (about
+    # 45 MB in every process that imports this app, the runner of flwr run included); a grid of
+    # that class exists only where Flower's simulation has loaded it.
+    in_memory = getattr(sys.modules.get("flwr.superlink.grid.inmemory_grid"), "InMemoryGrid", None)
+    if in_memory is not None and isinstance(grid, in_memory) and isinstance(nodes, dict):
         return {int(node): i for i, node in enumerate(list(nodes))}
     return None
 

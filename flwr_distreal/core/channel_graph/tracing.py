@@ -7,18 +7,15 @@ Part of :mod:`flwr_distreal.core.channel_graph` (import the public names from th
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from .analysis import _Analysis
@@ -102,32 +99,6 @@ class _ShapeFlops(ShapeProp):
         return result
 
 
-@contextlib.contextmanager
-def _flop_counting() -> Iterator[FlopCounterMode]:
-    """A ``FlopCounterMode`` that does not import ``torch._dynamo``.
-
-    PyTorch wraps every dispatch mode's ``__torch_dispatch__`` in ``torch._disable_dynamo``,
-    which imports ``torch._dynamo`` on its first call (about 75 MB in every process that builds
-    a model: the ServerApp and each simulation worker), only to keep ``torch.compile`` from
-    tracing into the mode. Counting here never runs under ``torch.compile``, so while this block
-    runs, and only if ``torch._dynamo`` is not loaded yet, the wrapper's cached "disabled"
-    function is the raw dispatch itself; it is removed again at the end, so later users of
-    ``FlopCounterMode`` get PyTorch's behaviour. Should PyTorch change the wrapper, counting still
-    works (and imports ``torch._dynamo``).
-    """
-    wrapped = flop_counter._FlopCounterMode.__dict__.get("__torch_dispatch__")
-    raw = getattr(wrapped, "__wrapped__", None)
-    marked = raw is not None and "torch._dynamo" not in sys.modules and not hasattr(raw, "__dynamo_disable")
-    if marked:
-        setattr(raw, "__dynamo_disable", raw)  # what torch._disable_dynamo caches on first call
-    try:
-        with FlopCounterMode(display=False) as counter:
-            yield counter
-    finally:
-        if marked and getattr(raw, "__dynamo_disable", None) is raw:
-            delattr(raw, "__dynamo_disable")
-
-
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
 
 
@@ -204,7 +175,7 @@ def trace_channel_graph(
     try:
         module.eval()
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), _flop_counting() as counter:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
             _ShapeFlops(gm, counter).propagate(example_input)
     except Exception as err:
         raise ValueError(
