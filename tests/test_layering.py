@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -304,6 +305,16 @@ DEFERRED = {
     ("cli/main.py", "..run.runtimes"),
     ("cli/tune.py", "..run"),
     ("cli/callbacks.py", ".report"),
+    # The runner of flwr-run waits beside the run's processes for the whole run and never loads
+    # torch (run/flwr_runner.py): the config schemas, the method registry, the start-up checks
+    # and the recording helpers it imports defer torch to the one function that needs it.
+    ("cli/main.py", "..run.flwr_runner"),
+    ("core/contract.py", "torch"),  # decode_subsets, on a client
+    ("core/resources/sizing.py", "..dropout"),  # size_resources given a model
+    ("core/resources/sizing.py", "..macs"),
+    ("methods/base.py", "..models"),  # the submodel core, on the server
+    ("run/checks.py", "torch"),  # device=cuda..., GPUs per client
+    ("training/recipe.py", "torch"),  # resolve_device
 }
 
 
@@ -340,3 +351,45 @@ def test_importing_the_package_loads_neither_torch_nor_flower():
     assert "heavy: []" in result.stdout, result.stdout
     assert "missing: []" in result.stdout, result.stdout
 
+
+
+def test_the_flwr_run_runner_loads_neither_torch_nor_flower():
+    """The runner of ``runtime=flwr-run`` waits beside the run's processes for the whole run:
+    composing a config with every method's schema, the start-up checks, staging the app and its
+    run loop import neither torch nor Flower (the experiment is checked in the preflight process)."""
+    code = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from flwr_distreal.cli import main as cli\n"
+        "from flwr_distreal.run import flwr_runner\n"
+        "from flwr_distreal.run.checks import check_run_start\n"
+        "from flwr_distreal.run.config import to_run_config\n"
+        "from flwr_distreal.run.resolvers import CONF_DIR\n"
+        "from flwr_distreal.methods import get_method, list_methods\n"
+        "for name in list_methods():\n"
+        "    with initialize_config_dir(config_dir=str(CONF_DIR), version_base='1.3'):\n"
+        "        cfg = to_run_config(compose(config_name='config', overrides=[f'strategy={name}']))\n"
+        "    check_run_start(cfg, sys.argv[1])\n"
+        "    get_method(name).schema\n"
+        "flwr_runner.stage_app(sys.argv[1] + '/app')\n"
+        "print('heavy:', sorted(m for m in ('torch', 'flwr', 'ray') if m in sys.modules))\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run([sys.executable, "-c", code, tmp], capture_output=True, text=True, timeout=300, cwd=ROOT.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "heavy: []" in result.stdout, result.stdout
+
+
+def test_lazy_names_match_their_modules():
+    """The packages that export a torch module's names lazily list exactly that module's names."""
+    from flwr_distreal import server, training
+    from flwr_distreal.methods import fedrolex, fjord
+    from flwr_distreal.methods import _fedrolex, _fjord
+    from flwr_distreal.server import submodels
+    from flwr_distreal.training import trainers
+
+    assert sorted(server._SUBMODELS) == sorted(submodels.__all__)
+    assert sorted(training.__all__) == sorted(trainers.__all__)
+    assert sorted(fjord._TORCH_SIDE) == sorted(_fjord.__all__) and set(_fjord.__all__) <= set(fjord.__all__)
+    assert _fedrolex.__all__ == ["FedRolexPlanner"] and fedrolex.FedRolexPlanner is _fedrolex.FedRolexPlanner
+    assert fjord.OrderedDropoutTrainer is _fjord.OrderedDropoutTrainer

@@ -262,3 +262,26 @@ def test_runner_refuses_in_one_line_and_shows_the_traceback_only_when_asked(tmp_
     debug = _runner(*args, env={**env, "DISTREAL_DEBUG": "1"})
     assert debug.returncode != 0
     assert "Traceback" in debug.stderr and "StartupError: output_dir=" in debug.stderr
+
+
+def test_a_flwr_run_experiment_refusal_comes_from_the_preflight_in_one_line(tmp_path) -> None:
+    """The flwr-run runner builds no experiment itself (it never loads torch): a bad input that
+    only the experiment sees (a LUT file that is not there) is refused by the preflight process,
+    with the same one line and exit code as before, and no SuperLink is started."""
+    from flwr_distreal.run import flwr_runner
+
+    missing = tmp_path / "no_such_lut.json"
+    args = ("runtime=flwr-run", f"lut={missing}", f"output_dir={tmp_path / 'out'}",
+            f"hydra.run.dir={tmp_path / 'hydra'}")
+    plain = _runner(*args, env={"DISTREAL_DEBUG": "0", "HYDRA_FULL_ERROR": "0"})
+    assert plain.returncode == 2, plain.stderr
+    lines = plain.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0], plain.stderr
+    assert "Traceback" not in plain.stderr
+    assert not (tmp_path / "out" / "flwr.log").exists()  # flwr run never started
+    # the same check, called directly: refused with the experiment's message; a good config answers
+    cfg = run_config("runtime=flwr-run", f"lut={missing}")
+    with pytest.raises(flwr_runner.ExperimentRefusedError, match="no_such_lut.json"):
+        flwr_runner.preflight(cfg)
+    answer = flwr_runner.preflight(run_config("runtime=flwr-run"))
+    assert answer.num_devices == 20 and answer.start.startswith("distreal on digits (flwr run): 20 devices")

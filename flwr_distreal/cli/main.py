@@ -68,6 +68,7 @@ _REFUSALS = {
     "flwr_distreal.core.lut": ("LUTError",),
     "flwr_distreal.core.resources": ("ResourceError",),
     "flwr_distreal.core.channel_graph": ("UnsupportedModelError",),
+    "flwr_distreal.run.flwr_runner": ("ExperimentRefusedError",),  # one of the above, in the preflight process
 }
 #: Errors of a run that started and failed: module -> class names.
 _FAILURES = {
@@ -177,12 +178,19 @@ def main(cfg: DictConfig) -> float:
 
 def _run(run_cfg: RunConfig, out: str) -> float:
     """Run the simulation into ``out``; print its summary; return the final accuracy."""
-    # Lazy on purpose (the one in-function import of this entry point): the runtimes load Flower
-    # (the ServerApp, ClientApp, strategies); a run refused at start-up answers without them.
-    from ..run.runtimes import run_experiment
-
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN  # a sweep prints a line per job, not per round
-    rows = run_experiment(run_cfg, out, show_rounds=not sweep)
+    # Lazy on purpose (the in-function imports of this entry point): the runtimes load Flower and
+    # torch (the ServerApp, ClientApp, strategies); a run refused at start-up answers without them,
+    # and a flwr-run runner, which waits beside the run's processes, never loads them
+    # (flwr_runner checks the experiment in a process of its own).
+    if run_cfg.runtime == "flwr-run":
+        from ..run.flwr_runner import run_with_flwr
+
+        rows = run_with_flwr(run_cfg, out, show_rounds=not sweep)
+    else:
+        from ..run.runtimes import run_experiment
+
+        rows = run_experiment(run_cfg, out, show_rounds=not sweep)
     scored = [r for r in rows if r.get("accuracy") is not None]  # evaluate_every: the last round always is
     final = float(scored[-1]["accuracy"]) if scored else float("nan")
     log.info("final accuracy %.4f; metrics, config and plot in %s", final, out)

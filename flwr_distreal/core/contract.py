@@ -79,12 +79,14 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # the contract itself needs no torch: the runner of ``flwr run`` imports it torch-free
+    from torch import Tensor
 
 __all__ = [
     "ARRAYS_RECORD",
@@ -265,7 +267,7 @@ def encode_subsets(kept: Sequence[Tensor | Sequence[int] | np.ndarray | None]) -
     for k in kept:
         if k is None:
             out.append(None)
-        elif isinstance(k, Tensor):
+        elif isinstance(k, getattr(sys.modules.get("torch"), "Tensor", ())):  # no tensor without torch loaded
             out.append([int(i) for i in k.flatten().tolist()])
         else:
             out.append([int(i) for i in np.asarray(k).reshape(-1).tolist()])
@@ -293,6 +295,8 @@ def decode_subsets(text: str, widths: Sequence[int]) -> list[Tensor | None]:
         If the text is not JSON, has the wrong number of layers, or a layer's
         list is empty, has non-integers, repeats or out-of-range indices.
     """
+    import torch  # deferred: the contract is imported torch-free (the runner of flwr run); its decoder runs on a client
+
     try:
         data = json.loads(text)
     except (TypeError, json.JSONDecodeError) as err:

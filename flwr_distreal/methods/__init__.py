@@ -28,11 +28,12 @@ from .registry import MethodView, get_method, list_methods, register_method, sch
 _NOT_METHODS = frozenset({"base", "binding", "registry"})
 
 # Every other module here is a method and registers itself when imported: adding a method is
-# one file here (plus its YAML), no list to edit. The paper's five first (the order of the
+# one file here (plus its YAML), no list to edit. A private module (``_fjord``) holds a method's
+# torch side, which its method module loads on first use. The paper's five first (the order of the
 # listings), then the rest alphabetically.
 _FIRST = ("distreal", "full", "small", "feddropout", "heterofl")
 for _name in sorted(
-    (m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_METHODS),
+    (m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_METHODS and not m.name.startswith("_")),
     key=lambda n: (_FIRST.index(n) if n in _FIRST else len(_FIRST), n),
 ):
     importlib.import_module(f"{__name__}.{_name}")

@@ -28,11 +28,11 @@ import logging
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core import contract as C
 from ..core import defaults as D
-from ..models import build_model
+from .. import server
 from ..server import (
     SHARE_BOUND,
     SUBMODEL_RULES,
@@ -40,11 +40,12 @@ from ..server import (
     FedAvgCore,
     ReplyGate,
     RoundBounds,
-    SubmodelCore,
-    SubmodelPlanner,
     full_macs_argument,
 )
 from ..training.schedule import POLICIES
+
+if TYPE_CHECKING:  # the schemas and the registry load no torch: the runner of flwr run composes configs with them
+    from ..server.submodels import SubmodelCore, SubmodelPlanner
 
 __all__ = [
     "CLIENTS",
@@ -407,6 +408,9 @@ def _submodel_core(
 ) -> SubmodelCore:
     """Round-start submodels and per-weight averaging (:class:`flwr_distreal.server.SubmodelCore`)
     with the method's planner for the full model ``model_name``."""
+    from ..models import build_model  # deferred (torch): the schemas and the registry import without it
+
+    SubmodelCore = server.SubmodelCore  # loaded on first use (torch)
     SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor, aggregation)
     model = build_model(model_name, num_classes, **dict(model_kwargs or {}))
     return SubmodelCore(

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..server import FederatedDropoutPlanner
+from collections.abc import Callable
+
+from .. import server  # its submodel planners load on first use (torch)
 from .base import Method, SubmodelStrategyConfig
 from .registry import register_method
 
@@ -32,13 +34,22 @@ class FedDropoutStrategyConfig(SubmodelStrategyConfig):
     inverted_scaling: bool = False
 
 
+def _feddropout_planner(
+    model, *, rate_for_budget: Callable[[float], float] | None = None, rates=None, seed: int = 0
+):
+    """:class:`flwr_distreal.server.FederatedDropoutPlanner` (a random subset per device and round,
+    from ``seed``), built when first used: the planner needs torch, the schema above does not."""
+    # server.FederatedDropoutPlanner: loaded on first use (torch)
+    return server.FederatedDropoutPlanner(model, rate_for_budget=rate_for_budget, rates=rates, seed=seed)
+
+
 FEDDROPOUT = register_method(
     Method(
         name="feddropout",
         label="Fed. Dropout (Caldas 2018)",
         schema=FedDropoutStrategyConfig,
         rule="submodel",
-        planner=FederatedDropoutPlanner,
+        planner=_feddropout_planner,
         description="one rate per device at round start, a random filter subset fixed for the round",
     )
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core import defaults as D
-from ..server import HeteroFLPlanner
+from .. import server  # its submodel planners load on first use (torch)
 from .base import ConfigError, Method, SubmodelStrategyConfig
 from .registry import register_method
 
@@ -47,7 +47,7 @@ class HeteroFLStrategyConfig(SubmodelStrategyConfig):
 
 def _heterofl_planner(model, *, seed: int, shrink: float = D.HETEROFL_SHRINK, levels: int = D.HETEROFL_LEVELS):
     """HeteroFL's planner (deterministic: ``seed`` is not used)."""
-    return HeteroFLPlanner(model, shrink=shrink, levels=levels)
+    return server.HeteroFLPlanner(model, shrink=shrink, levels=levels)  # loaded on first use (torch)
 
 
 HETEROFL = register_method(

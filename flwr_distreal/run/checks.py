@@ -26,8 +26,6 @@ from logging import getLogger
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..core.resources import TraceFileError, load_trace_csv
 from ..methods import get_method, list_methods
 
@@ -242,6 +240,8 @@ def check_torch_device(value: str, key: str = "dse.device") -> Any:
         If ``value`` is not a device name, its kind is not available here, or its index is
         beyond the devices of that kind.
     """
+    import torch  # deferred: a run on auto or cpu starts without torch (the runner of flwr run never loads it)
+
     hint = f"use {key}=cpu, {key}=cuda or {key}=cuda:<index>"
     try:
         dev = torch.device(str(value))
@@ -558,6 +558,8 @@ def check_client_resources(
         )
     if num_gpus <= 0:
         return
+    import torch  # deferred: only where a GPU is asked for
+
     if not torch.cuda.is_available():
         raise StartupError(
             f"{gpus_key}={num_gpus} but this machine has no GPU that torch can use (torch.cuda.is_available() is "

@@ -30,12 +30,12 @@ from omegaconf import OmegaConf
 from ..server.aggregate import update_norms
 from .checkpoint import CHECKPOINT_FILE, config_differences, load_checkpoint
 from .config import RunConfig
-from ..core.lut import LUT
 from .plotting import plot_runs
 from ..training.recipe import Recipe
-from ..training.trainers import Scalar
 
-if TYPE_CHECKING:  # annotation only: the experiment imports this module
+if TYPE_CHECKING:  # annotations only: the experiment imports this module; the runner of flwr run, torch-free, too
+    from ..core.lut import LUT
+    from ..training.trainers import Scalar
     from .experiment import Experiment
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "finish_output",
     "lut_record",
     "read_metrics",
+    "start_line",
     "start_output",
     "summary_line",
     "with_absolute_paths",
@@ -441,6 +442,15 @@ def finish_output(out: Path | None, cfg: RunConfig, recorder: MetricsRecorder) -
     """Plot the recorded rounds to ``accuracy.png`` (when enabled and anything was recorded)."""
     if out is not None and cfg.plot and recorder.rows:
         plot_runs({cfg.strategy.name: recorder.rows}, out / "accuracy.png", title=f"{cfg.dataset.name}: {cfg.strategy.name}")
+
+
+def start_line(cfg: RunConfig, exp: Experiment, runtime: str) -> str:
+    """The line a run logs when it starts: method, dataset, runtime, devices, rounds, model, resources."""
+    return (
+        f"{cfg.strategy.name} on {cfg.dataset.name} ({runtime}): {exp.num_devices} devices, "
+        f"{cfg.clients_per_round} per round, {cfg.rounds} rounds, model {exp.model_name} "
+        f"({exp.full_forward_macs / 1e6:.2f} M MACs full), resources {exp.resources}"
+    )
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:

@@ -23,13 +23,10 @@ The runtimes launch the app, so this module sits above both :mod:`flwr_distreal.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -42,15 +39,14 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
-from omegaconf import OmegaConf
 
-from .flwr_app import client_app, server_main, stage_app
-from ..core.allocator import release_freed_memory
+from .flwr_app import client_app, server_main
+from .flwr_runner import AppRun, run_with_flwr  # run_with_flwr: re-exported (it runs torch-free)
 from ..flower.legacy.client_manager import SeededClientManager
 from .config import RunConfig
-from .experiment import Experiment, clear_data_cache, experiment_for
+from .experiment import experiment_for
 from .inprocess import run_app_in_process
-from .local_runtime import FlwrRunError, ProcessGuard, shared_runtime
+from .local_runtime import ProcessGuard
 from .recording import (
     MetricsRecorder,
     RunDirectoryError,
@@ -58,7 +54,7 @@ from .recording import (
     check_failures,
     check_run_dir,
     finish_output,
-    read_metrics,
+    start_line,
     start_output,
     with_absolute_paths,
 )
@@ -160,115 +156,6 @@ def run_experiment(
     return run_with_flwr(cfg, output_dir, show_rounds=show_rounds)
 
 
-def _log_start(cfg: RunConfig, exp: Experiment, runtime: str) -> None:
-    log.info(
-        "%s on %s (%s): %s devices, %s per round, %s rounds, model %s (%.2f M MACs full), resources %s",
-        cfg.strategy.name, cfg.dataset.name, runtime, exp.num_devices, cfg.clients_per_round, cfg.rounds,
-        exp.model_name, exp.full_forward_macs / 1e6, exp.resources,
-    )
-
-
-class _AppRun:
-    """What both app runtimes (``flwr run`` and in-process) prepare before the ServerApp starts: the
-    checked config with absolute paths, the output directory with ``config.yaml`` (the ServerApp
-    composes nothing: it reads this file), and a printer of one line per finished round."""
-
-    def __init__(
-        self, cfg: RunConfig, output_dir: str | os.PathLike | None, runtime: str, show_rounds: bool = True
-    ) -> None:
-        self.show_rounds = show_rounds
-        self.cfg = cfg = with_absolute_paths(cfg)  # the app may run in another working directory
-        self.exp = experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))  # refuse bad input here
-        _log_start(cfg, self.exp, runtime)
-        self.tmp = Path(tempfile.mkdtemp(prefix="fdr-run-")) if output_dir is None else None
-        self.out = Path(output_dir if output_dir is not None else self.tmp).expanduser().resolve()
-        self.out.mkdir(parents=True, exist_ok=True)
-        check_run_dir(self.out, cfg)  # refuse before anything starts (the app checks again)
-        self.config_file = self.out / "config.yaml"
-        self.config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
-        self.metrics = self.out / "metrics.csv"
-        self.run_config = {"config-file": str(self.config_file), "output-dir": str(self.out)}
-        self._shown = len(read_metrics(self.metrics))
-
-    def progress(self) -> None:
-        """Print a line for each round finished since the last call (every ``rounds // 50``-th
-        round of a long run)."""
-        rows = read_metrics(self.metrics)
-        if not self.show_rounds:
-            self._shown = len(rows)
-            return
-        every = max(1, self.cfg.rounds // 50)  # at most ~50 lines per run, and always the last round
-        for row in rows[self._shown:]:
-            if int(row["round"]) % every and int(row["round"]) != self.cfg.rounds:
-                continue
-            accuracy = row.get("accuracy")  # None: a round the server did not evaluate (evaluate_every)
-            print(
-                f"  [{self.cfg.strategy.name}] round {row['round']}/{self.cfg.rounds}: accuracy "
-                f"{'not evaluated' if accuracy is None else format(float(accuracy), '.4f')}, "
-                f"stragglers {row['stragglers']}/{row['received']}, "
-                f"{float(row['wall_time']):.1f} s",
-                flush=True,
-            )
-        self._shown = len(rows)
-
-    def close(self) -> list[dict[str, Any]]:
-        """The rows of ``metrics.csv``; removes the temporary output directory, if any."""
-        rows = read_metrics(self.metrics)
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return rows
-
-
-def run_with_flwr(
-    cfg: RunConfig, output_dir: str | os.PathLike | None = None, *, show_rounds: bool = True
-) -> list[dict[str, Any]]:
-    """Run the Message-API app (:mod:`flwr_distreal.run.flwr_app`) with ``flwr run`` on this process's
-    private local SuperLink (:func:`flwr_distreal.run.local_runtime.shared_runtime`), one simulated
-    SuperNode per device, and return the rows the ServerApp wrote to ``metrics.csv``.
-
-    Prints one line per finished round. Raises :class:`~flwr_distreal.run.local_runtime.FlwrRunError`
-    when the run does not finish as completed (with Flower's reason and the log's path).
-    """
-    run = _AppRun(cfg, output_dir, "flwr run", show_rounds)
-    cfg = run.cfg
-    num_devices = run.exp.num_devices
-    # The ServerApp and the ClientApps build their own Experiment in Flower's processes; this one
-    # only checked the config. Free it (model, test data, device partitions) before waiting out
-    # the run: it would otherwise stay in this process's memory for the whole run.
-    run.exp = None
-    experiment_for.cache_clear()
-    clear_data_cache()  # the dataset outlives the Experiment in its own cache
-    gc.collect()
-    release_freed_memory()
-    if cfg.num_cpus_per_client != math.ceil(cfg.num_cpus_per_client):
-        log.warning(
-            "num_cpus_per_client=%s: flwr run reserves whole CPUs per client, using %s",
-            cfg.num_cpus_per_client, math.ceil(cfg.num_cpus_per_client),
-        )
-    runtime = shared_runtime()
-    try:
-        result = runtime.run(
-            stage_app(runtime.root / "flwr-distreal"),  # flwr walks every file of the folder it is given
-            num_devices,
-            run.run_config,
-            federation_config={
-                # Flower's simulation config takes whole CPUs per client; GPUs may be fractional
-                # (several clients share one GPU)
-                "client-resources-num-cpus": max(1, math.ceil(cfg.num_cpus_per_client)),
-                "client-resources-num-gpus": float(cfg.num_gpus_per_client),
-            },
-            log_path=_next_log(run.out),
-            on_poll=run.progress,
-        )
-        if not result.ok:
-            raise FlwrRunError(
-                f"run {result.run_id} ended {result.status}: {result.details}; logs: {result.log_path}"
-            )
-    finally:
-        rows = run.close()
-    return rows
-
-
 def run_inprocess(
     cfg: RunConfig, output_dir: str | os.PathLike | None = None, *, show_rounds: bool = True
 ) -> list[dict[str, Any]]:
@@ -280,8 +167,11 @@ def run_inprocess(
     gives the same per-round metrics as ``flwr run``; clients do not run in parallel and
     ``round_timeout`` is not applied.
     """
-    run = _AppRun(cfg, output_dir, "in process", show_rounds)
-    nodes = [{"partition-id": i, "num-partitions": run.exp.num_devices} for i in range(run.exp.num_devices)]
+    cfg = with_absolute_paths(cfg)
+    exp = experiment_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True))  # refuse bad input here
+    log.info("%s", start_line(cfg, exp, "in process"))
+    run = AppRun(cfg, output_dir, show_rounds)
+    nodes = [{"partition-id": i, "num-partitions": exp.num_devices} for i in range(exp.num_devices)]
     printer = _RoundPrinter(run.progress)
     try:
         with printer:
@@ -320,14 +210,6 @@ class _RoundPrinter:
             pass
 
 
-def _next_log(out: Path) -> Path:
-    """``flwr.log``, or ``flwr.<n>.log`` when resuming a run that already has one."""
-    path, n = out / "flwr.log", 1
-    while path.exists():
-        path, n = out / f"flwr.{n}.log", n + 1
-    return path
-
-
 def run_legacy_simulation(cfg: RunConfig, output_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Run the legacy pair (``NumPyClient`` + legacy strategy) on Flower's deprecated
     ``run_simulation`` (Ray backend) in this process.
@@ -355,7 +237,7 @@ def run_legacy_simulation(cfg: RunConfig, output_dir: str | os.PathLike | None =
     cfg_dict = dataclasses.asdict(cfg)
     exp = experiment_for(json.dumps(cfg_dict, sort_keys=True))
     recorder = start_output(out, cfg, exp=exp)
-    _log_start(cfg, exp, "legacy run_simulation")
+    log.info("%s", start_line(cfg, exp, "legacy run_simulation"))
 
     def server_fn(context: Context) -> ServerAppComponents:
         strategy = RecordingStrategy(exp.make_strategy(), recorder)

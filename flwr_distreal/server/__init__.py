@@ -28,6 +28,11 @@ modules, lowest first:
     The submodel baselines: Federated Dropout and HeteroFL planners, :class:`SubmodelCore`.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .aggregate import *  # noqa: F401,F403  (the layer's public names: import them from flwr_distreal.server)
 from .aggregate import __all__ as _aggregate_all
 from .bounds import *  # noqa: F401,F403
@@ -40,10 +45,21 @@ from .rules import *  # noqa: F401,F403
 from .rules import __all__ as _rules_all
 from .sampling import *  # noqa: F401,F403
 from .sampling import __all__ as _sampling_all
-from .submodels import *  # noqa: F401,F403
-from .submodels import __all__ as _submodels_all
 from .validation import *  # noqa: F401,F403
 from .validation import __all__ as _validation_all
+
+#: :mod:`.submodels`' names (``submodels.__all__``), loaded on first use: they build masks on a torch
+#: model, while the rest of the layer is NumPy; the config schemas (the runner of ``flwr run``)
+#: use the rest without loading torch.
+_SUBMODELS = (
+    "Assignment",
+    "AvailabilityFn",
+    "FederatedDropoutPlanner",
+    "HeteroFLPlanner",
+    "SubmodelCore",
+    "SubmodelPlanner",
+    "check_device",
+)
 
 __all__ = [
     *_aggregate_all,
@@ -53,5 +69,29 @@ __all__ = [
     *_bounds_all,
     *_gate_all,
     *_rules_all,
-    *_submodels_all,
+    *_SUBMODELS,
 ]
+
+if TYPE_CHECKING:
+    from .submodels import (
+        Assignment,
+        AvailabilityFn,
+        FederatedDropoutPlanner,
+        HeteroFLPlanner,
+        SubmodelCore,
+        SubmodelPlanner,
+        check_device,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """The submodel planners, loaded on first use (PEP 562)."""
+    if name not in _SUBMODELS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(".submodels", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODELS})

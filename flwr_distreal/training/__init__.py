@@ -9,5 +9,47 @@ no Flower, no Hydra.
 ``from flwr_distreal.training import DistrealTrainer, evaluate_model`` (the README's examples)
 keeps working: the trainers are re-exported here.
 """
-from .trainers import *  # noqa: F401,F403  (the public trainers, as before the move)
-from .trainers import __all__  # noqa: F401
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .trainers import (
+        BaselineTrainer,
+        DeviceTrainer,
+        DistrealTrainer,
+        LocalStep,
+        TrainResult,
+        evaluate_model,
+        forward_backward,
+        get_weights,
+        set_weights,
+    )
+
+#: The public trainers, re-exported on first use (PEP 562): importing a light module of this
+#: package (the recipe, the schedule: the config schemas use them) loads no torch.
+__all__ = [
+    "BaselineTrainer",
+    "DeviceTrainer",
+    "DistrealTrainer",
+    "LocalStep",
+    "TrainResult",
+    "evaluate_model",
+    "forward_backward",
+    "get_weights",
+    "set_weights",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(".trainers", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

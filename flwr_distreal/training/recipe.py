@@ -34,7 +34,6 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
 from ..core import defaults as D
 
@@ -227,6 +226,8 @@ def resolve_device(name: str) -> str:
     """
     if name not in DEVICES:
         raise ValueError(f"device must be one of {list(DEVICES)}, got {name!r}")
+    import torch  # deferred: the recipe is part of the config schemas, which import without torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from ..core.lut import LUT
 from ..core.resources import batch_sizes, DEADLINE_RTOL, forward_macs_budget, RoundClock, RoundResult, step_macs
+
+if TYPE_CHECKING:  # annotations only: the schedule (its POLICIES) is imported torch-free by the config schemas
+    from ..core.lut import LUT
 
 __all__ = ["POLICIES", "RoundPlan", "batch_sizes", "plan_distreal_round", "plan_fixed_round", "select_vector"]
 

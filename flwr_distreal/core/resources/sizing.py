@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dropout import DroppableModel
-from ..macs import count_macs
 from .costs import batch_sizes, r_max_for, step_macs
 from .errors import ResourceError, _check_device_id, _check_finite
 from .model import ResourceModel
@@ -170,6 +168,10 @@ def size_resources(
     if isinstance(model, (int, float, np.integer, np.floating)):
         full = _check_finite("model's forward MACs per sample", float(model), minimum=0.0, strict=True)
     else:
+        # Deferred: the rest of the resources package is NumPy (the run's checks import it torch-free).
+        from ..dropout import DroppableModel
+        from ..macs import count_macs
+
         if not isinstance(model, DroppableModel):
             raise TypeError(
                 f"model must be a droppable model (flwr_distreal.build_model or make_droppable(module, "
