@@ -7,9 +7,10 @@ level are the legacy-API strategies; the Message-API ones are in :mod:`flwr_dist
 
 from __future__ import annotations
 
-import importlib
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .core.lazy import lazy_exports
 
 # Every dropout vector gives the convolutions new shapes, and PyTorch's CPU convolutions
 # (oneDNN) cache one compiled kernel per shape: 1024 by default, fewer than DenseNet-BC-40
@@ -116,14 +117,4 @@ __all__ = [  # the names of _LAZY
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'flwr_distreal' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(globals(), {name: f".{module}" for name, module in _LAZY.items()})

@@ -32,6 +32,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,6 +85,9 @@ def _name(pid: int) -> str:
 def run_one(devices: int, runtime: str, args: argparse.Namespace, out: Path) -> dict:
     """One run: its round times and the peak memory of its process tree."""
     run_dir = out / f"{runtime}_{devices}"
+    if run_dir.exists():  # this script's own folder from an earlier invocation: the runner would refuse it
+        print(f"removing {run_dir} (an earlier benchmark's run)", file=sys.stderr)
+        shutil.rmtree(run_dir)
     repo = Path(args.repo).resolve() if args.repo else ROOT
     command = [
         args.python, "-m", "flwr_distreal.main",

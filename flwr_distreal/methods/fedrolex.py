@@ -39,12 +39,12 @@ No Flower or Hydra imports.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..core.lazy import lazy_exports
 from .base import ConfigError, Method, SubmodelStrategyConfig, check_choice
 from .registry import register_method
 
@@ -163,10 +163,5 @@ FEDROLEX = register_method(
 )
 
 
-def __getattr__(name: str) -> Any:
-    """:class:`FedRolexPlanner` (its torch side, :mod:`._fedrolex`), loaded on first use (PEP 562)."""
-    if name != "FedRolexPlanner":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = importlib.import_module("._fedrolex", __package__).FedRolexPlanner
-    globals()[name] = value
-    return value
+#: :class:`FedRolexPlanner` (its torch side, :mod:`._fedrolex`), loaded on first use (PEP 562).
+__getattr__, __dir__ = lazy_exports(globals(), {"FedRolexPlanner": "._fedrolex"})

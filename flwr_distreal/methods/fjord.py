@@ -52,13 +52,13 @@ No Flower or Hydra imports.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, List
 
 from ..core import contract as C
+from ..core.lazy import lazy_exports
 from .base import ConfigError, Method, SubmodelStrategyConfig
 from .registry import register_method
 
@@ -198,12 +198,7 @@ def _fjord_trainer(
 _TORCH_SIDE = ("FjORDPlanner", "OrderedDropoutTrainer", "plan_width_round")
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _TORCH_SIDE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module("._fjord", __package__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(globals(), dict.fromkeys(_TORCH_SIDE, "._fjord"))
 
 
 FJORD = register_method(

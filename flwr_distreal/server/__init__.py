@@ -30,8 +30,9 @@ modules, lowest first:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..core.lazy import lazy_exports
 
 from .aggregate import *  # noqa: F401,F403  (the layer's public names: import them from flwr_distreal.server)
 from .aggregate import __all__ as _aggregate_all
@@ -84,14 +85,4 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
-    """The submodel planners, loaded on first use (PEP 562)."""
-    if name not in _SUBMODELS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(".submodels", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_SUBMODELS})
+__getattr__, __dir__ = lazy_exports(globals(), dict.fromkeys(_SUBMODELS, ".submodels"))
