@@ -72,7 +72,7 @@ Handler = Callable[[Message, Context], Message]
 #: Trainers of this process, per cache token: Flower's simulation pickles the ClientApp for
 #: every message it sends to a Ray actor, so the copies of one :class:`TrainerCache` in an actor
 #: process find their trainers here.
-_PROCESS_TRAINERS: dict[str, OrderedDict[tuple[int, int], DeviceTrainer]] = {}
+_PROCESS_TRAINERS: dict[str, OrderedDict[tuple[int, int], tuple[DeviceTrainer, int]]] = {}  # (trainer, its nbytes)
 _PROCESS_LOCK = threading.Lock()
 
 
@@ -145,17 +145,17 @@ class TrainerCache:
         self._bind()
 
     def __call__(self, context: Context) -> DeviceTrainer:
-        key = (int(context.run_id), int(context.node_id))
+        key = _key(context)
         with self._lock:
-            trainer = self._trainers.get(key)
-            if trainer is not None:
+            entry = self._trainers.get(key)
+            if entry is not None:
                 self._trainers.move_to_end(key)
-                return trainer
+                return entry[0]
         trainer = self.trainer_fn(context)
         if not isinstance(trainer, DeviceTrainer):
             raise TypeError(f"trainer_fn returned {type(trainer).__name__}, expected a DeviceTrainer")
         with self._lock:
-            self._trainers[key] = trainer
+            self._trainers[key] = (trainer, trainer.nbytes())
             self._evict()
         return trainer
 
@@ -164,10 +164,14 @@ class TrainerCache:
         with self._lock:
             return list(self._trainers)
 
-    def trim(self) -> None:
-        """Evict down to the budget (the train handler calls it after each round, when the
-        trainer's size is known)."""
+    def trim(self, context: Context) -> None:
+        """Count the trainer of ``context`` at its size now and evict down to the budget (the train
+        handler calls it after each round: data loaded, gradients freed)."""
+        key = _key(context)
         with self._lock:
+            entry = self._trainers.get(key)
+            if entry is not None:
+                self._trainers[key] = (entry[0], entry[0].nbytes())
             self._evict()
 
     def _evict(self) -> None:
@@ -175,12 +179,15 @@ class TrainerCache:
         trainers = self._trainers
         while len(trainers) > 1 and self.max_size is not None and len(trainers) > self.max_size:
             trainers.popitem(last=False)
-        if len(trainers) > 1:
-            sizes = {k: t.nbytes() for k, t in trainers.items()}
-            total = sum(sizes.values())
-            while len(trainers) > 1 and total > self.max_bytes:
-                key, _ = trainers.popitem(last=False)
-                total -= sizes[key]
+        total = sum(size for _, size in trainers.values())
+        while len(trainers) > 1 and total > self.max_bytes:
+            _, (_, size) = trainers.popitem(last=False)
+            total -= size
+
+
+def _key(context: Context) -> tuple[int, int]:
+    """A trainer's key in :class:`TrainerCache`: ``(run_id, node_id)``."""
+    return int(context.run_id), int(context.node_id)
 
 
 def arrays_from_record(record: ArrayRecord, keys: Iterable[str]) -> list[np.ndarray]:
@@ -240,7 +247,7 @@ def make_train_handler(trainers: TrainerFn | TrainerCache) -> Handler:
         content = RecordDict(
             {C.ARRAYS_RECORD: record_from_arrays(keys, result.arrays), C.METRICS_RECORD: MetricRecord(metrics)}
         )
-        cache.trim()  # the trainer's size after its round (data loaded, gradients freed)
+        cache.trim(context)  # the trainer's size after its round (data loaded, gradients freed)
         return Message(content=content, reply_to=msg)
 
     return train
