@@ -72,6 +72,7 @@ from .local_runtime import (
     stream_flwr_run,
 )
 from .processes import TAG_VAR, _signal, start_watchdog, tagged_pids
+from .staging import APP_DIR
 
 __all__ = [
     "DeploymentError",
@@ -88,7 +89,7 @@ CONNECTION = "deployment"
 #: Environment variable that marks one SuperNode's processes (SuperNode, SuperExec, ClientApps).
 NODE_TAG_VAR = "FLWR_DISTREAL_NODE_TAG"
 #: The app of this repository (the folder with ``pyproject.toml`` and ``[tool.flwr.app]``).
-DEFAULT_APP_DIR = Path(__file__).resolve().parents[2]
+DEFAULT_APP_DIR = APP_DIR
 
 
 class DeploymentError(FlwrRunError):

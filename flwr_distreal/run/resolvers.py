@@ -21,12 +21,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError
+from .staging import CONF_DIR
 from ..methods import get_method, list_methods
 
 __all__ = ["CONF_DIR", "TUNED_DIR", "TuneError", "load_tuned", "lookup_tuned_lr", "register_resolvers", "tuned_path"]
 
-#: The Hydra config folder of the package (``conf/``) and its ``tuned/`` folder of tuned values.
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (beside the package)
+#: The ``tuned/`` folder of tuned values in the Hydra config folder (:data:`CONF_DIR`, re-exported).
 TUNED_DIR = CONF_DIR / "tuned"
 
 

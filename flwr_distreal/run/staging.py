@@ -1,4 +1,5 @@
-"""The Flower app's folder and what ``flwr run`` is given of it (:func:`stage_app`).
+"""The Flower app's folder (:data:`APP_DIR`, its Hydra configs :data:`CONF_DIR`: the one place
+they are defined) and what ``flwr run`` is given of it (:func:`stage_app`).
 
 Standard library and ``pathspec`` only: the runner of ``flwr run``
 (:mod:`flwr_distreal.run.flwr_runner`) stages the app without loading torch or Flower.
