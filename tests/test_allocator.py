@@ -1,5 +1,5 @@
 """The glibc allocator settings (:mod:`flwr_distreal.core.allocator`): freed memory is kept by
-:func:`keep_freed_memory` and handed back by :func:`release_freed_memory`."""
+:func:`keep_freed_memory` (not handed back to the kernel and faulted in again every step)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 _PROGRAM = """
 from pathlib import Path
-from flwr_distreal.core.allocator import keep_freed_memory, release_freed_memory
+from flwr_distreal.core.allocator import keep_freed_memory
 
 def rss_mb():
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
@@ -25,18 +25,14 @@ for b in blocks:
 peak = rss_mb()
 del blocks
 kept = rss_mb()
-released = release_freed_memory()
-after = rss_mb()
-print(f"{peak:.0f} {kept:.0f} {after:.0f} {released}")
+print(f"{peak:.0f} {kept:.0f}")
 """
 
 
-def test_freed_memory_is_kept_then_released() -> None:
+def test_freed_memory_is_kept() -> None:
     result = subprocess.run([sys.executable, "-c", _PROGRAM], capture_output=True, text=True, timeout=120)
     if result.returncode != 0 and "AssertionError" in result.stderr and "keep_freed_memory" in result.stderr:
         pytest.skip("not glibc: the settings do not apply")
     assert result.returncode == 0, result.stderr[-2000:]
-    peak, kept, after, released = result.stdout.split()
-    peak, kept, after = float(peak), float(kept), float(after)
-    assert kept > peak - 32, f"freed memory was handed back without being asked: {peak} -> {kept} MB"
-    assert released == "True" and after < kept - 128, f"release_freed_memory kept it: {kept} -> {after} MB"
+    peak, kept = (float(x) for x in result.stdout.split())
+    assert peak > 256 and kept > peak - 32, f"freed memory was handed back: {peak} -> {kept} MB"

@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 
-__all__ = ["ENV", "keep_freed_memory", "release_freed_memory"]
+__all__ = ["ENV", "keep_freed_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +57,6 @@ def keep_freed_memory() -> bool:
     if not _done:
         log.debug("mallopt refused the settings; glibc's defaults stay")
     return _done
-
-
-def release_freed_memory() -> bool:
-    """Hand the heap's freed memory back to the kernel now (glibc ``malloc_trim(0)``), whatever
-    :func:`keep_freed_memory` set: for a process that is done with its large objects and lives on
-    (the runner of a ``flwr run``, which only checks the config and then waits).
-
-    Returns
-    -------
-    bool
-        True when glibc released some memory; False otherwise or on other C libraries.
-    """
-    trim = _glibc_function("malloc_trim", [ctypes.c_size_t])
-    return trim is not None and bool(trim(0))
 
 
 def _glibc_function(name: str, argtypes: list) -> ctypes._CFuncPtr | None:

@@ -66,7 +66,6 @@ from ..training.trainers import BaselineTrainer, DeviceTrainer, DistrealTrainer,
 from ..training.wallclock import THROUGHPUT, MeasuredBaselineTrainer, MeasuredDistrealTrainer
 
 __all__ = [
-    "clear_data_cache",
     "CANONICAL_LUT",
     "DRAWS_FILE",
     "RUN_RECORD_FILE",
@@ -97,12 +96,6 @@ UNIFORM_RATES = [round(0.01 * i, 2) for i in range(51)]
 def _load_data(name: str, kwargs_json: str) -> FederatedData:
     """Load a dataset once per process (Ray reuses worker processes across clients)."""
     return load_federated(name, **json.loads(kwargs_json))
-
-
-def clear_data_cache() -> None:
-    """Drop the datasets this process loaded (:func:`_load_data`'s cache): for a process that is
-    done with them and lives on (the runner of a ``flwr run``, whose experiment ran elsewhere)."""
-    _load_data.cache_clear()
 
 
 class Experiment:
