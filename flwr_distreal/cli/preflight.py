@@ -16,7 +16,7 @@ import sys
 import traceback
 
 from ..run.config import to_run_config
-from ..run.experiment import experiment_for
+from ..run.experiment import Experiment
 from ..run.recording import start_line
 from .main import EXIT_FAILED, EXIT_REFUSED, exit_code, one_line
 
@@ -26,8 +26,9 @@ def main() -> int:
     try:
         request = json.loads(sys.stdin.read())
         cfg = to_run_config(request["config"])
-        exp = experiment_for(json.dumps(request["config"], sort_keys=True))
-        answer = {"ok": True, "num_devices": int(exp.num_devices), "start": start_line(cfg, exp, str(request["runtime"]))}
+        exp = Experiment(cfg)  # one use in this process: no cache, no second conversion of the config
+        start = start_line(cfg, exp, str(request["runtime"]))
+        answer = {"ok": True, "num_devices": int(exp.num_devices), "start": start}
     except Exception as err:  # noqa: BLE001 - every error is reported to the runner, refusals as such
         traceback.print_exc()
         refused = exit_code(err) == EXIT_REFUSED

@@ -117,7 +117,9 @@ class TrainerCache:
         Defaults to 64 MiB.
     """
 
-    def __init__(self, trainer_fn: TrainerFn, max_size: int | None = None, max_bytes: int = TRAINER_CACHE_BYTES) -> None:
+    def __init__(
+        self, trainer_fn: TrainerFn, max_size: int | None = None, max_bytes: int = TRAINER_CACHE_BYTES
+    ) -> None:
         if not callable(trainer_fn):
             raise ValueError("trainer_fn must be a callable (Context) -> DeviceTrainer")
         if max_size is not None and max_size < 1:
@@ -137,7 +139,9 @@ class TrainerCache:
 
     def __getstate__(self) -> dict:
         """Pickled (Ray ships the ClientApp to its actors) without lock and trainers."""
-        return {"trainer_fn": self.trainer_fn, "max_size": self.max_size, "max_bytes": self.max_bytes, "token": self._token}
+        return {
+            "trainer_fn": self.trainer_fn, "max_size": self.max_size, "max_bytes": self.max_bytes, "token": self._token
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.trainer_fn, self.max_size, self._token = state["trainer_fn"], state["max_size"], state["token"]

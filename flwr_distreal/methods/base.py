@@ -410,10 +410,10 @@ def _submodel_core(
     with the method's planner for the full model ``model_name``."""
     from ..models import build_model  # deferred (torch): the schemas and the registry import without it
 
-    SubmodelCore = server.SubmodelCore  # loaded on first use (torch)
-    SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor, aggregation)
+    # server.SubmodelCore: loaded on first use (torch)
+    server.SubmodelCore.check_args(availability_fn, round_duration, step_macs_factor, aggregation)
     model = build_model(model_name, num_classes, **dict(model_kwargs or {}))
-    return SubmodelCore(
+    return server.SubmodelCore(
         planner(model, seed=int(seed), **planner_options),
         availability_fn=availability_fn,
         round_duration=round_duration,

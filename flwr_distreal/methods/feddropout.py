@@ -4,9 +4,8 @@ fixed for the round (:class:`flwr_distreal.server.FederatedDropoutPlanner`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .. import server  # its submodel planners load on first use (torch)
 from .base import Method, SubmodelStrategyConfig
@@ -39,7 +38,6 @@ def _feddropout_planner(
 ):
     """:class:`flwr_distreal.server.FederatedDropoutPlanner` (a random subset per device and round,
     from ``seed``), built when first used: the planner needs torch, the schema above does not."""
-    # server.FederatedDropoutPlanner: loaded on first use (torch)
     return server.FederatedDropoutPlanner(model, rate_for_budget=rate_for_budget, rates=rates, seed=seed)
 
 

@@ -182,9 +182,10 @@ class Experiment:
 
     # -- models and LUT --------------------------------------------------------------------
     def build_model(self):
-        """A fresh model (a copy of the first one built) of the run's architecture (the small one for ``strategy=small``), with the
+        """A fresh model of the run's architecture (the small one for ``strategy=small``), with the
         strategy's model-level switches set (inverted scaling, static BatchNorm), in the run's memory
-        layout (``layout``; ``auto``: :func:`flwr_distreal.training.layout.resolve_layout`, cached per machine)."""
+        layout (``layout``; ``auto``: :func:`flwr_distreal.training.layout.resolve_layout`, cached
+        per machine): a copy of the first one this experiment built."""
         if getattr(self, "_template", None) is None:
             self._template = self._new_model()
         # A copy, 1 ms against 10 ms for building (and tracing) the FEMNIST CNN: trainers are

@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +63,7 @@ class Preflight:
     start: str
 
 
-def preflight(cfg: RunConfig, runtime: str = "flwr run", *, python: str | None = None) -> Preflight:
+def preflight(cfg: RunConfig, runtime: str = "flwr run") -> Preflight:
     """Build ``cfg``'s experiment in a process of its own (``python -m`` :data:`PREFLIGHT_MODULE`)
     and return what the runner needs of it; the process has exited when this returns.
 
@@ -74,8 +73,6 @@ def preflight(cfg: RunConfig, runtime: str = "flwr run", *, python: str | None =
         The validated run configuration (its paths absolute).
     runtime : str, optional
         Named in the start line.
-    python : str, optional
-        The interpreter (default: this one).
 
     Raises
     ------
@@ -87,8 +84,7 @@ def preflight(cfg: RunConfig, runtime: str = "flwr run", *, python: str | None =
     """
     request = json.dumps({"config": dataclasses.asdict(cfg), "runtime": runtime})
     result = subprocess.run(
-        [python or sys.executable, "-m", PREFLIGHT_MODULE], input=request, capture_output=True, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"), check=False,
+        [sys.executable, "-m", PREFLIGHT_MODULE], input=request, capture_output=True, text=True, check=False
     )
     answer = _last_json_line(result.stdout)
     if result.returncode == 0 and answer is not None and answer.get("ok"):
@@ -184,19 +180,18 @@ def run_with_flwr(
     output_dir: str | os.PathLike | None = None,
     *,
     show_rounds: bool = True,
-    check: Callable[[RunConfig], Preflight] = preflight,
 ) -> list[dict[str, Any]]:
     """Run the Message-API app (:mod:`flwr_distreal.run.flwr_app`) with ``flwr run`` on this process's
     private local SuperLink (:func:`flwr_distreal.run.local_runtime.shared_runtime`), one simulated
     SuperNode per device, and return the rows the ServerApp wrote to ``metrics.csv``.
 
-    The experiment is checked first in a process of its own (``check``, :func:`preflight`), so
-    this process never loads torch. Prints one line per finished round. Raises
+    The experiment is checked first in a process of its own (:func:`preflight`), so this process
+    never loads torch. Prints one line per finished round. Raises
     :class:`~flwr_distreal.run.local_runtime.FlwrRunError` when the run does not finish as
     completed (with Flower's reason and the log's path).
     """
     cfg = with_absolute_paths(cfg)  # the app runs in the SuperLink's working directory
-    checked = check(cfg)  # refuse bad input here, before anything starts
+    checked = preflight(cfg)  # refuse bad input here, before anything starts
     log.info("%s", checked.start)
     run = AppRun(cfg, output_dir, show_rounds)
     if cfg.num_cpus_per_client != math.ceil(cfg.num_cpus_per_client):
